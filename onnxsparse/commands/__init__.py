@@ -1,0 +1,1 @@
+"""CLI commands, one module each; ``onnxsparse.cli`` adds every module's ``command``."""

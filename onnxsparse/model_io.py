@@ -1,0 +1,238 @@
+"""Loading and saving models: external data, atomic writes, provenance.
+
+IO happens only here, at the edges of a pipeline. Loading never reads external weights (they are
+memory-mapped on first use, see ``tensors``); saving streams tensors one by one into the data file, so a
+model far over 2 GB is never held whole in memory. Writes go to temporary files in the destination folder
+and are renamed into place only when everything succeeded: an error leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from onnxsparse import __version__
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import iter_graphs
+from onnxsparse.tensors import external_info, external_path, nbytes, to_array
+
+#: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
+PROTO_LIMIT = 2**31 - 64 * 2**20
+#: tensors smaller than this stay inline when saving with external data (as onnx's own saver does).
+EXTERNAL_MIN_BYTES = 1024
+MIN_OPSET = 7
+
+
+@dataclass
+class Model:
+    """An ONNX model in memory plus the folder its external data (if any) is read from."""
+
+    proto: onnx.ModelProto
+    base_dir: Path | None = None
+    source: Path | None = None
+
+    @property
+    def opset(self) -> int:
+        """The default-domain opset version."""
+        return default_opset(self.proto)
+
+    def has_external_data(self) -> bool:
+        return any(external_info(t) is not None for g in iter_graphs(self.proto.graph) for t in g.initializer)
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise OnnxSparseError("model has no default-domain opset import")
+
+
+def load_model(path: str | os.PathLike[str], check: bool = True) -> Model:
+    """Load a model without its external weights, verifying that it is ONNX and its data files are there."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxSparseError(f"no such file: {p}")
+    if not p.is_file():
+        raise OnnxSparseError(f"not a file: {p}")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise OnnxSparseError(f"{p} is not an ONNX model (protobuf parse failed: {str(e).splitlines()[0][:120]})") from e
+    if not proto.opset_import or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
+        raise OnnxSparseError(f"{p} is not an ONNX model (no graph or no opset import)")
+    model = Model(proto=proto, base_dir=p.resolve().parent, source=p.resolve())
+    opset = model.opset
+    max_opset = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET or opset > max_opset:
+        raise OnnxSparseError(f"unsupported opset {opset}: onnxsparse handles opsets {MIN_OPSET} to {max_opset}")
+    for graph in iter_graphs(proto.graph):
+        for tensor in graph.initializer:
+            info = external_info(tensor)
+            if info is None:
+                continue
+            data = external_path(tensor, model.base_dir)
+            need = int(info.get("offset", 0)) + nbytes(tensor)
+            if data.stat().st_size < need:
+                raise OnnxSparseError(
+                    f"external data file '{data.name}' is truncated: tensor '{tensor.name}' needs {need} bytes"
+                )
+    if check:
+        try:
+            onnx.checker.check_model(str(p))
+        except onnx.checker.ValidationError as e:
+            raise OnnxSparseError(f"{p} fails the ONNX checker: {_first_line(e)}") from e
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def model_nbytes(model: Model) -> int:
+    """Bytes of all initializers (inline and external)."""
+    return sum(nbytes(t) for g in iter_graphs(model.proto.graph) for t in g.initializer)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_path(model: Model, out: Path) -> None:
+    """Refuse to overwrite the input model or one of its external data files."""
+    if model.source is not None and same_file(model.source, out):
+        raise OnnxSparseError(f"output {out} is the input model; choose another path (the input is never modified)")
+    data = out.with_name(out.name + ".data")
+    for graph in iter_graphs(model.proto.graph):
+        for t in graph.initializer:
+            if external_info(t) is not None and model.base_dir is not None:
+                if same_file(external_path(t, model.base_dir), data):
+                    raise OnnxSparseError(f"output {out} would overwrite the input's external data file {data.name}")
+    if not out.parent.exists():
+        raise OnnxSparseError(f"output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise OnnxSparseError(f"output folder {out.parent} is not writable")
+
+
+def save_model(model: Model, path: str | os.PathLike[str], external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically; returns the path written.
+
+    ``external_data``: True forces a ``<name>.data`` file beside the model, False forces one protobuf (error
+    if it cannot fit 2 GB), None decides: external when the input used external data or the weights would
+    not fit in one protobuf. After an external save, ``model`` refers to the new data file.
+    """
+    out = Path(path)
+    check_output_path(model, out)
+    inline_bytes = model_nbytes(model)
+    if external_data is None:
+        external_data = model.has_external_data() or inline_bytes + 64 * 2**20 > PROTO_LIMIT
+    if not external_data and inline_bytes + 64 * 2**20 > PROTO_LIMIT:
+        raise OnnxSparseError("model weights exceed protobuf's 2 GB limit; save with external data")
+    with _atomic_dir_writes(out) as tmp:
+        if external_data:
+            data_name = out.name + ".data"
+            _write_external(model, tmp / data_name, data_name)
+        else:
+            _inline_external(model)
+        with open(tmp / out.name, "wb") as f:
+            f.write(model.proto.SerializeToString())
+    model.base_dir = out.resolve().parent
+    model.source = out.resolve()
+    return out
+
+
+@contextlib.contextmanager
+def _atomic_dir_writes(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success move its files into ``out.parent``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp), key=lambda n: n == out.name)  # the model file last
+        for name in names:
+            os.replace(tmp / name, out.parent / name)
+    finally:
+        for name in os.listdir(tmp) if tmp.exists() else []:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp / name)
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+
+
+_CHUNK = 64 * 2**20
+
+
+def _write_external(model: Model, data_path: Path, location: str) -> None:
+    """Stream every large initializer into one data file and point the proto at it."""
+    offset = 0
+    with open(data_path, "wb") as f:
+        for graph in iter_graphs(model.proto.graph):
+            for t in graph.initializer:
+                size = nbytes(t)
+                if size < EXTERNAL_MIN_BYTES and external_info(t) is None:
+                    continue
+                pad = (-offset) % 4096  # page-align so readers can memory-map each tensor
+                f.write(b"\0" * pad)
+                offset += pad
+                if external_info(t) is not None:
+                    arr = to_array(t, model.base_dir)
+                    flat = arr.reshape(-1).view(np.uint8) if arr.dtype.itemsize and arr.size else arr.reshape(-1)
+                    length = 0
+                    for start in range(0, flat.size, _CHUNK):
+                        chunk = np.ascontiguousarray(flat[start : start + _CHUNK])
+                        f.write(chunk.tobytes())
+                        length += chunk.size
+                    del arr
+                else:
+                    raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.from_array(
+                        onnx.numpy_helper.to_array(t)
+                    ).raw_data
+                    f.write(raw)
+                    length = len(raw)
+                _point_external(t, location, offset, length)
+                offset += length
+
+
+def _point_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(field)  # type: ignore[arg-type]
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key = key
+        entry.value = value
+
+
+def _inline_external(model: Model) -> None:
+    """Bring external tensors inline (only called when the whole model fits a protobuf)."""
+    for graph in iter_graphs(model.proto.graph):
+        for t in graph.initializer:
+            if external_info(t) is not None:
+                arr = np.array(to_array(t, model.base_dir))
+                name = t.name
+                t.CopyFrom(onnx.numpy_helper.from_array(arr, name))
+
+
+def record_provenance(model: Model, pipeline_text: str) -> None:
+    """Stamp the tool version and the pipeline that made the model into ``metadata_props``."""
+    props = {p.key: p for p in model.proto.metadata_props}
+    for key, value in (("onnxsparse.version", __version__), ("onnxsparse.pipeline", pipeline_text)):
+        if key in props:
+            props[key].value = value
+        else:
+            entry = model.proto.metadata_props.add()
+            entry.key = key
+            entry.value = value

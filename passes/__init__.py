@@ -1,0 +1,1 @@
+"""The passes, one module each; installed as ``onnxsparse.passes``. The registry discovers them here."""
