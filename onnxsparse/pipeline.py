@@ -36,6 +36,9 @@ from onnxsparse.model_io import Model, record_provenance
 
 log = logging.getLogger("onnxsparse")
 
+#: What ``onnxsparse run`` does without ``-p``: prune to 2:4, then report (and gate on) sparsity.
+DEFAULT_PIPELINE = "prune,validate"
+
 
 @dataclass(frozen=True)
 class PassConfig:
@@ -115,6 +118,10 @@ class Pass(ABC, Generic[C]):
     @abstractmethod
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         """Apply the pass in place on ``model`` and say what changed."""
+
+    def render(self, result: PassResult) -> str | None:
+        """Optional human summary of ``result`` for the CLI (e.g. validate's per-layer table)."""
+        return None
 
     def text(self) -> str:
         """This pass as pipeline text (only options that differ from their defaults)."""

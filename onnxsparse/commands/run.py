@@ -1,0 +1,98 @@
+"""``onnxsparse run``: load a model, apply a pipeline of passes, save the result, print what changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, show_progress
+from onnxsparse.errors import GateFailure
+from onnxsparse.model_io import check_output_path, load_model, save_model
+from onnxsparse.pipeline import DEFAULT_PIPELINE, Pipeline, PassContext, PipelineResult
+from onnxsparse.render import human_bytes, table, write_json
+from onnxsparse.shapes import parse_shapes
+
+
+@click.command("run")
+@MODEL_ARG
+@click.option("-p", "--pipeline", "pipeline_text", default=DEFAULT_PIPELINE, show_default=True,
+              help="Passes to apply, e.g. 'gemm-to-conv,prune{pattern=2:4;exclude=head.*},validate'. "
+              "See 'onnxsparse passes' for every pass and option.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the result (never the input; written atomically, only on success).")
+@json_option
+@shapes_option
+@click.option("--calib", metavar="DATA", help="Calibration data for qdq: .npz, a folder of .npy/.npz files.")
+@click.option("--calib-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in OUTPUT.data (default: when the input did or the model exceeds 2 GB).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run onnx.checker (full_check) on the result.")
+def command(model: str, pipeline_text: str, output: Path, json_path: str | None, shapes: str | None,
+            calib: str | None, calib_samples: int | None, external_data: bool | None, check: bool) -> None:
+    """Apply a pipeline of passes to MODEL and write the result to OUTPUT.
+
+    \b
+    Examples:
+      onnxsparse run model.onnx -o sparse.onnx                       # default: prune to 2:4, validate
+      onnxsparse run model.onnx -p 'gemm-to-conv,prune' -o trt8.onnx
+      onnxsparse run model.onnx -p 'prune{pattern=3:4;masks=m34.npz}' -o step1.onnx
+      onnxsparse run model.onnx -p 'prune,qdq{percentile=99.99}' --calib data.npz -o int8.onnx
+
+    A validation gate that fails exits with code 2 and writes no output.
+    """
+    pipeline = Pipeline(pipeline_text)
+    m = load_model(model)
+    check_output_path(m, output)
+    ctx = PassContext(shapes=parse_shapes(shapes), calibration=calib, calib_samples=calib_samples,
+                      progress=show_progress(), workdir=output.parent)
+    size_before = _size(Path(model))
+    try:
+        result = pipeline.run(m, ctx, check=check)
+    except GateFailure as gate:
+        partial = getattr(gate, "result", None)
+        if partial is not None:
+            _print_report(pipeline, partial, None, None, size_before, json_path)
+        raise
+    save_model(result.model, output, external_data=external_data)
+    _print_report(pipeline, result, output, pipeline.text(), size_before, json_path)
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | None, text: str | None,
+                  size_before: int, json_path: str | None) -> None:
+    data: dict[str, Any] = result.to_dict()
+    data["pipeline"] = pipeline.text()
+    data["output"] = str(output) if output else None
+    if json_path == "-":
+        write_json(data, "-")
+        return
+    for p, r in zip(pipeline.passes, result.results, strict=False):
+        head = f"{p.name}: {len(r.report.changed)} changed, {len(r.report.skipped)} skipped ({r.seconds:.2f}s)"
+        click.echo(click.style(head, bold=True))
+        custom = p.render(r)
+        if custom:
+            click.echo(custom)
+        else:
+            reasons: dict[str, list[str]] = {}
+            for s in r.report.skipped:
+                reasons.setdefault(s["reason"], []).append(s["name"])
+            for reason, names in reasons.items():
+                shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
+                click.echo(f"  skipped {len(names)}: {reason} [{shown}]")
+    ops = sorted(set(result.ops_before) | set(result.ops_after))
+    rows = [(op, result.ops_before.get(op, 0), result.ops_after.get(op, 0)) for op in ops
+            if result.ops_before.get(op, 0) != result.ops_after.get(op, 0)]
+    if rows:
+        click.echo("\n" + table(rows, ["op", "before", "after"]))
+    if output is not None:
+        click.echo(f"\nwrote {output} ({human_bytes(size_before)} -> {human_bytes(_size(output))}) "
+                   f"in {result.seconds:.2f}s")
+    if json_path:
+        write_json(data, json_path)
