@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,7 +27,7 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CHAIN_OPS = ("DequantizeLinear", "Transpose", "Cast", "Reshape", "Identity")
 
 
-def attr(node: NodeProto, name: str, default: object = None) -> object:
+def attr(node: NodeProto, name: str, default: Any = None) -> Any:
     """An attribute's Python value, or ``default``."""
     for a in node.attribute:
         if a.name == name:
@@ -84,7 +85,7 @@ class Layer:
 
     @property
     def group(self) -> int:
-        return int(attr(self.node, "group", 1))  # type: ignore[arg-type]
+        return int(attr(self.node, "group", 1))
 
     @property
     def reduction_size(self) -> int | None:
@@ -182,7 +183,7 @@ def _map_axis_back(chain_node: NodeProto, axis: int, out_shape: tuple[int, ...] 
             if rank is None:
                 return None
             perm = list(range(rank))[::-1]
-        return int(perm[axis])  # type: ignore[index]
+        return int(perm[axis])
     if op == "Reshape":
         if out_shape is None or in_shape is None:
             return None
@@ -205,7 +206,7 @@ def _chain_out_shape(node: NodeProto, in_shape: tuple[int, ...], scopes: list[_S
         return in_shape
     if op == "Transpose":
         perm = attr(node, "perm") or list(range(len(in_shape)))[::-1]
-        return tuple(in_shape[int(p)] for p in perm)  # type: ignore[union-attr]
+        return tuple(in_shape[int(p)] for p in perm)
     if op == "Reshape":
         target = _lookup_const(node.input[1], scopes) if len(node.input) > 1 else None
         if target is not None:

@@ -66,7 +66,8 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> Model:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise OnnxSparseError(f"{p} is not an ONNX model (protobuf parse failed: {str(e).splitlines()[0][:120]})") from e
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise OnnxSparseError(f"{p} is not an ONNX model (protobuf parse failed: {detail})") from e
     if not proto.opset_import or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise OnnxSparseError(f"{p} is not an ONNX model (no graph or no opset import)")
     model = Model(proto=proto, base_dir=p.resolve().parent, source=p.resolve())
@@ -117,9 +118,10 @@ def check_output_path(model: Model, out: Path) -> None:
     data = out.with_name(out.name + ".data")
     for graph in iter_graphs(model.proto.graph):
         for t in graph.initializer:
-            if external_info(t) is not None and model.base_dir is not None:
-                if same_file(external_path(t, model.base_dir), data):
-                    raise OnnxSparseError(f"output {out} would overwrite the input's external data file {data.name}")
+            if external_info(t) is not None and model.base_dir is not None and same_file(
+                external_path(t, model.base_dir), data
+            ):
+                raise OnnxSparseError(f"output {out} would overwrite the input's external data file {data.name}")
     if not out.parent.exists():
         raise OnnxSparseError(f"output folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):

@@ -85,7 +85,8 @@ class PassResult:
     name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pass": self.name, "modified": self.modified, "seconds": round(self.seconds, 4), **self.report.to_dict()}
+        head = {"pass": self.name, "modified": self.modified, "seconds": round(self.seconds, 4)}
+        return {**head, **self.report.to_dict()}
 
 
 @dataclass
@@ -163,9 +164,9 @@ def registry() -> dict[str, type[Pass[Any]]]:
             continue
         module = importlib.import_module(f"{pkg.__name__}.{info.name}")
         for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, Pass) and obj is not Pass and getattr(obj, "name", None):
-                if obj.__module__ == module.__name__:
-                    found[obj.name] = obj
+            is_pass = isinstance(obj, type) and issubclass(obj, Pass) and obj is not Pass
+            if is_pass and getattr(obj, "name", None) and obj.__module__ == module.__name__:
+                found[obj.name] = obj
     return dict(sorted(found.items()))
 
 

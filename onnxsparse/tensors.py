@@ -48,9 +48,9 @@ def external_path(tensor: TensorProto, base_dir: Path | None) -> Path:
         raise OnnxSparseError(f"tensor '{tensor.name}' uses external data but the model has no directory")
     path = (base_dir / location).resolve()
     if os.path.isabs(location) or ".." in Path(location).parts:
-        raise OnnxSparseError(f"tensor '{tensor.name}': external data location '{location}' leaves the model folder")
+        raise OnnxSparseError(f"tensor '{tensor.name}': external data '{location}' is outside the model folder")
     if not path.is_file():
-        raise OnnxSparseError(f"missing external data file '{location}' for tensor '{tensor.name}' (looked in {base_dir})")
+        raise OnnxSparseError(f"missing external data file '{location}' for tensor '{tensor.name}' (in {base_dir})")
     return path
 
 

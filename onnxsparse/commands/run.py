@@ -10,7 +10,7 @@ import click
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, show_progress
 from onnxsparse.errors import GateFailure
 from onnxsparse.model_io import check_output_path, load_model, save_model
-from onnxsparse.pipeline import DEFAULT_PIPELINE, Pipeline, PassContext, PipelineResult
+from onnxsparse.pipeline import DEFAULT_PIPELINE, PassContext, Pipeline, PipelineResult
 from onnxsparse.render import human_bytes, table, write_json
 from onnxsparse.shapes import parse_shapes
 

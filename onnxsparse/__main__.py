@@ -1,0 +1,5 @@
+"""``python -m onnxsparse`` runs the CLI."""
+
+from onnxsparse.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""CLI: run / inspect / passes through click's runner, and exit codes through a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from builders import gemm_cases, matmul_ranks
+from click.testing import CliRunner
+
+from onnxsparse.cli import main
+
+
+@pytest.fixture()
+def model_path(tmp_path: Path) -> Path:
+    p = tmp_path / "m.onnx"
+    onnx.save(matmul_ranks(), str(p))
+    return p
+
+
+def test_run_writes_model_and_json(model_path: Path, tmp_path: Path) -> None:
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["run", str(model_path), "-p", "gemm-to-conv", "-o", str(out), "--json", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert "gemm-to-conv: 2 changed" in res.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    data = json.loads(rep.read_text())
+    assert data["pipeline"] == "gemm-to-conv" and data["ops_after"]["Conv"] == 2
+
+
+def test_inspect_lists_layers(model_path: Path) -> None:
+    res = CliRunner().invoke(main, ["inspect", str(model_path), "--shapes", "x:2x3x8", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert [L["name"] for L in data["layers"]] == ["proj_q", "proj_k"]
+    assert data["layers"][0]["gemm"] == {"m": 6, "n": 32, "k": 8, "flops": 2 * 6 * 32 * 8}
+
+
+def test_passes_lists_options_from_configs() -> None:
+    res = CliRunner().invoke(main, ["passes", "--json"])
+    assert res.exit_code == 0
+    names = {p["name"]: p for p in json.loads(res.output)}
+    assert {o["name"] for o in names["gemm-to-conv"]["options"]} == {"include", "exclude"}
+
+
+def test_skipped_reasons_are_printed(tmp_path: Path) -> None:
+    src = tmp_path / "g.onnx"
+    onnx.save(gemm_cases(), str(src))
+    res = CliRunner().invoke(main, ["run", str(src), "-p", "gemm-to-conv", "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "shared with another consumer" in res.output
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "onnxsparse", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_subprocess_exit_codes(model_path: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx at all")
+    before = model_path.read_bytes()
+    r = _cli("run", str(bad), "-p", "gemm-to-conv", "-o", str(tmp_path / "x.onnx"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+    assert not (tmp_path / "x.onnx").exists()
+    r = _cli("run", str(model_path), "-p", "nosuch", "-o", str(tmp_path / "x.onnx"))
+    assert r.returncode == 1 and "unknown pass" in r.stderr
+    r = _cli("run", str(model_path), "-p", "gemm-to-conv", "-o", str(model_path))
+    assert r.returncode == 1 and "is the input model" in r.stderr
+    assert model_path.read_bytes() == before
+    r = _cli("--verbose", "run", str(bad), "-p", "gemm-to-conv", "-o", str(tmp_path / "x.onnx"))
+    assert r.returncode == 1 and "Traceback" in r.stderr
+    r = _cli("run", str(model_path), "-p", "gemm-to-conv", "-o", str(tmp_path / "ok.onnx"))
+    assert r.returncode == 0, r.stderr
