@@ -1,0 +1,123 @@
+"""Weighted-layer discovery: weight sources, axes mapped through DQ/Transpose/Cast/Reshape, GEMM shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from builders import if_model, make_model, rand
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from onnxsparse.layers import find_layers
+from onnxsparse.shapes import infer_shapes
+
+F = TensorProto.FLOAT
+
+
+def _chain_model() -> onnx.ModelProto:
+    """Conv weight stored [kh, kw, Cin, Cout] → Transpose(3,2,0,1); MatMul weights via DQ, Cast and Reshape."""
+    rng = np.random.default_rng(0)
+    inits = [
+        nh.from_array(rand(rng, 3, 3, 8, 16), "w_hwio"),
+        nh.from_array(rng.integers(-127, 127, (16, 32)).astype(np.int8), "q_w"),
+        nh.from_array(np.full(32, 0.01, np.float32), "q_scale"),
+        nh.from_array(rand(rng, 8, 8).astype(np.float16), "w_fp16"),
+        nh.from_array(rand(rng, 8 * 4), "w_flat"),
+        nh.from_array(np.array([8, 4], np.int64), "shape84"),
+        nh.from_array(rand(rng, 16, 8, 2, 2), "w_ct"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["w_hwio"], ["w_oihw"], perm=[3, 2, 0, 1]),
+        helper.make_node("Conv", ["x", "w_oihw"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["c", "w_ct"], ["ct"], name="deconv", strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["ct"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "wcast"], ["m0"], name="mm_cast"),
+        helper.make_node("Cast", ["w_fp16"], ["wcast"], to=F),
+        helper.make_node("DequantizeLinear", ["q_w", "q_scale"], ["w_dq"], axis=1),
+        helper.make_node("MatMul", ["h16", "w_dq"], ["m1"], name="mm_dq"),
+        helper.make_node("Reshape", ["w_flat", "shape84"], ["w84"]),
+        helper.make_node("MatMul", ["m0", "w84"], ["m2"], name="mm_reshape"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", F, ["n", 8, 10, 10]), helper.make_tensor_value_info("h16", F, [4, 16])]
+    outputs = [helper.make_tensor_value_info("m1", F, [4, 32]), helper.make_tensor_value_info("m2", F, ["n", 4])]
+    nodes = [
+        nodes[0],
+        nodes[1],
+        nodes[2],
+        nodes[3],
+        nodes[4],
+        nodes[6],
+        nodes[5],
+        nodes[7],
+        nodes[8],
+        nodes[9],
+        nodes[10],
+    ]
+    return make_model(nodes, inputs, outputs, inits, opset=19)
+
+
+def test_axes_map_through_chains() -> None:
+    layers = {L.name: L for L in find_layers(_chain_model())}
+    conv = layers["conv"]
+    assert conv.weight_name == "w_hwio" and [n.op_type for n in conv.chain] == ["Transpose"]
+    assert conv.weight_shape == (16, 8, 3, 3) and conv.reduction_axis == 1
+    assert conv.source_reduction_axis == 2 and conv.source_channel_axis == 3  # perm[1] = 2, perm[0] = 3
+    deconv = layers["deconv"]
+    assert (deconv.reduction_axis, deconv.channel_axis) == (0, 1) and deconv.reduction_size == 16
+    assert layers["mm_dq"].weight_name == "q_w" and layers["mm_dq"].dequantized
+    assert layers["mm_dq"].source_reduction_axis == 0 and layers["mm_dq"].source_channel_axis == 1
+    assert layers["mm_cast"].source_reduction_axis == 0
+    reshaped = layers["mm_reshape"]
+    assert reshaped.weight_shape == (8, 4) and reshaped.reduction_axis == 0
+    assert reshaped.source_reduction_axis is None and "Reshape" in (reshaped.reason or "")
+    assert all(L.check_pattern(4) is None for n, L in layers.items() if n != "mm_reshape")
+
+
+def test_gemm_shapes_and_flops() -> None:
+    model = _chain_model()
+    shapes = infer_shapes(model, {"x": (2, 8, 10, 10)})
+    layers = {L.name: L for L in find_layers(model, shapes)}
+    g = layers["conv"].gemm_shape(shapes)
+    assert g is not None and (g.m, g.n, g.k) == (2 * 10 * 10, 16, 8 * 9) and g.flops == 2 * 200 * 16 * 72
+    d = layers["deconv"].gemm_shape(shapes)
+    assert d is not None and (d.m, d.n, d.k) == (200, 8 * 4, 16)
+    assert layers["mm_dq"].gemm_shape(shapes) is not None
+    assert layers["mm_dq"].gemm_shape(shapes).m == 4  # type: ignore[union-attr]
+
+
+def test_depthwise_and_runtime_weights_are_ineligible() -> None:
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "dw"], ["a"], name="dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "x_as_w"], ["b"], name="dyn"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", F, [1, 8, 4, 4]),
+        helper.make_tensor_value_info("x_as_w", F, [4, 8, 1, 1]),
+    ]
+    outputs = [helper.make_tensor_value_info("b", F, [1, 4, 4, 4])]
+    layers = {
+        L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 1, 3, 3), "dw")]))
+    }
+    assert layers["dw"].check_pattern(4) == "C_in/group=1 is not divisible by 4"
+    assert "graph input" in (layers["dyn"].reason or "")
+
+
+def test_subgraph_layers_find_outer_scope_weights() -> None:
+    layers = {L.name: L for L in find_layers(if_model())}
+    assert layers["then_mm"].graph_path.endswith("branch.then_branch")
+    assert layers["else_mm"].weight_name == "W_outer" and layers["else_mm"].reason is None
+
+
+def test_shared_weight_with_conflicting_axes() -> None:
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
+        helper.make_node("Gemm", ["x", "W"], ["b"], name="g1", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("x", F, [2, 8])]
+    outputs = [helper.make_tensor_value_info("a", F, [2, 8]), helper.make_tensor_value_info("b", F, [2, 8])]
+    layers = {L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 8), "W")]))}
+    assert "shared with g1" in (layers["m1"].reason or "")
+    assert "different axis" in (layers["g1"].reason or "")
