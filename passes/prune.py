@@ -1,0 +1,276 @@
+"""``prune``: n:m magnitude pruning of every eligible weighted layer (default 2:4, TensorRT's pattern).
+
+Groups of ``m`` run along each layer's reduction axis mapped onto the *stored* tensor (``find_layers``
+follows DequantizeLinear / Transpose / Cast / Reshape / Identity chains). In each group the ``n`` entries of
+largest magnitude stay and the rest become exactly zero; an int8 weight behind a DequantizeLinear is ranked
+by ``|(q - zero_point) * scale|`` and pruned to its zero point, so the dequantized value is exactly 0.
+
+Progressive sparsity (the seed's recipe) is two runs of this pass: ``prune{pattern=3:4}``, fine-tune,
+``prune{pattern=2:4}``. The second run chooses its keep-set among the entries that are still non-zero (and
+inside the previous masks, when the same pipeline produced them), so every zero of the first step stays
+zero — see ``PROGRESSIVE``.
+
+Masks (True = may be non-zero) go to ``ctx.artifacts["masks"]`` for the fine-tune pass and, with
+``masks=PATH``, to an .npz keyed by initializer name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.layers import WEIGHTED_OPS, Layer, find_layers
+from onnxsparse.model_io import Model
+from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.sparsity import (
+    StoredWeight,
+    constants_by_name,
+    count_violations,
+    nm_keep,
+    parse_pattern,
+    stored_weight,
+)
+from onnxsparse.tensors import set_array
+
+log = logging.getLogger("onnxsparse.passes.prune")
+
+#: The seed's progressive recipe as pipeline text: zero 25 % (3:4), fine-tune with that mask, then 50 % (2:4)
+#: chosen among the survivors, fine-tune again, and gate on the result. The fine-tune pass reads the masks
+#: this pass leaves in ``ctx.artifacts["masks"]``.
+PROGRESSIVE = "prune{pattern=3:4},finetune,prune{pattern=2:4},finetune,validate{require-all=true}"
+PRESETS = {"progressive": PROGRESSIVE}
+
+
+@dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    """Options of the ``prune`` pass."""
+
+    pattern: str = option("2:4", "n:m: keep at most n non-zeros in every group of m along the reduction axis "
+                          "(any 1 <= n < m; 3:4 is the first step of progressive sparsity).")
+    include: str | None = option(None, "Only prune layers whose node or weight name matches this regex.")
+    exclude: str | None = option(None, "Never prune layers whose node or weight name matches this regex.")
+    op_types: tuple[str, ...] = option(WEIGHTED_OPS, "Op types to prune (Conv, ConvTranspose, Gemm, MatMul).")
+    min_params: int = option(0, "Skip weights with fewer elements than this.")
+    min_channels: int = option(0, "Skip layers with fewer input (per group) or output channels than this "
+                               "(TensorRT rarely picks sparse kernels for small layers).")
+    masks: str | None = option(None, "Also write the masks to this .npz (keys: initializer names; bool arrays "
+                               "shaped like the stored tensor; True = kept).")
+
+    def __post_init__(self) -> None:
+        parse_pattern(self.pattern)
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise OnnxSparseError(f"prune: bad {name} regex '{value}': {e}") from None
+        unknown = [t for t in self.op_types if t not in WEIGHTED_OPS]
+        if unknown:
+            raise OnnxSparseError(f"prune: unknown op type(s) {', '.join(unknown)} (known: {', '.join(WEIGHTED_OPS)})")
+        if self.min_params < 0 or self.min_channels < 0:
+            raise OnnxSparseError("prune: min-params and min-channels must be >= 0")
+
+
+@dataclass
+class _Target:
+    """One stored tensor and the layers that read it (several when a weight is shared)."""
+
+    key: tuple[int, str]
+    layers: list[Layer]
+
+
+class PrunePass(Pass[PruneConfig]):
+    """n:m magnitude pruning along each layer's reduction axis."""
+
+    name = "prune"
+    config_cls = PruneConfig
+    summary = "n:m magnitude pruning (default 2:4) along each layer's reduction axis"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        n, m = parse_pattern(cfg.pattern)
+        report = PassReport()
+        layers = _find_layers(model.proto, ctx)
+        consts = constants_by_name(model.proto)
+        readers = _readers(model.proto)
+        prior: dict[str, np.ndarray] = ctx.artifacts.get("masks") or {}
+        masks: dict[str, np.ndarray] = {}
+        modified = False
+        zeroed = total = 0
+        already: list[str] = []
+        targets = _targets(layers, report)
+        for target in _progress(targets, ctx.progress):
+            why = self._skip_reason(target, m, readers)
+            if why is None:
+                sw = stored_weight(target.layers[0], consts, model.base_dir)
+                if isinstance(sw, str):
+                    why = sw
+            if why is not None:
+                for layer in target.layers:
+                    report.skip(layer.name, why, op=layer.op_type, weight=layer.weight_name)
+                continue
+            assert isinstance(sw, StoredWeight)
+            nonzero = sw.nonzero()
+            bad, groups = count_violations(nonzero, sw.axis, n, m)
+            total += sw.values.size
+            if bad == 0:
+                # Already n:m: leave the tensor bytes alone so `modified` stays honest.
+                masks[sw.name] = np.ascontiguousarray(nonzero)
+                already.append(sw.name)
+                continue
+            prefer = nonzero
+            old = prior.get(sw.name)
+            if old is not None and old.shape == nonzero.shape:
+                prefer = nonzero & old
+            keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
+            set_array(sw.tensor, sw.pruned(keep))
+            mask = keep & nonzero
+            masks[sw.name] = mask
+            modified = True
+            newly = int(np.count_nonzero(nonzero)) - int(np.count_nonzero(mask))
+            zeroed += newly
+            report.change(
+                sw.name,
+                layers=[layer.name for layer in target.layers],
+                op=target.layers[0].op_type,
+                shape=list(sw.values.shape),
+                axis=sw.axis,
+                dtype=sw.dtype_name,
+                groups_changed=bad,
+                groups=groups,
+                zeroed=newly,
+                zeros=round(1.0 - float(np.count_nonzero(mask)) / max(mask.size, 1), 4),
+            )
+        ctx.artifacts.setdefault("masks", {}).update(masks)
+        report.details.update(pattern=f"{n}:{m}", pruned=len(report.changed), already_sparse=already,
+                              params_in_pruned_layers=total, params_zeroed=zeroed)
+        if cfg.masks:
+            _write_masks(Path(cfg.masks), masks)
+            report.details["masks"] = cfg.masks
+        log.info("prune %s: %d tensors pruned, %d already sparse, %d skipped", cfg.pattern, len(report.changed),
+                 len(already), len(report.skipped))
+        return PassResult(model, modified, report)
+
+    def _skip_reason(self, target: _Target, m: int, readers: dict[str, list[onnx.NodeProto]]) -> str | None:
+        """Why this stored tensor must not be pruned (None: prune it)."""
+        cfg = self.config
+        for layer in target.layers:
+            why = layer.check_pattern(m)
+            if why:
+                return why if len(target.layers) == 1 else f"shared with {layer.name}: {why}"
+        for layer in target.layers:
+            names = (layer.name, layer.weight_name or "")
+            prefix = "" if len(target.layers) == 1 else f"shared with {layer.name}, which is "
+            if layer.op_type not in cfg.op_types:
+                return f"{prefix}op type {layer.op_type} not selected (op-types)"
+            if cfg.include and not any(re.search(cfg.include, s) for s in names):
+                return f"{prefix}not matched by include '{cfg.include}'"
+            if cfg.exclude and any(re.search(cfg.exclude, s) for s in names):
+                return f"{prefix}excluded by '{cfg.exclude}'"
+        first = target.layers[0]
+        assert first.source is not None and first.weight_shape is not None
+        size = int(np.prod(first.source.shape, dtype=np.int64))
+        if size < cfg.min_params:
+            return f"{size} params < min-params {cfg.min_params}"
+        for layer in target.layers:
+            assert layer.weight_shape is not None and layer.channel_axis is not None
+            c_in, c_out = layer.reduction_size or 0, layer.weight_shape[layer.channel_axis]
+            if min(c_in, c_out) < cfg.min_channels:
+                return f"channels in/out {c_in}/{c_out} < min-channels {cfg.min_channels}"
+        return _foreign_reader(target, readers)
+
+
+def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
+    """``find_layers``; shapes are inferred only when a Reshape in a weight chain needs them (it costs time)."""
+    layers = find_layers(proto)
+    if any(layer.reason == "weight shape after its Reshape is unknown" for layer in layers):
+        from onnxsparse.shapes import infer_shapes
+
+        layers = find_layers(proto, infer_shapes(proto, ctx.shapes))
+    return layers
+
+
+def _targets(layers: list[Layer], report: PassReport) -> list[_Target]:
+    """Layers grouped by the stored tensor they read; layers without a constant weight are reported here."""
+    by_key: dict[tuple[int, str], _Target] = {}
+    for layer in layers:
+        if layer.source is None:
+            report.skip(layer.name, layer.reason or "no constant weight", op=layer.op_type, weight=None)
+            continue
+        key = (id(layer.source.graph) if layer.source.node is None else id(layer.source.node), layer.source.name)
+        by_key.setdefault(key, _Target(key, [])).layers.append(layer)
+    return list(by_key.values())
+
+
+def _readers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Name → nodes reading it (any graph); graph outputs count as a reader with op ``<output>``."""
+    from onnxsparse.graph import iter_graphs
+
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for g in iter_graphs(proto.graph):
+        for node in g.node:
+            for name in node.input:
+                if name:
+                    out[name].append(node)
+        for o in g.output:
+            out[o.name].append(onnx.helper.make_node("Identity", [o.name], [], name=f"graph output {o.name}",
+                                                     domain="<output>"))
+    return out
+
+
+def _foreign_reader(target: _Target, readers: dict[str, list[onnx.NodeProto]]) -> str | None:
+    """A node other than the layers and their weight chains that reads the weight (it would change too)."""
+    ours = {tuple(layer.node.output) for layer in target.layers}
+    ours |= {tuple(n.output) for layer in target.layers for n in layer.chain}
+    names = {target.key[1]} | {o for layer in target.layers for n in layer.chain for o in n.output}
+    for name in sorted(names):
+        for node in readers.get(name, []):
+            if tuple(node.output) not in ours:
+                what = node.name if node.domain == "<output>" else f"{node.op_type} '{node.name or node.output[0]}'"
+                return f"weight '{target.key[1]}' also feeds {what}, which pruning would change"
+    return None
+
+
+def _write_masks(path: Path, masks: dict[str, np.ndarray]) -> None:
+    """Write the masks atomically (no half-written file if anything fails)."""
+    if path.suffix != ".npz":
+        raise OnnxSparseError(f"prune: masks path '{path}' must end in .npz")
+    if not path.parent.exists():
+        raise OnnxSparseError(f"prune: folder of masks path '{path}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **masks)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _progress(items: list[_Target], enabled: bool) -> Iterable[_Target]:
+    if not enabled or len(items) < 2:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="prune", unit="weight", leave=False)
+
+
+def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read a masks .npz written by ``prune{masks=PATH}`` (for the fine-tune hook and tests)."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k].astype(bool) for k in data.files}
+    except (OSError, ValueError) as e:
+        raise OnnxSparseError(f"cannot read masks '{path}': {e}") from e
+
