@@ -401,6 +401,16 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray]) -> onnx.ModelPr
                                      name=f"onnxsparse_mask_{name}"))
     for i, node in enumerate(muls):
         graph.node.insert(i, node)
+    # ORT's LayerNormalization gradient reads the forward pass's Mean and InvStdDev outputs (optional in ONNX
+    # and usually absent in exported models): without them gradient building fails with "i < OutputDefs().size()".
+    for node in graph.node:
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+            base = node.name or node.output[0]
+            while len(node.output) < 3:
+                node.output.append(f"{base}__onnxsparse_ln_stat{len(node.output)}")
+            for i in (1, 2):
+                if not node.output[i]:
+                    node.output[i] = f"{base}__onnxsparse_ln_stat{i}"
     lower_for_training(proto)
     return proto
 
