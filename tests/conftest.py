@@ -1,0 +1,207 @@
+"""Shared pytest fixtures and helpers: fixture-model paths, random feeds, running a model in ONNX Runtime.
+
+Helpers are plain functions (importable as ``from conftest import run_ort, make_feeds`` because pytest puts
+``tests/`` on ``sys.path``) and are also offered as fixtures of the same name, so a test can take them as
+arguments without an import.
+
+* ``fixture_path(name) -> Path`` — a committed model in ``fixtures/`` (``"cnn"`` or ``"cnn.onnx"``).
+* ``make_feeds(model, dims=None, seed=0, cond=True) -> dict`` — seeded random inputs; symbolic dims come from
+  ``dims`` (default ``DEFAULT_DIMS``), bool inputs (the If condition) are ``cond``.
+* ``run_ort(model, feeds, optimize=False) -> list[np.ndarray]`` — outputs in graph order, CPU provider.
+* fixtures ``mlp_gemm_path``, ``transformer_path``, ``cnn_path``, ``if_model_path``, ``loop_model_path``,
+  ``qdq_model_path``; ``fixture_model`` (parametrized over all of them); ``real_models`` (the ddddocr models).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxsparse.model_io import Model, save_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES_DIR = REPO_ROOT / "fixtures"
+REAL_MODELS_DIR = REPO_ROOT / "real_models" / "ddddocr"
+#: committed fixture models (file stems), in the order of fixtures/README.md
+FIXTURE_NAMES = ("mlp_gemm", "transformer_block", "cnn", "if_model", "loop_model", "qdq_model")
+#: models extracted from the ddddocr wheel by tools/fetch_real_models.py
+DDDDOCR_NAMES = ("common", "common_old", "common_det")
+#: values for the symbolic dims used by the fixtures and the ddddocr models
+DEFAULT_DIMS: dict[str, int] = {"batch": 2, "seq": 8, "image_width": 128}
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto | Model
+
+
+def fixture_path(name: str) -> Path:
+    """Path of a committed fixture model; fails the test clearly if it is missing."""
+    path = FIXTURES_DIR / (name if name.endswith(".onnx") else f"{name}.onnx")
+    if not path.is_file():
+        pytest.fail(f"fixture {path} is missing: run `python tools/make_fixtures.py`")
+    return path
+
+
+def _proto(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, Model):
+        return model.proto
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(os.fspath(model), load_external_data=False)
+
+
+def make_feeds(
+    model: ModelLike, dims: Mapping[str, int] | None = None, seed: int = 0, cond: bool = True
+) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every graph input that is not an initializer.
+
+    Symbolic dims take their value from ``dims`` (falling back to ``DEFAULT_DIMS``); an unknown symbolic dim
+    is an error rather than a guess. Floats are standard normal, ints are in [0, 4), bools are ``cond``.
+    """
+    proto = _proto(model)
+    values = {**DEFAULT_DIMS, **(dims or {})}
+    inits = {t.name for t in proto.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            elif d.dim_param in values:
+                shape.append(values[d.dim_param])
+            else:
+                raise KeyError(f"input '{vi.name}' has symbolic dim '{d.dim_param}': pass dims={{...}}")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype == np.bool_:
+            feeds[vi.name] = np.full(shape, cond, dtype=np.bool_)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[vi.name] = rng.integers(0, 4, size=shape).astype(dtype)
+        else:
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run_ort(model: ModelLike, feeds: Mapping[str, np.ndarray], optimize: bool = False) -> list[np.ndarray]:
+    """Run ``model`` (path, ModelProto or onnxsparse ``Model``) on the CPU provider; outputs in graph order.
+
+    Graph optimisations are off by default so that two models are compared as written (ORT's fusions differ
+    between a Gemm and its Conv rewrite); ``optimize=True`` turns them all on. A ``Model`` with external data
+    is first saved into a temporary folder, because ORT resolves external files relative to a model path.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ddddocr's declared output shapes are wrong; keep ORT's warnings out of logs
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, Model) and model.has_external_data():
+        with tempfile.TemporaryDirectory(prefix="run_ort-") as tmp:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model.proto)  # save_model repoints the tensors it writes; leave the caller's alone
+            copy = Model(proto=proto, base_dir=model.base_dir)
+            path = save_model(copy, Path(tmp) / "model.onnx", external_data=True)
+            sess = ort.InferenceSession(str(path), opts, providers=providers)
+            return list(sess.run(None, dict(feeds)))
+    if isinstance(model, (Model, onnx.ModelProto)):
+        source: Any = _proto(model).SerializeToString()
+    else:
+        source = os.fspath(model)
+    sess = ort.InferenceSession(source, opts, providers=providers)
+    return list(sess.run(None, dict(feeds)))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(name="run_ort")
+def _run_ort_fixture() -> Any:
+    """``run_ort`` as a fixture."""
+    return run_ort
+
+
+@pytest.fixture(name="make_feeds")
+def _make_feeds_fixture() -> Any:
+    """``make_feeds`` as a fixture."""
+    return make_feeds
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES_DIR
+
+
+@pytest.fixture
+def mlp_gemm_path() -> Path:
+    """MLP of Gemms; inputs x[batch,32], aux[8,16]."""
+    return fixture_path("mlp_gemm")
+
+
+@pytest.fixture
+def transformer_path() -> Path:
+    """Encoder block; input x[batch,seq,64]."""
+    return fixture_path("transformer_block")
+
+
+@pytest.fixture
+def cnn_path() -> Path:
+    """Small CNN; input x[batch,3,32,32]."""
+    return fixture_path("cnn")
+
+
+@pytest.fixture
+def if_model_path() -> Path:
+    """If with MatMuls in both branches; inputs x[batch,32], cond (bool scalar)."""
+    return fixture_path("if_model")
+
+
+@pytest.fixture
+def loop_model_path() -> Path:
+    """Loop whose body has a MatMul; input x[batch,32]."""
+    return fixture_path("loop_model")
+
+
+@pytest.fixture
+def qdq_model_path() -> Path:
+    """Q/DQ model (opset 19); input x[batch,16,8,8]."""
+    return fixture_path("qdq_model")
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fixture_model(request: pytest.FixtureRequest) -> Path:
+    """Each committed fixture model in turn (the test runs once per model, id = its name)."""
+    return fixture_path(request.param)
+
+
+@pytest.fixture(scope="session")
+def real_models() -> Iterator[dict[str, Path]]:
+    """The ddddocr models by stem (``common``, ``common_old``, ``common_det``).
+
+    Skips when ``tools/fetch_real_models.py`` has not been run — except in CI (``CI=true``), which runs the
+    fetcher first, so a missing model there is a failure, not a silent skip.
+    """
+    paths = {name: REAL_MODELS_DIR / f"{name}.onnx" for name in DDDDOCR_NAMES}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if missing:
+        reason = (
+            f"ddddocr models missing from {REAL_MODELS_DIR} ({', '.join(missing)}): "
+            "run `python tools/fetch_real_models.py`"
+        )
+        if _in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield paths
