@@ -42,6 +42,9 @@ class _Group(click.Group):
             ctx.exit(EXIT_ERROR)
         except (MemoryError, KeyboardInterrupt):
             raise
+        except BrokenPipeError:  # `onnxsparse passes | head`: the reader left; nothing to report
+            sys.stderr.close()
+            ctx.exit(EXIT_ERROR)
         except OSError as e:
             click.secho(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), fg="red", err=True)
             if ctx.obj and ctx.obj.get("verbose"):
