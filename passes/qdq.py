@@ -1,0 +1,416 @@
+"""Pass ``qdq``: explicit int8 quantization (QuantizeLinear/DequantizeLinear) placed the way TensorRT wants it.
+
+Why not ORT's ``quantize_static``: it quantizes every op, uses uint8 asymmetric activations and int32 biases,
+none of which TensorRT fuses well. TensorRT's rules (see REFERENCE.md "Q/DQ for TensorRT"):
+
+- Q/DQ on the *inputs* of Conv/ConvTranspose/Gemm/MatMul: the activation per-tensor (int8, symmetric, zero
+  point 0, scale = amax/127 from calibration) and the weight per output channel (int8 initializer +
+  DequantizeLinear on the op's output-channel axis as found by ``find_layers``). No Q/DQ on biases.
+- A residual Add gets Q/DQ on its skip input, so TensorRT can fuse the Add into the producing layer.
+- ``quantize-outputs`` also quantizes each layer's output (after its pointwise epilogue) for an int8 epilogue.
+
+Weights are stored as int8 next to a DequantizeLinear, so ``find_layers`` still reaches the stored tensor (the
+DequantizeLinear is part of a layer's weight chain) and pruned zeros stay exactly 0 (round(0/s) = 0).
+Per-axis Q/DQ needs opset 13 (float16 scales 19): the model is upgraded with onnx's version converter.
+Layers inside subgraphs (If/Loop/Scan bodies) are out of scope and reported as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
+
+from onnxsparse import calibration
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import NameGen
+from onnxsparse.layers import Layer, Source, find_layers
+from onnxsparse.model_io import Model
+from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.tensors import to_array
+
+log = logging.getLogger("onnxsparse.passes.qdq")
+
+_FLOAT_TYPES: dict[int, Any] = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+}
+#: ops a layer's output passes through before TensorRT's epilogue ends (a single consumer each)
+_EPILOGUE_OPS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "BatchNormalization",
+                 "Identity")
+#: ops between a layer and a residual Add that still leave the Add fusable into the layer
+_BRANCH_OPS = ("BatchNormalization", "Identity")
+
+
+@dataclass(frozen=True)
+class QdqConfig(PassConfig):
+    """Options of the ``qdq`` pass."""
+
+    percentile: float = option(99.99, "percentile of |x| used as the activation range (method=percentile)")
+    method: str = option("percentile", "activation range: 'percentile' of |x| or 'max' |x|")
+    per_channel: bool = option(True, "weights per output channel (false: one scale per weight tensor)")
+    quantize_outputs: bool = option(False, "also Q/DQ each layer's output after its epilogue (int8 epilogue)")
+    skip_residual: bool = option(True, "Q/DQ on the skip input of a residual Add fed by a quantized layer")
+    include: tuple[str, ...] = option((), "only layers whose node or weight name matches one of these regexes")
+    exclude: tuple[str, ...] = option((), "leave layers whose node or weight name matches one of these regexes")
+    batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
+
+    def __post_init__(self) -> None:
+        if self.method not in calibration.METHODS:
+            raise OnnxSparseError(f"qdq: method must be {' or '.join(calibration.METHODS)}, got '{self.method}'")
+        if not 0.0 < self.percentile <= 100.0:
+            raise OnnxSparseError(f"qdq: percentile must be in (0, 100], got {self.percentile}")
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise OnnxSparseError(f"qdq: bad name pattern '{pattern}': {e}") from None
+
+
+@dataclass
+class _WeightPlan:
+    source: Source
+    readers: list[tuple[NodeProto, int]] = field(default_factory=list)
+    axes: set[int | None] = field(default_factory=set)
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """What gets Q/DQ: weights by stored tensor, activations by tensor name with the inputs to rewire."""
+
+    layers: list[Layer] = field(default_factory=list)
+    weights: dict[str, _WeightPlan] = field(default_factory=dict)
+    #: tensor → (node, input index) pairs to rewire; None = every consumer in the main graph
+    acts: dict[str, list[tuple[NodeProto, int]] | None] = field(default_factory=dict)
+    residual: list[dict[str, str]] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    half: bool = False  # some weight is float16/bfloat16: scales in that type need opset 19
+
+
+class QdqPass(Pass[QdqConfig]):
+    """Insert TensorRT-style int8 Q/DQ with streaming percentile calibration."""
+
+    name = "qdq"
+    config_cls = QdqConfig
+    summary = "int8 Q/DQ for TensorRT: per-channel weights, calibrated per-tensor activations, residual inputs"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if ctx.calibration is None:
+            raise OnnxSparseError("qdq needs calibration data: pass --calib DATA (.npz or a folder of .npy/.npz)")
+        report = PassReport()
+        opset_before = model.opset
+        plan = self._plan(model.proto)
+        if not plan.layers:
+            for what, why in plan.skipped:
+                report.skip(what, why)
+            report.details["note"] = "no layer to quantize"
+            return PassResult(model, False, report)
+        _upgrade(model, 19 if plan.half else 13, "float16 Q/DQ" if plan.half else "per-axis Q/DQ")
+        plan = self._plan(model.proto) if model.opset != opset_before else plan
+        data = calibration.open_calibration(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
+        result = calibration.collect(model, list(plan.acts), data, cfg.method, cfg.percentile, ctx.progress)
+        if any(d != np.float32 for d in result.dtypes.values()) and model.opset < 19:
+            _upgrade(model, 19, "float16 Q/DQ")
+            plan = self._plan(model.proto)
+        self._apply(model, plan, result, report)
+        for what, why in plan.skipped:
+            report.skip(what, why)
+        report.details.update(
+            {
+                "opset": {"before": opset_before, "after": model.opset},
+                "calibration": result.to_dict(),
+                "residual_inputs": plan.residual,
+                "output_tensors": plan.outputs,
+                "scope": "main graph only: layers and tensors inside If/Loop/Scan bodies are not quantized",
+            }
+        )
+        return PassResult(model, True, report)
+
+    # ------------------------------------------------------------------------------------------ planning
+
+    def _selected(self, layer: Layer) -> str | None:
+        """Why the include/exclude options leave this layer out (None = selected)."""
+        names = [layer.name, layer.weight_name or ""]
+        cfg = self.config
+        if cfg.include and not any(re.search(p, n) for p in cfg.include for n in names if n):
+            return "not matched by include"
+        for p in cfg.exclude:
+            if any(re.search(p, n) for n in names if n):
+                return f"excluded by '{p}'"
+        return None
+
+    def _plan(self, proto: onnx.ModelProto) -> _Plan:
+        plan = _Plan()
+        graph = proto.graph
+        producers = {o: n for n in graph.node for o in n.output if o}
+        constants = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+        constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+        acts: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
+        for layer in find_layers(proto):
+            why = self._layer_skip_reason(layer, graph, producers, constants) or self._selected(layer)
+            if why:
+                plan.skipped.append((layer.name, why))
+                continue
+            assert layer.source is not None
+            plan.layers.append(layer)
+            act = layer.node.input[0]
+            prod = producers.get(act)
+            if prod is None or prod.op_type != "DequantizeLinear":
+                acts[act].append((layer.node, 0))
+            reader, index = (layer.chain[-1], 0) if layer.chain else (layer.node, layer.weight_input)
+            wp = plan.weights.setdefault(layer.source.name, _WeightPlan(layer.source))
+            if (reader, index) not in wp.readers:
+                wp.readers.append((reader, index))
+            wp.axes.add(layer.source_channel_axis if self.config.per_channel else None)
+            wp.layers.append(layer.name)
+            if layer.source.tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                plan.half = True
+        plan.acts = dict(acts)
+        layer_nodes = {id(layer.node) for layer in plan.layers}
+        if self.config.skip_residual and plan.layers:
+            self._plan_residual(graph, plan, producers, constants, layer_nodes)
+        if self.config.quantize_outputs:
+            self._plan_outputs(graph, plan, producers, constants)
+        return plan
+
+    @staticmethod
+    def _layer_skip_reason(layer: Layer, graph: GraphProto, producers: dict[str, NodeProto],
+                           constants: set[str]) -> str | None:
+        if layer.graph is not graph:
+            return f"inside subgraph {layer.graph_path} (Q/DQ covers the main graph only)"
+        if layer.dequantized:
+            return "weight already arrives through DequantizeLinear"
+        if layer.source is None:
+            return layer.reason or "weight is not a constant"
+        if layer.source.tensor.data_type not in (*_FLOAT_TYPES, TensorProto.BFLOAT16):
+            return f"weight '{layer.source.name}' is not floating point"
+        if layer.node.input[0] in constants:
+            return "activation input is a constant"
+        if layer.source.graph is not None and layer.source.graph is not graph:
+            return "weight lives in another graph"
+        return None
+
+    def _plan_residual(self, graph: GraphProto, plan: _Plan, producers: dict[str, NodeProto],
+                       constants: set[str], layer_nodes: set[int]) -> None:
+        """For each Add fed by a quantized layer's output, Q/DQ its other (skip) input.
+
+        When both inputs come from quantized layers (a downsampling shortcut), the skip is the shallower one:
+        the input with fewer ops since the graph inputs, i.e. the shortcut, as NVIDIA's quantized ResNet does.
+        """
+        depth = _depths(graph)
+        for node in graph.node:
+            if node.op_type != "Add" or len(node.input) != 2 or node.input[0] == node.input[1]:
+                continue
+            if any(i in constants for i in node.input):
+                continue
+            from_layer = [_from_layer(i, producers, constants, layer_nodes) for i in node.input]
+            if not any(from_layer):
+                continue
+            if all(from_layer):
+                skip_index = 0 if depth.get(node.input[0], 0) <= depth.get(node.input[1], 0) else 1
+            else:
+                skip_index = 0 if not from_layer[0] else 1
+            skip = node.input[skip_index]
+            prod = producers.get(skip)
+            if prod is not None and prod.op_type == "DequantizeLinear":
+                continue
+            plan.acts.setdefault(skip, [])
+            readers = plan.acts[skip]
+            if readers is not None:
+                readers.append((node, skip_index))
+            plan.residual.append({"add": node.name or node.output[0], "skip_input": skip})
+
+    def _plan_outputs(self, graph: GraphProto, plan: _Plan, producers: dict[str, NodeProto],
+                      constants: set[str]) -> None:
+        """Q/DQ every consumer of each layer's output, after its single-consumer pointwise epilogue."""
+        readers: dict[str, list[NodeProto]] = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                readers[i].append(n)
+        outputs = {o.name for o in graph.output}
+        skips = {r["skip_input"] for r in plan.residual}
+        for layer in plan.layers:
+            t = layer.node.output[0]
+            while t not in outputs and len(readers[t]) == 1:
+                nxt = readers[t][0]
+                others = [i for i in nxt.input if i != t]
+                bias = nxt.op_type in ("Add", "Sub", "Mul", "Div") and all(o in constants for o in others)
+                residual = nxt.op_type == "Add" and len(others) == 1 and others[0] in skips
+                if nxt.op_type in _EPILOGUE_OPS or bias or residual:
+                    t = nxt.output[0]
+                    continue
+                break
+            if t in plan.acts and plan.acts[t] is None:
+                continue
+            plan.acts[t] = None
+            plan.outputs.append(t)
+
+    # ------------------------------------------------------------------------------------------ rewriting
+
+    def _apply(self, model: Model, plan: _Plan, result: calibration.CalibrationResult, report: PassReport) -> None:
+        graph = model.proto.graph
+        names = NameGen(graph)
+        layer_acts = {id(layer.node): layer.node.input[0] for layer in plan.layers}
+        new_nodes: list[NodeProto] = []
+        weight_info: dict[str, dict[str, Any]] = {}
+        for src_name, wp in plan.weights.items():
+            axis = next(iter(wp.axes)) if len(wp.axes) == 1 else None
+            if len(wp.axes) > 1:
+                log.info("weight '%s' is read on different channel axes by %s: one scale for the tensor",
+                         src_name, ", ".join(wp.layers))
+            w = to_array(wp.source.tensor, model.base_dir)
+            q, scale = quantize_weight(w, axis, _np_type(wp.source.tensor.data_type))
+            del w
+            q_name, s_name, z_name = names(f"{src_name}_quantized"), names(f"{src_name}_scale"), names(
+                f"{src_name}_zero_point")
+            graph.initializer.extend([
+                numpy_helper.from_array(q, q_name),
+                numpy_helper.from_array(np.asarray(scale), s_name),
+                numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
+            ])
+            out = names(f"{src_name}_dequantized")
+            dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                  name=names(f"{src_name}_DequantizeLinear"))
+            if axis is not None:
+                dq.attribute.append(helper.make_attribute("axis", axis))
+            new_nodes.append(dq)
+            for node, index in wp.readers:
+                node.input[index] = out
+            weight_info[src_name] = {"axis": axis, "int8": q_name}
+        act_scale: dict[str, float] = {}
+        for tensor, rewire in plan.acts.items():
+            if tensor not in result.amax:
+                report.skip(tensor, "no calibration statistics for this tensor")
+                continue
+            amax = result.amax[tensor]
+            dtype = result.dtypes.get(tensor, np.dtype(np.float32))
+            act_value = activation_scale(amax, dtype)
+            s_name, z_name = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
+            graph.initializer.extend([
+                numpy_helper.from_array(np.asarray(act_value, dtype=dtype), s_name),
+                numpy_helper.from_array(np.asarray(0, dtype=np.int8), z_name),
+            ])
+            q_out, dq_out = names(f"{tensor}_quantized"), names(f"{tensor}_dequantized")
+            new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out],
+                                              name=names(f"{tensor}_QuantizeLinear")))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                                              name=names(f"{tensor}_DequantizeLinear")))
+            targets = rewire if rewire is not None else [
+                (n, i) for n in graph.node for i, name in enumerate(n.input) if name == tensor
+            ]
+            for node, index in targets:
+                node.input[index] = dq_out
+            act_scale[tensor] = act_value
+        graph.node.extend(new_nodes)
+        for layer in plan.layers:
+            assert layer.source is not None
+            act = layer_acts[id(layer.node)]
+            report.change(
+                layer.name,
+                op=layer.op_type,
+                weight=layer.source.name,
+                weight_axis=weight_info[layer.source.name]["axis"],
+                activation=act,
+                activation_scale=act_scale.get(act),
+            )
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric quantization: (q, scale) with scale = amax/127 per ``axis`` slice (all of w if None).
+
+    The scale is rounded to ``scale_dtype`` (what DequantizeLinear will hold) before q is computed from it. A
+    slice of zeros gets scale 1 so DequantizeLinear never sees a zero scale; zeros map to exactly 0.
+    """
+    a = np.abs(np.asarray(w, dtype=np.float32))
+    if axis is None:
+        amax = np.asarray(a.max() if a.size else 0.0, dtype=np.float32)
+    else:
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        amax = a.max(axis=others) if others else a
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(scale_dtype)
+    if np.dtype(scale_dtype) == np.float16:
+        scale = np.maximum(scale, np.float16(np.finfo(np.float16).tiny))
+    step = _expand(scale.astype(np.float32), axis, a.ndim)
+    q = np.clip(np.rint(np.asarray(w, dtype=np.float32) / step), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def activation_scale(amax: float, dtype: np.dtype[Any]) -> float:
+    """amax/127 as a positive value representable in ``dtype`` (an all-zero tensor gets scale 1)."""
+    if not np.isfinite(amax) or amax <= 0:
+        return 1.0
+    scale = amax / 127.0
+    return float(max(scale, float(np.finfo(dtype).tiny))) if np.issubdtype(dtype, np.floating) else scale
+
+
+def _expand(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None:
+        return scale
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def _np_type(data_type: int) -> Any:
+    if data_type in _FLOAT_TYPES:
+        return _FLOAT_TYPES[data_type]
+    return np.float32
+
+
+def _from_layer(name: str, producers: dict[str, NodeProto], constants: set[str], layer_nodes: set[int]) -> bool:
+    """Whether ``name`` is a quantized layer's output, possibly after its bias Add / BatchNormalization."""
+    node = producers.get(name)
+    for _ in range(8):
+        if node is None:
+            return False
+        if id(node) in layer_nodes:
+            return True
+        if node.op_type in _BRANCH_OPS:
+            node = producers.get(node.input[0])
+            continue
+        if node.op_type == "Add" and len(node.input) == 2:
+            inner = [i for i in node.input if i not in constants]
+            if len(inner) == 1:
+                node = producers.get(inner[0])
+                continue
+        return False
+    return False
+
+
+def _depths(graph: GraphProto) -> dict[str, int]:
+    """Longest path (in nodes) from any graph input to each tensor; the graph is assumed topologically sorted."""
+    depth: dict[str, int] = {}
+    for node in graph.node:
+        d = 1 + max((depth.get(i, 0) for i in node.input if i), default=0)
+        for o in node.output:
+            depth[o] = d
+    return depth
+
+
+def _upgrade(model: Model, target: int, why: str) -> None:
+    """Raise the default-domain opset to ``target`` with onnx's version converter, or say why not."""
+    current = model.opset
+    if current >= target:
+        return
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model.proto, target)
+    except Exception as e:  # the converter raises RuntimeError, ValueError or its own C++ errors
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise OnnxSparseError(
+            f"qdq needs opset >= {target} for {why}; onnx's version converter cannot upgrade this model from "
+            f"opset {current}: {first[:200]}"
+        ) from e
+    log.info("upgraded opset %d -> %d for %s", current, target, why)
+    model.proto = converted
