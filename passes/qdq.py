@@ -136,6 +136,28 @@ class QdqPass(Pass[QdqConfig]):
         )
         return PassResult(model, True, report)
 
+    def render(self, result: PassResult) -> str | None:
+        """Per-layer table (weight axis, activation scale), residual inputs, and grouped skip reasons."""
+        from onnxsparse.render import table
+
+        rep = result.report
+        lines = []
+        if rep.changed:
+            rows = [(c["name"], c["op"], "tensor" if c["weight_axis"] is None else c["weight_axis"],
+                     c["activation"], "-" if c["activation_scale"] is None else f"{c['activation_scale']:.4g}")
+                    for c in rep.changed]
+            lines.append(table(rows, ["layer", "op", "weight axis", "activation", "act scale"]))
+        residual = rep.details.get("residual_inputs") or []
+        if residual:
+            lines.append(f"residual Adds with Q/DQ on the skip input: {len(residual)}")
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for item in rep.skipped:
+            reasons[item["reason"]].append(item["name"])
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
+            lines.append(f"  skipped {len(names)}: {reason} [{shown}]")
+        return "\n".join(lines) or None
+
     # ------------------------------------------------------------------------------------------ planning
 
     def _selected(self, layer: Layer) -> str | None:
@@ -265,9 +287,13 @@ class QdqPass(Pass[QdqConfig]):
         weight_info: dict[str, dict[str, Any]] = {}
         for src_name, wp in plan.weights.items():
             axis = next(iter(wp.axes)) if len(wp.axes) == 1 else None
+            note = None
             if len(wp.axes) > 1:
-                log.info("weight '%s' is read on different channel axes by %s: one scale for the tensor",
-                         src_name, ", ".join(wp.layers))
+                note = f"shared by {', '.join(wp.layers)} on different channel axes: one scale for the tensor"
+            elif axis is None and self.config.per_channel:
+                note = "the output-channel axis does not survive the weight's chain: one scale for the tensor"
+            if note:
+                log.info("weight '%s': %s", src_name, note)
             w = to_array(wp.source.tensor, model.base_dir)
             q, scale = quantize_weight(w, axis, _np_type(wp.source.tensor.data_type))
             del w
@@ -286,7 +312,7 @@ class QdqPass(Pass[QdqConfig]):
             new_nodes.append(dq)
             for node, index in wp.readers:
                 node.input[index] = out
-            weight_info[src_name] = {"axis": axis, "int8": q_name}
+            weight_info[src_name] = {"axis": axis, "int8": q_name, "note": note}
         act_scale: dict[str, float] = {}
         for tensor, rewire in plan.acts.items():
             if tensor not in result.amax:
@@ -320,6 +346,7 @@ class QdqPass(Pass[QdqConfig]):
                 op=layer.op_type,
                 weight=layer.source.name,
                 weight_axis=weight_info[layer.source.name]["axis"],
+                weight_note=weight_info[layer.source.name]["note"],
                 activation=act,
                 activation_scale=act_scale.get(act),
             )
