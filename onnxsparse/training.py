@@ -44,9 +44,9 @@ from onnx import TensorProto, helper
 
 from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import Layer, find_layers
+from onnxsparse.layers import find_layers
 from onnxsparse.model_io import Model, save_model
-from onnxsparse.tensors import set_array
+from onnxsparse.tensors import set_array, to_array
 
 log = logging.getLogger("onnxsparse.training")
 
@@ -249,6 +249,7 @@ class FinetuneResult:
     seconds: float
     trained: list[str]
     runtime: str
+    changed: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,26 +299,6 @@ def npz_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...],
     return out
 
 
-def nm_violations(array: np.ndarray, axis: int, n: int, m: int) -> int:
-    """How many groups of ``m`` along ``axis`` hold more than ``n`` non-zeros (vectorised)."""
-    a = np.moveaxis(np.asarray(array) != 0, axis, -1)
-    if a.shape[-1] % m:
-        return -1
-    groups = a.reshape(*a.shape[:-1], a.shape[-1] // m, m)
-    return int(np.count_nonzero(groups.sum(axis=-1) > n))
-
-
-def parse_pattern(text: str) -> tuple[int, int]:
-    try:
-        n_text, m_text = text.split(":")
-        n, m = int(n_text), int(m_text)
-    except ValueError:
-        raise OnnxSparseError(f"bad sparsity pattern '{text}': expected N:M such as 2:4") from None
-    if not 0 < n < m:
-        raise OnnxSparseError(f"bad sparsity pattern '{text}': need 0 < N < M")
-    return n, m
-
-
 # ---------------------------------------------------------------------------------------------- graph
 
 
@@ -325,28 +306,36 @@ def _main_initializers(model: Model) -> dict[str, TensorProto]:
     return {t.name: t for t in model.proto.graph.initializer}
 
 
-def check_masks(model: Model, masks: Mapping[str, np.ndarray]) -> dict[str, Layer]:
-    """Every mask must name a float initializer of the main graph with the same shape; returns name → layer."""
+def partition_masks(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Split masks into those the fine-tune can train (float initializers of the main graph, not quantized)
+    and the rest, each with the reason it cannot be trained."""
     inits = _main_initializers(model)
-    layers: dict[str, Layer] = {}
-    for layer in find_layers(model.proto):
-        if layer.source is not None and layer.source.kind == "initializer":
-            layers.setdefault(layer.source.name, layer)
+    dequantized = {layer.source.name for layer in find_layers(model.proto)
+                   if layer.source is not None and layer.dequantized}
+    usable: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
     for name, mask in masks.items():
         t = inits.get(name)
+        mask = np.asarray(mask).astype(bool)
         if t is None:
-            raise OnnxSparseError(f"mask '{name}' names no initializer of the model's main graph")
-        if tuple(t.dims) != mask.shape:
-            raise OnnxSparseError(f"mask '{name}' has shape {mask.shape}, the weight has {tuple(t.dims)}")
-        if t.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
-            raise OnnxSparseError(
-                f"weight '{name}' is {TensorProto.DataType.Name(t.data_type)}: fine-tune the float model "
-                "(before qdq / to-fp16), then quantize it again"
-            )
-        found = layers.get(name)
-        if found is not None and found.dequantized:
-            raise OnnxSparseError(f"weight '{name}' is quantized (behind DequantizeLinear): fine-tune the float model")
-    return layers
+            skipped[name] = f"mask '{name}' names no initializer of the model's main graph"
+        elif tuple(t.dims) != mask.shape:
+            skipped[name] = f"mask '{name}' has shape {mask.shape}, the weight has {tuple(t.dims)}"
+        elif name in dequantized or t.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
+            skipped[name] = (f"weight '{name}' is {TensorProto.DataType.Name(t.data_type)}"
+                             f"{' behind DequantizeLinear' if name in dequantized else ''}: fine-tune the float "
+                             "model (before qdq / to-fp16), then quantize again")
+        else:
+            usable[name] = mask
+    return usable, skipped
+
+
+def check_masks(model: Model, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every mask must name a float initializer of the main graph with the same shape (else one-line error)."""
+    usable, skipped = partition_masks(model, masks)
+    if skipped:
+        raise OnnxSparseError(next(iter(skipped.values())))
+    return usable
 
 
 def trainable_extras(model: Model, masks: Mapping[str, np.ndarray], biases: bool, norms: bool) -> list[str]:
@@ -446,19 +435,27 @@ def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in proto.graph.input if i.name not in inits]
 
 
-def _fold(model: Model, params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> Model:
-    """A copy of the input model with the trained values (masked weights multiplied by their masks)."""
+def _fold(model: Model, params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> tuple[Model, list[str]]:
+    """A copy of the input model with the trained values (masked weights multiplied by their masks).
+
+    Returns the copy and the names whose values changed (so a pass can say honestly whether it modified).
+    """
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     inits = {t.name: t for t in proto.graph.initializer}
+    changed: list[str] = []
     for name, value in params.items():
         t = inits[name]
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        arr = np.asarray(value, dtype=np.float64 if dtype == np.float64 else np.float32)
+        arr = np.asarray(value, dtype=dtype).reshape(tuple(t.dims))
         if name in masks:
-            arr = np.where(masks[name], arr, 0)
-        set_array(t, arr.astype(dtype).reshape(tuple(t.dims)))
-    return Model(proto=proto, base_dir=model.base_dir, source=model.source)
+            arr = np.where(masks[name], arr, np.zeros((), dtype))
+            if np.count_nonzero(arr[~masks[name]]):  # cannot happen; a wrong fold must never ship
+                raise AssertionError(f"fine-tuned '{name}' has non-zeros outside its mask")
+        if not np.array_equal(arr, to_array(t, model.base_dir)):
+            changed.append(name)
+        set_array(t, arr)
+    return Model(proto=proto, base_dir=model.base_dir, source=model.source), changed
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -621,9 +618,10 @@ def finetune(
                 bar.close()
         with np.load(work / "params.npz") as z:
             params = {k: np.array(z[k]) for k in z.files}
-    result_model = _fold(model, params, masks)
+    result_model, changed = _fold(model, params, masks)
     return FinetuneResult(
         model=result_model,
+        changed=changed,
         steps=int(summary.get("steps", len(losses))),
         first_loss=summary.get("first_loss"),
         last_loss=summary.get("last_loss"),
@@ -651,3 +649,39 @@ def _prepare_teacher(teacher: Model | str | os.PathLike[str] | None, work: Path,
     path = work / "teacher.onnx"
     _save_for_worker(proto, t.base_dir, path)
     return path
+
+
+def output_error(student: Model, teacher: Model | str | os.PathLike[str], data: str | os.PathLike[str],
+                 samples: int = 512, batch_size: int = 64) -> float:
+    """Mean squared difference of the float outputs of ``student`` and ``teacher`` on the first samples of
+    ``data`` (this environment's onnxruntime; batch by batch). The number the fine-tune drives down."""
+    import onnxruntime as ort
+
+    from onnxsparse.model_io import load_model
+
+    t = teacher if isinstance(teacher, Model) else load_model(str(teacher), check=False)
+
+    def session(m: Model) -> Any:
+        if m.has_external_data() and m.source is not None:
+            return ort.InferenceSession(str(m.source), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    s_sess, t_sess = session(student), session(t)
+    names = [o.name for o in student.proto.graph.output
+             if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
+    inputs = {i.name: i.type.tensor_type.elem_type for i in _graph_inputs(student.proto)}
+    first = _graph_inputs(student.proto)[0].type.tensor_type.shape.dim
+    if first and first[0].HasField("dim_value"):
+        batch_size = int(first[0].dim_value)  # a fixed batch dimension
+    total, count = 0.0, 0
+    with np.load(data, allow_pickle=False) as z:
+        arrays = {k: z[k][:samples] for k in inputs}
+    n = min(len(a) for a in arrays.values())
+    for start in range(0, n - batch_size + 1 if first and first[0].HasField("dim_value") else n, batch_size):
+        feeds = {k: arrays[k][start : start + batch_size].astype(helper.tensor_dtype_to_np_dtype(v))
+                 for k, v in inputs.items()}
+        for a, b in zip(s_sess.run(names, feeds), t_sess.run(names, feeds), strict=True):
+            diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            total += float(np.sum(diff * diff))
+            count += diff.size
+    return total / max(count, 1)

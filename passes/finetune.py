@@ -1,0 +1,123 @@
+"""``finetune``: retrain a pruned model with its n:m masks held fixed (ONNX Runtime training).
+
+The pass form of ``onnxsparse.training.finetune``, so that prune → fine-tune → prune → fine-tune is one
+pipeline (``prune{pattern=3:4},finetune,prune{pattern=2:4},finetune``; preset ``progressive``). Inside a
+pipeline every input has a sensible default:
+
+- masks: ``ctx.artifacts["masks"]``, which the prune pass leaves (or ``masks=PATH`` to an .npz);
+- data: ``data=PATH``, else the run's ``--calib`` .npz (one array per model input, first axis = samples);
+- teacher (distillation): ``teacher=PATH``, else the file the pipeline started from — the dense model, when
+  the masks came from a prune earlier in the same pipeline. A model fine-tuned against itself would learn
+  nothing, so with masks from a file and no teacher the pass asks for one.
+
+The model that comes out has the input's nodes, initializer names, opset and IR version; only the trained
+initializers (masked weights, and by default the biases of the masked layers) have new values, and every
+entry a mask zeroes is exactly zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.model_io import Model
+from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+
+log = logging.getLogger("onnxsparse.passes.finetune")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(PassConfig):
+    """Options of the ``finetune`` pass (the same names as ``onnxsparse finetune``'s flags)."""
+
+    data: str | None = option(None, "Training inputs: .npz with one array per model input (first axis = samples) "
+                              "and the labels for loss=mse/ce. Default: the run's --calib data.")
+    masks: str | None = option(None, "Masks .npz (initializer name → bool, True = kept). Default: the masks the "
+                               "prune pass left in this pipeline.")
+    teacher: str | None = option(None, "Dense teacher model for loss=distill. Default: the pipeline's input file "
+                                 "when the masks come from a prune in this pipeline.")
+    steps: int | None = option(None, "Optimizer steps (default: one epoch over the data).")
+    epochs: float | None = option(None, "Passes over the data (instead of steps).")
+    lr: float = option(1e-3, "Peak AdamW learning rate.")
+    batch_size: int = option(32, "Samples per step (a model with a fixed batch dimension uses that).")
+    loss: str = option("distill", "distill (MSE to the teacher's outputs), mse or ce (against labels=KEY).")
+    labels: str | None = option(None, "Data key of the labels for loss=mse/ce.")
+    outputs: tuple[str, ...] = option((), "Model outputs the loss uses (default: every float output for distill, "
+                                      "the first output otherwise).")
+    train_biases: bool = option(True, "Also train the biases of the masked layers.")
+    train_norms: bool = option(False, "Also train normalisation scales and biases.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    warmup: int = option(0, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = option("cosine", "cosine (decay to 10% of lr) or constant.")
+    seed: int = option(0, "Seed of the batch order.")
+
+    def options(self) -> Any:
+        """The hyper-parameters as ``training.FinetuneOptions`` (validated there)."""
+        from onnxsparse.training import FinetuneOptions
+
+        names = {f.name for f in fields(FinetuneOptions)}
+        return FinetuneOptions(**{k: getattr(self, k) for k in names})
+
+    def __post_init__(self) -> None:
+        self.options()
+
+
+class FinetunePass(Pass[FinetuneConfig]):
+    """Fine-tune the masked weights with the masks fixed; distillation to the dense model by default."""
+
+    name = "finetune"
+    config_cls = FinetuneConfig
+    summary = "retrain pruned weights with fixed n:m masks through ONNX Runtime training (distillation or labels)"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from onnxsparse.training import finetune, load_masks, partition_masks
+
+        cfg = self.config
+        report = PassReport()
+        from_pipeline = cfg.masks is None
+        masks = load_masks(cfg.masks) if cfg.masks else dict(ctx.artifacts.get("masks") or {})
+        if not masks:
+            raise OnnxSparseError("finetune: no masks — run prune earlier in the pipeline or give masks=PATH")
+        usable, skipped = partition_masks(model, masks)
+        for name, reason in skipped.items():
+            report.skip(name, reason)
+        if not usable:
+            report.details.update(trained=[], reason="no mask names a trainable float initializer")
+            return PassResult(model, False, report)
+        data = cfg.data or (ctx.calibration if isinstance(ctx.calibration, (str, Path)) else None)
+        if data is None:
+            raise OnnxSparseError("finetune: no training data — give data=PATH.npz (or --calib PATH.npz to run)")
+        teacher: Any = None
+        if cfg.loss == "distill":
+            teacher = cfg.teacher or ctx.artifacts.get("teacher")
+            if teacher is None:
+                if not from_pipeline or model.source is None:
+                    raise OnnxSparseError("finetune: distillation needs teacher=DENSE.onnx (the model before pruning)")
+                teacher = model.source
+                log.info("finetune: distilling to the pipeline's input %s", teacher)
+        result = finetune(model, usable, data, cfg.options(), teacher=teacher, workdir=ctx.workdir,
+                          progress=ctx.progress)
+        for name in result.changed:
+            report.change(name, masked=name in usable)
+        report.details.update(
+            steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
+            seconds=result.seconds, runtime=result.runtime, teacher=str(teacher) if teacher is not None else None,
+            kept=round(float(sum(int(np.count_nonzero(m)) for m in usable.values()))
+                       / max(1, sum(m.size for m in usable.values())), 4),
+        )
+        ctx.artifacts["finetune"] = result.to_dict()
+        return PassResult(result.model, bool(result.changed), report)
+
+    def render(self, result: PassResult) -> str | None:
+        d = result.report.details
+        if "steps" not in d:
+            return None
+        first = "?" if d["first_loss"] is None else f"{d['first_loss']:.4g}"
+        last = "?" if d["last_loss"] is None else f"{d['last_loss']:.4g}"
+        return (f"  {d['steps']} steps, loss {first} -> {last}, {len(result.report.changed)} tensors trained "
+                f"({d['seconds']:.1f}s, {d['runtime']})")
