@@ -1,0 +1,137 @@
+"""The GEMMs a model's weighted layers compute, for timing on the GPU (CPU only, no CUDA needed).
+
+Every eligible layer is one product y[M, N] = x[M, K] · W[N, K]ᵀ with the weight W as the 2:4-structured
+operand, grouped along K: M = batch × positions (a Conv is an implicit GEMM with M = N·H_out·W_out,
+K = C_in·kh·kw), N = output channels. Shapes come from ``layers.find_layers`` + ``Layer.gemm_shape`` over
+``shapes.infer_shapes`` (with ``--shapes`` overrides), so the bench times exactly what the prune pass
+would sparsify. Identical shapes are timed once and counted (a BERT encoder has 72 layers but 3 shapes).
+
+cuSPARSELt wants the structured operand's rows and columns (N and K) to be multiples of 16 for fp16 and 32
+for int8; a layer that misses that cannot use sparse kernels and is reported as such. M only needs padding
+(the seed's plug-in pre-builds one plan per bucket of 16 rows), so M is rounded up and the padded value timed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import onnx
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.layers import find_layers
+from onnxsparse.shapes import Shape, infer_shapes
+
+#: dtype → required multiple of N and K (structured operand) and of the padded M, per cuSPARSELt's rules.
+ALIGNMENT = {"fp16": 16, "int8": 32}
+
+
+@dataclass(frozen=True)
+class LayerGemm:
+    """One weighted layer as a GEMM, or why it is not benchmarked (``reason``)."""
+
+    name: str
+    op_type: str
+    m: int | None = None
+    n: int | None = None
+    k: int | None = None
+    groups: int = 1
+    #: M rounded up to the dtype's multiple: the M that is timed
+    m_padded: int | None = None
+    #: why this layer is not timed (None: it is)
+    reason: str | None = None
+
+    @property
+    def flops(self) -> int:
+        """2·M·N·K of the real (unpadded) product; 0 where the shape is unknown."""
+        if self.m is None or self.n is None or self.k is None:
+            return 0
+        return 2 * self.m * self.n * self.k
+
+    @property
+    def key(self) -> tuple[int, int, int] | None:
+        """The (M padded, N, K) timed for this layer; None when it is not timed."""
+        if self.reason is not None or self.m_padded is None or self.n is None or self.k is None:
+            return None
+        return (self.m_padded, self.n, self.k)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flops"] = self.flops
+        return d
+
+
+@dataclass
+class UniqueGemm:
+    """A distinct (M, N, K) and the layers that compute it."""
+
+    m: int
+    n: int
+    k: int
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.layers)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.m, self.n, self.k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"m": self.m, "n": self.n, "k": self.k, "count": self.count, "layers": list(self.layers)}
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def extract_gemms(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None,
+                  dtype: str = "fp16", shapes: dict[str, Shape] | None = None) -> list[LayerGemm]:
+    """Every weighted layer of ``proto`` (graph order) as a ``LayerGemm`` for ``dtype`` (fp16 | int8)."""
+    if dtype not in ALIGNMENT:
+        raise OnnxSparseError(f"unknown dtype '{dtype}': expected one of {', '.join(ALIGNMENT)}")
+    align = ALIGNMENT[dtype]
+    if shapes is None:
+        shapes = infer_shapes(proto, overrides)
+    out: list[LayerGemm] = []
+    for layer in find_layers(proto, shapes):
+        base = LayerGemm(name=layer.name, op_type=layer.op_type)
+        why = layer.check_pattern(4)
+        if why is not None:
+            out.append(replace(base, reason=why))
+            continue
+        if layer.op_type == "MatMul" and layer.weight_shape is not None and len(layer.weight_shape) > 2:
+            out.append(replace(base, reason=f"batched weight {list(layer.weight_shape)}: one GEMM per batch"))
+            continue
+        gemm = layer.gemm_shape(shapes)
+        if gemm is None:
+            out.append(replace(base, reason=f"shape of '{layer.node.input[0]}' unknown: give it with --shapes"))
+            continue
+        dims = replace(base, m=gemm.m, n=gemm.n, k=gemm.k, groups=gemm.groups)
+        if gemm.groups > 1:
+            out.append(replace(dims, reason=f"grouped conv (group={gemm.groups}): no single GEMM"))
+            continue
+        if gemm.m <= 0:
+            out.append(replace(dims, reason="empty input (M=0)"))
+            continue
+        off = [f"{name}={v}" for name, v in (("N", gemm.n), ("K", gemm.k)) if v % align]
+        if off:
+            out.append(replace(dims, reason=f"{' and '.join(off)} not a multiple of {align} ({dtype} cuSPARSELt)"))
+            continue
+        out.append(replace(dims, m_padded=round_up(gemm.m, align)))
+    return out
+
+
+def unique_gemms(layers: Iterable[LayerGemm]) -> list[UniqueGemm]:
+    """Distinct timed shapes in first-seen order, each with the layers that share it."""
+    seen: dict[tuple[int, int, int], UniqueGemm] = {}
+    for layer in layers:
+        key = layer.key
+        if key is None:
+            continue
+        if key not in seen:
+            seen[key] = UniqueGemm(*key)
+        seen[key].layers.append(layer.name)
+    return list(seen.values())

@@ -1,0 +1,162 @@
+"""GEMM extraction (CPU): M, N, K per layer from inferred shapes, cross-checked against shapes ORT really produces."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsparse.bench.gemms import extract_gemms, round_up, unique_gemms
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.shapes import parse_shapes
+
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _w(name, *shape, seed=0):
+    return numpy_helper.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), name)
+
+
+def _run(model, feeds):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _mlp():
+    """x[batch, seq, 64] → MatMul 64→128 → Relu → Gemm-free MatMul 128→48 (N=48: fp16 ok, int8 not)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 48])],
+                  [_w("w1", 64, 128), _w("w2", 128, 48, seed=1)])
+
+
+def test_matmul_m_is_batch_times_positions_and_matches_ort():
+    model = _mlp()
+    layers = extract_gemms(model, parse_shapes("x:3x5x64"))
+    assert [(lg.name, lg.m, lg.n, lg.k, lg.reason) for lg in layers] == [
+        ("fc1", 15, 128, 64, None), ("fc2", 15, 48, 128, None)]
+    (y,) = _run(model, {"x": np.random.default_rng(2).standard_normal((3, 5, 64)).astype(np.float32)})
+    # the real output: M rows of N values for the last layer
+    assert int(np.prod(y.shape[:-1])) == layers[1].m and y.shape[-1] == layers[1].n
+    assert layers[0].flops == 2 * 15 * 128 * 64
+
+
+def test_m_is_padded_to_the_dtype_multiple_and_int8_needs_32():
+    model = _mlp()
+    fp16 = extract_gemms(model, parse_shapes("x:4x25x64"), dtype="fp16")
+    assert fp16[0].m == 100 and fp16[0].m_padded == 112 and fp16[0].key == (112, 128, 64)
+    int8 = extract_gemms(model, parse_shapes("x:4x25x64"), dtype="int8")
+    assert int8[0].m_padded == 128
+    # fc2 has N=48: a multiple of 16, not of 32
+    assert fp16[1].reason is None
+    assert int8[1].reason is not None and "N=48" in int8[1].reason and "32" in int8[1].reason
+    assert int8[1].key is None
+    assert round_up(96, 32) == 96 and round_up(97, 32) == 128
+
+
+def test_unknown_shape_asks_for_shapes():
+    layers = extract_gemms(_mlp(), None)
+    assert all(lg.key is None for lg in layers)
+    assert "--shapes" in (layers[0].reason or "")
+    assert unique_gemms(layers) == []
+
+
+def test_bad_dtype_is_a_user_error():
+    with pytest.raises(OnnxSparseError, match="dtype"):
+        extract_gemms(_mlp(), parse_shapes("x:1x2x64"), dtype="fp8")
+
+
+def test_conv_is_an_implicit_gemm_and_matches_ort():
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Conv", ["y", "wd"], ["z"], name="depthwise", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              group=64)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 16, 16])],
+                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64, 8, 8])],
+                   [_w("w", 64, 32, 3, 3), _w("b", 64), _w("wd", 64, 1, 3, 3)])
+    conv, dw = extract_gemms(model)
+    (z,) = _run(model, {"x": np.random.default_rng(0).standard_normal((2, 32, 16, 16)).astype(np.float32)})
+    # M = N_batch · H_out · W_out of the real output, N = output channels, K = C_in · kh · kw
+    assert (conv.m, conv.n, conv.k) == (z.shape[0] * z.shape[2] * z.shape[3], z.shape[1], 32 * 3 * 3)
+    assert conv.reason is None
+    assert dw.key is None and dw.reason is not None
+
+
+def test_gemm_trans_b_and_non_multiple_n():
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="proj", transB=1),
+             helper.make_node("Gemm", ["h", "wc"], ["y"], name="head")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+                   [_w("w", 128, 256), _w("b", 128), _w("wc", 128, 10)])
+    proj, head = extract_gemms(model, parse_shapes("x:64x256"))
+    assert (proj.m, proj.n, proj.k, proj.reason) == (64, 128, 256, None)
+    (y,) = _run(model, {"x": np.ones((64, 256), np.float32)})
+    assert (head.m, head.n, head.k) == (y.shape[0], y.shape[1], 128)
+    assert head.key is None and "N=10" in (head.reason or "")
+
+
+def test_runtime_weight_and_pattern_reasons_are_kept():
+    nodes = [helper.make_node("MatMul", ["x", "x2"], ["y"], name="act_act"),
+             helper.make_node("MatMul", ["y", "w"], ["z"], name="k6")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16]),
+                           helper.make_tensor_value_info("x2", TensorProto.FLOAT, [16, 6])],
+                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, 32])], [_w("w", 6, 32)])
+    act, k6 = extract_gemms(model)
+    assert act.key is None and "graph input" in (act.reason or "")
+    assert k6.key is None and "K=6" in (k6.reason or "")
+
+
+def test_identical_shapes_are_deduplicated_with_counts():
+    nodes, inits, prev = [], [], "x"
+    for i in range(4):
+        n = 64 if i % 2 == 0 else 32
+        k = 32 if i % 2 == 0 else 64
+        inits.append(_w(f"w{i}", k, n, seed=i))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
+        prev = f"h{i}"
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
+                   [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 32])], inits)
+    layers = extract_gemms(model, parse_shapes("x:128x32"))
+    unique = unique_gemms(layers)
+    assert [(u.key, u.count, u.layers) for u in unique] == [
+        ((128, 64, 32), 2, ["fc0", "fc2"]), ((128, 32, 64), 2, ["fc1", "fc3"])]
+    assert unique[0].to_dict()["count"] == 2
+
+
+def _load_tool(name):
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bert_shaped_model_layers_and_ort_run():
+    """The bench's demo model (tools/make_bert_shaped.py), shrunk: what is timed, what is skipped and why."""
+    model = _load_tool("make_bert_shaped").build(layers=2, hidden=64, heads=4, ffn=256, vocab=50, classes=2)
+    onnx.checker.check_model(model, full_check=True)
+    ids = np.random.default_rng(0).integers(0, 50, (3, 7)).astype(np.int64)
+    (logits,) = _run(model, {"input_ids": ids})
+    assert logits.shape == (3, 2) and np.isfinite(logits).all()
+    layers = extract_gemms(model, parse_shapes("input_ids:3x7"))
+    by_name = {lg.name: lg for lg in layers}
+    assert (by_name["layer0.attn.q"].m, by_name["layer0.attn.q"].n, by_name["layer0.attn.q"].k) == (21, 64, 64)
+    assert (by_name["layer1.ffn2"].n, by_name["layer1.ffn2"].k) == (64, 256)
+    assert by_name["layer0.attn.scores"].key is None  # activation × activation
+    assert by_name["pooler"].m == 3  # first token only: M = batch
+    assert by_name["logits"].key is None  # N=2
+    unique = unique_gemms(layers)
+    assert sorted(u.count for u in unique) == [1, 2, 2, 8]
