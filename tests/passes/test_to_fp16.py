@@ -1,0 +1,416 @@
+"""to-fp16: structure, numerics in ONNX Runtime, and the full checker on small models built here.
+
+Tolerance: float16 has an 11-bit significand, unit roundoff u = 2**-11 ≈ 4.9e-4. Each layer rounds its weights
+and its output once (≈ u each); sums over K terms of mixed sign grow that like sqrt(K)·u at worst for these
+sizes (K ≤ 144). For the 3–5 layer models below the expected relative L2 error is a few 1e-4 (measured:
+1e-4 to 3e-4); ``REL_TOL = 1e-2`` leaves a wide margin yet fails at once if a weight or activation were
+truncated (e.g. a missed Cast, or bytes reinterpreted instead of converted, gives errors of order 1).
+Q/DQ models allow the same bound: an fp16-rounded input can move a value across a rounding boundary of the
+int8 grid (one quantization step), measured ≈ 1e-3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import iter_graphs, iter_nodes
+from onnxsparse.layers import find_layers
+from onnxsparse.model_io import Model
+from onnxsparse.passes.to_fp16 import DEFAULT_BLOCK_OPS, ToFp16, fp16_array
+from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
+
+REL_TOL = 1e-2
+FLOAT, FLOAT16 = T.FLOAT, T.FLOAT16
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], scale: float = 0.1) -> onnx.TensorProto:
+    return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    return c
+
+
+def _run(m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-30))
+
+
+def _convert(m: onnx.ModelProto, text: str = "to-fp16") -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+    """(reference copy, converted model, pass report dict); the Pipeline runs the full checker at the end."""
+    ref = _copy(m)
+    res = Pipeline(text).run(Model(proto=m))
+    return ref, res.model.proto, res.results[0].to_dict()
+
+
+def _assert_no_cast_chains(m: onnx.ModelProto) -> None:
+    for g in iter_graphs(m.graph):
+        made_by_cast = {o for n in g.node if n.op_type == "Cast" for o in n.output}
+        for n in g.node:
+            if n.op_type == "Cast":
+                assert n.input[0] not in made_by_cast, f"Cast {n.name} reads another Cast's output"
+
+
+def _elem_types(m: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value, declared or inferred (strict inference: a type clash raises)."""
+    out = {}
+    m = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
+    for g in iter_graphs(m.graph):
+        for t in g.initializer:
+            out[t.name] = t.data_type
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            out[vi.name] = vi.type.tensor_type.elem_type
+    return out
+
+
+def cnn(opset: int = 17, w1: np.ndarray | None = None) -> onnx.ModelProto:
+    """Conv-Relu-Conv-Exp-GAP-Flatten-Gemm-Softmax with a dynamic batch; c2 is also a graph output."""
+    rng = _rng(1)
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        h.make_node("Exp", ["c2"], ["e"], name="exp"),
+        h.make_node("GlobalAveragePool", ["e"], ["g"], name="gap"),
+        h.make_node("Flatten", ["g"], ["f"], name="flat"),
+        h.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+        h.make_node("Softmax", ["y"], ["p"], name="softmax"),
+    ]
+    w1_t = nh.from_array(w1, "w1") if w1 is not None else _init(rng, "w1", (16, 8, 3, 3))
+    graph = h.make_graph(
+        nodes,
+        "cnn",
+        [h.make_tensor_value_info("x", FLOAT, ["N", 8, 16, 16])],
+        [h.make_tensor_value_info("p", FLOAT, ["N", 10]), h.make_tensor_value_info("c2", FLOAT, ["N", 16, 16, 16])],
+        [w1_t, _init(rng, "b1", (16,)), _init(rng, "w2", (16, 16, 3, 3)), _init(rng, "b2", (16,)),
+         _init(rng, "wf", (10, 16)), _init(rng, "bf", (10,))],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+
+
+def control_flow() -> onnx.ModelProto:
+    """If (branches read an outer weight), Loop (carried float state), Casts from int64, a blocked Pow."""
+    rng = _rng(2)
+    then_g = h.make_graph(
+        [h.make_node("MatMul", ["x", "W"], ["t1"]), h.make_node("Relu", ["t1"], ["t_out"])], "then", [],
+        [h.make_tensor_value_info("t_out", FLOAT, None)],
+    )
+    else_g = h.make_graph([h.make_node("Mul", ["x", "s"], ["e_out"])], "else", [],
+                         [h.make_tensor_value_info("e_out", FLOAT, None)])
+    body = h.make_graph(
+        [h.make_node("MatMul", ["acc_in", "W"], ["mm"]), h.make_node("Tanh", ["mm"], ["acc_out"]),
+         h.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+         h.make_tensor_value_info("acc_in", FLOAT, None)],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", FLOAT, None)],
+    )
+    nodes = [
+        h.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
+        h.make_node("Greater", ["mean", "zero"], ["c"]),
+        h.make_node("If", ["c"], ["ifo"], then_branch=then_g, else_branch=else_g, name="if"),
+        h.make_node("Loop", ["trip", "true", "ifo"], ["loopo"], body=body, name="loop"),
+        h.make_node("Cast", ["idx"], ["idxf"], to=FLOAT, name="cast_to_add"),
+        h.make_node("Add", ["loopo", "idxf"], ["y"]),
+        h.make_node("Cast", ["idx"], ["idxf2"], to=FLOAT, name="cast_to_pow"),
+        h.make_node("Pow", ["y", "idxf2"], ["z"], name="pow"),
+        h.make_node("Shape", ["x"], ["shp"]),
+        h.make_node("ConstantOfShape", ["shp"], ["ones"], value=nh.from_array(np.array([1.0], np.float32))),
+        h.make_node("Constant", [], ["half"], value_float=0.5),
+        h.make_node("Mul", ["z", "half"], ["zh"]),
+        h.make_node("Add", ["zh", "ones"], ["out"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "cf",
+        [h.make_tensor_value_info("x", FLOAT, [4, 8]), h.make_tensor_value_info("idx", T.INT64, [4, 8])],
+        [h.make_tensor_value_info("out", FLOAT, [4, 8])],
+        [_init(rng, "W", (8, 8), 0.3), nh.from_array(np.array(0.0, np.float32), "zero"),
+         nh.from_array(np.array(1.5, np.float32), "s"), nh.from_array(np.array(3, np.int64), "trip"),
+         nh.from_array(np.array(True), "true")],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def qdq_conv(opset: int) -> onnx.ModelProto:
+    """Q/DQ on the activation and a per-channel int8 weight, as the qdq pass places them for TensorRT."""
+    rng = _rng(3)
+    w = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
+    ws = (np.abs(w).reshape(16, -1).max(1) / 127).astype(np.float32)
+    wq = np.clip(np.round(w / ws[:, None, None, None]), -127, 127).astype(np.int8)
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x"),
+        h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq_x"),
+        h.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0, name="dq_w"),
+        h.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        h.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    graph = h.make_graph(
+        nodes, "qdq", [h.make_tensor_value_info("x", FLOAT, [1, 8, 8, 8])],
+        [h.make_tensor_value_info("y", FLOAT, [1, 16, 8, 8])],
+        [nh.from_array(np.array(0.03, np.float32), "xs"), nh.from_array(np.array(0, np.int8), "xz"),
+         nh.from_array(wq, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.zeros(16, np.int8), "wz"),
+         _init(rng, "b", (16,))],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_registered_and_parsed_from_text() -> None:
+    (p,) = parse_pipeline("to-fp16{keep-io-types=false;block-ops=Softmax,Exp;block-nodes=head.*}")
+    assert isinstance(p, ToFp16)
+    assert p.config.keep_io_types is False
+    assert p.config.block_ops == ("Softmax", "Exp")
+    assert p.text() == "to-fp16{keep-io-types=false;block-ops=Softmax,Exp;block-nodes=head.*}"
+    assert "Exp" in DEFAULT_BLOCK_OPS and "Softmax" not in DEFAULT_BLOCK_OPS
+
+
+def test_bad_options_are_user_errors() -> None:
+    with pytest.raises(OnnxSparseError, match="max-finite"):
+        parse_pipeline("to-fp16{max-finite=1e6}")
+    with pytest.raises(OnnxSparseError, match="regex"):
+        parse_pipeline("to-fp16{block-nodes=(}")
+
+
+def test_cnn_structure_numerics_and_io_kept_float32() -> None:
+    ref, out, rep = _convert(cnn())
+    types = _elem_types(out)
+    # every weight is float16, inputs and outputs stay float32
+    assert all(t.data_type == FLOAT16 for t in out.graph.initializer)
+    assert [i.type.tensor_type.elem_type for i in out.graph.input] == [FLOAT]
+    assert [o.type.tensor_type.elem_type for o in out.graph.output] == [FLOAT, FLOAT]
+    assert [o.name for o in out.graph.output] == ["p", "c2"]
+    nodes = {n.name: n for n in out.graph.node}
+    assert types[nodes["conv1"].input[0]] == FLOAT16 and types[nodes["softmax"].output[0]] == FLOAT16
+    # the blocked Exp reads float32 and its output is cast back once; it reuses the c2 output's float32 Cast
+    assert types[nodes["exp"].input[0]] == FLOAT and nodes["exp"].input[0] == "c2"
+    casts = [n for n in out.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 4  # x→fp16, c2→fp32 (output, also feeds Exp), Exp→fp16, p→fp32
+    _assert_no_cast_chains(out)
+    assert rep["modified"] is True
+    assert rep["details"]["initializers_converted"] == 6
+    assert any(s["name"] == "exp" and "block-ops" in s["reason"] for s in rep["skipped"])
+    for batch in (1, 3):
+        x = _rng(10 + batch).standard_normal((batch, 8, 16, 16)).astype(np.float32)
+        want, got = _run(ref, {"x": x}), _run(out, {"x": x})
+        for a, b in zip(want, got, strict=True):
+            assert b.dtype == np.float32
+            assert _rel(a, b) < REL_TOL
+        # the model really changed precision: results are close, not bit-identical
+        assert not np.array_equal(want[1], got[1])
+
+
+def test_second_run_is_a_no_op() -> None:
+    _, out, _ = _convert(cnn())
+    before = out.SerializeToString()
+    res = ToFp16().run(Model(proto=out), PassContext())
+    assert res.modified is False
+    assert out.SerializeToString() == before
+
+
+def test_keep_io_types_false_makes_io_float16_without_casts() -> None:
+    ref, out, _ = _convert(cnn(), "to-fp16{keep-io-types=false;block-ops=}")
+    assert out.graph.input[0].type.tensor_type.elem_type == FLOAT16
+    assert all(o.type.tensor_type.elem_type == FLOAT16 for o in out.graph.output)
+    assert not [n for n in out.graph.node if n.op_type == "Cast"]
+    x = _rng(5).standard_normal((2, 8, 16, 16)).astype(np.float32)
+    got = _run(out, {"x": x.astype(np.float16)})
+    for a, b in zip(_run(ref, {"x": x}), got, strict=True):
+        assert b.dtype == np.float16
+        assert _rel(a, b) < REL_TOL
+
+
+def test_block_nodes_regex_keeps_named_nodes_float32() -> None:
+    _, out, rep = _convert(cnn(), "to-fp16{block-nodes=conv2|fc}")
+    nodes = {n.name: n for n in out.graph.node}
+    types = _elem_types(out)
+    assert types[nodes["conv2"].input[1]] == FLOAT and types[nodes["conv2"].output[0]] == FLOAT
+    assert types[nodes["fc"].input[1]] == FLOAT and types[nodes["conv1"].input[1]] == FLOAT16
+    assert {s["name"] for s in rep["skipped"]} >= {"conv2", "fc"}
+    _assert_no_cast_chains(out)
+
+
+def test_subgraphs_casts_and_constants() -> None:
+    ref, out, rep = _convert(control_flow())
+    types = _elem_types(out)
+    main = {n.name: n for n in out.graph.node if n.name}
+    # Cast nodes that made float32 now make float16 — except the one whose only reader is the blocked Pow,
+    # which keeps float32 instead of feeding a second Cast
+    to = {n.name: n.attribute[0].i for n in out.graph.node if n.op_type == "Cast" and n.name.startswith("cast_")}
+    assert to == {"cast_to_add": FLOAT16, "cast_to_pow": FLOAT}
+    assert types[main["pow"].input[0]] == FLOAT
+    _assert_no_cast_chains(out)
+    # the If branches and the Loop body compute in float16 and return float16 (the If/Loop outputs follow)
+    for g in iter_graphs(out.graph):
+        if g is out.graph:
+            continue
+        for vi in g.output:
+            if vi.name not in ("cond_out",):
+                assert vi.type.tensor_type.elem_type == FLOAT16, (g.name, vi.name)
+    assert types["W"] == FLOAT16  # outer weight read only inside subgraphs: converted in place
+    # ConstantOfShape's value and the Constant node are float16 now
+    cos = next(n for n in out.graph.node if n.op_type == "ConstantOfShape")
+    assert cos.attribute[0].t.data_type == FLOAT16
+    const = next(n for _, n in iter_nodes(out.graph) if n.op_type == "Constant")
+    assert const.attribute[0].t.data_type == FLOAT16
+    assert rep["details"]["constants_converted"] >= 1
+    rng = _rng(7)
+    for sign in (1.0, -1.0):  # both If branches
+        x = (np.abs(rng.standard_normal((4, 8))) * sign).astype(np.float32)
+        idx = rng.integers(0, 3, (4, 8))
+        (a,), (b,) = _run(ref, {"x": x, "idx": idx}), _run(out, {"x": x, "idx": idx})
+        assert b.dtype == np.float32
+        assert _rel(a, b) < REL_TOL
+
+
+def test_fixed_float32_inputs_stay_float32_resize_scales() -> None:
+    rng = _rng(4)
+    nodes = [
+        h.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        h.make_node("Resize", ["c", "", "scales"], ["r"], mode="nearest", name="resize"),
+        h.make_node("Relu", ["r"], ["y"]),
+    ]
+    graph = h.make_graph(
+        nodes, "rs", [h.make_tensor_value_info("x", FLOAT, [1, 4, 5, 5])],
+        [h.make_tensor_value_info("y", FLOAT, [1, 4, 10, 10])],
+        [_init(rng, "w", (4, 4, 1, 1)), nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    ref, out, _ = _convert(m)
+    types = _elem_types(out)
+    assert types["scales"] == FLOAT and types["w"] == FLOAT16
+    resize = next(n for n in out.graph.node if n.op_type == "Resize")
+    assert types[resize.input[0]] == FLOAT16
+    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
+    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+
+
+def test_qdq_before_opset19_stays_float32_with_reason() -> None:
+    ref, out, rep = _convert(qdq_conv(13))
+    types = _elem_types(out)
+    assert types["xs"] == FLOAT and types["ws"] == FLOAT and types["b"] == FLOAT16
+    dq_w = next(n for n in out.graph.node if n.name == "dq_w")
+    assert types[dq_w.output[0]] == FLOAT
+    reasons = [s["reason"] for s in rep["skipped"] if s["op"] == "DequantizeLinear"]
+    assert len(reasons) == 2 and all("opset >= 19" in r for r in reasons)
+    _assert_no_cast_chains(out)
+    x = _rng(8).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+
+
+@pytest.mark.parametrize("opset", [19, 21])
+def test_qdq_from_opset19_has_float16_scales(opset: int) -> None:
+    ref, out, rep = _convert(qdq_conv(opset))
+    types = _elem_types(out)
+    assert types["xs"] == FLOAT16 and types["ws"] == FLOAT16
+    assert types["wq"] == T.INT8  # quantized weights untouched
+    dq_w = next(n for n in out.graph.node if n.name == "dq_w")
+    assert types[dq_w.output[0]] == FLOAT16
+    assert not [s for s in rep["skipped"] if s["op"] in ("QuantizeLinear", "DequantizeLinear")]
+    x = _rng(9).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+
+
+def test_two_four_zeros_are_kept_and_layers_still_found() -> None:
+    rng = _rng(6)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.1
+    # 2:4 along C_in (axis 1): zero the two smallest of every group of 4
+    g = w.reshape(16, 2, 4, 3, 3)
+    order = np.argsort(np.abs(g), axis=2)
+    np.put_along_axis(g, order[:, :, :2], 0.0, axis=2)
+    w = g.reshape(16, 8, 3, 3)
+    # tiny non-zeros must not turn into zeros (or the other way round)
+    w[w != 0] = np.where(np.abs(w[w != 0]) < 1e-3, np.sign(w[w != 0]) * 1e-9, w[w != 0])
+    _, out, _ = _convert(cnn(w1=w))
+    w16 = nh.to_array(next(t for t in out.graph.initializer if t.name == "w1"))
+    assert w16.dtype == np.float16
+    np.testing.assert_array_equal(w16 == 0, w == 0)
+    assert ((w16.reshape(16, 2, 4, 3, 3) != 0).sum(axis=2) <= 2).all()
+    layers = {layer.name: layer for layer in find_layers(out)}
+    assert layers["conv1"].weight_name == "w1" and layers["conv1"].check_pattern(4) is None
+
+
+def test_clamping_counts_and_values() -> None:
+    arr = np.array([0.0, -0.0, 1e5, -1e6, np.inf, 1e-9, -1e-12, 1.0], np.float32)
+    out, high, low = fp16_array(arr, 5.96e-8, 65504.0)
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    assert (high, low) == (3, 2)
+    assert out[2] == 65504 and out[3] == -65504 and out[4] == 65504
+    assert out[5] > 0 and out[6] < 0 and out[0] == 0 and out[7] == 1
+
+
+def test_clamped_weights_reported() -> None:
+    w = _rng(1).standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.1
+    w[0, 0, 0, 0] = 1e6
+    _, out, rep = _convert(cnn(w1=w))
+    assert rep["details"]["clamped_high"] == 1
+    w16 = nh.to_array(next(t for t in out.graph.initializer if t.name == "w1"))
+    assert w16[0, 0, 0, 0] == np.float16(65504)
+
+
+def test_custom_domain_node_is_kept_float32() -> None:
+    rng = _rng(12)
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+        h.make_node("Gelu", ["a"], ["b"], domain="com.microsoft", name="gelu"),
+        h.make_node("Relu", ["b"], ["y"], name="relu"),
+    ]
+    graph = h.make_graph(
+        nodes, "cd", [h.make_tensor_value_info("x", FLOAT, [2, 8])], [h.make_tensor_value_info("y", FLOAT, [2, 8])],
+        [_init(rng, "w", (8, 8))], value_info=[h.make_tensor_value_info("b", FLOAT, [2, 8])],
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    ref = _copy(m)
+    res = ToFp16().run(Model(proto=m), PassContext())  # no full checker: the contrib op has no onnx schema
+    out = res.model.proto
+    gelu = next(n for n in out.graph.node if n.name == "gelu")
+    types = _elem_types(out)
+    assert types[gelu.input[0]] == FLOAT
+    assert any(s["name"] == "gelu" and "custom domain" in s["reason"] for s in res.report.skipped)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+
+
+def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
+    nodes = [
+        h.make_node("Cast", ["idx"], ["f"], to=FLOAT, name="cast"),
+        h.make_node("Add", ["f", "x"], ["s"], name="add"),
+    ]
+    graph = h.make_graph(
+        nodes, "co",
+        [h.make_tensor_value_info("x", FLOAT, [3]), h.make_tensor_value_info("idx", T.INT64, [3])],
+        [h.make_tensor_value_info("f", FLOAT, [3]), h.make_tensor_value_info("s", FLOAT, [3])],
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    ref, out, _ = _convert(m)
+    types = _elem_types(out)
+    casts = {n.name: n for n in out.graph.node if n.op_type == "Cast"}
+    # the original Cast now writes float16 for Add; a sibling Cast from the same int64 input writes output f
+    assert casts["cast"].attribute[0].i == FLOAT16 and types[casts["cast"].output[0]] == FLOAT16
+    sibling = next(n for n in casts.values() if n.output[0] == "f")
+    assert sibling.input[0] == "idx" and sibling.attribute[0].i == FLOAT
+    _assert_no_cast_chains(out)
+    feeds = {"x": np.array([0.5, -1.25, 3.0], np.float32), "idx": np.array([1, 2, 2049], np.int64)}
+    want, got = _run(ref, feeds), _run(out, feeds)
+    np.testing.assert_array_equal(want[0], got[0])  # exact: 2049 does not pass through float16
+    assert _rel(want[1], got[1]) < REL_TOL
