@@ -250,6 +250,8 @@ class FinetuneResult:
     trained: list[str]
     runtime: str
     changed: list[str] = field(default_factory=list)
+    #: largest change training made to any masked-out entry before folding (0: they got no update)
+    outside_mask_drift: float = 0.0
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -619,9 +621,17 @@ def finetune(
         with np.load(work / "params.npz") as z:
             params = {k: np.array(z[k]) for k in z.files}
     result_model, changed = _fold(model, params, masks)
+    inits = _main_initializers(model)
+    drift = 0.0
+    for name, mask in masks.items():
+        if (~mask).any():
+            before = np.asarray(to_array(inits[name], model.base_dir), np.float64)[~mask]
+            after = np.asarray(params[name], np.float64).reshape(mask.shape)[~mask]
+            drift = max(drift, float(np.max(np.abs(after - before))))
     return FinetuneResult(
         model=result_model,
         changed=changed,
+        outside_mask_drift=drift,
         steps=int(summary.get("steps", len(losses))),
         first_loss=summary.get("first_loss"),
         last_loss=summary.get("last_loss"),
