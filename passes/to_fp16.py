@@ -407,6 +407,8 @@ class _Converter:
                     info.wants[i] = want
                     if want != "flex":
                         self.demands[name].append(want)
+                    elif self._is_constant(name):
+                        self.demands[name].append(FLOAT16)  # a converting node's constants cost nothing to convert
             io = self._graph_io_type(g)
             for vi in g.output:
                 if self._is_float(vi.name):
@@ -476,6 +478,12 @@ class _Converter:
         self.new_types[new] = t
         self._add_value_info(graph, name, new, t)
         return new
+
+    def _is_constant(self, name: str) -> bool:
+        prod = self.producer.get(name)
+        if prod is not None:
+            return prod[0].op_type == "Constant"
+        return name in self.initializers and not self._is_graph_input(name)
 
     def _is_graph_input(self, name: str) -> bool:
         g = self.owner[name]
