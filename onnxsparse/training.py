@@ -326,7 +326,7 @@ def partition_masks(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[dict
         elif name in dequantized or t.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
             skipped[name] = (f"weight '{name}' is {TensorProto.DataType.Name(t.data_type)}"
                              f"{' behind DequantizeLinear' if name in dequantized else ''}: fine-tune the float "
-                             "model (before qdq / to-fp16), then quantize again")
+                             "model (before qdq / to-fp16), then quantize / convert again")
         else:
             usable[name] = mask
     return usable, skipped
