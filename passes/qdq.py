@@ -435,6 +435,7 @@ def _upgrade(model: Model, target: int, why: str) -> None:
         converted = version_converter.convert_version(model.proto, target)
     except Exception as e:  # the converter raises RuntimeError, ValueError or its own C++ errors
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        first = first.split("failed: ", 1)[-1]  # drop the converter's source location and assertion text
         raise OnnxSparseError(
             f"qdq needs opset >= {target} for {why}; onnx's version converter cannot upgrade this model from "
             f"opset {current}: {first[:200]}"

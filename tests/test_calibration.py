@@ -1,0 +1,269 @@
+"""Calibration: readers and their validation, the streaming |x| histogram, and agreement with ORT's Percentile."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from onnxsparse.calibration import AbsHistogram, collect, open_calibration
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.model_io import Model
+
+F = TensorProto.FLOAT
+
+
+def _mlp(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
+    """x[batch,16] (+ ids[batch,4] int64, unused by the math but checked) → MatMul → Relu → Gemm → y."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["g"], name="fc2", transB=1),
+        helper.make_node("Cast", ["ids"], ["idsf"], to=F),
+        helper.make_node("ReduceSum", ["idsf"], ["s"], keepdims=1),
+        helper.make_node("Add", ["g", "s"], ["y"]),
+    ]
+    inits = [nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+             nh.from_array(rng.standard_normal((8, 32)).astype(np.float32) * 0.2, "w2"),
+             nh.from_array(np.array([1], dtype=np.int64), "axes")]
+    nodes[4].input.append("axes")
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("x", F, [batch, 16]),
+                               helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, 4])],
+                              [helper.make_tensor_value_info("y", F, [batch, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _samples(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, 16)).astype(np.float32),
+            "ids": rng.integers(0, 5, size=(n, 4)).astype(np.int64)}
+
+
+def _read_all(obj: object, model: onnx.ModelProto, samples: int | None = None,
+              batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+    return list(open_calibration(obj, model, samples, batch_size))
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def test_npz_is_cut_into_batches_in_order(tmp_path: Path) -> None:
+    data = _samples(70)
+    np.savez(tmp_path / "c.npz", **data)
+    batches = _read_all(tmp_path / "c.npz", _mlp(), batch_size=32)
+    assert [b["x"].shape[0] for b in batches] == [32, 32, 6]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), data["x"])
+    np.testing.assert_array_equal(np.concatenate([b["ids"] for b in batches]), data["ids"])
+
+
+def test_calib_samples_caps_and_batches_regroup_across_files(tmp_path: Path) -> None:
+    data = _samples(30)
+    for i, start in enumerate(range(0, 30, 7)):  # files of 7 samples (last one 2)
+        np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[start:start + 7] for k, v in data.items()})
+    batches = _read_all(tmp_path, _mlp(), samples=25, batch_size=10)
+    assert [b["x"].shape[0] for b in batches] == [10, 10, 5]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), data["x"][:25])
+
+
+def test_folder_of_npy_for_a_single_input_model(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((3, 16)).astype(np.float32) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / f"{i}.npy", a)
+    model = _mlp()
+    # a single-input variant: drop ids and what reads it
+    del model.graph.node[3:]
+    model.graph.node.append(helper.make_node("Identity", ["g"], ["y"]))
+    del model.graph.input[1]
+    batches = _read_all(tmp_path, model)
+    assert len(batches) == 3
+    np.testing.assert_array_equal(batches[2]["x"], arrays[2])
+
+
+def test_npy_folder_for_multi_input_model_is_refused(tmp_path: Path) -> None:
+    np.save(tmp_path / "0.npy", np.zeros((2, 16), np.float32))
+    with pytest.raises(OnnxSparseError, match=r"\.npy but the model has 2 inputs"):
+        _read_all(tmp_path, _mlp())
+
+
+def test_iterable_and_ort_reader_are_taken_as_given() -> None:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    items = [_samples(3, seed=i) for i in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(items)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    for source in (items, iter(items), Reader()):
+        batches = _read_all(source, _mlp())
+        assert len(batches) == 4
+        np.testing.assert_array_equal(batches[3]["x"], items[3]["x"])
+
+
+def test_fixed_batch_model_gets_exact_batches() -> None:
+    model = _mlp(batch=4)
+    batches = _read_all([_samples(10)], model)
+    assert [b["x"].shape[0] for b in batches] == [4, 4]  # the 2 left over cannot be fed
+    with pytest.raises(OnnxSparseError, match="conflicts with the model's fixed batch size 4"):
+        open_calibration([_samples(10)], model, batch_size=3)
+
+
+def test_data_is_read_once() -> None:
+    data = open_calibration([_samples(2)], _mlp())
+    list(data)
+    with pytest.raises(OnnxSparseError, match="only once"):
+        list(data)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({"x": np.zeros((2, 16), np.float32)}, "lacks model input 'ids'"),
+        ({**_samples(2), "z": np.zeros(2, np.float32)}, "has 'z', which is not a model input"),
+        ({"x": np.zeros((2, 16), np.float64), "ids": np.zeros((2, 4), np.int64)},
+         r"input 'x' is float64, the model takes float32 \(convert with .astype\(np.float32\)\)"),
+        ({"x": np.zeros((2, 16, 1), np.float32), "ids": np.zeros((2, 4), np.int64)}, "rank 3"),
+        ({"x": np.zeros((2, 15), np.float32), "ids": np.zeros((2, 4), np.int64)}, "dim 1 must be 16"),
+        ({"x": np.zeros((2, 16), np.float32), "ids": np.zeros((3, 4), np.int64)}, "disagree on the number"),
+        ([np.zeros((2, 16), np.float32)], "is a list, expected a dict"),
+    ],
+)
+def test_bad_batches_give_one_line_errors(batch: object, message: str) -> None:
+    with pytest.raises(OnnxSparseError, match=message) as err:
+        _read_all([batch], _mlp(), batch_size=2)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_sources(tmp_path: Path) -> None:
+    with pytest.raises(OnnxSparseError, match="does not exist"):
+        open_calibration(tmp_path / "nope.npz", _mlp())
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OnnxSparseError, match=r"holds no \.npy or \.npz"):
+        _read_all(tmp_path / "d", _mlp())
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(OnnxSparseError, match="cannot read calibration file"):
+        _read_all(tmp_path / "bad.npz", _mlp())
+    with pytest.raises(OnnxSparseError, match="unsupported calibration data int"):
+        open_calibration(3, _mlp())
+    with pytest.raises(OnnxSparseError, match="yielded no samples"):
+        _read_all([], _mlp())
+    with pytest.raises(OnnxSparseError, match="--calib-samples must be positive"):
+        open_calibration([], _mlp(), samples=0)
+
+
+# ---------------------------------------------------------------------------------------------- histogram
+
+
+def test_histogram_grows_exactly_and_stays_bounded() -> None:
+    rng = np.random.default_rng(0)
+    h = AbsHistogram()
+    chunks = [rng.standard_normal(5000).astype(np.float32) * (1.5 ** i) for i in range(30)]
+    for c in chunks:
+        h.update(c)
+        assert h.counts is not None and 2048 <= len(h.counts) <= 4096
+        assert len(h.counts) * h.width >= h.amax  # the observed range is covered
+    everything = np.abs(np.concatenate(chunks))
+    assert h.total == everything.size == int(h.counts.sum())
+    assert h.amax == pytest.approx(float(everything.max()))
+    assert h.width <= h.amax / 2048 * (1 + 1e-6)  # never coarser than 2048 bins over the range
+    for p in (90.0, 99.0, 99.99):
+        exact = float(np.percentile(everything, p))
+        assert abs(h.threshold("percentile", p) - exact) <= h.width + 1e-6
+    assert h.threshold("max") == h.amax
+
+
+def test_histogram_zeros_and_nonfinite() -> None:
+    h = AbsHistogram()
+    h.update(np.zeros(10, np.float32))  # before any non-zero: no bins yet
+    h.update(np.array([1.0, -2.0, np.nan, np.inf], np.float32))
+    assert h.total == 12 and h.nonfinite == 2 and h.amax == 2.0
+    assert h.counts is not None and h.counts[0] == 10
+    empty = AbsHistogram()
+    empty.update(np.zeros(4, np.float16))
+    assert empty.threshold() == 0.0
+
+
+def _ort_percentile(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
+                    tmp_path: Path, percentile: float) -> tuple[dict[str, float], dict[str, float]]:
+    """ORT's own PercentileCalibrater (symmetric, as quantize_static builds it) on the same batches."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    path = tmp_path / "ort_in.onnx"
+    onnx.save(model, str(path))
+    cal = create_calibrator(path, ["MatMul", "Gemm"], augmented_model_path=str(tmp_path / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.Percentile,
+                            extra_options={"percentile": percentile, "symmetric": True})
+    cal.collect_data(Reader())
+    ranges = cal.compute_data()
+    widths = {t: float(np.diff(cal.collector.histogram_dict[t][1][:2])[0]) for t in tensors}
+    return {t: float(ranges[t].range_value[1]) for t in tensors}, widths
+
+
+@pytest.mark.parametrize("percentile", [99.99, 99.9, 99.0])
+def test_percentile_matches_ort_within_one_bin(tmp_path: Path, percentile: float) -> None:
+    model = _mlp()
+    rng = np.random.default_rng(3)
+    # later batches are larger so the streaming histogram has to grow (and merge) on the way
+    batches = [{"x": (rng.standard_normal((16, 16)) * (1 + 0.5 * i)).astype(np.float32),
+                "ids": rng.integers(0, 5, (16, 4)).astype(np.int64)} for i in range(12)]
+    tensors = ["x", "r"]
+    ours = collect(Model(model), tensors, open_calibration(batches, model), "percentile", percentile)
+    theirs, ort_width = _ort_percentile(model, tensors, batches, tmp_path, percentile)
+    for t in tensors:
+        tol = max(ours.bin_width[t], ort_width[t])
+        assert abs(ours.amax[t] - theirs[t]) <= tol, (t, ours.amax[t], theirs[t], tol)
+    # and max is max
+    again = collect(Model(model), tensors, open_calibration(batches, model), "max")
+    assert again.amax["x"] == pytest.approx(max(float(np.abs(b["x"]).max()) for b in batches))
+
+
+def test_collect_memory_is_flat_in_the_number_of_batches() -> None:
+    model = Model(_mlp())
+    rng = np.random.default_rng(0)
+    batch = _samples(64)
+
+    def peak(n: int) -> int:
+        def gen() -> object:
+            for _ in range(n):  # fresh arrays each time, like a real reader
+                yield {"x": rng.standard_normal(batch["x"].shape).astype(np.float32), "ids": batch["ids"]}
+
+        tracemalloc.start()
+        try:
+            collect(model, ["x", "h", "r"], open_calibration(gen(), model.proto))
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(8), peak(96)
+    assert large <= small * 1.10 + 64 * 1024, (small, large)
+
+
+def test_collect_reports_bad_tensors_and_options() -> None:
+    model = Model(_mlp())
+    with pytest.raises(OnnxSparseError, match="'ids' is int64, not floating point"):
+        collect(model, ["ids"], open_calibration([_samples(2)], model.proto))
+    with pytest.raises(OnnxSparseError, match="unknown calibration method"):
+        collect(model, ["x"], open_calibration([_samples(2)], model.proto), method="entropy")
+    with pytest.raises(OnnxSparseError, match="percentile must be in"):
+        collect(model, ["x"], open_calibration([_samples(2)], model.proto), percentile=0)
