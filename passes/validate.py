@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.layers import Layer, find_layers
+from onnxsparse.layers import GemmShape, Layer, find_layers
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.render import human_count, table
-from onnxsparse.shapes import Shape, infer_shapes
+from onnxsparse.shapes import Shape, concrete, infer_shapes
 from onnxsparse.sparsity import StoredWeight, constants_by_name, count_violations, parse_pattern, stored_weight
 
 log = logging.getLogger("onnxsparse.passes.validate")
@@ -150,7 +150,7 @@ def _row(layer: Layer, n: int, m: int, shapes: dict[str, Shape], consts: dict[st
         "params": int(np.prod(src.shape, dtype=np.int64)) if src is not None else 0,
         "hints": [],
     }
-    gemm = layer.gemm_shape(shapes) if shapes else None
+    gemm = (layer.gemm_shape(shapes) or _activation_gemm(layer, shapes)) if shapes else None
     if gemm is not None:
         row["gemm"] = {"m": gemm.m, "n": gemm.n, "k": gemm.k, "groups": gemm.groups}
         row["flops"] = gemm.flops
@@ -170,6 +170,16 @@ def _row(layer: Layer, n: int, m: int, shapes: dict[str, Shape], consts: dict[st
     row["status"] = SPARSE if stats["violations"] == 0 else ELIGIBLE
     row["hints"] = _hints(layer, gemm.m if gemm else None)
     return row
+
+
+def _activation_gemm(layer: Layer, shapes: dict[str, Shape]) -> GemmShape | None:
+    """The GEMM of a MatMul of two activations (attention): no weight, but real FLOPs that stay dense."""
+    if layer.op_type != "MatMul" or layer.weight_shape is not None:
+        return None
+    a, b = concrete(shapes.get(layer.node.input[0])), concrete(shapes.get(layer.node.input[1]))
+    if not a or not b or len(b) < 2:
+        return None
+    return GemmShape(m=int(np.prod(a[:-1], dtype=np.int64)), n=b[-1], k=a[-1])
 
 
 def _stats(layer: Layer, n: int, m: int, consts: dict[str, Any], model: Model,
