@@ -1,0 +1,150 @@
+"""``onnxsparse build``: a TensorRT engine with sparse weights enabled, or the trtexec command that makes one.
+
+TensorRT is optional. Where its Python package cannot be imported the command prints the equivalent trtexec
+command (and, with ``--trtexec-script``, writes it as an executable bash script), then exits 1: no engine is
+built. Where it can, the engine is built through the Python API and the builder's "(Sparsity)" lines are
+reported: how many layers were eligible for sparse tactics and how many TensorRT chose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option
+from onnxsparse.engine import (
+    PRECISIONS,
+    BuildOptions,
+    BuildPlan,
+    BuildResult,
+    TensorRTMissing,
+    build_engine,
+    import_tensorrt,
+    make_plan,
+    parse_size,
+    render_steps,
+    resolve_profiles,
+    trt_major,
+    trtexec_script,
+    trtexec_steps,
+    two_four_layers,
+    write_script,
+)
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.model_io import Model, check_output_path, load_model, same_file
+from onnxsparse.render import human_bytes, write_json
+from onnxsparse.shapes import parse_shapes
+
+_SHAPES_HELP = "trtexec-style NAME:DxD,... for the optimization profile ({})."
+
+
+@click.command("build")
+@MODEL_ARG
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Engine file to write (atomically, only when the build succeeds).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
+              help="fp16; int8 (needs Q/DQ nodes: run the qdq pass first); best (fp16 + int8); fp32.")
+@shapes_option
+@click.option("--min-shapes", metavar="NAME:DxD,...", help=_SHAPES_HELP.format("smallest shapes"))
+@click.option("--opt-shapes", metavar="NAME:DxD,...", help=_SHAPES_HELP.format("shapes TensorRT tunes for"))
+@click.option("--max-shapes", metavar="NAME:DxD,...", help=_SHAPES_HELP.format("largest shapes"))
+@click.option("--workspace", metavar="SIZE", help="Workspace memory-pool limit, e.g. 4G, 512M (bare number: MiB).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing cache file: read if it exists, written back after the build.")
+@click.option("--trtexec-script", "script_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the equivalent trtexec build as an executable bash script.")
+@click.option("--trt-version", type=click.Choice(["auto", "10", "11"]), default="auto", show_default=True,
+              help="TensorRT major version the trtexec command targets (auto: the installed one, else 10).")
+@json_option
+def command(model: str, output: Path, precision: str, shapes: str | None, min_shapes: str | None,
+            opt_shapes: str | None, max_shapes: str | None, workspace: str | None, timing_cache: Path | None,
+            script_path: Path | None, trt_version: str, json_path: str | None) -> None:
+    """Build a TensorRT engine from MODEL with 2:4 sparse weights enabled.
+
+    \b
+    Examples:
+      onnxsparse build sparse.onnx -o model.engine
+      onnxsparse build sparse.onnx -o model.engine --min-shapes x:1x3x224x224 \\
+          --opt-shapes x:8x3x224x224 --max-shapes x:32x3x224x224 --workspace 4G
+      onnxsparse build sparse_int8.onnx -o model.engine --precision int8 --timing-cache trt.cache
+      onnxsparse build sparse.onnx -o model.engine --trt-version 11 --trtexec-script build.sh
+
+    TensorRT 10 builds with the FP16/INT8 builder flags. TensorRT 11 has no precision flags (networks are
+    strongly typed): fp16/best builds parse a float16 copy made by the to-fp16 pass, int8 builds parse the
+    Q/DQ model as it is. Without TensorRT this prints the trtexec equivalent and exits 1.
+    """
+    m = load_model(model)
+    model_path = Path(model).resolve()
+    engine_path = output.resolve()
+    if same_file(model_path, engine_path):
+        raise OnnxSparseError(f"output {output} is the input model; choose another path")
+    check_output_path(m, engine_path)
+    profiles = resolve_profiles(m.proto, parse_shapes(min_shapes), parse_shapes(opt_shapes), parse_shapes(max_shapes),
+                                parse_shapes(shapes))
+    options = BuildOptions(precision=precision, profiles=profiles,
+                           workspace=parse_size(workspace) if workspace else None,
+                           timing_cache=timing_cache.resolve() if timing_cache else None)
+    try:
+        trt = import_tensorrt()
+    except TensorRTMissing as missing:
+        major = 10 if trt_version == "auto" else int(trt_version)
+        plan = make_plan(m.proto, precision, major)
+        _without_tensorrt(model_path, engine_path, plan, options, script_path, json_path, m, str(missing))
+        raise TensorRTMissing(f"{missing}; no engine was built. Install TensorRT 10+ on a machine with an NVIDIA "
+                              "GPU, or run the trtexec command above there") from None
+    installed = trt_major(trt)
+    if trt_version != "auto" and int(trt_version) != installed:
+        raise OnnxSparseError(f"--trt-version {trt_version} but TensorRT {installed} is installed")
+    plan = make_plan(m.proto, precision, installed)
+    if script_path is not None:
+        write_script(script_path, trtexec_script(model_path, engine_path, plan, options))
+    result = build_engine(m, engine_path, options, trt)
+    _report(result, two_four_layers(m), json_path)
+
+
+def _without_tensorrt(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions,
+                      script: Path | None, json_path: str | None, m: Model, reason: str) -> None:
+    steps = trtexec_steps(model_path, engine_path, plan, options)
+    if script is not None:
+        write_script(script, trtexec_script(model_path, engine_path, plan, options))
+    data = {"built": False, "reason": reason, **plan.to_dict(), "commands": steps,
+            "trtexec_script": str(script) if script else None, "two_four_layers": len(two_four_layers(m))}
+    if json_path:
+        write_json(data, json_path)
+    if json_path == "-":
+        return
+    click.echo(f"# TensorRT is not available here; the equivalent build for TensorRT {plan.trt_major}:")
+    for note in plan.notes:
+        click.echo(f"# note: {note}")
+    click.echo(render_steps(steps))
+    if plan.trt_major == 10:
+        click.echo("# for TensorRT 11 (strongly typed, no precision flags): add --trt-version 11")
+    if script is not None:
+        click.echo(f"# written to {script} (executable)")
+
+
+def _report(result: BuildResult, expected: list[str], json_path: str | None) -> None:
+    data = {"built": True, **result.to_dict(), "two_four_layers": len(expected)}
+    if json_path:
+        write_json(data, json_path)
+    if json_path == "-":
+        return
+    plan = result.plan
+    click.echo(f"engine: {result.engine} ({human_bytes(result.engine_bytes)}), TensorRT {result.trt_version}, "
+               f"{plan.precision}, flags {'+'.join(plan.flags)}{', strongly typed' if plan.strongly_typed else ''}, "
+               f"{result.seconds:.1f}s")
+    for note in plan.notes:
+        click.echo(f"note: {note}")
+    s = result.sparsity
+    if not s.seen:
+        click.echo("sparsity: the builder logged no (Sparsity) lines")
+    else:
+        click.echo(f"sparsity: {len(expected)} layer(s) have 2:4 weights; TensorRT found {s.eligible} eligible "
+                   f"and chose sparse tactics for {s.chosen}")
+        if s.chosen_layers:
+            click.echo("  sparse: " + ", ".join(s.chosen_layers))
+        if s.dense_layers:
+            click.echo("  eligible but dense (a dense kernel was faster): " + ", ".join(s.dense_layers))
+    if result.warnings:
+        click.echo(f"{len(result.warnings)} builder warning(s); run with --verbose to see them")

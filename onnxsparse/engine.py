@@ -1,0 +1,572 @@
+"""TensorRT engine building for 2:4-sparse models, its trtexec equivalent, and the builder's sparsity log.
+
+TensorRT is imported lazily (``import_tensorrt``) so that everything else in onnxsparse works without it;
+where it is missing the ``build`` command prints the equivalent ``trtexec`` command instead. The API calls
+follow TensorRT's documented Python API:
+
+* TensorRT 10: ``create_network(0)`` (explicit batch is the only mode), ``BuilderFlag.SPARSE_WEIGHTS`` plus
+  ``FP16``/``INT8`` flags; INT8 comes from the model's own Q/DQ nodes (no calibrator).
+* TensorRT 11: every network is strongly typed and the precision flags are gone, so precision must be in
+  the ONNX file: fp16 (and best) builds parse a float16 copy made by the ``to-fp16`` pass, int8 builds parse
+  the Q/DQ model as it is. ``SPARSE_WEIGHTS`` remains.
+
+Both: optimization profile from trtexec-style min/opt/max shapes, ``set_memory_pool_limit(WORKSPACE)``,
+an optional timing cache, ``build_serialized_network``, and an ``ILogger`` subclass that keeps every message
+so the ``(Sparsity)`` lines can be reported. The engine file is written atomically.
+
+None of this has run against a real TensorRT: it cannot be installed on the machines this was written on.
+The API path is exercised against a mock ``tensorrt`` module in the tests, the log parser against log lines
+quoted in TensorRT's issue tracker, and the trtexec commands are checked flag by flag, not run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+from onnxsparse import __version__
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import iter_nodes
+from onnxsparse.model_io import Model
+
+log = logging.getLogger("onnxsparse.engine")
+
+PRECISIONS = ("fp16", "int8", "best", "fp32")
+TRT_VERSIONS = (10, 11)
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+class TensorRTMissing(OnnxSparseError):
+    """TensorRT's Python package cannot be imported here."""
+
+
+# ---------------------------------------------------------------------------------------------- importing
+
+
+def import_tensorrt() -> ModuleType:
+    """``import tensorrt``, or TensorRTMissing with the reason in one line."""
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TensorRTMissing(f"TensorRT's Python package cannot be imported ({reason})") from e
+    return tensorrt  # type: ignore[no-any-return]
+
+
+def trt_major(trt: ModuleType) -> int:
+    """Major version of an imported ``tensorrt`` (``__version__`` first, the API's shape as a fallback)."""
+    version = str(getattr(trt, "__version__", ""))
+    m = re.match(r"(\d+)\.", version)
+    if m:
+        return int(m.group(1))
+    return 10 if hasattr(trt.BuilderFlag, "FP16") else 11
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def parse_size(text: str) -> int:
+    """``4G``, ``512M``, ``1.5G``, ``65536K``, ``2048`` (MiB, as trtexec reads a bare number) → bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise OnnxSparseError(f"bad size '{text}': expected e.g. 4G, 512M or 2048 (MiB)")
+    unit = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    size = int(float(m.group(1)) * unit)
+    if size <= 0:
+        raise OnnxSparseError(f"size '{text}' must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One input's optimization-profile shapes."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+def _model_inputs(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Real graph inputs (not initializers) → dims, None where symbolic or unknown."""
+    inits = {t.name for t in proto.graph.initializer}
+    out: dict[str, list[int | None]] = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        dims: list[int | None] = []
+        for d in vi.type.tensor_type.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else None)
+        out[vi.name] = dims
+    return out
+
+
+def resolve_profiles(
+    proto: onnx.ModelProto,
+    min_shapes: dict[str, tuple[int, ...]] | None = None,
+    opt_shapes: dict[str, tuple[int, ...]] | None = None,
+    max_shapes: dict[str, tuple[int, ...]] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, Profile]:
+    """Check trtexec-style shapes against the model; one Profile per input that has dynamic dims.
+
+    ``shapes`` fixes min = opt = max. A missing opt takes max (else min); a missing min or max takes opt.
+    Every dynamic input needs shapes; static inputs may be given only with their own shape.
+    """
+    mins, opts, maxs, fixed = min_shapes or {}, opt_shapes or {}, max_shapes or {}, shapes or {}
+    inputs = _model_inputs(proto)
+    for kind, given in (("--min-shapes", mins), ("--opt-shapes", opts), ("--max-shapes", maxs), ("--shapes", fixed)):
+        for name in given:
+            if name not in inputs:
+                known = ", ".join(inputs) or "none"
+                raise OnnxSparseError(f"{kind} names '{name}', which is not a model input (inputs: {known})")
+    both = set(fixed) & (set(mins) | set(opts) | set(maxs))
+    if both:
+        raise OnnxSparseError(f"input '{sorted(both)[0]}' is given both --shapes and --min/--opt/--max-shapes")
+    profiles: dict[str, Profile] = {}
+    for name, dims in inputs.items():
+        if name in fixed:
+            lo = mid = hi = fixed[name]
+        else:
+            mid_o = opts.get(name) or maxs.get(name) or mins.get(name)
+            if mid_o is None:
+                if any(d is None for d in dims):
+                    shown = "x".join("?" if d is None else str(d) for d in dims)
+                    raise OnnxSparseError(
+                        f"input '{name}' has dynamic dims ({shown}): give --shapes or --min/--opt/--max-shapes for it"
+                    )
+                continue
+            mid = mid_o
+            lo, hi = mins.get(name, mid), maxs.get(name, mid)
+        for label, shape in (("min", lo), ("opt", mid), ("max", hi)):
+            if len(shape) != len(dims):
+                raise OnnxSparseError(
+                    f"{label} shape of '{name}' has rank {len(shape)}, the model input has rank {len(dims)}"
+                )
+            for i, (want, got) in enumerate(zip(dims, shape, strict=True)):
+                if want is not None and want != got:
+                    raise OnnxSparseError(
+                        f"{label} shape of '{name}': dim {i} is fixed to {want} in the model, got {got}"
+                    )
+        if not all(a <= b <= c for a, b, c in zip(lo, mid, hi, strict=True)):
+            raise OnnxSparseError(f"shapes of '{name}' must satisfy min <= opt <= max in every dim: "
+                                  f"{_dims(lo)}, {_dims(mid)}, {_dims(hi)}")
+        if any(d is None for d in dims):
+            profiles[name] = Profile(tuple(lo), tuple(mid), tuple(hi))
+    return profiles
+
+
+def _dims(shape: Iterable[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+@dataclass
+class BuildOptions:
+    """What to build: precision, profile shapes, workspace limit (bytes), timing cache file."""
+
+    precision: str = "fp16"
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    workspace: int | None = None
+    timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise OnnxSparseError(f"precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+
+
+def has_qdq(proto: onnx.ModelProto) -> bool:
+    """Whether any graph holds QuantizeLinear/DequantizeLinear (explicit quantization)."""
+    return any(n.op_type in _QDQ for _, n in iter_nodes(proto.graph))
+
+
+@dataclass
+class BuildPlan:
+    """How one precision maps onto one TensorRT major version."""
+
+    trt_major: int
+    precision: str
+    flags: list[str]  # BuilderFlag member names
+    strongly_typed: bool
+    to_fp16: bool  # parse a float16 copy made by the to-fp16 pass
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trt_major": self.trt_major,
+            "precision": self.precision,
+            "builder_flags": self.flags,
+            "strongly_typed": self.strongly_typed,
+            "to_fp16": self.to_fp16,
+            "notes": self.notes,
+        }
+
+
+def make_plan(proto: onnx.ModelProto, precision: str, major: int) -> BuildPlan:
+    """Builder flags and model preparation for ``precision`` on TensorRT ``major``."""
+    if major < 10:
+        raise OnnxSparseError(f"TensorRT {major}.x is not supported by build (needs 10 or 11); use trtexec")
+    qdq = has_qdq(proto)
+    if precision == "int8" and not qdq:
+        raise OnnxSparseError(
+            "int8 needs a model with Q/DQ nodes (run the qdq pass first); onnxsparse uses no int8 calibrator"
+        )
+    notes: list[str] = []
+    if major == 10:
+        flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8"], "best": ["FP16", "INT8"]}[precision]
+        if precision == "best" and not qdq:
+            notes.append("best without Q/DQ nodes: INT8 is on but no layer has int8 scales, so this builds as fp16")
+        plan = BuildPlan(major, precision, [*flags, "SPARSE_WEIGHTS"], strongly_typed=False, to_fp16=False, notes=notes)
+        return plan
+    # TensorRT 11: strongly typed; precision lives in the model
+    to_fp16 = precision in ("fp16", "best")
+    if to_fp16:
+        notes.append("TensorRT 11 is strongly typed: the builder parses a float16 copy made by the to-fp16 pass")
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if qdq and opset < 19:
+            notes.append(f"Q/DQ at opset {opset} stays float32 around each quantized layer (float16 scales need 19)")
+    elif precision == "int8":
+        notes.append("TensorRT 11: the Q/DQ model is parsed as it is; layers without Q/DQ run in float32")
+    return BuildPlan(major, precision, ["SPARSE_WEIGHTS"], strongly_typed=True, to_fp16=to_fp16, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------- trtexec
+
+
+def fp16_model_path(engine_path: Path) -> Path:
+    """Where the trtexec script for TensorRT 11 writes the float16 model: beside the engine."""
+    return engine_path.with_name(engine_path.stem + ".fp16.onnx")
+
+
+def trtexec_command(
+    onnx_path: Path | str, engine_path: Path | str, plan: BuildPlan, options: BuildOptions
+) -> list[str]:
+    """The trtexec argument list equivalent to a build with ``plan`` and ``options``."""
+    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--sparsity=enable"]
+    if plan.trt_major == 10:
+        cmd += {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"], "best": ["--best"]}[plan.precision]
+    else:
+        cmd.append("--stronglyTyped")  # always on in 11 (a no-op there); says how the file is read
+    if options.profiles:
+        for flag, attr in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
+            value = ",".join(f"{name}:{_dims(getattr(p, attr))}" for name, p in options.profiles.items())
+            cmd.append(f"{flag}={value}")
+    if options.workspace:
+        mib = -(-options.workspace // 2**20)  # round up to whole MiB
+        cmd.append(f"--memPoolSize=workspace:{mib}M")
+    if options.timing_cache is not None:
+        cmd.append(f"--timingCacheFile={options.timing_cache}")
+    return cmd
+
+
+def trtexec_steps(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions) -> list[list[str]]:
+    """Commands to run in order: for TensorRT 11 fp16/best, first make the float16 model with onnxsparse."""
+    steps: list[list[str]] = []
+    onnx_path = model_path
+    if plan.to_fp16:
+        onnx_path = fp16_model_path(engine_path)
+        steps.append(["onnxsparse", "run", str(model_path), "-p", "to-fp16", "-o", str(onnx_path)])
+    steps.append(trtexec_command(onnx_path, engine_path, plan, options))
+    return steps
+
+
+def render_steps(steps: list[list[str]]) -> str:
+    """Shell text for the steps, one command per line (long trtexec lines folded with backslashes)."""
+    lines = []
+    for step in steps:
+        quoted = [shlex.quote(a) for a in step]
+        if step[0] == "trtexec" and len(quoted) > 3:
+            lines.append(" \\\n    ".join(quoted))
+        else:
+            lines.append(" ".join(quoted))
+    return "\n".join(lines)
+
+
+def trtexec_script(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions) -> str:
+    """An executable bash script with the trtexec build; its log is kept beside the engine."""
+    log_path = engine_path.with_name(engine_path.name + ".build.log")
+    steps = trtexec_steps(model_path, engine_path, plan, options)
+    body = render_steps(steps[:-1])
+    trtexec = render_steps(steps[-1:])
+    notes = "".join(f"# note: {n}\n" for n in plan.notes)
+    return (
+        "#!/usr/bin/env bash\n"
+        f"# Written by onnxsparse {__version__} `build`: the trtexec equivalent for TensorRT {plan.trt_major}.\n"
+        "# onnxsparse did not run it. The (Sparsity) lines of the log say which layers TensorRT found eligible\n"
+        "# for sparse tactics and which it chose (add --verbose if your TensorRT logs them only there).\n"
+        f"{notes}"
+        "set -euo pipefail\n"
+        + (body + "\n" if body else "")
+        + f"{trtexec} \\\n    2>&1 | tee {shlex.quote(str(log_path))}\n"
+        + f"grep -F '(Sparsity)' {shlex.quote(str(log_path))} || echo 'no (Sparsity) lines in the log'\n"
+    )
+
+
+def write_script(path: Path, text: str) -> None:
+    """Write ``text`` atomically and make it executable."""
+    _atomic_write(path, text.encode(), mode=0o755)
+
+
+# ---------------------------------------------------------------------------------------------- builder log
+
+_FOUND = re.compile(r"\(Sparsity\) Found (\d+) layer\(s\) eligible to use sparse tactics:?\s*(.*)$")
+_CHOSE = re.compile(r"\(Sparsity\) Chose (\d+) layer\(s\) using sparse tactics:?\s*(.*)$")
+# TensorRT 8.x wording
+_ELIGIBLE_OLD = re.compile(r"\(Sparsity\) Layers eligible for sparse math:\s*(.*)$")
+_PICKED_OLD = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:\s*(.*)$")
+
+
+@dataclass
+class SparsityReport:
+    """What the builder's log says about sparse tactics (None: the log had no such line)."""
+
+    eligible: int | None = None
+    chosen: int | None = None
+    eligible_layers: list[str] = field(default_factory=list)
+    chosen_layers: list[str] = field(default_factory=list)
+
+    @property
+    def seen(self) -> bool:
+        return self.eligible is not None or self.chosen is not None
+
+    @property
+    def dense_layers(self) -> list[str]:
+        """Eligible layers TensorRT left dense (a dense kernel was faster)."""
+        chosen = set(self.chosen_layers)
+        return [n for n in self.eligible_layers if n not in chosen]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "eligible": self.eligible,
+            "chosen": self.chosen,
+            "eligible_layers": self.eligible_layers,
+            "chosen_layers": self.chosen_layers,
+            "eligible_left_dense": self.dense_layers,
+        }
+
+
+def _names(text: str) -> list[str]:
+    """Layer names from ``a, b + c, d`` (fused layers keep their ``+``)."""
+    return [n.strip() for n in text.strip().rstrip(".").split(", ") if n.strip()]
+
+
+def parse_sparsity_log(lines: Iterable[str]) -> SparsityReport:
+    """Read the ``(Sparsity)`` lines of a TensorRT builder log (Python logger messages or trtexec output).
+
+    Counts from "Found N layer(s)"/"Chose M layer(s)" are kept as written; where a log repeats them (one
+    per optimization pass) the last one wins, like the engine that comes out of the build.
+    """
+    report = SparsityReport()
+    for raw in lines:
+        for line in str(raw).splitlines():
+            if "(Sparsity)" not in line:
+                continue
+            if m := _FOUND.search(line):
+                report.eligible, report.eligible_layers = int(m.group(1)), _names(m.group(2))
+            elif m := _CHOSE.search(line):
+                report.chosen, report.chosen_layers = int(m.group(1)), _names(m.group(2))
+            elif m := _ELIGIBLE_OLD.search(line):
+                report.eligible_layers = _names(m.group(1))
+                report.eligible = len(report.eligible_layers)
+            elif m := _PICKED_OLD.search(line):
+                report.chosen_layers = _names(m.group(1))
+                report.chosen = len(report.chosen_layers)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class BuildResult:
+    """A finished build: where the engine went and what the builder said."""
+
+    engine: Path
+    engine_bytes: int
+    trt_version: str
+    plan: BuildPlan
+    options: BuildOptions
+    sparsity: SparsityReport
+    seconds: float
+    onnx_parsed: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": str(self.engine),
+            "engine_bytes": self.engine_bytes,
+            "tensorrt": self.trt_version,
+            **self.plan.to_dict(),
+            "profiles": {k: {"min": v.min, "opt": v.opt, "max": v.max} for k, v in self.options.profiles.items()},
+            "workspace_bytes": self.options.workspace,
+            "timing_cache": str(self.options.timing_cache) if self.options.timing_cache else None,
+            "onnx_parsed": self.onnx_parsed,
+            "seconds": round(self.seconds, 3),
+            "sparsity": self.sparsity.to_dict(),
+            "warnings": self.warnings,
+        }
+
+
+def _capture_logger(trt: ModuleType, records: list[tuple[Any, str]]) -> Any:
+    """An ``ILogger`` that keeps every message (the sparsity lines come at info level) and forwards it."""
+    severity = trt.ILogger.Severity
+    levels = {
+        severity.INTERNAL_ERROR: logging.ERROR,
+        severity.ERROR: logging.ERROR,
+        severity.WARNING: logging.WARNING,
+        severity.INFO: logging.INFO,
+        severity.VERBOSE: logging.DEBUG,
+    }
+
+    class _Capture(trt.ILogger):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, sev: Any, msg: str) -> None:
+            records.append((sev, msg))
+            log.log(levels.get(sev, logging.INFO), "TensorRT: %s", msg)
+
+    return _Capture()
+
+
+def _atomic_write(path: Path, data: bytes | memoryview, mode: int | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _onnx_for_builder(model: Model, plan: BuildPlan, workdir: Path) -> Iterator[Path]:
+    """The ONNX file TensorRT parses: the model's own file, or a float16 copy for TensorRT 11."""
+    if not plan.to_fp16:
+        if model.source is None:
+            raise OnnxSparseError("the model has no file to hand to TensorRT's parser")
+        yield model.source
+        return
+    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.passes.to_fp16 import ToFp16
+    from onnxsparse.pipeline import Pipeline
+
+    copy = load_model(model.source) if model.source is not None else Model(proto=_copy_proto(model.proto))
+    Pipeline([ToFp16()]).run(copy)
+    with tempfile.TemporaryDirectory(prefix="onnxsparse-fp16-", dir=workdir) as tmp:
+        yield save_model(copy, Path(tmp) / "model.fp16.onnx")
+
+
+def _copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def build_engine(model: Model, engine_path: Path, options: BuildOptions, trt: ModuleType | None = None) -> BuildResult:
+    """Build a serialized engine from ``model`` (loaded from a file) with sparse weights enabled.
+
+    ``trt`` is the imported ``tensorrt`` module (imported here when None). Raises OnnxSparseError when
+    the parser rejects the model or the build fails; nothing is written then.
+    """
+    trt = trt if trt is not None else import_tensorrt()
+    major = trt_major(trt)
+    plan = make_plan(model.proto, options.precision, major)
+    start = time.perf_counter()
+    records: list[tuple[Any, str]] = []
+    logger = _capture_logger(trt, records)
+    with _onnx_for_builder(model, plan, engine_path.parent) as onnx_path:
+        builder = trt.Builder(logger)
+        flags = 0  # explicit batch is the only mode since 10; strongly typed is always on in 11
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            first = errors[0].splitlines()[0] if errors else "no error message"
+            raise OnnxSparseError(f"TensorRT's ONNX parser rejected the model ({len(errors)} error(s)): {first}")
+        config = builder.create_builder_config()
+        for name in plan.flags:
+            config.set_flag(getattr(trt.BuilderFlag, name))
+        if options.workspace:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace)
+        _add_profile(trt, builder, network, config, options.profiles)
+        cache = None
+        if options.timing_cache is not None:
+            data = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
+            cache = config.create_timing_cache(data)
+            config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is refused
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            errors = [m for s, m in records if s in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)]
+            last = errors[-1].splitlines()[0] if errors else "see the log with --verbose"
+            raise OnnxSparseError(f"TensorRT did not build an engine: {last}")
+        data_out = memoryview(serialized)
+        _atomic_write(engine_path, data_out)
+        if options.timing_cache is not None:
+            _atomic_write(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
+        parsed = "float16 copy made by to-fp16" if plan.to_fp16 else str(onnx_path)
+    warnings = [m for s, m in records if s == trt.ILogger.Severity.WARNING]
+    return BuildResult(
+        engine=engine_path,
+        engine_bytes=data_out.nbytes,
+        trt_version=str(getattr(trt, "__version__", major)),
+        plan=plan,
+        options=options,
+        sparsity=parse_sparsity_log(m for _, m in records),
+        seconds=time.perf_counter() - start,
+        onnx_parsed=parsed,
+        warnings=warnings,
+    )
+
+
+def _add_profile(trt: ModuleType, builder: Any, network: Any, config: Any, profiles: dict[str, Profile]) -> None:
+    """One optimization profile covering every network input with dynamic dims."""
+    dynamic = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if any(int(d) < 0 for d in tensor.shape):
+            dynamic.append(tensor.name)
+    if not dynamic:
+        return
+    missing = [name for name in dynamic if name not in profiles]
+    if missing:
+        raise OnnxSparseError(f"input '{missing[0]}' has dynamic dims in TensorRT's network: give its shapes")
+    profile = builder.create_optimization_profile()
+    for name in dynamic:
+        p = profiles[name]
+        profile.set_shape(name, p.min, p.opt, p.max)
+    config.add_optimization_profile(profile)
+
+
+def two_four_layers(model: Model) -> list[str]:
+    """Names of weighted layers whose stored weight is already 2:4 along its reduction axis.
+
+    What TensorRT can at best call eligible; the build report sets its "Found N" against this.
+    """
+    from onnxsparse.layers import find_layers
+    from onnxsparse.sparsity import is_nm
+    from onnxsparse.tensors import to_array
+
+    names = []
+    for layer in find_layers(model.proto):
+        if layer.reason or layer.source is None or layer.source_reduction_axis is None:
+            continue
+        if layer.check_pattern(4) is not None:
+            continue
+        if is_nm(to_array(layer.source.tensor, model.base_dir), layer.source_reduction_axis, 2, 4):
+            names.append(layer.name)
+    return names
