@@ -14,7 +14,7 @@ from conftest import fixture_path
 from onnxsparse.cli import main
 
 
-def _invoke(*args: str):
+def _invoke(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

@@ -77,15 +77,14 @@ def _model(nodes, inputs, outputs, inits, opset: int = 17, ir: int = 8) -> onnx.
     return model
 
 
-def _mlp(w: np.ndarray, op: str = "MatMul", **attrs: object) -> onnx.ModelProto:
-    """x[b,K] @ W → y, one layer, weight W of any dtype cast to fp32 when needed."""
-    k = w.shape[1] if attrs.get("transB") else w.shape[0]
-    n = w.shape[0] if attrs.get("transB") else w.shape[1]
+def _mlp(w: np.ndarray) -> onnx.ModelProto:
+    """x[b,K] @ W[K,N] → y, one MatMul; a weight that is not fp32 reaches it through a Cast."""
+    k, n = w.shape
     nodes, wname = [], "W"
     if w.dtype != np.float32:
         nodes.append(helper.make_node("Cast", ["W"], ["W_f"], to=F))
         wname = "W_f"
-    nodes.append(helper.make_node(op, ["x", wname], ["y"], name="layer", **attrs))
+    nodes.append(helper.make_node("MatMul", ["x", wname], ["y"], name="layer"))
     return _model(nodes, [helper.make_tensor_value_info("x", F, ["b", k])],
                   [helper.make_tensor_value_info("y", F, ["b", n])], [nh.from_array(w, "W")])
 
