@@ -292,6 +292,42 @@ def test_dq_nonzero_zero_point_uint8():
     np.testing.assert_allclose(seen, expected)
 
 
+def test_dq_blocked_scale_and_per_axis_after_transpose():
+    """opset 21 blocked DequantizeLinear (block_size along K): scales broadcast per block. A per-axis DQ that
+    follows a Transpose of the stored integers is skipped with a reason (its axis is not the stored one)."""
+    rng = np.random.default_rng(4)
+    q = rng.integers(-127, 128, (8, 4)).astype(np.int8)
+    scale = rng.uniform(0.01, 1.0, (2, 4)).astype(np.float32)  # blocks of 4 along K (axis 0)
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], axis=0, block_size=4),
+             helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
+             helper.make_node("Transpose", ["Vq"], ["Vt"], perm=[1, 0]),
+             helper.make_node("DequantizeLinear", ["Vt", "vs"], ["V"], axis=1),
+             helper.make_node("MatMul", ["y", "V"], ["z"], name="after_transpose")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", 8])],
+                   [helper.make_tensor_value_info("z", F, ["b", 8])],
+                   [nh.from_array(q, "Wq"), nh.from_array(scale, "s"),
+                    nh.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "Vq"),
+                    nh.from_array(np.full(8, 0.1, np.float32), "vs")], opset=21, ir=10)
+    pruned, result = _prune(model)
+    deq = q.astype(np.float32) * np.repeat(scale, 4, axis=0)
+    seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
+    np.testing.assert_array_equal(seen, np.where(nm_keep(np.abs(deq), 0, 2, 4), deq, 0))
+    reasons = {s["name"]: s["reason"] for s in result.report.skipped}
+    assert set(reasons) == {"after_transpose"} and "per-axis DequantizeLinear follows a Transpose" in reasons[
+        "after_transpose"]
+
+
+def test_skip_weight_that_is_a_graph_output():
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("Identity", ["W"], ["W_out"]), helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    vi = [helper.make_tensor_value_info(name, F, [8, 8]) for name in ("x", "y", "W_out")]
+    _, result = _prune(_model(nodes, vi[:1], vi[1:], [nh.from_array(w, "W")]))
+    assert not result.modified and "also feeds Identity" in result.report.skipped[0]["reason"]
+    vi = [helper.make_tensor_value_info(name, F, [8, 8]) for name in ("x", "y", "W")]
+    _, result = _prune(_model(nodes[1:], vi[:1], vi[1:], [nh.from_array(w, "W")]))
+    assert not result.modified and "also feeds graph output W" in result.report.skipped[0]["reason"]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, "bfloat16"])
 def test_dtypes_kept(dtype):
     import ml_dtypes
