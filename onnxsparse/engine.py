@@ -314,7 +314,7 @@ def trtexec_script(model_path: Path, engine_path: Path, plan: BuildPlan, options
 
 def write_script(path: Path, text: str) -> None:
     """Write ``text`` atomically and make it executable."""
-    _atomic_write(path, text.encode(), mode=0o755)
+    _atomic_write(path, text.encode(), mode=0o777)
 
 
 # ---------------------------------------------------------------------------------------------- builder log
@@ -439,13 +439,15 @@ def _capture_logger(trt: ModuleType, records: list[tuple[Any, str]]) -> Any:
     return _Capture()
 
 
-def _atomic_write(path: Path, data: bytes | memoryview, mode: int | None = None) -> None:
+def _atomic_write(path: Path, data: bytes | memoryview, mode: int = 0o666) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path`` (permissions as by umask)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, mode & ~umask)  # mkstemp makes 0600 files; an engine is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

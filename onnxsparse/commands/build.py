@@ -147,4 +147,4 @@ def _report(result: BuildResult, expected: list[str], json_path: str | None) -> 
         if s.dense_layers:
             click.echo("  eligible but dense (a dense kernel was faster): " + ", ".join(s.dense_layers))
     if result.warnings:
-        click.echo(f"{len(result.warnings)} builder warning(s); run with --verbose to see them")
+        click.echo(f"{len(result.warnings)} builder warning(s), logged on stderr")

@@ -1,0 +1,184 @@
+"""Large-model paths: edited external tensors spill to scratch files, checker/ORT/save work with them, and the
+load → prune → validate → save run keeps memory bounded by the largest tensor (``tools/bench_scale.py``).
+
+The full ≥ 2.2 GB run is ``@pytest.mark.slow``; a 96 MB version of the same measurement always runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.model_io import Model, load_model, ort_session, save_model
+from onnxsparse.pipeline import PassContext, Pipeline, check_model
+from onnxsparse.tensors import external_path, is_spilled, set_array, spill_writer, to_array
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_scale  # noqa: E402
+
+
+def _mlp(tmp_path: Path, k: int = 64, layers: int = 3, seed: int = 0) -> Path:
+    """A MatMul chain saved with external data (every weight ≥ 1 KB goes to the data file)."""
+    rng = np.random.default_rng(seed)
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}")
+             for i in range(layers)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
+                              ["y" if i == layers - 1 else f"h{i}"]) for i in range(layers)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])], inits)
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    path = tmp_path / "in" / "mlp.onnx"
+    path.parent.mkdir()
+    save_model(model, path, external_data=True)
+    return path
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"x": x})[0])
+
+
+def test_edited_external_tensor_spills_and_round_trips(tmp_path: Path) -> None:
+    path = _mlp(tmp_path)
+    before = path.read_bytes(), (path.parent / "mlp.onnx.data").read_bytes()
+    model = load_model(path)
+    t = model.proto.graph.initializer[1]
+    new = np.asarray(to_array(t, model.base_dir)) * 3
+    set_array(t, new)
+    assert is_spilled(t)
+    assert not t.raw_data and model.proto.ByteSize() < 2048  # the proto did not grow by the tensor
+    assert external_path(t, None).parent != path.parent  # scratch lives outside the input folder
+    np.testing.assert_array_equal(to_array(t, model.base_dir), new)
+    check_model(model)  # the checker accepts a model whose edited tensors sit in scratch files
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    expect = _run(path, x) * 3
+    np.testing.assert_allclose(ort_session(model).run(None, {"x": x})[0], expect, rtol=1e-5, atol=1e-5)
+    scratch = external_path(t, None)
+    out = tmp_path / "out.onnx"
+    save_model(model, out)
+    assert not scratch.exists()  # released once the edit lives in the written model
+    onnx.checker.check_model(str(out), full_check=True)
+    np.testing.assert_allclose(_run(out, x), expect, rtol=1e-5, atol=1e-5)
+    assert (path.read_bytes(), (path.parent / "mlp.onnx.data").read_bytes()) == before
+
+
+def test_inline_tensor_stays_inline(tmp_path: Path) -> None:
+    w = np.ones((64, 64), np.float32)
+    t = onnx.numpy_helper.from_array(w, "w")
+    set_array(t, w * 2)
+    assert t.data_location != TensorProto.EXTERNAL and not is_spilled(t)
+    set_array(t, w * 3, spill=True)  # forced
+    assert is_spilled(t)
+    np.testing.assert_array_equal(to_array(t), w * 3)
+    set_array(t, w * 4, spill=False)
+    assert not is_spilled(t) and t.raw_data
+    np.testing.assert_array_equal(to_array(t), w * 4)
+
+
+def test_spill_writer_streams_chunks_and_is_all_or_nothing() -> None:
+    t = onnx.numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
+    with spill_writer(t, (8, 4), np.dtype(np.float16)) as write:
+        write(np.arange(16).reshape(4, 4))
+        write(np.arange(16, 32).reshape(4, 4))
+    assert t.data_type == TensorProto.FLOAT16 and list(t.dims) == [8, 4]
+    np.testing.assert_array_equal(to_array(t), np.arange(32, dtype=np.float16).reshape(8, 4))
+    kept = onnx.TensorProto()
+    kept.CopyFrom(t)
+    with pytest.raises(ValueError, match="of 32 elements"), spill_writer(t, (8, 4), np.dtype(np.float32)) as write:
+        write(np.zeros(5))
+    assert t == kept  # a failed write leaves the tensor as it was
+    with pytest.raises(ValueError, match="more than"), spill_writer(t, (2,), np.dtype(np.float32)) as write:
+        write(np.zeros(3))
+    assert t == kept
+
+
+def test_absolute_location_outside_scratch_is_refused(tmp_path: Path) -> None:
+    path = _mlp(tmp_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    for e in proto.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = str(path.parent / "mlp.onnx.data")  # absolute, though it exists
+    bad = tmp_path / "in" / "abs.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(OnnxSparseError, match=r"outside the model folder|fails the ONNX checker"):
+        load_model(bad)
+    with pytest.raises(OnnxSparseError, match=r"outside the model folder"):
+        to_array(proto.graph.initializer[0], bad.parent)
+
+
+def test_ort_session_handles_subgraph_external_initializers(tmp_path: Path) -> None:
+    """Initializers inside an If branch, stored externally, reach ORT inlined (main-graph ones as OrtValues)."""
+    rng = np.random.default_rng(0)
+    w_then = rng.standard_normal((32, 16)).astype(np.float32)
+    w_main = rng.standard_normal((32, 32)).astype(np.float32)
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o1"])], "then", [],
+                             [helper.make_tensor_value_info("o1", TensorProto.FLOAT, [2, 16])],
+                             [onnx.numpy_helper.from_array(w_then, "wt")])
+    other = helper.make_graph([helper.make_node("Slice", ["h", "s0", "s1", "s2"], ["o2"])], "else", [],
+                              [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [2, 16])],
+                              [onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+                               for n, v in (("s0", [0]), ("s1", [16]), ("s2", [1]))])
+    nodes = [helper.make_node("MatMul", ["x", "wm"], ["h"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+                              [onnx.numpy_helper.from_array(w_main, "wm")])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    (tmp_path / "m").mkdir()
+    save_model(model, tmp_path / "m" / "if.onnx", external_data=True)
+    loaded = load_model(tmp_path / "m" / "if.onnx")
+    inner = next(a.g for a in loaded.proto.graph.node[1].attribute if a.name == "then_branch").initializer[0]
+    assert inner.data_location == TensorProto.EXTERNAL
+    snapshot = loaded.proto.SerializeToString()
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    y = ort_session(loaded).run(None, {"x": x, "c": np.array(True)})[0]
+    np.testing.assert_allclose(y, x @ w_main @ w_then, rtol=1e-4, atol=1e-4)
+    assert loaded.proto.SerializeToString() == snapshot  # inlining was temporary
+
+
+def test_pipeline_on_external_model_matches_in_memory_result(tmp_path: Path) -> None:
+    """prune on an external-data model (spilled edits) gives the same weights as on the inline model."""
+    path = _mlp(tmp_path, k=128, layers=4)
+    ext = load_model(path)
+    inline = load_model(path)
+    for t in inline.proto.graph.initializer:
+        set_array(t, np.array(to_array(t, inline.base_dir)), spill=False)
+    r_ext = Pipeline("prune,validate").run(ext, PassContext())
+    r_inl = Pipeline("prune,validate").run(inline, PassContext())
+    assert all(is_spilled(t) for t in ext.proto.graph.initializer)
+    for a, b in zip(ext.proto.graph.initializer, inline.proto.graph.initializer, strict=True):
+        np.testing.assert_array_equal(to_array(a, ext.base_dir), to_array(b))
+    assert r_ext.results[1].report.details["summary"]["coverage"] == 1.0
+    assert r_inl.results[1].report.details["summary"]["coverage"] == 1.0
+
+
+def test_scale_bench_small_is_memory_bounded(tmp_path: Path) -> None:
+    """The bench's own measurement at 96 MB (4 × 24 MiB): output verified 2:4, memory bounded by the largest
+    tensor rather than the model. The floor (interpreter + numpy + onnx + onnxruntime imports) is subtracted:
+    at this size it is larger than the tensor itself; the ≥ 2.2 GB run checks the absolute ratio."""
+    info = bench_scale.run(total_gb=0.096, tensor_mb=24, folder=tmp_path)
+    assert info["verified_tensors"] == info["tensors"] == 4
+    assert info["pruned"] == 4 and info["coverage"] == 1.0
+    working = info["peak_rss_mb"] - info["baseline_rss_mb"]
+    model_mb = info["weights_gb"] * 1e9 / 2**20
+    assert working < 1.3 * (info["largest_tensor_mb"] + info["proto_mb"]), info
+    assert working < 0.5 * model_mb, info
+
+
+@pytest.mark.slow
+def test_scale_bench_over_2gb(tmp_path: Path) -> None:
+    """The issue's goal: a ≥ 2.2 GB model through load → prune → validate → save with peak RSS ≤ 1.3 ×
+    (largest tensor + proto). Throughput is reported (bench_scale prints it), not asserted: CI machines vary."""
+    info = bench_scale.run(total_gb=2.2, tensor_mb=256, folder=tmp_path)
+    assert info["weights_gb"] >= 2.2
+    assert info["verified_tensors"] == info["tensors"]
+    assert info["rss_ratio"] <= 1.3, info
