@@ -72,3 +72,18 @@ def test_calibrate_needs_calib_and_refuses_the_input_as_output(calib_npz: Path) 
     src = fixture_path("cnn")
     res = CliRunner().invoke(main, ["calibrate", str(src), "--calib", str(calib_npz), "-o", str(src)])
     assert res.exit_code == 1 and "is the input model" in res.output
+
+
+def test_run_command_feeds_calib_to_the_qdq_pass(calib_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sparse_int8.onnx"
+    res = CliRunner().invoke(main, ["run", str(fixture_path("cnn")), "-p", "prune,qdq{percentile=99.9},validate",
+                                    "--calib", str(calib_npz), "--calib-samples", "16", "-o", str(out),
+                                    "--json", "-"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    qdq = next(p for p in data["passes"] if p["pass"] == "qdq")
+    assert qdq["details"]["calibration"]["samples"] == 16 and qdq["details"]["calibration"]["percentile"] == 99.9
+    validate = next(p for p in data["passes"] if p["pass"] == "validate")
+    assert any(row["status"] == "sparse" for row in validate["details"]["layers"])
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") == 9

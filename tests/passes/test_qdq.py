@@ -390,3 +390,18 @@ def test_shared_weight_on_different_axes_falls_back_to_one_scale() -> None:
     changed = {c["name"]: c for c in result.results[0].report.changed}
     assert changed["fc3"]["weight_axis"] is None and "different channel axes" in changed["fc3"]["weight_note"]
     assert changed["fc0"]["weight_axis"] == 0 and changed["fc2"]["weight_axis"] == 1
+
+
+def test_model_with_external_data_is_calibrated_and_quantized(tmp_path: Path) -> None:
+    from onnxsparse.model_io import save_model
+
+    src = Model(proto=op_zoo())
+    save_model(src, tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").exists()
+    model = load_model(tmp_path / "ext.onnx")
+    assert model.has_external_data()
+    result = Pipeline([QdqPass()]).run(model, PassContext(calibration=_calib(model)))
+    assert not list(tmp_path.glob(".calib.*"))  # the temporary model ORT read next to the data is gone
+    out = save_model(result.model, tmp_path / "q.onnx")
+    feeds = make_feeds(model, dims={"N": 3}, seed=5)
+    assert _cosine(run_ort(tmp_path / "ext.onnx", feeds)[0], run_ort(out, feeds)[0]) > 0.99
