@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ from onnx import TensorProto
 from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs
-from onnxsparse.tensors import external_info, external_path, nbytes, to_array
+from onnxsparse.tensors import external_info, external_path, is_spilled, nbytes, to_array
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -142,6 +143,7 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
         external_data = model.has_external_data() or inline_bytes + 64 * 2**20 > PROTO_LIMIT
     if not external_data and inline_bytes + 64 * 2**20 > PROTO_LIMIT:
         raise OnnxSparseError("model weights exceed protobuf's 2 GB limit; save with external data")
+    scratch = [external_path(t, None) for g in iter_graphs(model.proto.graph) for t in g.initializer if is_spilled(t)]
     with _atomic_dir_writes(out) as tmp:
         if external_data:
             data_name = out.name + ".data"
@@ -150,6 +152,8 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
             _inline_external(model)
         with open(tmp / out.name, "wb") as f:
             f.write(model.proto.SerializeToString())
+    for spilled in scratch:  # edited tensors now live in the written model: drop their scratch copies
+        spilled.unlink(missing_ok=True)
     model.base_dir = out.resolve().parent
     model.source = out.resolve()
     return out
@@ -226,6 +230,50 @@ def _inline_external(model: Model) -> None:
                 arr = np.array(to_array(t, model.base_dir))
                 name = t.name
                 t.CopyFrom(onnx.numpy_helper.from_array(arr, name))
+
+
+def ort_session(model: Model, options: Any = None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An onnxruntime ``InferenceSession`` for the in-memory model, external data included, writing no file.
+
+    ORT resolves external data relative to a model *path*, and refuses absolute locations (the scratch files
+    of edited tensors, ``tensors.spill_writer``). So every external main-graph initializer is handed to ORT as
+    an OrtValue over its memory map (no copy; ORT uses the buffer in place) and the proto is passed as bytes;
+    external initializers of subgraphs (rare and small) are inlined into those bytes only. The model is left
+    as it was. ORT's own errors propagate: callers word them for their context.
+    """
+    import onnxruntime as ort
+
+    opts = options if options is not None else ort.SessionOptions()
+    names: list[str] = []
+    values: list[Any] = []
+    restore: list[tuple[TensorProto, TensorProto]] = []
+    try:
+        for depth, graph in enumerate(iter_graphs(model.proto.graph)):
+            for t in graph.initializer:
+                if external_info(t) is None:
+                    continue
+                arr = to_array(t, model.base_dir)
+                if depth == 0 and arr.dtype in _ORT_DTYPES:
+                    names.append(t.name)
+                    values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))
+                else:
+                    saved = TensorProto()
+                    saved.CopyFrom(t)
+                    restore.append((t, saved))
+                    t.CopyFrom(onnx.numpy_helper.from_array(np.array(arr), t.name))
+        if names:
+            opts.add_external_initializers(names, values)
+        data = model.proto.SerializeToString()
+    finally:
+        for t, saved in restore:
+            t.CopyFrom(saved)
+    session = ort.InferenceSession(data, opts, providers=list(providers))
+    session._onnxsparse_buffers = values  # the OrtValues (and their memory maps) must outlive the session
+    return session
+
+
+_ORT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16,
+                                             np.uint16, np.int32, np.int64, np.bool_))
 
 
 def record_provenance(model: Model, pipeline_text: str) -> None:

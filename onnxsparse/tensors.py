@@ -1,14 +1,23 @@
 """Reading and writing initializer data without loading a whole model's weights.
 
 Models are loaded with ``load_external_data=False`` so that a 10 GB model's graph costs kilobytes. A tensor
-stored outside the protobuf is read on demand through ``numpy.memmap``; a tensor a pass rewrites is stored
-inline again (``raw_data``) and written back out at save time. Every pass reads weights through ``to_array``
-and writes them through ``set_array`` so this policy lives in one place.
+stored outside the protobuf is read on demand through ``numpy.memmap``. A tensor a pass rewrites is stored
+inline again (``raw_data``) when it was inline before; when it was external (a large model), its new bytes
+are *spilled* to a private scratch file and the tensor points there, so editing every weight of a 10 GB
+model never holds more than one tensor in memory. The saver streams spilled tensors into the output data
+file like any other external tensor. Every pass reads weights through ``to_array`` and writes them through
+``set_array`` (or ``spill_writer`` for chunked writes) so this policy lives in one place.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import itertools
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,9 @@ def external_path(tensor: TensorProto, base_dir: Path | None) -> Path:
     info = external_info(tensor)
     assert info is not None
     location = info.get("location", "")
+    spilled = spill_path(location)
+    if spilled is not None:
+        return spilled
     if base_dir is None:
         raise OnnxSparseError(f"tensor '{tensor.name}' uses external data but the model has no directory")
     path = (base_dir / location).resolve()
@@ -87,18 +99,126 @@ def to_array(tensor: TensorProto, base_dir: Path | None = None) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def set_array(tensor: TensorProto, array: np.ndarray) -> None:
-    """Replace a tensor's values in place (name kept), storing them inline.
+def set_array(tensor: TensorProto, array: np.ndarray, spill: bool | None = None) -> None:
+    """Replace a tensor's values in place (name kept).
 
-    The saver moves large tensors out again; keeping them inline here means an edited tensor never points
-    at a file that still holds the old bytes.
+    ``spill``: None (default) keeps the tensor where it was — inline stays inline (the saver moves large
+    tensors out again), external goes to a scratch file (``spill_writer``) so that a large model never
+    gathers its edited weights in memory; True/False force either. An edited tensor never points at a file
+    that still holds its old bytes.
     """
+    array = np.asarray(array)
+    if spill is None:
+        spill = external_info(tensor) is not None and array.nbytes >= SPILL_MIN_BYTES
+    dtype = array.dtype
+    if spill and dtype in _TYPE_OF and tensor.data_type != TensorProto.BFLOAT16:
+        with spill_writer(tensor, array.shape, dtype) as write:
+            write(array)
+        return
     new = numpy_helper.from_array(np.ascontiguousarray(array), tensor.name)
     if new.data_type != tensor.data_type and tensor.data_type in (TensorProto.BFLOAT16,):
         raise OnnxSparseError(f"cannot store {array.dtype} into bfloat16 tensor '{tensor.name}'")
+    _release_spill(tensor)
     doc = tensor.doc_string
     tensor.CopyFrom(new)
     tensor.doc_string = doc
+
+
+# ------------------------------------------------------------------------------------------------ spilling
+
+#: a rewritten external tensor at least this large goes to a scratch file (smaller ones are stored inline)
+SPILL_MIN_BYTES = 1024
+_TYPE_OF: dict[np.dtype, int] = {v: k for k, v in _MEMMAP_DTYPES.items()}
+_SPILL_DIR: Path | None = None
+_SPILL_COUNTER = itertools.count()
+
+
+def _spill_dir() -> Path:
+    """The process's scratch folder (created on first use, removed at exit)."""
+    global _SPILL_DIR
+    if _SPILL_DIR is None or not _SPILL_DIR.is_dir():
+        _SPILL_DIR = Path(tempfile.mkdtemp(prefix="onnxsparse-spill-")).resolve()
+        atexit.register(shutil.rmtree, _SPILL_DIR, True)
+    return _SPILL_DIR
+
+
+def spill_path(location: str) -> Path | None:
+    """The scratch file ``location`` names, if it is one of this process's spill files (else None).
+
+    Only files inside our own scratch folder are accepted, so a model file cannot use an absolute location
+    to make us read an arbitrary path.
+    """
+    if _SPILL_DIR is None or not os.path.isabs(location):
+        return None
+    path = Path(location)
+    if path.parent != _SPILL_DIR or not path.is_file():
+        return None
+    return path
+
+
+def is_spilled(tensor: TensorProto) -> bool:
+    """True if the tensor's bytes live in a scratch file (it was edited and not yet saved)."""
+    info = external_info(tensor)
+    return info is not None and spill_path(info.get("location", "")) is not None
+
+
+def _release_spill(tensor: TensorProto) -> None:
+    """Delete the scratch file holding the tensor's old bytes (open memmaps keep their pages)."""
+    info = external_info(tensor)
+    old = spill_path(info.get("location", "")) if info is not None else None
+    if old is not None:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+@contextlib.contextmanager
+def spill_writer(
+    tensor: TensorProto, shape: tuple[int, ...], dtype: np.dtype
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Stream a tensor's new values into a scratch file, chunk by chunk, in C order.
+
+    ``with spill_writer(t, shape, dtype) as write: write(chunk); ...``: each chunk continues where the last
+    ended; the total must be exactly ``prod(shape)`` elements. On success the tensor (name and doc kept)
+    points at the file; on error it is left as it was. The data is written with plain file writes, so it
+    never counts towards the process's resident memory.
+    """
+    dtype = np.dtype(dtype)
+    data_type = _TYPE_OF.get(dtype)
+    if data_type is None:
+        raise OnnxSparseError(f"cannot spill tensor '{tensor.name}' of dtype {dtype}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    path = _spill_dir() / f"t{next(_SPILL_COUNTER)}.bin"
+    written = 0
+    try:
+        with open(path, "wb") as f:
+
+            def write(chunk: np.ndarray) -> None:
+                nonlocal written
+                flat = np.ascontiguousarray(chunk, dtype=dtype).reshape(-1)
+                if written + flat.size > count:
+                    raise ValueError(f"spill_writer: more than {count} elements for '{tensor.name}'")
+                f.write(flat.view(np.uint8).data)
+                written += flat.size
+
+            yield write
+        if written != count:
+            raise ValueError(f"spill_writer: {written} of {count} elements written for '{tensor.name}'")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    _release_spill(tensor)
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(field)  # type: ignore[arg-type]
+    tensor.ClearField("raw_data")
+    del tensor.dims[:]
+    tensor.dims.extend(int(d) for d in shape)
+    tensor.data_type = data_type
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", str(path)), ("offset", "0"), ("length", str(count * dtype.itemsize))):
+        entry = tensor.external_data.add()
+        entry.key = key
+        entry.value = value
 
 
 def constant_value(node: onnx.NodeProto) -> TensorProto | None:
