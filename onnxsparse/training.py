@@ -44,6 +44,7 @@ from onnx import TensorProto, helper
 
 from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import toposort
 from onnxsparse.layers import find_layers
 from onnxsparse.model_io import Model, save_model
 from onnxsparse.tensors import set_array, to_array
@@ -370,8 +371,13 @@ def trainable_extras(model: Model, masks: Mapping[str, np.ndarray], biases: bool
     return out
 
 
-def training_copy(model: Model, masks: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """The model with ``W ⊙ M`` in front of every masked weight's consumers; IR/opset lowered for ORT 1.19."""
+def training_copy(model: Model, masks: Mapping[str, np.ndarray],
+                  qweights: Mapping[str, Any] | None = None) -> onnx.ModelProto:
+    """The model with ``W ⊙ M`` in front of every masked weight's consumers; IR/opset lowered for ORT 1.19.
+
+    A model with Q/DQ is made quantization-aware (``training_qat.apply_qat``): fake quantization with a
+    straight-through gradient replaces Q/DQ, and ``qweights`` become float masters.
+    """
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     graph = proto.graph
@@ -402,6 +408,11 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray]) -> onnx.ModelPr
             for i in (1, 2):
                 if not node.output[i]:
                     node.output[i] = f"{base}__onnxsparse_ln_stat{i}"
+    from onnxsparse import training_qat
+
+    if qweights or training_qat.has_qdq(proto):
+        training_qat.apply_qat(proto, qweights or {})
+    toposort(proto.graph)  # a pass's output is sorted only at the end of its pipeline; ORT insists on order
     lower_for_training(proto)
     return proto
 
@@ -508,9 +519,17 @@ def finetune(
     losses, the labels under ``options.labels``. ``teacher``: the dense model whose outputs the student
     learns to match (``distill`` loss); it is run batch by batch, never on the whole data at once.
     """
+    from onnxsparse import training_qat
+
     opts = options or FinetuneOptions()
     masks = {k: np.asarray(v).astype(bool) for k, v in masks.items()}
-    if not masks:
+    qweights: dict[str, training_qat.QWeight] = {}
+    if training_qat.has_qdq(model.proto):
+        qweights, qskipped = training_qat.quantized_weights(model, masks)
+        for name in set(qskipped) & set(masks):
+            raise OnnxSparseError(qskipped[name])
+    masks = {k: v for k, v in masks.items() if k not in qweights}
+    if not masks and not qweights:
         raise OnnxSparseError("no masks: nothing to fine-tune")
     check_masks(model, masks)
     if opts.loss == "distill" and teacher is None:
@@ -551,12 +570,13 @@ def finetune(
             work = Path(tempfile.mkdtemp(prefix="finetune-", dir=workdir))
             stack.callback(shutil.rmtree, work, True)
         train_path = work / "student.onnx"
-        _save_for_worker(training_copy(model, masks), model.base_dir, train_path)
+        _save_for_worker(training_copy(model, masks, qweights), model.base_dir, train_path)
         teacher_path = None
         if opts.loss == "distill":
             teacher_path = _prepare_teacher(teacher, work, loss_outputs)
-        extras = trainable_extras(model, masks, opts.train_biases, opts.train_norms)
-        requires_grad = [*masks, *extras]
+        extras = trainable_extras(model, {**masks, **{k: q.mask for k, q in qweights.items()}}, opts.train_biases,
+                                  opts.train_norms)
+        requires_grad = [*masks, *(q.master_name for q in qweights.values()), *extras]
         label_type = 0
         if opts.labels and opts.loss == "mse":
             label_type = out_types[loss_outputs[0]]
@@ -620,14 +640,19 @@ def finetune(
                 bar.close()
         with np.load(work / "params.npz") as z:
             params = {k: np.array(z[k]) for k in z.files}
-    result_model, changed = _fold(model, params, masks)
+    # Drift = the largest change training made to a masked-out entry (0 when the fixed mask works); judged on
+    # the float values, before folding / re-quantizing would hide it.
     inits = _main_initializers(model)
     drift = 0.0
-    for name, mask in masks.items():
+    starts = {name: (np.asarray(to_array(inits[name], model.base_dir)), name, mask) for name, mask in masks.items()}
+    starts.update({q.master_name: (q.master, q.master_name, q.mask) for q in qweights.values()})
+    for start, key, mask in starts.values():
         if (~mask).any():
-            before = np.asarray(to_array(inits[name], model.base_dir), np.float64)[~mask]
-            after = np.asarray(params[name], np.float64).reshape(mask.shape)[~mask]
-            drift = max(drift, float(np.max(np.abs(after - before))))
+            after = np.asarray(params[key], np.float64).reshape(mask.shape)[~mask]
+            drift = max(drift, float(np.max(np.abs(after - np.asarray(start, np.float64)[~mask]))))
+    values = {k: v for k, v in params.items() if not k.endswith(training_qat.MASTER_SUFFIX)}
+    values.update({q.name: q.quantize(params[q.master_name]) for q in qweights.values()})
+    result_model, changed = _fold(model, values, masks)
     return FinetuneResult(
         model=result_model,
         changed=changed,

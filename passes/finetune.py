@@ -75,6 +75,7 @@ class FinetunePass(Pass[FinetuneConfig]):
     summary = "retrain pruned weights with fixed n:m masks through ONNX Runtime training (distillation or labels)"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from onnxsparse import training_qat
         from onnxsparse.training import finetune, load_masks, partition_masks
 
         cfg = self.config
@@ -84,6 +85,14 @@ class FinetunePass(Pass[FinetuneConfig]):
         if not masks:
             raise OnnxSparseError("finetune: no masks — run prune earlier in the pipeline or give masks=PATH")
         usable, skipped = partition_masks(model, masks)
+        qweights: dict[str, Any] = {}
+        if training_qat.has_qdq(model.proto):
+            # Quantization-aware: the Q/DQ model's int8 weights train through fake quantization; masks come
+            # from the prune pass by name or, for weights renamed by qdq, from their zeros.
+            qweights, qskipped = training_qat.quantized_weights(model, masks)
+            skipped = {k: v for k, v in skipped.items() if k not in qweights}
+            skipped.update({k: v for k, v in qskipped.items() if k in masks})
+            usable.update({k: q.mask for k, q in qweights.items()})
         for name, reason in skipped.items():
             report.skip(name, reason)
         if not usable:
@@ -107,6 +116,7 @@ class FinetunePass(Pass[FinetuneConfig]):
         report.details.update(
             steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
             seconds=result.seconds, runtime=result.runtime, teacher=str(teacher) if teacher is not None else None,
+            qat=sorted(qweights),
             kept=round(float(sum(int(np.count_nonzero(m)) for m in usable.values()))
                        / max(1, sum(m.size for m in usable.values())), 4),
         )

@@ -308,3 +308,63 @@ print(json.dumps({{"mode": rt.mode, "ort": onnxruntime.__version__, "steps": res
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["mode"] == "inprocess" and out["ort"].startswith("1.19") and out["steps"] == 20
     assert out["last"] < out["first"]
+
+
+# ---------------------------------------------------------------------------------------------- QAT
+
+
+def _sparse_qdq_fixture(tmp_path: Path) -> tuple[Model, Model, Path]:
+    """(dense, 2:4-pruned + int8 Q/DQ model, data): the fixture pruned, quantized by the qdq pass."""
+    dense = load_model(FINETUNE_FIXTURE)
+    pruned, _ = prune_masks(dense)
+    data = write_data(tmp_path / "train.npz", n=2048)
+    qdq = get_pass("qdq")().run(pruned, PassContext(calibration=str(data))).model
+    return dense, qdq, data
+
+
+def test_qat_training_copy_replaces_qdq_by_fake_quant(tmp_path: Path) -> None:
+    from onnxsparse import training_qat
+
+    _, qdq, _ = _sparse_qdq_fixture(tmp_path)
+    qweights, skipped = training_qat.quantized_weights(qdq, {})
+    assert not skipped and len(qweights) == 3
+    copy = training.training_copy(qdq, {}, qweights)
+    ops = [n.op_type for n in copy.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert ops.count("FakeQuant") == 6  # 3 weights + 3 activations
+    assert {t.name for t in copy.graph.initializer} >= {q.master_name for q in qweights.values()}
+    assert not {q.name for q in qweights.values()} & {t.name for t in copy.graph.initializer}
+    # Re-quantizing the untouched masters gives back the stored integers exactly.
+    for q in qweights.values():
+        np.testing.assert_array_equal(q.quantize(q.master), to_array(next(
+            t for t in qdq.proto.graph.initializer if t.name == q.name)))
+
+
+@needs_runtime
+def test_sparse_qat_lowers_the_error_of_a_pruned_int8_model(tmp_path: Path) -> None:
+    """Fine-tuning a pruned Q/DQ model through FakeQuant (straight-through gradient) with fixed, deliberately
+    coarse activation scales: its error to the dense model drops (gradients do pass the fake quantization),
+    masks, scales, int8 storage and structure stay."""
+    dense, qdq, data = _sparse_qdq_fixture(tmp_path)
+    for t in qdq.proto.graph.initializer:  # a 6x too wide activation range: coarse activation quantization
+        if t.name in ("act1_scale", "act2_scale"):
+            t.CopyFrom(nh.from_array(nh.to_array(t) * 6, t.name))
+    x = example_inputs(1024, seed=13)
+    y_dense = outputs(dense, x)
+    before_err = mse(outputs(qdq, x), y_dense)
+    before = _inits(qdq)
+    result = training.finetune(qdq, {}, data, training.FinetuneOptions(steps=300, lr=1e-3, batch_size=64),
+                               teacher=dense)
+    after_err = mse(outputs(result.model, x), y_dense)
+    print(f"QAT: int8 output MSE to dense {before_err:.4f} -> {after_err:.4f}")
+    assert after_err < 0.7 * before_err
+    assert result.outside_mask_drift == 0.0
+    after = _inits(result.model)
+    for name in ("fc1.weight_quantized", "fc2.weight_quantized", "head.weight_quantized"):
+        assert after[name].dtype == np.int8 and name in result.changed
+        assert not after[name][before[name] == 0].any()
+    for name in ("act1_scale", "act2_scale", "fc1.weight_scale"):
+        np.testing.assert_array_equal(after[name], before[name])
+    assert [n.op_type for n in result.model.proto.graph.node] == [n.op_type for n in qdq.proto.graph.node]
+    assert get_pass("validate")(require_all=True).run(result.model, PassContext()).report.details["summary"][
+        "sparse"] == 3

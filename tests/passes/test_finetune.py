@@ -97,11 +97,37 @@ def test_without_masks_or_data_the_pass_says_what_is_missing(tmp_path: Path) -> 
         Pipeline("prune,finetune{steps=2}").run(load_model(FINETUNE_FIXTURE))
 
 
-def test_quantized_weights_are_skipped_with_a_reason(qdq_model_path: Path, tmp_path: Path) -> None:
+def test_qdq_model_fine_tunes_quantization_aware(qdq_model_path: Path, tmp_path: Path) -> None:
+    """A Q/DQ model (conv, transposed and reshaped int8 weights, one fp16 weight) trains through FakeQuant:
+    every int8 weight stays int8 behind its DequantizeLinear, 2:4 zeros stay the zero point, fp16 is skipped."""
+    import onnxruntime as ort
+
     model = load_model(qdq_model_path)
-    ctx = PassContext(calibration=str(tmp_path / "unused.npz"))
-    result = Pipeline("prune,finetune{steps=2}").run(model, ctx)
-    ft = result.results[1]
-    assert not ft.modified
-    assert len(ft.report.skipped) == len(ctx.artifacts["masks"]) > 0
-    assert all("fine-tune the float model" in s["reason"] for s in ft.report.skipped)
+    x = np.random.default_rng(0).standard_normal((256, 16, 8, 8)).astype(np.float32)
+    y = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"x": x})[0]
+    np.savez(tmp_path / "d.npz", x=x, y=y * 1.2)
+    ctx = PassContext(calibration=str(tmp_path / "d.npz"))
+    after_prune: dict[str, np.ndarray] = {}
+
+    def snapshot(p: object, r: object) -> None:
+        if getattr(p, "name", "") == "prune":
+            after_prune.update(_weights(r.model))  # type: ignore[attr-defined]
+
+    result = Pipeline("prune,finetune{steps=30;loss=mse;labels=y;batch-size=16},validate").run(model, ctx,
+                                                                                                 on_pass=snapshot)
+    prune_r, ft, val = result.results
+    assert ft.modified and ft.report.details["last_loss"] < ft.report.details["first_loss"]
+    pruned_int8 = {c["name"] for c in prune_r.report.changed if c["dtype"] == "int8"}
+    assert pruned_int8 and pruned_int8 <= set(ft.report.details["qat"])
+    final = _weights(result.model)
+    for name in pruned_int8:
+        assert not final[name][after_prune[name] == 0].any(), f"{name}: a pruned entry came back"
+        assert not np.array_equal(final[name], after_prune[name]), f"{name} did not train"
+    assert [s["name"] for s in ft.report.skipped] == ["fc3.weight_fp16"]
+    assert "FLOAT16" in ft.report.skipped[0]["reason"]
+    assert val.report.details["summary"]["sparse"] >= len(ft.report.details["qat"])
+    assert [n.op_type for n in result.model.proto.graph.node] == [n.op_type for n in model.proto.graph.node]
+    for t in result.model.proto.graph.initializer:
+        if t.name in ft.report.details["qat"]:
+            assert t.data_type == onnx.TensorProto.INT8
+    onnx.checker.check_model(result.model.proto, full_check=True)
