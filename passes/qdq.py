@@ -29,7 +29,7 @@ from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnxsparse import calibration
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import NameGen
+from onnxsparse.graph import NameGen, toposort
 from onnxsparse.layers import Layer, Source, find_layers
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
@@ -338,6 +338,7 @@ class QdqPass(Pass[QdqConfig]):
                 node.input[index] = dq_out
             act_scale[tensor] = act_value
         graph.node.extend(new_nodes)
+        toposort(model.proto.graph)  # the result is valid on its own, not only after the pipeline's final sort
         for layer in plan.layers:
             assert layer.source is not None
             act = layer_acts[id(layer.node)]

@@ -405,3 +405,11 @@ def test_model_with_external_data_is_calibrated_and_quantized(tmp_path: Path) ->
     out = save_model(result.model, tmp_path / "q.onnx")
     feeds = make_feeds(model, dims={"N": 3}, seed=5)
     assert _cosine(run_ort(tmp_path / "ext.onnx", feeds)[0], run_ort(out, feeds)[0]) > 0.99
+
+
+def test_the_pass_alone_leaves_a_valid_sorted_graph() -> None:
+    model = Model(proto=op_zoo(opset=13))
+    result = QdqPass().run(model, PassContext(calibration=_calib(model)))
+    onnx.checker.check_model(result.model.proto, full_check=True)  # topological order included
+    feeds = make_feeds(model, dims={"N": 2}, seed=3)
+    assert _cosine(run_ort(op_zoo(opset=13), feeds)[0], run_ort(result.model, feeds)[0]) > 0.99
