@@ -50,13 +50,14 @@ if has tests; then
 fi
 
 if has ref; then
-    python3 tools/bench_gpu_reference.py --runs 3 --single --json "$OUT/res/reference_fp16_loop.json"; snap
+    python3 tools/bench_gpu_reference.py --runs 3 --mode loop --single --json "$OUT/res/reference_fp16_loop.json"; snap
 fi
 if has graph; then
-    python3 tools/bench_gpu_reference.py --runs 1 --mode graph --json "$OUT/res/reference_fp16_graph.json"; snap
+    python3 tools/bench_gpu_reference.py --runs 3 --mode graph --json "$OUT/res/reference_fp16_graph.json"; snap
 fi
 if has int8; then
-    python3 tools/bench_gpu_reference.py --runs 1 --dtype int8 --json "$OUT/res/reference_int8_loop.json"; snap
+    python3 tools/bench_gpu_reference.py --runs 1 --dtype int8 --mode graph --json "$OUT/res/reference_int8_graph.json"
+    snap
 fi
 
 if has models; then
@@ -69,13 +70,13 @@ for name in ('bert_base', 'resnet18'):
     BERT="input_ids:32x128,attention_mask:32x128,token_type_ids:32x128"
     [ -f /tmp/models/resnet18.onnx ] || BERT="input_ids:32x128"
     bench() { python3 -c "from onnxsparse.commands.bench import command; command()" "$@"; }
-    for run in 1 2 3; do
-        bench /tmp/models/bert_base.onnx --shapes "$BERT" --json "$OUT/res/bert_base_fp16_run$run.json"; snap
+    for run in 1 2 3; do  # separate processes: fresh handle, plans and matmul_search each time
+        bench /tmp/models/bert_base.onnx --shapes "$BERT" --json "$OUT/res/bert_base_fp16_graph_run$run.json"; snap
     done
-    bench /tmp/models/bert_base.onnx --shapes "$BERT" --dtype int8 --json "$OUT/res/bert_base_int8.json"
-    bench /tmp/models/bert_base.onnx --shapes "$BERT" --mode graph --json "$OUT/res/bert_base_fp16_graph.json"
+    bench /tmp/models/bert_base.onnx --shapes "$BERT" --mode loop --json "$OUT/res/bert_base_fp16_loop.json"
+    bench /tmp/models/bert_base.onnx --shapes "$BERT" --dtype int8 --json "$OUT/res/bert_base_int8_graph.json"
     if [ -f /tmp/models/resnet18.onnx ]; then
-        bench /tmp/models/resnet18.onnx --shapes input:32x3x224x224 --json "$OUT/res/resnet18_fp16.json"
+        bench /tmp/models/resnet18.onnx --shapes input:32x3x224x224 --json "$OUT/res/resnet18_fp16_graph.json"
     fi
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv

@@ -8,10 +8,15 @@ column-major [N, M] matrix with ld = N, which is y[M, N] row-major in memory. De
 
 Why the timing looks like this: a single launch between two events measures launch latency and clock ramp
 as much as the kernel and inflates sparse gains (REFERENCE.md: BERT-base ffn2 1.71× single-shot vs 1.21×
-steady). So each measurement is a loop of ``iters`` back-to-back launches (or one CUDA graph holding them)
-between two events, after warm-up; dense and sparse loops alternate, and the median over ``repeats``
-is reported. A plan is built, compressed and tuned (``matmul_search``) once per shape and then only
-launched: creating a plan per call costs ~0.6–0.9 ms, far more than the product itself.
+steady). So each measurement is ``iters`` back-to-back launches between two events, after warm-up; dense
+and sparse alternate, and the median over ``repeats`` is reported. By default the launches are captured in
+a CUDA graph and replayed: measured on the H100 VM, ``torch.mm`` costs 13-30 µs of host time a call, so a
+Python loop leaves the GPU idle between dense products under ~30 µs and shows sparse gains of 2-3x that
+are host overhead (a 4096x768x768 product: 1.4-1.9x in a loop, 1.02x from a graph). ``mode="loop"`` is kept
+to compare with REFERENCE.md, and flags such shapes (``launch_bound``).
+
+A plan is built, compressed and tuned (``matmul_search``) once per shape and then only launched: creating
+a plan per call costs ~0.6–0.9 ms, far more than the product itself.
 
 Every measurement is checked: the sparse result against the dense product of the same pruned weight
 (fp16: relative Frobenius error, ~2e-4 expected; int8 → int32: bit-exact), with the output poisoned first.
@@ -55,6 +60,7 @@ class GemmTiming:
     error: float = 0.0
     ok: bool = True
     alg_id: int | None = None
+    search_iterations: int = 0
     layout: str = ""
     out_dtype: str = ""
     mode: str = "loop"
@@ -156,6 +162,11 @@ class SparsePlan:
         else:
             raise OnnxSparseError(f"unknown dtype '{dtype}'")
         self.dtype = dtype
+        # launches timed per candidate by matmul_search. The library's default is a handful: with products
+        # of 3-30 µs that picked a config 20-60% slower than the best in 1 of 3 runs on the H100 (BERT-base
+        # ffn1: config 6 at 31.6 µs instead of 42 at 26 µs). Aim at ~2 ms of work per candidate, 5 to 50.
+        est_s = 2 * m * self.n * self.k / 400e12  # ~400 TFLOP/s: a rough rate, only to size the search
+        self.search_iterations = int(min(50, max(5, 2e-3 / max(est_s, 1e-9))))
         self._descs: list[int] = []
         self._mm = self._alg = self._plan = 0
         errors: list[str] = []
@@ -180,7 +191,9 @@ class SparsePlan:
         self.set_stream(torch.cuda.current_stream().cuda_stream)
         stream = int(self.streams[0])
         weight = weight.contiguous()
-        valid = torch.ones(1, dtype=torch.int32, device=weight.device)
+        # prune_check writes 1 when the pattern is wrong and leaves the flag alone when it is right (seen on
+        # cuSPARSELt 0.8.0): start from 0
+        valid = torch.zeros(1, dtype=torch.int32, device=weight.device)
         cl.sp_mma_prune_check(lt.handle, self._mm, weight.data_ptr(), valid.data_ptr(), stream)
         torch.cuda.synchronize()
         if int(valid.item()) != 0:
@@ -197,6 +210,8 @@ class SparsePlan:
         self.alg_id: int | None = None
 
     def _build(self, layout: tuple[Any, ...], in_type: int, out_type: int, compute: int, cusparse: Any) -> None:
+        import numpy as np
+
         cl = _lt()
         h, (m, n, k) = self.lt.handle, (self.m, self.n, self.k)
         _, a_ord, a_op, a_dims, b_ord, b_op, b_dims, d_ord, d_dims = layout
@@ -210,6 +225,8 @@ class SparsePlan:
         self._mm = cl.matmul_descriptor_init(h, int(getattr(cusparse.Operation, a_op)),
                                              int(getattr(cusparse.Operation, b_op)), a, b, d, d, compute)
         self._alg = cl.matmul_alg_selection_init(h, self._mm, int(cl.MatmulAlg.DEFAULT))
+        value = np.array([self.search_iterations], dtype=np.int32)
+        cl.matmul_alg_set_attribute(h, self._alg, int(cl.MatmulAlgAttribute.SEARCH_ITERATIONS), value.ctypes.data, 4)
         self._plan = cl.matmul_plan_init(h, self._mm, self._alg)
 
     def set_stream(self, stream: int) -> None:
@@ -322,8 +339,8 @@ def _check(plan: SparsePlan, x: Any, wp: Any, y: Any) -> tuple[float, bool]:
     return float(bad), bad == 0
 
 
-def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int,
-           mode: str) -> tuple[dict[str, list[float]], dict[str, float]]:
+def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str,
+           warmup_s: float = 0.3) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Per-launch GPU ms of each function, once per repetition (the functions alternate within a repetition),
     and the median host ms per launch spent enqueuing them."""
     import torch
@@ -344,10 +361,14 @@ def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int,
                 for _ in range(iters):
                     fn()
             runners[name] = loop
-    for _ in range(max(warmup, 1)):
+    # warm up for a count and for a time: clocks settle under sustained load (seen: a dense 8192x4096x1024
+    # product drifting from 110 to 123 µs over its first ~50 ms), and steady state is what an engine sees
+    t0, done = time.perf_counter(), 0
+    while done < max(warmup, 1) or time.perf_counter() - t0 < warmup_s:
         for run in runners.values():
             run()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        done += 1
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     out: dict[str, list[float]] = {name: [] for name in fns}
     host: dict[str, list[float]] = {name: [] for name in fns}
@@ -365,7 +386,7 @@ def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int,
 
 
 def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats: int = 7, iters: int = 50,
-              warmup: int = 3, mode: str = "loop", seed: int = 0) -> GemmTiming:
+              warmup: int = 3, mode: str = "graph", seed: int = 0) -> GemmTiming:
     """Time y[M,N] = x[M,K]·W[N,K]ᵀ dense (cuBLAS) and 2:4-sparse (cuSPARSELt, tuned plan) in steady state."""
     import torch
 
@@ -398,8 +419,8 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
         return GemmTiming(m=m, n=n, k=k, dtype=dtype, dense_ms=statistics.median(runs["dense"]),
                           sparse_ms=statistics.median(runs["sparse"]), dense_runs=runs["dense"],
                           sparse_runs=runs["sparse"], dense_host_ms=host["dense"], sparse_host_ms=host["sparse"],
-                          error=error, ok=ok, alg_id=alg_id, layout=plan.layout, out_dtype=plan.out_dtype,
-                          mode=mode, iters=iters)
+                          error=error, ok=ok, alg_id=alg_id, search_iterations=plan.search_iterations,
+                          layout=plan.layout, out_dtype=plan.out_dtype, mode=mode, iters=iters)
     finally:
         plan.close()
 
