@@ -34,12 +34,14 @@ from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.sparsity import (
     StoredWeight,
+    check_finite,
     constants_by_name,
     count_violations,
     nm_keep,
     parse_pattern,
     stored_weight,
 )
+from onnxsparse.stream import prune_tensor, streamable
 from onnxsparse.tensors import set_array
 
 log = logging.getLogger("onnxsparse.passes.prune")
@@ -117,28 +119,39 @@ class PrunePass(Pass[PruneConfig]):
                 if isinstance(sw, str):
                     why = sw
             if why is not None:
-                for layer in target.layers:
-                    report.skip(layer.name, why, op=layer.op_type, weight=layer.weight_name)
+                for layer in target.layers:  # a layer's own reason (e.g. shared-axis conflict) says it best
+                    report.skip(layer.name, layer.reason or why, op=layer.op_type, weight=layer.weight_name)
                 continue
             assert isinstance(sw, StoredWeight)
-            nonzero = sw.nonzero()
-            bad, groups = count_violations(nonzero, sw.axis, n, m)
+            old = prior.get(sw.name)
+            if old is not None and old.shape != sw.values.shape:
+                old = None
+            if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
+                # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.stream).
+                st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
+                bad, groups, mask = st.violations, st.groups, st.mask
+                nz_before, nz_after = st.nonzero_before, st.nonzero_after
+            else:
+                check_finite(sw)
+                nonzero = sw.nonzero()
+                bad, groups = count_violations(nonzero, sw.axis, n, m)
+                mask = np.ascontiguousarray(nonzero)
+                nz_before = nz_after = int(np.count_nonzero(nonzero))
+                if bad:
+                    prefer = nonzero if old is None else nonzero & old
+                    keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
+                    set_array(sw.tensor, sw.pruned(keep))
+                    mask = keep & nonzero
+                    nz_after = int(np.count_nonzero(mask))
             total += sw.values.size
+            assert mask is not None
+            masks[sw.name] = mask
             if bad == 0:
-                # Already n:m: leave the tensor bytes alone so `modified` stays honest.
-                masks[sw.name] = np.ascontiguousarray(nonzero)
+                # Already n:m: the tensor bytes were left alone so `modified` stays honest.
                 already.append(sw.name)
                 continue
-            prefer = nonzero
-            old = prior.get(sw.name)
-            if old is not None and old.shape == nonzero.shape:
-                prefer = nonzero & old
-            keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
-            set_array(sw.tensor, sw.pruned(keep))
-            mask = keep & nonzero
-            masks[sw.name] = mask
             modified = True
-            newly = int(np.count_nonzero(nonzero)) - int(np.count_nonzero(mask))
+            newly = nz_before - nz_after
             zeroed += newly
             report.change(
                 sw.name,
@@ -150,7 +163,7 @@ class PrunePass(Pass[PruneConfig]):
                 groups_changed=bad,
                 groups=groups,
                 zeroed=newly,
-                zeros=round(1.0 - float(np.count_nonzero(mask)) / max(mask.size, 1), 4),
+                zeros=round(1.0 - nz_after / max(sw.values.size, 1), 4),
             )
         ctx.artifacts.setdefault("masks", {}).update(masks)
         report.details.update(pattern=f"{n}:{m}", pruned=len(report.changed), already_sparse=already,
@@ -162,9 +175,28 @@ class PrunePass(Pass[PruneConfig]):
                  len(already), len(report.skipped))
         return PassResult(model, modified, report)
 
+    def render(self, result: PassResult) -> str | None:
+        """One line of totals, then the skipped layers grouped by reason."""
+        d = result.report.details
+        lines = [f"  {d.get('pruned', 0)} tensor(s) pruned to {d.get('pattern')}: {d.get('params_zeroed', 0):,} of "
+                 f"{d.get('params_in_pruned_layers', 0):,} weights zeroed; "
+                 f"{len(d.get('already_sparse') or [])} already {d.get('pattern')}"]
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for s in result.report.skipped:
+            reasons[s["reason"]].append(s["name"])
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f", ... (+{len(names) - 4})" if len(names) > 4 else "")
+            lines.append(f"  skipped {len(names)}: {reason} [{shown}]")
+        if d.get("masks"):
+            lines.append(f"  masks written to {d['masks']}")
+        return "\n".join(lines)
+
     def _skip_reason(self, target: _Target, m: int, readers: dict[str, list[onnx.NodeProto]]) -> str | None:
         """Why this stored tensor must not be pruned (None: prune it)."""
         cfg = self.config
+        for layer in target.layers:
+            if layer.reason:
+                return layer.reason
         for layer in target.layers:
             why = layer.check_pattern(m)
             if why:

@@ -23,6 +23,8 @@ def pruned_cnn(tmp_path: Path) -> Path:
     out = tmp_path / "cnn_sparse.onnx"
     res = _invoke("run", fixture_path("cnn"), "-p", "prune", "-o", out)
     assert res.exit_code == 0, res.output
+    assert "7 tensor(s) pruned to 2:4: " in res.output  # prune's own summary (PrunePass.render)
+    assert "skipped 1: C_in/group=3 is not divisible by 4 [stem]" in res.output
     return out
 
 
