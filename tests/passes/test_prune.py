@@ -418,6 +418,32 @@ def test_skip_weight_with_other_readers_and_graph_input():
     assert pruned.graph.initializer[0] == model.graph.initializer[0]
 
 
+def test_skip_unsupported_weights():
+    """float8 storage, an integer MatMul weight without a DequantizeLinear, a DQ whose scale is an input."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    w8 = rng.standard_normal((8, 8)).astype(ml_dtypes.float8_e4m3fn)
+    nodes = [helper.make_node("Cast", ["W8"], ["W8f"], to=F),
+             helper.make_node("MatMul", ["x", "W8f"], ["h"], name="fp8"),
+             helper.make_node("MatMul", ["xi", "Wi"], ["hi"], name="int32"),
+             helper.make_node("DequantizeLinear", ["Wq", "scale_in"], ["Wd"]),
+             helper.make_node("MatMul", ["x", "Wd"], ["hq"], name="dyn_scale")]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, [2, 8]), helper.make_tensor_value_info("xi", TensorProto.INT32, [2, 8]),
+         helper.make_tensor_value_info("scale_in", F, [])],
+        [helper.make_tensor_value_info(n, t, [2, 8]) for n, t in (("h", F), ("hi", TensorProto.INT32), ("hq", F))],
+        [nh.from_array(w8, "W8"), nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int32), "Wi"),
+         nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int8), "Wq")], opset=19, ir=9)
+    _, result = _prune(model)
+    reasons = {s["name"]: s["reason"] for s in result.report.skipped}
+    assert "unsupported type FLOAT8E4M3FN" in reasons["fp8"]
+    assert "does not reach the layer through a DequantizeLinear" in reasons["int32"]
+    assert "non-constant scale" in reasons["dyn_scale"]
+    assert not result.modified
+
+
 def test_skip_shared_with_excluded_layer_and_prunes_shared_same_axis():
     w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
