@@ -413,3 +413,22 @@ def test_the_pass_alone_leaves_a_valid_sorted_graph() -> None:
     onnx.checker.check_model(result.model.proto, full_check=True)  # topological order included
     feeds = make_feeds(model, dims={"N": 2}, seed=3)
     assert _cosine(run_ort(op_zoo(opset=13), feeds)[0], run_ort(result.model, feeds)[0]) > 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["common", "common_det", "common_old"])
+def test_real_ddddocr_models(real_models: dict[str, Path], name: str) -> None:
+    path = real_models[name]
+    model = load_model(path)
+    dims = {"batch": 1, "image_width": 128}
+    result = Pipeline([QdqPass()]).run(model, PassContext(calibration=[make_feeds(model, dims, seed=i)
+                                                                       for i in range(4)]))
+    report = result.results[0].report
+    if name == "common_old":  # already dynamically quantized (ConvInteger/MatMulInteger): nothing to do
+        assert not result.modified and report.details["note"] == "no layer to quantize"
+        return
+    assert report.details["opset"]["after"] == 13 and len(report.changed) >= 20 and not report.skipped
+    feeds = make_feeds(path, dims, seed=99)
+    for a, b in zip(run_ort(path, feeds), run_ort(result.model, feeds), strict=True):
+        if a.dtype.kind == "f":
+            assert _cosine(a, b) >= 0.99
