@@ -44,10 +44,10 @@ from onnx import TensorProto, helper
 
 from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import toposort
+from onnxsparse.graph import iter_graphs, toposort
 from onnxsparse.layers import find_layers
 from onnxsparse.model_io import Model, save_model
-from onnxsparse.tensors import set_array, to_array
+from onnxsparse.tensors import external_info, is_spilled, set_array, to_array
 
 log = logging.getLogger("onnxsparse.training")
 
@@ -439,8 +439,26 @@ def lower_for_training(proto: onnx.ModelProto) -> None:
 
 
 def _save_for_worker(proto: onnx.ModelProto, base_dir: Path | None, path: Path) -> None:
-    """Write a model where the worker can read it; external weights are streamed beside it."""
+    """Write a model (a copy) where the worker can read it; external weights are streamed beside it."""
+    _detach_spills(proto)
     save_model(Model(proto=proto, base_dir=base_dir), path)
+
+
+def _detach_spills(proto: onnx.ModelProto, skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Give a proto *copy* its own scratch files for edited (spilled) tensors.
+
+    A copied tensor that was edited by an earlier pass points at the same scratch file as the original; saving
+    the copy (which deletes scratch files it wrote out) or editing it would pull the data from under the
+    original model. One tensor at a time, so memory stays at one tensor.
+    """
+    for graph in iter_graphs(proto.graph):
+        for t in graph.initializer:
+            if t.name in skip or not is_spilled(t):
+                continue
+            arr = to_array(t)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            set_array(t, arr, spill=True)
 
 
 def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -448,14 +466,20 @@ def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in proto.graph.input if i.name not in inits]
 
 
-def _fold(model: Model, params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> tuple[Model, list[str]]:
-    """A copy of the input model with the trained values (masked weights multiplied by their masks).
+def _fold(model: Model, params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
+          inplace: bool = False) -> tuple[Model, list[str]]:
+    """The model with the trained values (masked weights multiplied by their masks), a copy unless ``inplace``.
 
-    Returns the copy and the names whose values changed (so a pass can say honestly whether it modified).
+    Returns it and the names whose values changed (so a pass can say honestly whether it modified).
     """
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+    if inplace:
+        proto = model.proto
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        _detach_spills(proto, skip=set(params))
     inits = {t.name: t for t in proto.graph.initializer}
+    originals = {t.name: t for t in model.proto.graph.initializer}
     changed: list[str] = []
     for name, value in params.items():
         t = inits[name]
@@ -465,9 +489,15 @@ def _fold(model: Model, params: Mapping[str, np.ndarray], masks: Mapping[str, np
             arr = np.where(masks[name], arr, np.zeros((), dtype))
             if np.count_nonzero(arr[~masks[name]]):  # cannot happen; a wrong fold must never ship
                 raise AssertionError(f"fine-tuned '{name}' has non-zeros outside its mask")
-        if not np.array_equal(arr, to_array(t, model.base_dir)):
+        if not np.array_equal(arr, to_array(originals[name], model.base_dir)):
             changed.append(name)
-        set_array(t, arr)
+        external = external_info(t) is not None
+        if not inplace and external:  # the copy shares the original's file: point away from it first
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+        set_array(t, arr, spill=external)
+    if inplace:
+        return model, changed
     return Model(proto=proto, base_dir=model.base_dir, source=model.source), changed
 
 
@@ -512,8 +542,10 @@ def finetune(
     workdir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    inplace: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` with ``masks`` fixed; returns a new model (the input is not modified).
+    """Fine-tune ``model`` with ``masks`` fixed; returns a new model (the input is not modified unless
+    ``inplace``, which the pass uses: a pipeline edits one model in place).
 
     ``data``: an ``.npz`` with one array per graph input (first axis = samples) and, for ``mse``/``ce``
     losses, the labels under ``options.labels``. ``teacher``: the dense model whose outputs the student
@@ -565,9 +597,9 @@ def finetune(
 
     with contextlib.ExitStack() as stack:
         if workdir is None:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxsparse-finetune-")))
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxsparse-finetune-"))).resolve()
         else:
-            work = Path(tempfile.mkdtemp(prefix="finetune-", dir=workdir))
+            work = Path(tempfile.mkdtemp(prefix="finetune-", dir=workdir)).resolve()
             stack.callback(shutil.rmtree, work, True)
         train_path = work / "student.onnx"
         _save_for_worker(training_copy(model, masks, qweights), model.base_dir, train_path)
@@ -652,7 +684,7 @@ def finetune(
             drift = max(drift, float(np.max(np.abs(after - np.asarray(start, np.float64)[~mask]))))
     values = {k: v for k, v in params.items() if not k.endswith(training_qat.MASTER_SUFFIX)}
     values.update({q.name: q.quantize(params[q.master_name]) for q in qweights.values()})
-    result_model, changed = _fold(model, values, masks)
+    result_model, changed = _fold(model, values, masks, inplace=inplace)
     return FinetuneResult(
         model=result_model,
         changed=changed,
@@ -696,12 +728,21 @@ def output_error(student: Model, teacher: Model | str | os.PathLike[str], data: 
 
     t = teacher if isinstance(teacher, Model) else load_model(str(teacher), check=False)
 
-    def session(m: Model) -> Any:
-        if m.has_external_data() and m.source is not None:
-            return ort.InferenceSession(str(m.source), providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    tmp = Path(tempfile.mkdtemp(prefix="onnxsparse-eval-"))
 
-    s_sess, t_sess = session(student), session(t)
+    def session(m: Model, name: str) -> Any:
+        if not m.has_external_data():
+            return ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        # Edited tensors may live in scratch files the model file on disk does not know: save a copy.
+        proto = onnx.ModelProto()
+        proto.CopyFrom(m.proto)
+        _save_for_worker(proto, m.base_dir, tmp / name)
+        return ort.InferenceSession(str(tmp / name), providers=["CPUExecutionProvider"])
+
+    try:
+        s_sess, t_sess = session(student, "student.onnx"), session(t, "teacher.onnx")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     names = [o.name for o in student.proto.graph.output
              if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
     inputs = {i.name: i.type.tensor_type.elem_type for i in _graph_inputs(student.proto)}

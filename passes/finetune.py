@@ -110,7 +110,7 @@ class FinetunePass(Pass[FinetuneConfig]):
                 teacher = model.source
                 log.info("finetune: distilling to the pipeline's input %s", teacher)
         result = finetune(model, usable, data, cfg.options(), teacher=teacher, workdir=ctx.workdir,
-                          progress=ctx.progress)
+                          progress=ctx.progress, inplace=True)
         for name in result.changed:
             report.change(name, masked=name in usable)
         report.details.update(

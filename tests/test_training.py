@@ -368,3 +368,31 @@ def test_sparse_qat_lowers_the_error_of_a_pruned_int8_model(tmp_path: Path) -> N
     assert [n.op_type for n in result.model.proto.graph.node] == [n.op_type for n in qdq.proto.graph.node]
     assert get_pass("validate")(require_all=True).run(result.model, PassContext()).report.details["summary"][
         "sparse"] == 3
+
+
+@needs_runtime
+def test_external_data_model_with_edited_tensors(tmp_path: Path) -> None:
+    """A model with external data whose weights prune rewrote (scratch-file tensors): the fine-tune reads them,
+    leaves the input model intact and readable, and the result saves with its own data file."""
+    save_model(load_model(FINETUNE_FIXTURE), tmp_path / "dense.onnx", external_data=True)
+    dense = load_model(tmp_path / "dense.onnx")
+    assert dense.has_external_data()
+    pruned, masks = prune_masks(dense)
+    before = _inits(pruned)
+    data = write_data(tmp_path / "d.npz", n=512)
+    result = training.finetune(pruned, masks, data, training.FinetuneOptions(steps=100, lr=3e-3),
+                               teacher=tmp_path / "dense.onnx")
+    after_input = _inits(pruned)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after_input[name])
+    (tmp_path / "out").mkdir()
+    out = save_model(result.model, tmp_path / "out" / "ft.onnx")
+    assert (tmp_path / "out" / "ft.onnx.data").is_file()
+    saved = load_model(out)
+    got = _inits(saved)
+    for name, mask in masks.items():
+        assert not got[name][~mask].any()
+    assert not np.array_equal(got["fc1.weight"], before["fc1.weight"])
+    assert _inits(pruned)["fc1.weight"].shape == before["fc1.weight"].shape  # still readable after the save
+    assert training.output_error(saved, load_model(FINETUNE_FIXTURE), data) < 0.5 * training.output_error(
+        pruned, load_model(FINETUNE_FIXTURE), data)
