@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
@@ -186,6 +188,24 @@ def test_histogram_grows_exactly_and_stays_bounded() -> None:
     assert h.threshold("max") == h.amax
 
 
+@settings(max_examples=40, deadline=None)
+@given(scales=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=12), sizes=st.integers(1, 3000),
+       p=st.sampled_from([50.0, 99.0, 99.9, 99.99]), seed=st.integers(0, 2**16))
+def test_histogram_threshold_is_the_left_edge_of_the_quantile_bin(scales: list[float], sizes: int, p: float,
+                                                                  seed: int) -> None:
+    """Whatever the order and growth of the chunks: q - width < threshold <= q for the exact quantile q."""
+    rng = np.random.default_rng(seed)
+    chunks = [(rng.standard_t(3, size=sizes) * s).astype(np.float32) for s in scales]
+    h = AbsHistogram()
+    for c in chunks:
+        h.update(c)
+    values = np.abs(np.concatenate(chunks)).astype(np.float64)
+    q = float(np.percentile(values, p, method="inverted_cdf"))
+    t = h.threshold("percentile", p)
+    slack = 1e-5 * h.amax  # float32 rounding at bin boundaries
+    assert q - h.width - slack <= t <= q + slack
+
+
 def test_histogram_zeros_and_nonfinite() -> None:
     h = AbsHistogram()
     h.update(np.zeros(10, np.float32))  # before any non-zero: no bins yet
@@ -267,3 +287,17 @@ def test_collect_reports_bad_tensors_and_options() -> None:
         collect(model, ["x"], open_calibration([_samples(2)], model.proto), method="entropy")
     with pytest.raises(OnnxSparseError, match="percentile must be in"):
         collect(model, ["x"], open_calibration([_samples(2)], model.proto), percentile=0)
+
+
+def test_dict_of_arrays_and_single_npy_default_to_batches_of_32(tmp_path: Path) -> None:
+    data = _samples(40)
+    batches = _read_all(data, _mlp())
+    assert [b["x"].shape[0] for b in batches] == [32, 8]
+    single = _mlp()
+    del single.graph.node[3:]
+    single.graph.node.append(helper.make_node("Identity", ["g"], ["y"]))
+    del single.graph.input[1]
+    np.save(tmp_path / "x.npy", data["x"])
+    batches = _read_all(tmp_path / "x.npy", single, samples=35)
+    assert [b["x"].shape[0] for b in batches] == [32, 3]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), data["x"][:35])
