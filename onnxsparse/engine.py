@@ -226,6 +226,8 @@ def make_plan(proto: onnx.ModelProto, precision: str, major: int) -> BuildPlan:
         flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8"], "best": ["FP16", "INT8"]}[precision]
         if precision == "best" and not qdq:
             notes.append("best without Q/DQ nodes: INT8 is on but no layer has int8 scales, so this builds as fp16")
+        if precision in ("fp16", "fp32") and qdq:
+            notes.append("the model has Q/DQ nodes, which TensorRT 10 runs in int8 only with --precision int8 or best")
         plan = BuildPlan(major, precision, [*flags, "SPARSE_WEIGHTS"], strongly_typed=False, to_fp16=False, notes=notes)
         return plan
     # TensorRT 11: strongly typed; precision lives in the model

@@ -119,6 +119,8 @@ def test_plans_per_version_and_precision() -> None:
     assert make_plan(qdq, "int8", 10).flags == ["INT8", "SPARSE_WEIGHTS"]
     assert make_plan(qdq, "best", 10).flags == ["FP16", "INT8", "SPARSE_WEIGHTS"]
     assert any("builds as fp16" in n for n in make_plan(fp32, "best", 10).notes)
+    assert any("Q/DQ nodes" in n for n in make_plan(qdq, "fp16", 10).notes)
+    assert not make_plan(fp32, "fp16", 10).notes
     for precision, model in (("fp16", fp32), ("best", qdq), ("int8", qdq), ("fp32", fp32)):
         plan = make_plan(model, precision, 11)
         assert plan.flags == ["SPARSE_WEIGHTS"] and plan.strongly_typed
