@@ -93,7 +93,7 @@ class _Plan:
     residual: list[dict[str, str]] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    half: bool = False  # some weight is float16/bfloat16: scales in that type need opset 19
+    half: bool = False  # some weight is float16: scales in that type need opset 19
 
 
 class QdqPass(Pass[QdqConfig]):
@@ -195,7 +195,7 @@ class QdqPass(Pass[QdqConfig]):
                 wp.readers.append((reader, index))
             wp.axes.add(layer.source_channel_axis if self.config.per_channel else None)
             wp.layers.append(layer.name)
-            if layer.source.tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            if layer.source.tensor.data_type == TensorProto.FLOAT16:
                 plan.half = True
         plan.acts = dict(acts)
         layer_nodes = {id(layer.node) for layer in plan.layers}
@@ -214,8 +214,10 @@ class QdqPass(Pass[QdqConfig]):
             return "weight already arrives through DequantizeLinear"
         if layer.source is None:
             return layer.reason or "weight is not a constant"
-        if layer.source.tensor.data_type not in (*_FLOAT_TYPES, TensorProto.BFLOAT16):
-            return f"weight '{layer.source.name}' is not floating point"
+        dtype = layer.source.tensor.data_type
+        if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            name = onnx.helper.tensor_dtype_to_string(dtype).removeprefix("TensorProto.").lower()
+            return f"weight '{layer.source.name}' is {name}: Q/DQ here handles float32 and float16 weights"
         if layer.node.input[0] in constants:
             return "activation input is a constant"
         if layer.source.graph is not None and layer.source.graph is not graph:
@@ -320,6 +322,9 @@ class QdqPass(Pass[QdqConfig]):
                 continue
             amax = result.amax[tensor]
             dtype = result.dtypes.get(tensor, np.dtype(np.float32))
+            if dtype not in (np.float32, np.float16):
+                report.skip(tensor, f"{dtype} activation: QuantizeLinear takes float32 or float16")
+                continue
             act_value = activation_scale(amax, dtype)
             s_name, z_name = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
             graph.initializer.extend([

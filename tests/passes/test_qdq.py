@@ -432,3 +432,17 @@ def test_real_ddddocr_models(real_models: dict[str, Path], name: str) -> None:
     for a, b in zip(run_ort(path, feeds), run_ort(result.model, feeds), strict=True):
         if a.dtype.kind == "f":
             assert _cosine(a, b) >= 0.99
+
+
+def test_double_weights_are_skipped_with_a_reason() -> None:
+    rng = np.random.default_rng(4)
+    D = TensorProto.DOUBLE
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm64")], "g",
+                              [helper.make_tensor_value_info("x", D, ["N", 8])],
+                              [helper.make_tensor_value_info("y", D, ["N", 4])],
+                              [nh.from_array(rng.standard_normal((8, 4)), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = QdqPass().run(Model(model), PassContext(calibration=[{"x": np.ones((2, 8))}]))
+    assert not result.modified
+    assert result.report.skipped == [
+        {"name": "mm64", "reason": "weight 'w' is double: Q/DQ here handles float32 and float16 weights"}]
