@@ -170,6 +170,9 @@ def install_runtime(target: Path | None = None, force: bool = False) -> Runtime:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             last = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            if sys.version_info >= (3, 13) or sysconfig.get_platform().endswith("aarch64"):
+                last.append(f"{training_worker.RUNTIME_PACKAGE} {training_worker.RUNTIME_VERSION} has wheels for "
+                            "Python 3.8-3.12 on Linux x86_64, macOS and Windows only: fine-tune from such a Python")
             raise OnnxSparseError(
                 f"installing {training_worker.RUNTIME_PACKAGE}=={training_worker.RUNTIME_VERSION} failed "
                 f"({last[-1].strip() if last else f'pip exit {proc.returncode}'}); command: {' '.join(cmd)}"
