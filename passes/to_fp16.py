@@ -36,7 +36,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, help
 from onnxsparse.graph import NameGen, iter_graphs, subgraphs, toposort
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
-from onnxsparse.tensors import to_array
+from onnxsparse.tensors import set_array, to_array
 
 log = logging.getLogger("onnxsparse.passes.to_fp16")
 
@@ -508,17 +508,12 @@ class _Converter:
         for name, t in self.native.items():
             if t != FLOAT16:
                 continue
-            if name in self.initializers and not self._is_graph_input(name):
+            if name in self.initializers:  # also an input's default (keep-io off): it follows the input
                 _, tensor = self.initializers[name]
-                arr = to_array(tensor, self.model.base_dir)
-                new = numpy_helper.from_array(self._fp16(arr), tensor.name)
-                doc = tensor.doc_string
-                tensor.CopyFrom(new)
-                tensor.doc_string = doc
-                self.stats["initializers"] += 1
-            elif name in self.initializers:  # an input with a default (keep-io off): its default follows
-                _, tensor = self.initializers[name]
-                tensor.CopyFrom(numpy_helper.from_array(self._fp16(to_array(tensor, self.model.base_dir)), name))
+                # set_array keeps the core's policy: an external weight goes to a scratch file, not into memory
+                set_array(tensor, self._fp16(to_array(tensor, self.model.base_dir)))
+                if not self._is_graph_input(name):
+                    self.stats["initializers"] += 1
             elif name in self.producer and self.producer[name][0].op_type == "Constant":
                 node = self.producer[name][0]
                 ctensor = _constant_tensor(node)

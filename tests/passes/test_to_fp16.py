@@ -458,3 +458,22 @@ def test_every_fixture_model_converts_and_stays_close(fixture_model) -> None:  #
         for a, b in zip(want, got, strict=True):
             assert b.dtype == a.dtype
             assert _rel(a, b) < tol, (fixture_model.name, _rel(a, b), tol)
+
+
+def test_external_data_model_converts_and_saves(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weights stored outside the protobuf: converted, saved with external data, reloaded, run in ORT."""
+    from onnxsparse.model_io import load_model, save_model
+
+    src = tmp_path / "ext.onnx"
+    save_model(Model(proto=cnn()), src, external_data=True)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 0
+    m = load_model(src)
+    assert m.has_external_data()
+    res = Pipeline("to-fp16").run(m)
+    out_path = save_model(res.model, tmp_path / "ext16.onnx", external_data=True)
+    out = onnx.load(str(out_path))  # loads the external data too
+    assert all(t.data_type == FLOAT16 for t in out.graph.initializer)
+    assert (tmp_path / "ext16.onnx.data").stat().st_size < (tmp_path / "ext.onnx.data").stat().st_size
+    x = _rng(21).standard_normal((2, 8, 16, 16)).astype(np.float32)
+    for a, b in zip(_run(cnn(), {"x": x}), _run(out, {"x": x}), strict=True):
+        assert _rel(a, b) < REL_TOL
