@@ -529,6 +529,11 @@ class _Converter:
         if not out16:
             return
         if node.op_type == "Cast":
+            src = node.input[0]
+            if self.native.get(src, _elem(self.types.get(src))) == FLOAT16:
+                node.op_type = "Identity"  # float16 → float16 is no cast at all
+                del node.attribute[:]
+                return
             for a in node.attribute:
                 if a.name == "to":
                     a.i = FLOAT16

@@ -447,6 +447,10 @@ def test_every_fixture_model_converts_and_stays_close(fixture_model) -> None:  #
     assert [i.type.tensor_type.elem_type for i in out.graph.input] == [
         i.type.tensor_type.elem_type for i in ref.graph.input
     ]
+    inferred = _elem_types(out)
+    for _, node in iter_nodes(out.graph):  # no Cast converts a type to itself
+        if node.op_type == "Cast" and node.input[0] in inferred and node.output[0] in inferred:
+            assert inferred[node.input[0]] != inferred[node.output[0]], node.name
     # float32 weights that remain are read by float32-only work (blocked ops, fixed float inputs): say why
     left32 = {t.name for g in iter_graphs(out.graph) for t in g.initializer if t.data_type == FLOAT}
     if left32:
