@@ -105,6 +105,27 @@ class ToFp16(Pass[ToFp16Config]):
         modified = _Converter(model, self.config, report).run()
         return PassResult(model, modified, report)
 
+    def render(self, result: PassResult) -> str | None:
+        """One summary line, clamping if any, then what stayed float32 grouped by reason."""
+        d = result.report.details
+        if not d:
+            return None
+        lines = [
+            f"  {d.get('nodes_converted', 0)} node(s) compute in float16, {d.get('nodes_kept_float32', 0)} kept "
+            f"float32; {d.get('initializers_converted', 0)} initializer(s) and {d.get('constants_converted', 0)} "
+            f"constant(s) converted; {d.get('casts_inserted', 0)} Cast(s) inserted"
+            + ("; model inputs/outputs stay float32" if d.get("keep_io_types") else "")
+        ]
+        if d.get("clamped_high"):
+            lines.append(f"  {d['clamped_high']} weight value(s) beyond ±{self.config.max_finite:g} clamped")
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for item in result.report.skipped:
+            reasons[item["reason"]].append(item["name"])
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
+            lines.append(f"  float32 {len(names)}: {reason} [{shown}]")
+        return "\n".join(lines)
+
 
 def fp16_array(arr: np.ndarray, min_positive: float, max_finite: float) -> tuple[np.ndarray, int, int]:
     """``arr`` as float16 with clamping; returns (array, how many clamped high, how many kept from underflow)."""

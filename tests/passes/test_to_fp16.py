@@ -537,3 +537,18 @@ def test_ddddocr_models_convert_and_stay_close(real_models, tmp_path) -> None:  
         tol = max(REL_TOL, 2 * _sensitivity(path, feeds, run_ort, draws=2))
         for a, b in zip(run_ort(path, feeds), run_ort(out, feeds), strict=True):
             assert _rel(a, b) < tol, (name, _rel(a, b), tol)
+
+
+def test_cli_run_prints_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from onnxsparse.cli import main
+
+    src = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), str(src))
+    res = CliRunner().invoke(main, ["run", str(src), "-p", "to-fp16", "-o", str(tmp_path / "cnn16.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "7 node(s) compute in float16, 1 kept float32; 6 initializer(s)" in res.output
+    assert "float32 1: Exp is in block-ops" in res.output
+    out = onnx.load(str(tmp_path / "cnn16.onnx"))
+    assert {t.data_type for t in out.graph.initializer} == {FLOAT16}
