@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--mode", choices=["loop", "graph"], default="loop")
     ap.add_argument("--dtype", choices=["fp16", "int8"], default="fp16")
+    ap.add_argument("--search-rounds", type=int, default=2)
     ap.add_argument("--single", action="store_true", help="also time single launches (iters=1)")
     ap.add_argument("--only", default=None, help="comma-separated substrings of shape names to run")
     ap.add_argument("--json", default=None)
@@ -66,11 +67,11 @@ def main() -> int:
         with gpu.SparseLt() as lt:
             for name, m, n, k, _ in shapes:
                 t = gpu.time_gemm(lt, m, n, k, dtype=args.dtype, repeats=args.repeats, iters=args.iters,
-                                  mode=args.mode, seed=r)
+                                  mode=args.mode, seed=r, search_rounds=args.search_rounds)
                 d = t.to_dict()
                 if args.single:
                     s = gpu.time_gemm(lt, m, n, k, dtype=args.dtype, repeats=args.repeats, iters=1, mode="loop",
-                                      seed=r)
+                                      seed=r, search_rounds=1)
                     d["single_launch"] = s.to_dict()
                 results[name] = d
                 print(f"run {r + 1}: {name:32s} dense {t.dense_ms * 1e3:9.1f} us  sparse {t.sparse_ms * 1e3:9.1f} us"

@@ -61,6 +61,8 @@ class GemmTiming:
     ok: bool = True
     alg_id: int | None = None
     search_iterations: int = 0
+    #: each matmul_search round's pick (config id, split-K) and its quick graph time; the fastest is kept
+    search: list[dict[str, Any]] = field(default_factory=list)
     layout: str = ""
     out_dtype: str = ""
     mode: str = "loop"
@@ -250,6 +252,40 @@ class SparsePlan:
         self.alg_id = int(alg_id[0])
         return self.alg_id
 
+    _ALG_ATTRS = ("CONFIG_ID", "SPLIT_K", "SPLIT_K_MODE", "SPLIT_K_BUFFERS")
+
+    def alg_attributes(self) -> dict[str, int]:
+        """The kernel choice ``matmul_search`` left in the algorithm selection (config id and split-K)."""
+        import numpy as np
+
+        cl, out = _lt(), {}
+        for name in self._ALG_ATTRS:
+            value = np.zeros(1, dtype=np.int32)
+            cl.matmul_alg_get_attribute(self.lt.handle, self._alg, int(getattr(cl.MatmulAlgAttribute, name)),
+                                        value.ctypes.data, 4)
+            out[name] = int(value[0])
+        return out
+
+    def use_alg(self, attrs: dict[str, int]) -> None:
+        """Re-plan with an earlier kernel choice. The compressed weight stays valid: its layout depends on the
+        matrix descriptor only (torch's ``_cslt_compress`` compresses once for any ``alg_id``)."""
+        import numpy as np
+
+        cl = _lt()
+        for name in self._ALG_ATTRS:
+            value = np.array([attrs[name]], dtype=np.int32)
+            cl.matmul_alg_set_attribute(self.lt.handle, self._alg, int(getattr(cl.MatmulAlgAttribute, name)),
+                                        value.ctypes.data, 4)
+        cl.matmul_plan_destroy(self._plan)
+        self._plan = 0
+        self._plan = cl.matmul_plan_init(self.lt.handle, self._mm, self._alg)
+        size = int(cl.matmul_get_workspace(self.lt.handle, self._plan))
+        if size > self.workspace.numel():
+            import torch
+
+            self.workspace = torch.empty(size, dtype=torch.uint8, device=self.workspace.device)
+        self.alg_id = attrs["CONFIG_ID"]
+
     def run(self, x: Any, y: Any) -> None:
         """One launch of y = x·Wᵀ on the plan's stream (asynchronous)."""
         _lt().matmul(*self._args(x, y))
@@ -385,8 +421,42 @@ def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str
     return out, {name: statistics.median(v) for name, v in host.items()}
 
 
+def _graph_ms(fn: Callable[[], None], iters: int = 20, repeats: int = 3) -> float:
+    """Quick GPU ms per launch of ``fn`` from a CUDA graph (for choosing between tuned plans)."""
+    runs, _ = _loops({"fn": fn}, iters, repeats, 1, "graph", warmup_s=0.02)
+    return statistics.median(runs["fn"])
+
+
+def _tune(plan: SparsePlan, x: Any, y: Any, rounds: int) -> list[dict[str, Any]]:
+    """Run ``matmul_search`` ``rounds`` times and keep the fastest result.
+
+    Why: one search sometimes settles on a config 10-20% slower than another search's pick (seen on the
+    H100: 16384x11008x4096 config 27 at 1.70 ms vs config 6 at 1.52 ms; BERT-base ffn1 config 6 vs 42), which
+    made repeated bench runs disagree. Each round's winner is timed the same way as the final measurement.
+    """
+    import torch
+
+    tried: list[dict[str, Any]] = []
+    for _ in range(max(rounds, 1)):
+        plan.set_stream(torch.cuda.current_stream().cuda_stream)
+        plan.search(x, y)
+        attrs = plan.alg_attributes()
+        launch = plan.launcher(x, y)
+
+        def fn(launch: Callable[[], None] = launch) -> None:
+            plan.set_stream(torch.cuda.current_stream().cuda_stream)
+            launch()
+
+        tried.append({"attrs": attrs, "ms": _graph_ms(fn)})
+    best = min(tried, key=lambda t: t["ms"])
+    if best["attrs"] != tried[-1]["attrs"]:
+        plan.use_alg(best["attrs"])
+    plan.alg_id = best["attrs"]["CONFIG_ID"]
+    return tried
+
+
 def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats: int = 7, iters: int = 50,
-              warmup: int = 3, mode: str = "graph", seed: int = 0) -> GemmTiming:
+              warmup: int = 3, mode: str = "graph", seed: int = 0, search_rounds: int = 2) -> GemmTiming:
     """Time y[M,N] = x[M,K]·W[N,K]ᵀ dense (cuBLAS) and 2:4-sparse (cuSPARSELt, tuned plan) in steady state."""
     import torch
 
@@ -399,7 +469,9 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
     try:
         y_sparse = torch.empty(m, n, device="cuda", dtype=plan.torch_out)
         plan.set_stream(torch.cuda.current_stream().cuda_stream)
-        alg_id = plan.search(x, y_sparse)
+        tried = _tune(plan, x, y_sparse, search_rounds)
+        alg_id = plan.alg_id
+        plan.set_stream(torch.cuda.current_stream().cuda_stream)
         error, ok = _check(plan, x, wp, y_sparse)
         if not ok:
             log.warning("sparse result wrong for %dx%dx%d %s (error %.3g)", m, n, k, dtype, error)
@@ -420,7 +492,9 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
                           sparse_ms=statistics.median(runs["sparse"]), dense_runs=runs["dense"],
                           sparse_runs=runs["sparse"], dense_host_ms=host["dense"], sparse_host_ms=host["sparse"],
                           error=error, ok=ok, alg_id=alg_id, search_iterations=plan.search_iterations,
-                          layout=plan.layout, out_dtype=plan.out_dtype, mode=mode, iters=iters)
+                          layout=plan.layout, out_dtype=plan.out_dtype, mode=mode, iters=iters,
+                          search=[{"config": t["attrs"]["CONFIG_ID"], "split_k": t["attrs"]["SPLIT_K"],
+                                   "ms": t["ms"]} for t in tried])
     finally:
         plan.close()
 

@@ -29,12 +29,14 @@ from onnxsparse.render import table, write_json
 @click.option("--mode", type=click.Choice(["graph", "loop"]), default="graph", show_default=True,
               help="Replay a CUDA graph of the launches (what an engine sees), or loop over them from Python "
                    "(host-bound below ~30 µs a product: torch.mm costs 13-30 µs of CPU a call).")
+@click.option("--search-rounds", type=click.IntRange(1), default=2, show_default=True,
+              help="matmul_search runs per shape; the fastest pick is kept (one search is sometimes 10-20% off).")
 @click.option("--min-speedup", type=float, default=1.0, show_default=True,
               help="A layer whose sparse speed-up is below this stays dense.")
 @click.option("--shapes-only", is_flag=True, help="Print the extracted GEMMs and stop (no GPU needed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random test data.")
 def command(model: str, shapes: str | None, dtype: str, json_path: str | None, repeats: int, iters: int,
-            warmup: int, mode: str, min_speedup: float, shapes_only: bool, seed: int) -> None:
+            warmup: int, mode: str, search_rounds: int, min_speedup: float, shapes_only: bool, seed: int) -> None:
     """Measure cuSPARSELt 2:4 against dense cuBLAS for each weighted layer's GEMM (M = batch × positions).
 
     \b
@@ -83,9 +85,9 @@ def command(model: str, shapes: str | None, dtype: str, json_path: str | None, r
         for u in bar:
             bar.set_postfix_str(f"{u.m}x{u.n}x{u.k}")
             timings[u.key] = gpu.time_gemm(lt, u.m, u.n, u.k, dtype=dtype, repeats=repeats, iters=iters,
-                                           warmup=warmup, mode=mode, seed=seed)
+                                           warmup=warmup, mode=mode, seed=seed, search_rounds=search_rounds)
     settings = {"model": str(model), "shapes": shapes, "repeats": repeats, "iters": iters, "warmup": warmup,
-                "mode": mode, "seed": seed}
+                "mode": mode, "seed": seed, "search_rounds": search_rounds}
     report = build_report(layers, timings, dtype, min_speedup=min_speedup, device=gpu.device_info(),
                           settings=settings)
     if json_path:
