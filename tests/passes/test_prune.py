@@ -193,6 +193,8 @@ def test_prune_fixture_structure_and_numerics(name):
             assert after[key].shape == before[key].shape
             mask = masks[key]
             assert not after[key][~mask].any(), "a value outside the mask survived"
+            if after[key].dtype.kind == "f":
+                assert not np.signbit(after[key][~mask]).any(), "pruned entries must be +0.0, not -0.0"
             assert np.array_equal(after[key][mask], before[key][mask]), "a kept value changed"
         else:
             assert np.array_equal(after[key], before[key], equal_nan=True), f"{key} changed but is not reported"
@@ -342,6 +344,7 @@ def test_dtypes_kept(dtype):
     assert got.dtype == w.dtype
     assert is_nm(got.astype(np.float32), 0)
     kept = got.astype(np.float32) != 0
+    assert not np.signbit(got.astype(np.float32)[~kept]).any()  # +0.0 bits, also for bf16/fp16
     np.testing.assert_array_equal(got.astype(np.float32)[kept], w.astype(np.float32)[kept])
     assert result.report.changed[0]["dtype"] == ("bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name)
     if dtype != "bfloat16":  # ORT's CPU provider has no bf16 Cast kernel
