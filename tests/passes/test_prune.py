@@ -659,3 +659,24 @@ def test_polygraphy_rank3_perm_disagreement_is_its_bug():
     theirs = SparsityPruner(_copy(model)).prune()
     seen = _op_weights(theirs, feeds)["conv"]
     assert not is_nm(seen, 1) and is_nm(nh.to_array(theirs.graph.initializer[0]), 3)
+
+
+def test_bench_model_is_yolo_sized_and_prunes_fully():
+    """tools/bench_prune.py's generated model: 60+ Convs, ~3 M params, channels multiples of 4; every Conv but
+    the 3-channel stem is pruned to 2:4 (keeps the benchmark honest about what it measures)."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_prune", REPO_ROOT / "tools" / "bench_prune.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.make_yolo_like()
+    convs = [t for t in model.graph.initializer if len(t.dims) == 4]
+    assert len(convs) >= 60
+    assert 2.5e6 < sum(int(np.prod(t.dims)) for t in convs) < 3.5e6
+    assert all(t.dims[0] % 4 == 0 and (t.dims[1] % 4 == 0 or t.dims[1] == 3) for t in convs)
+    _, result = _prune(model)
+    assert len(result.report.changed) == len(convs) - 1
+    assert [s["reason"] for s in result.report.skipped] == ["C_in/group=3 is not divisible by 4"]
