@@ -171,51 +171,83 @@ def _release_spill(tensor: TensorProto) -> None:
             old.unlink()
 
 
+class ScratchArray:
+    """An array written chunk by chunk (C order) into a scratch file and read back as a read-only memory map.
+
+    For results as large as a weight that are needed later but not now (pruning masks): they cost disk, not
+    resident memory. ``write`` chunks, then ``finish()`` → ``np.memmap`` (or ``discard()``).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        self.path = _spill_dir() / f"t{next(_SPILL_COUNTER)}.bin"
+        self.written = 0
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by finish/discard)
+
+    def write(self, chunk: np.ndarray) -> None:
+        flat = np.ascontiguousarray(chunk, dtype=self.dtype).reshape(-1)
+        if self.written + flat.size > self.count:
+            raise ValueError(f"more than {self.count} elements written to a scratch array")
+        self._file.write(flat.view(np.uint8).data)
+        self.written += flat.size
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.written != self.count:
+            raise ValueError(f"{self.written} of {self.count} elements written")
+
+    def finish(self) -> np.ndarray:
+        self.close()
+        if self.count == 0:
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def spill_writer(
-    tensor: TensorProto, shape: tuple[int, ...], dtype: np.dtype
+    tensor: TensorProto, shape: tuple[int, ...], dtype: np.dtype, commit: Callable[[], bool] | None = None
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """Stream a tensor's new values into a scratch file, chunk by chunk, in C order.
 
     ``with spill_writer(t, shape, dtype) as write: write(chunk); ...``: each chunk continues where the last
     ended; the total must be exactly ``prod(shape)`` elements. On success the tensor (name and doc kept)
-    points at the file; on error it is left as it was. The data is written with plain file writes, so it
-    never counts towards the process's resident memory.
+    points at the file; on error — or when ``commit()`` answers False at the end (e.g. nothing changed after
+    all) — it is left as it was. The data is written with plain file writes, so it never counts towards the
+    process's resident memory.
     """
     dtype = np.dtype(dtype)
     data_type = _TYPE_OF.get(dtype)
     if data_type is None:
         raise OnnxSparseError(f"cannot spill tensor '{tensor.name}' of dtype {dtype}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    path = _spill_dir() / f"t{next(_SPILL_COUNTER)}.bin"
-    written = 0
+    scratch = ScratchArray(shape, dtype)
     try:
-        with open(path, "wb") as f:
-
-            def write(chunk: np.ndarray) -> None:
-                nonlocal written
-                flat = np.ascontiguousarray(chunk, dtype=dtype).reshape(-1)
-                if written + flat.size > count:
-                    raise ValueError(f"spill_writer: more than {count} elements for '{tensor.name}'")
-                f.write(flat.view(np.uint8).data)
-                written += flat.size
-
-            yield write
-        if written != count:
-            raise ValueError(f"spill_writer: {written} of {count} elements written for '{tensor.name}'")
+        yield scratch.write
+        scratch.close()
     except BaseException:
-        path.unlink(missing_ok=True)
+        scratch.discard()
         raise
+    if commit is not None and not commit():
+        scratch.discard()
+        return
     _release_spill(tensor)
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)  # type: ignore[arg-type]
     tensor.ClearField("raw_data")
     del tensor.dims[:]
-    tensor.dims.extend(int(d) for d in shape)
+    tensor.dims.extend(scratch.shape)
     tensor.data_type = data_type
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", str(path)), ("offset", "0"), ("length", str(count * dtype.itemsize))):
+    length = scratch.count * dtype.itemsize
+    for key, value in (("location", str(scratch.path)), ("offset", "0"), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key = key
         entry.value = value

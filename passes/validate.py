@@ -25,7 +25,15 @@ from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.render import human_count, table
 from onnxsparse.shapes import Shape, concrete, infer_shapes
-from onnxsparse.sparsity import StoredWeight, constants_by_name, count_violations, parse_pattern, stored_weight
+from onnxsparse.sparsity import (
+    StoredWeight,
+    check_finite,
+    constants_by_name,
+    count_violations,
+    parse_pattern,
+    stored_weight,
+)
+from onnxsparse.stream import check_tensor, streamable
 
 log = logging.getLogger("onnxsparse.passes.validate")
 
@@ -193,15 +201,19 @@ def _stats(layer: Layer, n: int, m: int, consts: dict[str, Any], model: Model,
     if isinstance(sw, str):
         return sw
     assert isinstance(sw, StoredWeight)
-    nonzero = sw.nonzero()
-    out: dict[str, Any] = {
-        "dtype": sw.dtype_name,
-        "zeros": round(1.0 - float(np.count_nonzero(nonzero)) / max(nonzero.size, 1), 4),
-        "violations": None,
-        "groups": None,
-    }
-    if m:
-        out["violations"], out["groups"] = count_violations(nonzero, sw.axis, n, m)
+    out: dict[str, Any] = {"dtype": sw.dtype_name, "zeros": None, "violations": None, "groups": None}
+    if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
+        # A large external weight: counted in slabs (onnxsparse.stream), never resident as a whole.
+        st = check_tensor(sw.tensor, model.base_dir, sw.axis, n, m)
+        out["zeros"] = round(1.0 - st.nonzero / max(st.size, 1), 4)
+        if m:
+            out["violations"], out["groups"] = st.violations, st.groups
+    else:
+        check_finite(sw)
+        nonzero = sw.nonzero()
+        out["zeros"] = round(1.0 - float(np.count_nonzero(nonzero)) / max(nonzero.size, 1), 4)
+        if m:
+            out["violations"], out["groups"] = count_violations(nonzero, sw.axis, n, m)
     cache[key] = out
     return out
 

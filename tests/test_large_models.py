@@ -22,6 +22,7 @@ from onnxsparse.tensors import external_path, is_spilled, set_array, spill_write
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import bench_scale  # noqa: E402
 
 
 def _mlp(tmp_path: Path, k: int = 64, layers: int = 3, seed: int = 0) -> Path:
@@ -158,3 +159,27 @@ def test_pipeline_on_external_model_matches_in_memory_result(tmp_path: Path) -> 
         np.testing.assert_array_equal(to_array(a, ext.base_dir), to_array(b))
     assert r_ext.results[1].report.details["summary"]["coverage"] == 1.0
     assert r_inl.results[1].report.details["summary"]["coverage"] == 1.0
+
+
+def test_scale_bench_small_is_memory_bounded(tmp_path: Path) -> None:
+    """The bench's own measurement at 0.2 GB (4 × 48 MiB, streamed): output verified 2:4, memory bounded by
+    the largest tensor rather than the model. The floor (interpreter + numpy + onnx + onnxruntime) is
+    subtracted: at this size it is larger than a tensor; the ≥ 2.2 GB run checks the absolute ratio."""
+    info = bench_scale.run(total_gb=0.19, tensor_mb=48, folder=tmp_path)
+    assert info["verified_tensors"] == info["tensors"] == 4
+    assert info["pruned"] == 4 and info["coverage"] == 1.0
+    assert info["peak_reset"], "cannot reset the peak-RSS mark here; the memory bound is not measurable"
+    working = info["peak_rss_mb"] - info["baseline_rss_mb"]
+    model_mb = info["weights_gb"] * 1e9 / 2**20
+    assert working < 1.3 * (info["largest_tensor_mb"] + info["proto_mb"]), info
+    assert working < 0.5 * model_mb, info
+
+
+@pytest.mark.slow
+def test_scale_bench_over_2gb(tmp_path: Path) -> None:
+    """The issue's goal: a ≥ 2.2 GB model through load → prune → validate → save with peak RSS ≤ 1.3 ×
+    (largest tensor + proto). Throughput is reported (bench_scale prints it), not asserted: CI machines vary."""
+    info = bench_scale.run(total_gb=2.2, tensor_mb=256, folder=tmp_path)
+    assert info["weights_gb"] >= 2.2
+    assert info["verified_tensors"] == info["tensors"]
+    assert info["rss_ratio"] <= 1.3, info

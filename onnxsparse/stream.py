@@ -1,0 +1,251 @@
+"""Chunked n:m pruning and checking of large external weights: memory follows a chunk, not the tensor.
+
+``prune`` and ``validate`` hold a whole weight and several same-sized temporaries (magnitudes, ranks, masks)
+at once — fine for most layers, but a 512 MB weight would cost gigabytes. For a plain float weight stored as
+external data and at least ``STREAM_MIN_BYTES`` large, they call this module instead: the tensor is read in
+slabs of whole groups straight from its data file (``os.preadv`` into a reused buffer — no memory map, so
+pages already processed do not stay resident), each slab is ranked and pruned, and the result is streamed
+into a scratch file (``tensors.spill_writer``). Two worker threads process slabs (numpy releases the GIL
+in its loops); results are written in order, with at most a few slabs in flight.
+
+The keep-set is identical to ``sparsity.nm_keep``: in each group of ``m`` along the reduction axis the ``n``
+largest magnitudes stay, ties go to the lower index, entries outside ``prefer`` rank below every preferred
+one. Ranks come from the m·(m-1)/2 pairwise comparisons of a group, a third of the work of ranking every
+position against every other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.tensors import ScratchArray, external_info, external_path, spill_writer
+
+#: external float weights at least this large are pruned / checked in slabs
+STREAM_MIN_BYTES = 32 * 2**20
+#: bytes of weight per slab (the working set is a small multiple of this per thread)
+CHUNK_BYTES = 4 * 2**20
+WORKERS = 2
+
+_FLOAT_TYPES: dict[int, np.dtype] = {
+    TensorProto.FLOAT: np.dtype(np.float32),
+    TensorProto.FLOAT16: np.dtype(np.float16),
+    TensorProto.DOUBLE: np.dtype(np.float64),
+}
+
+
+def streamable(tensor: TensorProto, values: np.ndarray, scale: object = None, zp: object = None) -> bool:
+    """True for a plain (not DequantizeLinear-scaled) float weight in external data of at least
+    ``STREAM_MIN_BYTES``."""
+    return (
+        scale is None
+        and zp is None
+        and tensor.data_type in _FLOAT_TYPES
+        and external_info(tensor) is not None
+        and values.nbytes >= STREAM_MIN_BYTES
+    )
+
+
+@dataclass
+class _Source:
+    """Where a tensor's bytes are and how its groups lie: rows of ``m * post`` elements, one group-row each."""
+
+    path: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    rows: int  # pre * K / m
+    m: int
+    post: int
+
+    @property
+    def row_elems(self) -> int:
+        return self.m * self.post
+
+
+def _source(tensor: TensorProto, base_dir: Path | None, axis: int, m: int) -> _Source:
+    info = external_info(tensor)
+    assert info is not None
+    shape = tuple(int(d) for d in tensor.dims)
+    axis %= len(shape)
+    if shape[axis] % m:
+        raise ValueError(f"axis {axis} of shape {shape} is not divisible by {m}")
+    pre = int(np.prod(shape[:axis], dtype=np.int64))
+    post = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+    return _Source(path=external_path(tensor, base_dir), offset=int(info.get("offset", 0)),
+                   dtype=_FLOAT_TYPES[tensor.data_type], shape=shape, rows=pre * (shape[axis] // m), m=m,
+                   post=post)
+
+
+def _slabs(src: _Source) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(src.row_elems * src.dtype.itemsize, 1))
+    return [(r, min(r + step, src.rows)) for r in range(0, src.rows, step)]
+
+
+def _read(fd: int, src: _Source, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as a [rows, m, post] array, read with one positional read (thread-safe)."""
+    count = (stop - start) * src.row_elems
+    buf = np.empty(count, dtype=src.dtype)
+    want = buf.nbytes
+    view = buf.view(np.uint8).data
+    got = 0
+    pos = src.offset + start * src.row_elems * src.dtype.itemsize
+    while got < want:
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if n <= 0:
+            raise OnnxSparseError(f"external data file '{src.path.name}' ended early")
+        got += n
+    return buf.reshape(stop - start, src.m, src.post)
+
+
+def _check_finite(magnitude: np.ndarray, name: str) -> None:
+    """Refuse NaN/Inf (as ``sparsity.check_finite``): one max over |x| shows both (NaN propagates)."""
+    if magnitude.size and not np.isfinite(magnitude.max()):
+        raise OnnxSparseError(f"weight '{name}' has NaN/Inf value(s); fix the model first")
+
+
+def keep_pairwise(key: np.ndarray, n: int) -> np.ndarray:
+    """Keep-set of n:m along axis 1 of a [rows, m, post] magnitude array (same result as ``nm_keep``),
+    returned C-contiguous in the same layout."""
+    m = key.shape[1]
+    if key.shape[2] >= 16:  # long contiguous runs: work on [rows, post] slices of each position in place
+        rank = np.zeros(key.shape, dtype=np.int8)
+        pos = [key[:, j] for j in range(m)]
+        ranks = [rank[:, j] for j in range(m)]
+    else:  # short runs: one contiguous [rows, post] block per position first (numpy's loops want that)
+        g = np.ascontiguousarray(np.moveaxis(key, 1, 0))
+        rank = np.zeros(g.shape, dtype=np.int8)
+        pos = list(g)
+        ranks = list(rank)
+    tmp = np.empty(pos[0].shape, dtype=bool)
+    for j in range(m):
+        for k in range(j + 1, m):
+            np.greater_equal(pos[j], pos[k], out=tmp)  # j beats k (ties: the lower index wins)
+            ranks[k] += tmp
+            np.logical_not(tmp, out=tmp)
+            ranks[j] += tmp
+    keep = rank < n
+    if key.shape[2] >= 16:
+        return keep
+    return np.ascontiguousarray(np.moveaxis(keep, 0, 1))
+
+
+@dataclass
+class PruneStats:
+    """What pruning one tensor did (the same numbers the in-memory path reports)."""
+
+    groups: int
+    violations: int  # groups with more than n non-zeros before pruning
+    nonzero_before: int
+    nonzero_after: int
+    mask: np.ndarray | None  # True = may be non-zero; a read-only memory map of a scratch file
+
+
+def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, m: int,
+                 prefer: np.ndarray | None = None, want_mask: bool = True) -> PruneStats:
+    """n:m-prune a large external tensor in slabs; the tensor ends up spilled (unless it already was n:m,
+    in which case it is left untouched and ``violations`` is 0)."""
+    src = _source(tensor, base_dir, axis, m)
+    prefer3 = None
+    if prefer is not None:
+        prefer3 = np.asarray(prefer, dtype=bool).reshape(src.rows, m, src.post)
+
+    def work(fd: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+        x = _read(fd, src, start, stop)
+        a = np.abs(x)
+        _check_finite(a, tensor.name)
+        nonzero = x != 0
+        if prefer3 is not None:  # as the in-memory path: prefer = nonzero & prior mask; others rank last
+            a[~(prefer3[start:stop] & nonzero)] = -1.0
+        keep = keep_pairwise(a, n)
+        del a
+        counts = nonzero.sum(axis=1, dtype=np.int8) if m < 128 else nonzero.sum(axis=1)
+        bad = int(np.count_nonzero(counts > n))
+        mask = keep & nonzero
+        out = np.multiply(x, keep, out=x)  # finite values: exact; 4x faster than np.where here
+        out += 0  # -0.0 → +0.0, so the bytes equal the in-memory path's np.where(keep, x, 0)
+        return out, mask, bad, int(np.count_nonzero(nonzero)), int(np.count_nonzero(mask))
+
+    stats = PruneStats(groups=src.rows * src.post, violations=0, nonzero_before=0, nonzero_after=0, mask=None)
+    mask_out = ScratchArray(src.shape, np.dtype(bool)) if want_mask else None
+    committed = False
+    try:
+        with spill_writer(tensor, src.shape, src.dtype, commit=lambda: stats.violations > 0) as write:
+            for out, mask, bad, nz_before, nz_after in _run(src, work):
+                write(out)
+                if mask_out is not None:
+                    mask_out.write(mask)
+                stats.violations += bad
+                stats.nonzero_before += nz_before
+                stats.nonzero_after += nz_after
+        committed = True
+    finally:
+        if mask_out is not None and not committed:
+            mask_out.discard()
+    if mask_out is not None:
+        stats.mask = mask_out.finish()
+    return stats
+
+
+@dataclass
+class CheckStats:
+    groups: int
+    violations: int
+    nonzero: int
+    size: int
+
+
+def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, m: int) -> CheckStats:
+    """Non-zeros and groups with more than ``n`` non-zeros (``m`` = 0: non-zeros only), read in slabs."""
+    src = _source(tensor, base_dir, axis, m or 1)
+
+    def work(fd: int, start: int, stop: int) -> tuple[int, int]:
+        x = _read(fd, src, start, stop)
+        _check_finite(np.abs(x), tensor.name)
+        nonzero = x != 0
+        bad = 0
+        if m:
+            counts = nonzero.sum(axis=1, dtype=np.int16)
+            bad = int(np.count_nonzero(counts > n))
+        return bad, int(np.count_nonzero(nonzero))
+
+    bad = nz = 0
+    for b, z in _run(src, work):
+        bad += b
+        nz += z
+    size = int(np.prod(src.shape, dtype=np.int64))
+    return CheckStats(groups=src.rows * src.post if m else 0, violations=bad, nonzero=nz, size=size)
+
+
+def _run(src: _Source, work: Callable[..., tuple]) -> Iterator[tuple]:  # type: ignore[type-arg]
+    """``work(fd, start, stop)`` over every slab on ``WORKERS`` threads; results in slab order."""
+    slabs = _slabs(src)
+    fd = os.open(src.path, os.O_RDONLY)
+    try:
+        if WORKERS <= 1 or len(slabs) < 2:
+            for start, stop in slabs:
+                yield work(fd, start, stop)
+            return
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="onnxsparse-stream") as pool:
+            pending: deque[Future[tuple]] = deque()  # type: ignore[type-arg]
+            it = iter(slabs)
+            try:
+                for start, stop in it:
+                    pending.append(pool.submit(work, fd, start, stop))
+                    if len(pending) > WORKERS:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        os.close(fd)
