@@ -61,7 +61,7 @@ class GemmTiming:
     ok: bool = True
     alg_id: int | None = None
     search_iterations: int = 0
-    #: each matmul_search round's pick (config id, split-K) and its quick graph time; the fastest is kept
+    #: each matmul_search round's pick (config id, split-K) and its quick graph time; the fastest plan is kept
     search: list[dict[str, Any]] = field(default_factory=list)
     layout: str = ""
     out_dtype: str = ""
@@ -266,26 +266,6 @@ class SparsePlan:
             out[name] = int(value[0])
         return out
 
-    def use_alg(self, attrs: dict[str, int]) -> None:
-        """Re-plan with an earlier kernel choice. The compressed weight stays valid: its layout depends on the
-        matrix descriptor only (torch's ``_cslt_compress`` compresses once for any ``alg_id``)."""
-        import numpy as np
-
-        cl = _lt()
-        for name in self._ALG_ATTRS:
-            value = np.array([attrs[name]], dtype=np.int32)
-            cl.matmul_alg_set_attribute(self.lt.handle, self._alg, int(getattr(cl.MatmulAlgAttribute, name)),
-                                        value.ctypes.data, 4)
-        cl.matmul_plan_destroy(self._plan)
-        self._plan = 0
-        self._plan = cl.matmul_plan_init(self.lt.handle, self._mm, self._alg)
-        size = int(cl.matmul_get_workspace(self.lt.handle, self._plan))
-        if size > self.workspace.numel():
-            import torch
-
-            self.workspace = torch.empty(size, dtype=torch.uint8, device=self.workspace.device)
-        self.alg_id = attrs["CONFIG_ID"]
-
     def run(self, x: Any, y: Any) -> None:
         """One launch of y = x·Wᵀ on the plan's stream (asynchronous)."""
         _lt().matmul(*self._args(x, y))
@@ -427,32 +407,44 @@ def _graph_ms(fn: Callable[[], None], iters: int = 20, repeats: int = 3) -> floa
     return statistics.median(runs["fn"])
 
 
-def _tune(plan: SparsePlan, x: Any, y: Any, rounds: int) -> list[dict[str, Any]]:
-    """Run ``matmul_search`` ``rounds`` times and keep the fastest result.
+def _tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str,
+                rounds: int) -> tuple[SparsePlan, list[dict[str, Any]]]:
+    """The fastest of ``rounds`` independently built and searched plans, and what each round picked.
 
-    Why: one search sometimes settles on a config 10-20% slower than another search's pick (seen on the
-    H100: 16384x11008x4096 config 27 at 1.70 ms vs config 6 at 1.52 ms; BERT-base ffn1 config 6 vs 42), which
-    made repeated bench runs disagree. Each round's winner is timed the same way as the final measurement.
+    Why: one ``matmul_search`` sometimes settles on a config 10-20% slower than another search's pick (seen
+    on the H100: 16384x11008x4096 config 27 at 1.70 ms vs config 6 at 1.52 ms; BERT-base ffn1 config 6 vs
+    42), which made repeated bench runs disagree. Each round gets its own plan: re-planning one plan with an
+    earlier round's config and split-K attributes crashed cuSPARSELt 0.8.0 (segfault in plan init).
     """
     import torch
 
+    plans: list[tuple[float, SparsePlan]] = []
     tried: list[dict[str, Any]] = []
-    for _ in range(max(rounds, 1)):
-        plan.set_stream(torch.cuda.current_stream().cuda_stream)
-        plan.search(x, y)
-        attrs = plan.alg_attributes()
-        launch = plan.launcher(x, y)
-
-        def fn(launch: Callable[[], None] = launch) -> None:
+    try:
+        for _ in range(max(rounds, 1)):
+            plan = SparsePlan(lt, wp, x.shape[0], dtype)
+            plans.append((float("inf"), plan))
             plan.set_stream(torch.cuda.current_stream().cuda_stream)
-            launch()
+            plan.search(x, y)
+            attrs = plan.alg_attributes()
+            launch = plan.launcher(x, y)
 
-        tried.append({"attrs": attrs, "ms": _graph_ms(fn)})
-    best = min(tried, key=lambda t: t["ms"])
-    if best["attrs"] != tried[-1]["attrs"]:
-        plan.use_alg(best["attrs"])
-    plan.alg_id = best["attrs"]["CONFIG_ID"]
-    return tried
+            def fn(plan: SparsePlan = plan, launch: Callable[[], None] = launch) -> None:
+                plan.set_stream(torch.cuda.current_stream().cuda_stream)
+                launch()
+
+            ms = _graph_ms(fn)
+            plans[-1] = (ms, plan)
+            tried.append({"config": attrs["CONFIG_ID"], "split_k": attrs["SPLIT_K"], "ms": ms})
+    except BaseException:
+        for _, plan in plans:
+            plan.close()
+        raise
+    best = min(range(len(plans)), key=lambda i: plans[i][0])
+    for i, (_, plan) in enumerate(plans):
+        if i != best:
+            plan.close()
+    return plans[best][1], tried
 
 
 def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats: int = 7, iters: int = 50,
@@ -465,11 +457,12 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x, w = _inputs(m, n, k, dtype, gen)
     wp = prune_2to4_rows(w)
-    plan = SparsePlan(lt, wp, m, dtype)
+    out_dtype = torch.float16 if dtype == "fp16" else torch.int32
+    y_sparse = torch.empty(m, n, device="cuda", dtype=out_dtype)
+    plan, tried = _tuned_plan(lt, wp, x, y_sparse, dtype, search_rounds)
     try:
-        y_sparse = torch.empty(m, n, device="cuda", dtype=plan.torch_out)
-        plan.set_stream(torch.cuda.current_stream().cuda_stream)
-        tried = _tune(plan, x, y_sparse, search_rounds)
+        if plan.torch_out != out_dtype:  # int8 fell back to an int8 output
+            y_sparse = torch.empty(m, n, device="cuda", dtype=plan.torch_out)
         alg_id = plan.alg_id
         plan.set_stream(torch.cuda.current_stream().cuda_stream)
         error, ok = _check(plan, x, wp, y_sparse)
@@ -493,8 +486,7 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
                           sparse_runs=runs["sparse"], dense_host_ms=host["dense"], sparse_host_ms=host["sparse"],
                           error=error, ok=ok, alg_id=alg_id, search_iterations=plan.search_iterations,
                           layout=plan.layout, out_dtype=plan.out_dtype, mode=mode, iters=iters,
-                          search=[{"config": t["attrs"]["CONFIG_ID"], "split_k": t["attrs"]["SPLIT_K"],
-                                   "ms": t["ms"]} for t in tried])
+                          search=tried)
     finally:
         plan.close()
 

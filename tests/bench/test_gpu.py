@@ -75,24 +75,7 @@ def test_cli_end_to_end(tmp_path):
     assert data["device"]["gpu"]
 
 
-def test_search_rounds_and_replanning_keep_results_right(lt):
-    import torch
-
+def test_search_rounds_keep_the_fastest_plan(lt):
     t = gpu.time_gemm(lt, 2048, 1024, 1024, dtype="fp16", repeats=2, iters=5, search_rounds=3)
     assert t.ok and len(t.search) == 3
     assert t.alg_id == min(t.search, key=lambda s: s["ms"])["config"]
-    # re-planning onto another kernel config reuses the compressed weight and stays correct
-    x = torch.randn(1024, 512, device="cuda").half()
-    wp = gpu.prune_2to4_rows(torch.randn(768, 512, device="cuda").half())
-    plan = gpu.SparsePlan(lt, wp, 1024, "fp16")
-    try:
-        y = torch.empty(1024, 768, device="cuda", dtype=torch.float16)
-        plan.search(x, y)
-        attrs = plan.alg_attributes()
-        other = dict(attrs, CONFIG_ID=0 if attrs["CONFIG_ID"] else 1)
-        plan.use_alg(other)
-        assert plan.alg_attributes()["CONFIG_ID"] == other["CONFIG_ID"]
-        error, ok = gpu._check(plan, x, wp, y)
-        assert ok and error < 1e-3
-    finally:
-        plan.close()
