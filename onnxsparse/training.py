@@ -45,7 +45,7 @@ from onnx import TensorProto, helper
 from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs, toposort
-from onnxsparse.layers import find_layers
+from onnxsparse.layers import attr, find_layers
 from onnxsparse.model_io import Model, save_model
 from onnxsparse.tensors import external_info, is_spilled, set_array, to_array
 
@@ -254,6 +254,8 @@ class FinetuneResult:
     trained: list[str]
     runtime: str
     changed: list[str] = field(default_factory=list)
+    #: parameters the runtime could not train (no gradient kernel on the way), with the reason
+    frozen: dict[str, str] = field(default_factory=dict)
     #: largest change training made to any masked-out entry before folding (0: they got no update)
     outside_mask_drift: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -401,6 +403,7 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray],
                                      name=f"onnxsparse_mask_{name}"))
     for i, node in enumerate(muls):
         graph.node.insert(i, node)
+    _batchnorm_as_affine(proto)
     # ORT's LayerNormalization gradient reads the forward pass's Mean and InvStdDev outputs (optional in ONNX
     # and usually absent in exported models): without them gradient building fails with "i < OutputDefs().size()".
     for node in graph.node:
@@ -418,6 +421,49 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray],
     toposort(proto.graph)  # a pass's output is sorted only at the end of its pipeline; ORT insists on order
     lower_for_training(proto)
     return proto
+
+
+def _batchnorm_as_affine(proto: onnx.ModelProto) -> None:
+    """Rewrite inference-mode BatchNormalization as ``x * a + b`` (a, b computed in-graph from its params).
+
+    ORT's training graph runs BatchNormalization in training mode (batch statistics), so a model trained
+    through it would match the teacher only with batch statistics and drift from it at inference, which uses
+    the running ones. As plain arithmetic the running statistics stay in use (and scale / bias stay trainable).
+    """
+    from onnxsparse.shapes import infer_shapes
+
+    graph = proto.graph
+    targets = [n for n in graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+               and len([o for o in n.output if o]) == 1 and not attr(n, "training_mode", 0)]
+    if not targets:
+        return
+    shapes = infer_shapes(proto)
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        shape = shapes.get(node.input[0]) if node in targets else None
+        if shape is None:
+            nodes.append(node)
+            continue
+        x, scale, bias, mean, var = node.input[:5]
+        p = f"{node.name or node.output[0]}__onnxsparse_bn"
+        eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.array(eps, np.float32), p + "_eps"),
+            onnx.numpy_helper.from_array(np.array([-1] + [1] * (len(shape) - 2), np.int64), p + "_shape"),
+        ])
+        nodes += [
+            helper.make_node("Add", [var, p + "_eps"], [p + "_ve"]),
+            helper.make_node("Sqrt", [p + "_ve"], [p + "_std"]),
+            helper.make_node("Div", [scale, p + "_std"], [p + "_a"]),
+            helper.make_node("Mul", [mean, p + "_a"], [p + "_ma"]),
+            helper.make_node("Sub", [bias, p + "_ma"], [p + "_b"]),
+            helper.make_node("Reshape", [p + "_a", p + "_shape"], [p + "_ar"]),
+            helper.make_node("Reshape", [p + "_b", p + "_shape"], [p + "_br"]),
+            helper.make_node("Mul", [x, p + "_ar"], [p + "_xa"]),
+            helper.make_node("Add", [p + "_xa", p + "_br"], [node.output[0]], name=node.name),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def lower_for_training(proto: onnx.ModelProto) -> None:
@@ -645,6 +691,7 @@ def finetune(
         job_path.write_text(json.dumps(job, indent=1))
         losses: list[float] = []
         summary: dict[str, Any] = {}
+        frozen: dict[str, str] = {}
         bars: list[Any] = []
 
         def handle(event: dict[str, Any]) -> None:
@@ -661,6 +708,10 @@ def finetune(
                     bars[0].update(1)
                 if on_step is not None:
                     on_step(int(event["step"]), float(event["loss"]))
+            elif kind == "frozen":
+                frozen.update(event["params"])
+                for name, reason in event["params"].items():
+                    log.warning("fine-tune: kept %s fixed: %s", name, reason)
             elif kind == "done":
                 summary.update(event)
 
@@ -675,9 +726,14 @@ def finetune(
                 bar.close()
         with np.load(work / "params.npz") as z:
             params = {k: np.array(z[k]) for k in z.files}
+    # Weights the worker had to keep fixed still get their masks applied (the input may not be pruned yet).
+    inits = _main_initializers(model)
+    for name in masks:
+        params.setdefault(name, np.asarray(to_array(inits[name], model.base_dir)))
+    for q in qweights.values():
+        params.setdefault(q.master_name, q.master)
     # Drift = the largest change training made to a masked-out entry (0 when the fixed mask works); judged on
     # the float values, before folding / re-quantizing would hide it.
-    inits = _main_initializers(model)
     drift = 0.0
     starts = {name: (np.asarray(to_array(inits[name], model.base_dir)), name, mask) for name, mask in masks.items()}
     starts.update({q.master_name: (q.master, q.master_name, q.mask) for q in qweights.values()})
@@ -696,7 +752,8 @@ def finetune(
         first_loss=summary.get("first_loss"),
         last_loss=summary.get("last_loss"),
         seconds=float(summary.get("seconds", 0.0)),
-        trained=requires_grad,
+        trained=[name for name in requires_grad if name not in frozen],
+        frozen=frozen,
         runtime=runtime.describe(),
         losses=losses,
     )

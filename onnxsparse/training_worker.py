@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import types
@@ -128,7 +129,7 @@ def target_name(i: int) -> str:
     return f"onnxsparse_target_{i}"
 
 
-def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path) -> None:
+def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path, requires_grad: list[str]) -> None:
     """Training / eval / optimizer models and the checkpoint for the job's graph."""
     import onnx
     from onnxruntime.training import onnxblock
@@ -139,7 +140,7 @@ def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path) -> N
     optimizer = onnxblock.optim.AdamW(weight_decay=float(job.get("weight_decay", 0.0)))
     artifacts_mod.generate_artifacts(
         model,
-        requires_grad=job["requires_grad"],
+        requires_grad=requires_grad,
         frozen_params=job["frozen"],
         loss=loss,
         optimizer=optimizer,
@@ -164,11 +165,9 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
     work = Path(job["workdir"])
     art = work / "artifacts"
     t0 = time.perf_counter()
-    build_artifacts(job, artifacts_mod, art)
-
-    state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
-    module = api.Module(str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"))
-    optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
+    state, module, optimizer, frozen = _session(job, artifacts_mod, api, art)
+    if frozen:
+        emit({"event": "frozen", "params": frozen})
     module.train()
 
     raw = np.load(job["data"], allow_pickle=False)
@@ -211,7 +210,7 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
         losses.append(loss)
         emit({"event": "step", "step": step + 1, "loss": loss, "lr": lr})
 
-    params = {name: np.asarray(state.parameters[name].data) for name in job["requires_grad"]}
+    params = {name: np.asarray(state.parameters[name].data) for name in job["requires_grad"] if name not in frozen}
     np.savez(job["params_out"], **params)  # type: ignore[arg-type]
     summary = {
         "steps": steps,
@@ -221,6 +220,59 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
         "runtime": f"onnxruntime {ort.__version__} ({os.path.dirname(ort.__file__)})",
     }
     return summary
+
+
+_MISSING_GRAD = re.compile(r"Could not find an implementation for (\w+?)Grad\(")
+
+
+def _session(job: dict[str, Any], artifacts_mod: Any, api: Any, art: Path) -> tuple[Any, Any, Any, dict[str, str]]:
+    """Artefacts + training session; where ORT's CPU build lacks an op's gradient kernel (ConvTranspose has
+    none), the weights upstream of that op are frozen and the artefacts built again, so the rest still trains.
+
+    Returns (state, module, optimizer, frozen parameter → reason).
+    """
+    frozen: dict[str, str] = {}
+    blocked: set[str] = set()
+    while True:
+        requires = [p for p in job["requires_grad"] if p not in frozen]
+        if not requires:
+            raise RuntimeError("nothing left to train: " + "; ".join(sorted(set(frozen.values()))))
+        build_artifacts(job, artifacts_mod, art, requires)
+        try:
+            state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
+            module = api.Module(str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"))
+            optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
+            return state, module, optimizer, frozen
+        except RuntimeError as e:
+            match = _MISSING_GRAD.search(str(e))
+            if match is None or match.group(1) in blocked:
+                raise
+            op = match.group(1)
+            blocked.add(op)
+            reason = f"ONNX Runtime training (CPU) has no gradient kernel for {op}, which this weight feeds"
+            for name in _upstream_params(job["train_model"], op, requires):
+                frozen[name] = reason
+
+
+def _upstream_params(model_path: str, op_type: str, params: list[str]) -> list[str]:
+    """The params that reach any ``op_type`` node (its own inputs included): their gradient passes through it."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    todo = [n for n in graph.node if n.op_type == op_type]
+    seen: set[int] = set()
+    reached: set[str] = set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in node.input:
+            reached.add(name)
+            if name in producer:
+                todo.append(producer[name])
+    return [p for p in params if p in reached]
 
 
 def _lr_at(step: int, steps: int, lr0: float, warmup: int, schedule: str) -> float:

@@ -113,6 +113,8 @@ class FinetunePass(Pass[FinetuneConfig]):
                           progress=ctx.progress, inplace=True)
         for name in result.changed:
             report.change(name, masked=name in usable)
+        for name, reason in result.frozen.items():
+            report.skip(name, reason)
         report.details.update(
             steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
             seconds=result.seconds, runtime=result.runtime, teacher=str(teacher) if teacher is not None else None,

@@ -398,3 +398,37 @@ def test_external_data_model_with_edited_tensors(tmp_path: Path) -> None:
     assert _inits(pruned)["fc1.weight"].shape == before["fc1.weight"].shape  # still readable after the save
     assert training.output_error(saved, load_model(FINETUNE_FIXTURE), data) < 0.5 * training.output_error(
         pruned, load_model(FINETUNE_FIXTURE), data)
+
+
+def test_training_copy_keeps_batchnorm_in_inference_mode(cnn_path: Path) -> None:
+    """ORT's training graph would run BatchNormalization on batch statistics; the copy spells it as x*a+b
+    from the running statistics, so the forward pass it trains is the model's own."""
+    model = load_model(cnn_path)
+    copy = training.training_copy(model, {})
+    assert "BatchNormalization" not in [n.op_type for n in copy.graph.node]
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    want = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(copy.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_runtime
+def test_weights_behind_an_op_without_cpu_gradient_stay_fixed(cnn_path: Path, tmp_path: Path) -> None:
+    """ORT training's CPU build has no ConvTranspose gradient: the weights whose gradient would pass it are
+    kept fixed (and reported), the layers after it still train, and the loss is the exported model's error."""
+    dense = load_model(cnn_path)
+    pruned, masks = prune_masks(dense)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((256, 3, 32, 32)).astype(np.float32))
+    result = training.finetune(pruned, masks, data, training.FinetuneOptions(steps=60), teacher=cnn_path)
+    assert "up.weight" in result.frozen and "block1.conv1.weight" in result.frozen
+    assert all("ConvTranspose" in reason for reason in result.frozen.values())
+    assert "head.weight" in result.trained and "down.weight" in result.trained
+    assert not set(result.trained) & set(result.frozen)
+    before, after = _inits(pruned), _inits(result.model)
+    np.testing.assert_array_equal(after["up.weight"], before["up.weight"])
+    assert not np.array_equal(after["head.weight"], before["head.weight"])
+    err_before = training.output_error(pruned, cnn_path, data)
+    err_after = training.output_error(result.model, cnn_path, data)
+    assert err_after < 0.2 * err_before
+    assert result.last_loss is not None and abs(err_after - result.last_loss) < 0.5 * err_after + 1e-3
