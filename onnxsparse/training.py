@@ -579,7 +579,8 @@ def _events_subprocess(job_path: Path, runtime: Runtime, cwd: Path) -> Iterator[
         if not error:
             lines = [ln for ln in stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
             error = lines[-1] if lines else f"exit code {rc}"
-        raise OnnxSparseError(f"fine-tune failed in ORT training: {error[:300]}")
+        short = error if len(error) <= 400 else error[:200] + " … " + error[-200:]
+        raise OnnxSparseError(f"fine-tune failed in ORT training: {short}")
 
 
 def finetune(

@@ -222,6 +222,25 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
     return summary
 
 
+def clean_error(text: str) -> str:
+    """One readable line from an exception text; ORT's C++ errors lose their source path and signature."""
+    text = " ".join(text.split())
+    match = re.search(r"\[ONNXRuntimeError\] : \d+ : (.*)", text)
+    if match:
+        return match.group(1)
+    match = re.match(r"/onnxruntime_src/\S+:\d+ (.*)", text)
+    if match:  # "<file>:<line> <C++ signature> <message>": the signature ends at the ")" closing its first "("
+        rest = match.group(1)
+        start, depth = rest.find("("), 0
+        for i in range(max(start, 0), len(rest)):
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            if start >= 0 and depth == 0:
+                tail = rest[i + 1 :].strip()
+                return tail[len("const "):] if tail.startswith("const ") else tail
+        return rest
+    return text
+
+
 _MISSING_GRAD = re.compile(r"Could not find an implementation for (\w+?)Grad\(")
 
 
@@ -300,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        emit({"event": "error", "message": f"{type(e).__name__}: {text}"})
+        emit({"event": "error", "message": f"{type(e).__name__}: {clean_error(str(e))}"})
         return 1
     emit({"event": "done", **summary})
     return 0

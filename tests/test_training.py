@@ -432,3 +432,16 @@ def test_weights_behind_an_op_without_cpu_gradient_stay_fixed(cnn_path: Path, tm
     err_after = training.output_error(result.model, cnn_path, data)
     assert err_after < 0.2 * err_before
     assert result.last_loss is not None and abs(err_after - result.last_loss) < 0.5 * err_after + 1e-3
+
+
+def test_ort_cpp_errors_become_one_readable_line() -> None:
+    from onnxsparse.training_worker import clean_error
+
+    raw = ("/onnxruntime_src/orttraining/orttraining/core/graph/gradient_builder_base.h:123 onnxruntime::training::"
+           "ArgDef onnxruntime::training::GradientBuilderBase::O(size_t, bool) const i < node_->OutputDefs().size() "
+           "was false.")
+    assert clean_error(raw) == "i < node_->OutputDefs().size() was false."
+    raw = ("/onnxruntime_src/a/module.cc:312 onnxruntime::Module::Module(const X&, gsl::span<Y* const>) "
+           "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for\nFooGrad(1) node")
+    assert clean_error(raw) == "NOT_IMPLEMENTED : Could not find an implementation for FooGrad(1) node"
+    assert clean_error("loss became nan at step 3") == "loss became nan at step 3"
