@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model
+from onnxsparse.model_io import Model, ort_session
 
 log = logging.getLogger("onnxsparse.calibration")
 
@@ -509,8 +509,8 @@ class CalibrationResult:
 def _session(model: Model, extra_outputs: Sequence[str]) -> Any:
     """An ORT session for ``model`` with ``extra_outputs`` exposed as graph outputs (the model is unchanged).
 
-    The outputs are appended to the proto only while it is serialised. A model with external data is
-    written next to its data file (ORT resolves external data relative to the model path) and removed after.
+    The outputs are appended to the proto only while it is serialised; external weights reach ORT through
+    ``model_io.ort_session`` (memory maps, no temporary files).
     """
     import onnxruntime as ort
 
@@ -522,26 +522,14 @@ def _session(model: Model, extra_outputs: Sequence[str]) -> Any:
             proto.graph.output.add().name = name  # ORT takes name-only outputs and infers their type
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    tmp: Path | None = None
     try:
-        if model.has_external_data() and model.base_dir is not None:
-            import tempfile
-
-            fd, tmp_name = tempfile.mkstemp(prefix=".calib.", suffix=".onnx", dir=model.base_dir)
-            os.close(fd)
-            tmp = Path(tmp_name)
-            tmp.write_bytes(proto.SerializeToString())
-            source: Any = str(tmp)
-        else:
-            source = proto.SerializeToString()
-        try:
-            return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise OnnxSparseError(f"onnxruntime cannot load the model for calibration: {_first_line(e)}") from e
+        # External weights (including a large model's edited, spilled ones) go to ORT as OrtValues over
+        # their memory maps: no temporary model file next to the input, no copy of the weights.
+        return ort_session(model, opts)
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise OnnxSparseError(f"onnxruntime cannot load the model for calibration: {_first_line(e)}") from e
     finally:
         del proto.graph.output[n_out:]
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def _first_line(e: BaseException) -> str:
