@@ -158,11 +158,16 @@ def install_runtime(target: Path | None = None, force: bool = False) -> Runtime:
     interrupted install never leaves a half-populated runtime that ``find_runtime`` would pick up.
     """
     target = Path(target or runtime_dir())
-    if _has_training(target) and not force:
-        rt = Runtime("subprocess", target, _installed_version(target))
-        _smoke_test(rt)
-        return rt
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _install_lock(target):  # two test workers or shells installing at once wait for each other
+        if force or not _has_training(target):
+            _pip_install(target)
+    rt = Runtime("subprocess", target, _installed_version(target))
+    _smoke_test(rt)
+    return rt
+
+
+def _pip_install(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         cmd = install_command(tmp)
@@ -183,9 +188,22 @@ def install_runtime(target: Path | None = None, force: bool = False) -> Runtime:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    rt = Runtime("subprocess", target, _installed_version(target))
-    _smoke_test(rt)
-    return rt
+
+
+@contextlib.contextmanager
+def _install_lock(target: Path) -> Iterator[None]:
+    """An exclusive advisory lock beside ``target`` (POSIX ``flock``; no lock where that does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: installs are rare and manual there
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _smoke_test(rt: Runtime) -> None:
