@@ -30,6 +30,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            # click exits 2 on usage errors, but 2 means "a gate failed" here: a bad option is an error (1).
+            e.show()
+            ctx.exit(EXIT_ERROR)
         except GateFailure as e:
             click.secho(f"gate failed: {e}", fg="red", err=True)
             if ctx.obj and ctx.obj.get("verbose"):

@@ -125,6 +125,10 @@ def check_output_path(model: Model, out: Path) -> None:
                 raise OnnxSparseError(f"output {out} would overwrite the input's external data file {data.name}")
     if not out.parent.exists():
         raise OnnxSparseError(f"output folder {out.parent} does not exist")
+    if not out.parent.is_dir():
+        raise OnnxSparseError(f"output folder {out.parent} is not a folder")
+    if out.is_dir():
+        raise OnnxSparseError(f"output {out} is a folder; give a file name")
     if not os.access(out.parent, os.W_OK):
         raise OnnxSparseError(f"output folder {out.parent} is not writable")
 
@@ -162,7 +166,10 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
 @contextlib.contextmanager
 def _atomic_dir_writes(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success move its files into ``out.parent``."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:  # e.g. a read-only file system, or root in /proc: os.access cannot tell beforehand
+        raise OnnxSparseError(f"cannot write to output folder {out.parent}: {e.strerror or e}") from e
     try:
         yield tmp
         names = sorted(os.listdir(tmp), key=lambda n: n == out.name)  # the model file last
