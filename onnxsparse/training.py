@@ -198,7 +198,7 @@ def _install_lock(target: Path) -> Iterator[None]:
     except ImportError:  # Windows: installs are rare and manual there
         yield
         return
-    with open(target.parent / f".{target.name}.lock", "w") as f:
+    with open(target.parent / f".{target.name}-install.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
