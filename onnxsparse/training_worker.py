@@ -174,7 +174,7 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
     keys = list(job["input_names"]) + ([job["label_key"]] if job.get("label_key") else [])
     data = {k: raw[k] for k in keys}
     batches = Batches(data, int(job["batch_size"]), int(job.get("seed", 0)), drop_last=bool(job.get("drop_last")))
-    steps = int(job["steps"]) if job.get("steps") else int(job["epochs"]) * batches.per_epoch
+    steps = int(job["steps"]) if job.get("steps") else max(1, round(float(job["epochs"]) * batches.per_epoch))
 
     teacher = None
     if job.get("teacher"):
