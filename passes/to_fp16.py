@@ -418,8 +418,9 @@ class _Converter:
                     else:
                         assert info.formals is not None
                         fname, ts, allowed = info.formals.inputs[i]
-                        if ts not in info.formals.output_params and len(allowed) > 1:
-                            want = "flex"
+                        if ts not in info.formals.output_params and len(allowed) > 1 and _T16 in allowed:
+                            want = "flex"  # (an input whose type set lacks float16 — QuantizeLinear's x
+                            # before opset 19: float or int32 — must get float32, whatever its producer writes)
                         elif _T16 in allowed:
                             want = FLOAT16
                         else:
