@@ -12,7 +12,7 @@ steady). So each measurement is ``iters`` back-to-back launches between two even
 and sparse alternate, and the median over ``repeats`` is reported. By default the launches are captured in
 a CUDA graph and replayed: measured on the H100 VM, ``torch.mm`` costs 13-30 µs of host time a call, so a
 Python loop leaves the GPU idle between dense products under ~30 µs and shows sparse gains of 2-3x that
-are host overhead (a 4096x768x768 product: 1.4-1.9x in a loop, 1.02x from a graph). ``mode="loop"`` is kept
+are host overhead (a 4096x768x768 product: 1.4-2.0x in a loop, 1.01x from a graph). ``mode="loop"`` is kept
 to compare with REFERENCE.md, and flags such shapes (``launch_bound``).
 
 A plan is built, compressed and tuned (``matmul_search``) once per shape and then only launched: creating
@@ -411,9 +411,10 @@ def _tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str,
                 rounds: int) -> tuple[SparsePlan, list[dict[str, Any]]]:
     """The fastest of ``rounds`` independently built and searched plans, and what each round picked.
 
-    Why: one ``matmul_search`` sometimes settles on a config 10-20% slower than another search's pick (seen
-    on the H100: 16384x11008x4096 config 27 at 1.70 ms vs config 6 at 1.52 ms; BERT-base ffn1 config 6 vs
-    42), which made repeated bench runs disagree. Each round gets its own plan: re-planning one plan with an
+    Why: one ``matmul_search`` sometimes settles on a config 5-60% slower than another search's pick (seen
+    on the H100: 16384x11008x4096 config 27 at 1.64-1.66 ms vs config 6 at 1.56 ms; BERT-base ffn1 config 6
+    at 31.6 µs vs 42 at 26.5 µs; a 32x768x768 pooler config 2 at 5.2 µs vs 36 at 3.3 µs), which made
+    repeated bench runs disagree. Each round gets its own plan: re-planning one plan with an
     earlier round's config and split-K attributes crashed cuSPARSELt 0.8.0 (segfault in plan init).
     """
     import torch
