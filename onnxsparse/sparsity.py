@@ -84,16 +84,23 @@ def nm_keep(magnitude: np.ndarray, axis: int, n: int, m: int, prefer: np.ndarray
         key[~np.broadcast_to(np.asarray(prefer, dtype=bool), key.shape)] = -1.0  # magnitudes are >= 0
     v = _group_view(key, axis, m)
     short = v.shape[3] < _SHORT_RUN
-    g = np.ascontiguousarray(np.moveaxis(v, 2, 0)) if short else np.moveaxis(v, 2, 0)
-    # rank[i] = #{j: key[j] > key[i]} + #{j < i: key[j] == key[i]}: 0 for the winner, m-1 for the loser.
-    # The loop runs over the m positions of a group, each step vectorised over all groups.
-    rank = np.zeros(g.shape, dtype=np.int16)
+    if short:  # short runs after the axis: copy into an [m, ...] layout first
+        g = np.ascontiguousarray(np.moveaxis(v, 2, 0))
+        slices, out = list(g), np.empty(g.shape, dtype=bool)
+        targets = list(out)
+    else:  # long runs: strided views of the position-in-group axis are fast as they are
+        slices, out = [v[:, :, j, :] for j in range(m)], np.empty(v.shape, dtype=bool)
+        targets = [out[:, :, j, :] for j in range(m)]
+    # rank[j] = #{i: key[i] > key[j]} + #{i < j: key[i] == key[j]}: 0 for the winner, m-1 for the loser.
+    # The loops run over positions within a group (m*(m-1) steps), each step vectorised over all groups.
+    rank_type = np.int8 if m < 128 else np.int32
     for j in range(m):
-        kj = g[j : j + 1]
-        rank += kj > g
-        if j + 1 < m:
-            rank[j + 1 :] += kj == g[j + 1 :]
-    keep = np.moveaxis(rank < n, 0, 2)
+        rank = np.zeros(slices[j].shape, dtype=rank_type)
+        for i in range(m):
+            if i != j:
+                rank += (slices[i] >= slices[j]) if i < j else (slices[i] > slices[j])
+        np.less(rank, n, out=targets[j])
+    keep = np.moveaxis(out, 0, 2) if short else out
     return np.ascontiguousarray(keep).reshape(magnitude.shape)
 
 
