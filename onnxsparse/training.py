@@ -422,6 +422,7 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray],
     for i, node in enumerate(muls):
         graph.node.insert(i, node)
     _batchnorm_as_affine(proto)
+    _hard_activations_as_relu(proto)
     # ORT's LayerNormalization gradient reads the forward pass's Mean and InvStdDev outputs (optional in ONNX
     # and usually absent in exported models): without them gradient building fails with "i < OutputDefs().size()".
     for node in graph.node:
@@ -480,6 +481,39 @@ def _batchnorm_as_affine(proto: onnx.ModelProto) -> None:
             helper.make_node("Mul", [x, p + "_ar"], [p + "_xa"]),
             helper.make_node("Add", [p + "_xa", p + "_br"], [node.output[0]], name=node.name),
         ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _hard_activations_as_relu(proto: onnx.ModelProto) -> None:
+    """HardSigmoid / HardSwish (MobileNetV3, EfficientNet-lite) have no gradient builder in ORT training;
+    the same functions in differentiable ops: hardsigmoid(x) = relu(z) - relu(z - 1), z = alpha·x + beta."""
+    graph = proto.graph
+    if not any(n.op_type in ("HardSigmoid", "HardSwish") for n in graph.node):
+        return
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type not in ("HardSigmoid", "HardSwish") or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        p = f"{node.name or node.output[0]}__onnxsparse_hs"
+        swish = node.op_type == "HardSwish"
+        alpha = 1 / 6 if swish else float(attr(node, "alpha", 0.2))  # type: ignore[arg-type]
+        beta = 0.5 if swish else float(attr(node, "beta", 0.5))  # type: ignore[arg-type]
+        graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.float32), p + suffix)
+                                  for v, suffix in ((alpha, "_alpha"), (beta, "_beta"), (1.0, "_one"))])
+        x = node.input[0]
+        sig = p + "_sig" if swish else node.output[0]
+        nodes += [
+            helper.make_node("Mul", [x, p + "_alpha"], [p + "_ax"]),
+            helper.make_node("Add", [p + "_ax", p + "_beta"], [p + "_z"]),
+            helper.make_node("Relu", [p + "_z"], [p + "_r0"]),
+            helper.make_node("Sub", [p + "_z", p + "_one"], [p + "_z1"]),
+            helper.make_node("Relu", [p + "_z1"], [p + "_r1"]),
+            helper.make_node("Sub", [p + "_r0", p + "_r1"], [sig]),
+        ]
+        if swish:
+            nodes.append(helper.make_node("Mul", [x, sig], [node.output[0]]))
     del graph.node[:]
     graph.node.extend(nodes)
 

@@ -242,6 +242,7 @@ def clean_error(text: str) -> str:
 
 
 _MISSING_GRAD = re.compile(r"Could not find an implementation for (\w+?)Grad\(")
+_NO_BUILDER = re.compile(r"gradient builder has not been registered: (\w+)")
 
 
 def _session(job: dict[str, Any], artifacts_mod: Any, api: Any, art: Path) -> tuple[Any, Any, Any, dict[str, str]]:
@@ -256,19 +257,19 @@ def _session(job: dict[str, Any], artifacts_mod: Any, api: Any, art: Path) -> tu
         requires = [p for p in job["requires_grad"] if p not in frozen]
         if not requires:
             raise RuntimeError("nothing left to train: " + "; ".join(sorted(set(frozen.values()))))
-        build_artifacts(job, artifacts_mod, art, requires)
         try:
+            build_artifacts(job, artifacts_mod, art, requires)
             state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
             module = api.Module(str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"))
             optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
             return state, module, optimizer, frozen
         except RuntimeError as e:
-            match = _MISSING_GRAD.search(str(e))
+            match = _MISSING_GRAD.search(str(e)) or _NO_BUILDER.search(str(e))
             if match is None or match.group(1) in blocked:
                 raise
             op = match.group(1)
             blocked.add(op)
-            reason = f"ONNX Runtime training (CPU) has no gradient kernel for {op}, which this weight feeds"
+            reason = f"ONNX Runtime training (CPU) has no gradient for {op}, which this weight feeds"
             for name in _upstream_params(job["train_model"], op, requires):
                 frozen[name] = reason
 

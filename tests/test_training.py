@@ -445,3 +445,42 @@ def test_ort_cpp_errors_become_one_readable_line() -> None:
            "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for\nFooGrad(1) node")
     assert clean_error(raw) == "NOT_IMPLEMENTED : Could not find an implementation for FooGrad(1) node"
     assert clean_error("loss became nan at step 3") == "loss became nan at step 3"
+
+
+def _chain_model(middle: list[onnx.NodeProto], seed: int = 0) -> Model:
+    """x → MatMul(w1) → <middle: h → r> → MatMul(w2) → y, weights 8×8 and 8×4."""
+    rng = np.random.default_rng(seed)
+    w1, w2 = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), *middle, helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    return Model(proto=helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_hard_activations_are_spelled_with_relu() -> None:
+    """HardSigmoid/HardSwish have no ORT gradient builder; the training copy computes the same function."""
+    model = _chain_model([helper.make_node("HardSigmoid", ["h"], ["s"], alpha=0.3, beta=0.4),
+                          helper.make_node("HardSwish", ["s"], ["t"]), helper.make_node("HardSwish", ["h"], ["u"]),
+                          helper.make_node("Add", ["t", "u"], ["r"])])
+    copy = training.training_copy(model, {})
+    ops = [n.op_type for n in copy.graph.node]
+    assert "HardSigmoid" not in ops and "HardSwish" not in ops
+    x = np.linspace(-8, 8, 64 * 8, dtype=np.float32).reshape(64, 8)
+    want = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(copy.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_runtime
+def test_weights_before_an_op_without_gradient_builder_stay_fixed(tmp_path: Path) -> None:
+    model = _chain_model([helper.make_node("Round", ["h"], ["r"])])
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((64, 8)).astype(np.float32),
+             y=rng.standard_normal((64, 4)).astype(np.float32))
+    masks = {"w1": np.ones((8, 8), bool), "w2": np.ones((8, 4), bool)}
+    result = training.finetune(model, masks, tmp_path / "d.npz",
+                               training.FinetuneOptions(steps=5, loss="mse", labels="y"))
+    assert result.trained == ["w2"] and list(result.frozen) == ["w1"] and "Round" in result.frozen["w1"]
+    assert result.changed == ["w2"]
