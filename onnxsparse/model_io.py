@@ -24,7 +24,7 @@ from onnx import TensorProto
 from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs
-from onnxsparse.tensors import external_info, external_path, is_spilled, nbytes, to_array
+from onnxsparse.tensors import external_info, external_path, nbytes, to_array
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -147,7 +147,6 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
         external_data = model.has_external_data() or inline_bytes + 64 * 2**20 > PROTO_LIMIT
     if not external_data and inline_bytes + 64 * 2**20 > PROTO_LIMIT:
         raise OnnxSparseError("model weights exceed protobuf's 2 GB limit; save with external data")
-    scratch = [external_path(t, None) for g in iter_graphs(model.proto.graph) for t in g.initializer if is_spilled(t)]
     with _atomic_dir_writes(out) as tmp:
         if external_data:
             data_name = out.name + ".data"
@@ -156,8 +155,6 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
             _inline_external(model)
         with open(tmp / out.name, "wb") as f:
             f.write(model.proto.SerializeToString())
-    for spilled in scratch:  # edited tensors now live in the written model: drop their scratch copies
-        spilled.unlink(missing_ok=True)
     model.base_dir = out.resolve().parent
     model.source = out.resolve()
     return out

@@ -118,7 +118,6 @@ def set_array(tensor: TensorProto, array: np.ndarray, spill: bool | None = None)
     new = numpy_helper.from_array(np.ascontiguousarray(array), tensor.name)
     if new.data_type != tensor.data_type and tensor.data_type in (TensorProto.BFLOAT16,):
         raise OnnxSparseError(f"cannot store {array.dtype} into bfloat16 tensor '{tensor.name}'")
-    _release_spill(tensor)
     doc = tensor.doc_string
     tensor.CopyFrom(new)
     tensor.doc_string = doc
@@ -134,7 +133,11 @@ _SPILL_COUNTER = itertools.count()
 
 
 def _spill_dir() -> Path:
-    """The process's scratch folder (created on first use, removed at exit)."""
+    """The process's scratch folder (created on first use, removed at exit).
+
+    Scratch files are never deleted earlier: a proto copied with ``CopyFrom`` (tests, ``run_ort`` helpers,
+    a caller keeping the unpruned model) points at the same files, so no single tensor owns one.
+    """
     global _SPILL_DIR
     if _SPILL_DIR is None or not _SPILL_DIR.is_dir():
         _SPILL_DIR = Path(tempfile.mkdtemp(prefix="onnxsparse-spill-")).resolve()
@@ -160,15 +163,6 @@ def is_spilled(tensor: TensorProto) -> bool:
     """True if the tensor's bytes live in a scratch file (it was edited and not yet saved)."""
     info = external_info(tensor)
     return info is not None and spill_path(info.get("location", "")) is not None
-
-
-def _release_spill(tensor: TensorProto) -> None:
-    """Delete the scratch file holding the tensor's old bytes (open memmaps keep their pages)."""
-    info = external_info(tensor)
-    old = spill_path(info.get("location", "")) if info is not None else None
-    if old is not None:
-        with contextlib.suppress(OSError):
-            old.unlink()
 
 
 class ScratchArray:
@@ -237,7 +231,6 @@ def spill_writer(
     if commit is not None and not commit():
         scratch.discard()
         return
-    _release_spill(tensor)
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)  # type: ignore[arg-type]
     tensor.ClearField("raw_data")

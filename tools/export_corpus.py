@@ -13,6 +13,7 @@ ONNX graph, so they are an oracle independent of onnxsparse's own layer discover
 
 - ``weighted_layers``: Conv2d + Linear modules (each becomes one Conv/Gemm/MatMul with a constant weight);
 - ``eligible_2_4``: those whose reduction size (C_in/groups, in_features) is a multiple of 4;
+- ``params`` / ``eligible_params``: their weight elements (the coverage basis when FLOPs are unknown);
 - ``macs`` / ``eligible_macs``: multiply-accumulates of those layers at the example shape (forward hooks), so
   the FLOP-weighted 2:4 coverage after pruning is ``eligible_macs / macs``.
 """
@@ -45,7 +46,8 @@ def layer_facts(module: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     """Count Conv2d/Linear modules and their MACs at ``args`` with forward hooks."""
     torch = _torch()
     nn = torch.nn
-    facts = {"weighted_layers": 0, "eligible_2_4": 0, "macs": 0, "eligible_macs": 0}
+    facts = {"weighted_layers": 0, "eligible_2_4": 0, "params": 0, "eligible_params": 0, "macs": 0,
+             "eligible_macs": 0}
     hooks = []
 
     def hook(mod: Any, inp: Any, out: Any) -> None:
@@ -64,6 +66,8 @@ def layer_facts(module: Any, args: tuple[Any, ...]) -> dict[str, Any]:
             facts["weighted_layers"] += 1
             red = mod.in_channels // mod.groups if isinstance(mod, nn.Conv2d) else mod.in_features
             facts["eligible_2_4"] += int(red % 4 == 0)
+            facts["params"] += int(mod.weight.numel())
+            facts["eligible_params"] += int(mod.weight.numel()) if red % 4 == 0 else 0
             hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         module(*args)
