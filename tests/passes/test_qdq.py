@@ -446,3 +446,17 @@ def test_double_weights_are_skipped_with_a_reason() -> None:
     assert not result.modified
     assert result.report.skipped == [
         {"name": "mm64", "reason": "weight 'w' is double: Q/DQ here handles float32 and float16 weights"}]
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer_block"])
+def test_after_to_fp16_the_qdq_is_float16_at_opset_19(name: str) -> None:
+    path = fixture_path(name)
+    model = load_model(path)
+    result = Pipeline("to-fp16,qdq").run(model, PassContext(calibration=[make_feeds(model, seed=i) for i in range(4)]))
+    assert result.results[1].report.details["opset"] == {"before": 17, "after": 19}
+    g = _Graph(result.model.proto)
+    q_nodes = [n for n in g.g.node if n.op_type == "QuantizeLinear"]
+    assert q_nodes and all(g.array(n.input[1]).dtype == np.float16 for n in q_nodes)
+    feeds = make_feeds(path, seed=9)
+    for a, b in zip(run_ort(path, feeds), run_ort(result.model, feeds), strict=True):
+        assert _cosine(a, b) >= 0.99
