@@ -44,7 +44,7 @@ from onnx import TensorProto, helper
 
 from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs, toposort
+from onnxsparse.graph import iter_graphs, node_reads, toposort
 from onnxsparse.layers import attr, find_layers
 from onnxsparse.model_io import Model, save_model
 from onnxsparse.tensors import external_info, is_spilled, set_array, to_array
@@ -406,10 +406,11 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray],
     graph = proto.graph
     dtypes = {t.name: t.data_type for t in graph.initializer}
     rename = {name: name + MASKED_SUFFIX for name in masks}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+    for sub in iter_graphs(graph):  # subgraphs read outer-scope weights by name: they must see W ⊙ M too
+        for node in sub.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
     for out in graph.output:
         if out.name in rename:
             raise OnnxSparseError(f"weight '{out.name}' is also a graph output; cannot fine-tune it")
@@ -440,6 +441,30 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray],
     toposort(proto.graph)  # a pass's output is sorted only at the end of its pipeline; ORT insists on order
     lower_for_training(proto)
     return proto
+
+
+CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
+def control_flow_frozen(proto: onnx.ModelProto, params: list[str]) -> dict[str, str]:
+    """Params whose gradient would have to pass an If/Loop/Scan (ORT training does not differentiate them):
+    those read inside a subgraph or feeding such a node, directly or through other nodes."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    todo = [n for n in graph.node if n.op_type in CONTROL_FLOW]
+    seen: set[int] = set()
+    reached: set[str] = set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in node_reads(node):
+            reached.add(name)
+            if name in producer:
+                todo.append(producer[name])
+    return {p: "its gradient would pass an If/Loop/Scan, which ONNX Runtime training does not differentiate"
+            for p in params if p in reached}
 
 
 def _batchnorm_as_affine(proto: onnx.ModelProto) -> None:
@@ -711,6 +736,13 @@ def finetune(
         extras = trainable_extras(model, {**masks, **{k: q.mask for k, q in qweights.items()}}, opts.train_biases,
                                   opts.train_norms)
         requires_grad = [*masks, *(q.master_name for q in qweights.values()), *extras]
+        student = onnx.load(str(train_path), load_external_data=False)
+        frozen: dict[str, str] = control_flow_frozen(student, requires_grad)
+        del student
+        if all(p in frozen for p in requires_grad):
+            raise OnnxSparseError(f"nothing to fine-tune: every weight is kept fixed ({next(iter(frozen.values()))})")
+        for name, reason in frozen.items():
+            log.warning("fine-tune: kept %s fixed: %s", name, reason)
         label_type = 0
         if opts.labels and opts.loss == "mse":
             label_type = out_types[loss_outputs[0]]
@@ -718,7 +750,7 @@ def finetune(
             "workdir": str(work),
             "train_model": str(train_path),
             "teacher": str(teacher_path) if teacher_path else None,
-            "requires_grad": requires_grad,
+            "requires_grad": [p for p in requires_grad if p not in frozen],
             "frozen": [],
             "loss": "ce" if opts.loss == "ce" else "mse",
             "loss_outputs": loss_outputs,
@@ -744,7 +776,6 @@ def finetune(
         job_path.write_text(json.dumps(job, indent=1))
         losses: list[float] = []
         summary: dict[str, Any] = {}
-        frozen: dict[str, str] = {}
         bars: list[Any] = []
 
         def handle(event: dict[str, Any]) -> None:

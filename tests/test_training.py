@@ -484,3 +484,27 @@ def test_weights_before_an_op_without_gradient_builder_stay_fixed(tmp_path: Path
                                training.FinetuneOptions(steps=5, loss="mse", labels="y"))
     assert result.trained == ["w2"] and list(result.frozen) == ["w1"] and "Round" in result.frozen["w1"]
     assert result.changed == ["w2"]
+
+
+def test_outer_scope_weights_are_masked_inside_subgraphs_and_kept_fixed(if_model_path: Path) -> None:
+    """then.fc1.weight lives in the main graph but is read inside the If's then-branch: the branch must read
+    W ⊙ M, and since ORT training does not differentiate If, the weights feeding it stay fixed."""
+    model = load_model(if_model_path)
+    pruned, masks = prune_masks(model)
+    usable, skipped = training.partition_masks(pruned, masks)
+    assert set(usable) == {"then.fc1.weight", "in.weight"}
+    assert all("main graph" in reason for reason in skipped.values())  # branch initializers
+    dense_copy = training.training_copy(model, usable)
+    then = next(a.g for a in dense_copy.graph.node[-1].attribute if a.name == "then_branch")
+    assert "then.fc1.weight" + training.MASKED_SUFFIX in {i for n in then.node for i in n.input}
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    feeds = {"x": x, "cond": np.array(True)}
+    got = ort.InferenceSession(dense_copy.SerializeToString()).run(None, feeds)[0]
+    pruned_only_usable = load_model(if_model_path)
+    for t in pruned_only_usable.proto.graph.initializer:
+        if t.name in usable:
+            t.CopyFrom(nh.from_array(nh.to_array(t) * usable[t.name], t.name))
+    want = ort.InferenceSession(pruned_only_usable.proto.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    frozen = training.control_flow_frozen(dense_copy, [*usable, "in.bias"])
+    assert set(frozen) == {"then.fc1.weight", "in.weight", "in.bias"}
