@@ -58,6 +58,8 @@ class QdqConfig(PassConfig):
     per_channel: bool = option(True, "weights per output channel (false: one scale per weight tensor)")
     quantize_outputs: bool = option(False, "also Q/DQ each layer's output after its epilogue (int8 epilogue)")
     skip_residual: bool = option(True, "Q/DQ on the skip input of a residual Add fed by a quantized layer")
+    activation_matmuls: bool = option(False, "also Q/DQ both inputs of MatMuls of two activations (attention "
+                                      "QK^T and PV, for TensorRT's int8 attention)")
     include: tuple[str, ...] = option((), "only layers whose node or weight name matches one of these regexes")
     exclude: tuple[str, ...] = option((), "leave layers whose node or weight name matches one of these regexes")
     batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
@@ -87,6 +89,8 @@ class _Plan:
     """What gets Q/DQ: weights by stored tensor, activations by tensor name with the inputs to rewire."""
 
     layers: list[Layer] = field(default_factory=list)
+    #: MatMuls whose two inputs are activations (with ``activation-matmuls``)
+    bmm: list[Layer] = field(default_factory=list)
     weights: dict[str, _WeightPlan] = field(default_factory=dict)
     #: tensor → (node, input index) pairs to rewire; None = every consumer in the main graph
     acts: dict[str, list[tuple[NodeProto, int]] | None] = field(default_factory=dict)
@@ -110,7 +114,7 @@ class QdqPass(Pass[QdqConfig]):
         report = PassReport()
         opset_before = model.opset
         plan = self._plan(model.proto)
-        if not plan.layers:
+        if not plan.layers and not plan.bmm:
             for what, why in plan.skipped:
                 report.skip(what, why)
             report.details["note"] = "no layer to quantize"
@@ -143,7 +147,8 @@ class QdqPass(Pass[QdqConfig]):
         rep = result.report
         lines = []
         if rep.changed:
-            rows = [(c["name"], c["op"], "tensor" if c["weight_axis"] is None else c["weight_axis"],
+            rows = [(c["name"], c["op"],
+                     "-" if c["weight"] is None else ("tensor" if c["weight_axis"] is None else c["weight_axis"]),
                      c["activation"], "-" if c["activation_scale"] is None else f"{c['activation_scale']:.4g}")
                     for c in rep.changed]
             lines.append(table(rows, ["layer", "op", "weight axis", "activation", "act scale"]))
@@ -179,6 +184,13 @@ class QdqPass(Pass[QdqConfig]):
         constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
         acts: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
         for layer in find_layers(proto):
+            if self._activation_matmul(layer, graph, constants):
+                plan.bmm.append(layer)
+                for index in (0, 1):
+                    prod = producers.get(layer.node.input[index])
+                    if prod is None or prod.op_type != "DequantizeLinear":
+                        acts[layer.node.input[index]].append((layer.node, index))
+                continue
             why = self._layer_skip_reason(layer, graph, producers, constants) or self._selected(layer)
             if why:
                 plan.skipped.append((layer.name, why))
@@ -204,6 +216,12 @@ class QdqPass(Pass[QdqConfig]):
         if self.config.quantize_outputs:
             self._plan_outputs(graph, plan, producers, constants)
         return plan
+
+    def _activation_matmul(self, layer: Layer, graph: GraphProto, constants: set[str]) -> bool:
+        """A main-graph MatMul of two activations, selected, and ``activation-matmuls`` is on."""
+        return (self.config.activation_matmuls and layer.op_type == "MatMul" and layer.graph is graph
+                and layer.source is None and not any(i in constants for i in layer.node.input[:2])
+                and self._selected(layer) is None)
 
     @staticmethod
     def _layer_skip_reason(layer: Layer, graph: GraphProto, producers: dict[str, NodeProto],
@@ -284,7 +302,8 @@ class QdqPass(Pass[QdqConfig]):
     def _apply(self, model: Model, plan: _Plan, result: calibration.CalibrationResult, report: PassReport) -> None:
         graph = model.proto.graph
         names = NameGen(graph)
-        layer_acts = {id(layer.node): layer.node.input[0] for layer in plan.layers}
+        layer_acts = {id(layer.node): layer.node.input[0] for layer in [*plan.layers, *plan.bmm]}
+        layer_bmm_b = {id(layer.node): layer.node.input[1] for layer in plan.bmm}
         new_nodes: list[NodeProto] = []
         weight_info: dict[str, dict[str, Any]] = {}
         for src_name, wp in plan.weights.items():
@@ -356,6 +375,11 @@ class QdqPass(Pass[QdqConfig]):
                 activation=act,
                 activation_scale=act_scale.get(act),
             )
+        for layer in plan.bmm:
+            a, b = layer_acts[id(layer.node)], layer_bmm_b[id(layer.node)]
+            report.change(layer.name, op=layer.op_type, weight=None, weight_axis=None,
+                          weight_note="both inputs are activations", activation=f"{a}, {b}",
+                          activation_scale=act_scale.get(a), activation_scale_b=act_scale.get(b))
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:

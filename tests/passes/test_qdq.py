@@ -492,3 +492,23 @@ def test_corpus_models_quantize_and_stay_close(name: str, tmp_path: Path) -> Non
     for a, b in zip(run_ort(path, feeds), run_ort(result.model, feeds), strict=True):
         if a.dtype.kind == "f":
             assert _cosine(a, b) >= 0.99
+
+
+def test_activation_matmuls_option_quantizes_both_attention_inputs() -> None:
+    path = fixture_path("transformer_block")
+    model = load_model(path)
+    calib = [make_feeds(model, seed=i) for i in range(6)]
+    plain = Pipeline([QdqPass()]).run(load_model(path), PassContext(calibration=calib))
+    assert {s["name"] for s in plain.results[0].report.skipped} == {"attn.qk", "attn.pv"}
+    result = Pipeline("qdq{activation-matmuls=true}").run(model, PassContext(calibration=calib))
+    report = result.results[0].report
+    assert not report.skipped and len(report.changed) == 8
+    g = _Graph(result.model.proto)
+    for name in ("attn.qk", "attn.pv"):
+        node = g.nodes[name]
+        assert [g.prod[i].op_type for i in node.input] == ["DequantizeLinear", "DequantizeLinear"]
+        entry = next(c for c in report.changed if c["name"] == name)
+        assert entry["weight"] is None and entry["activation_scale"] > 0 and entry["activation_scale_b"] > 0
+    assert "attn.qk" in QdqPass().render(result.results[0])  # type: ignore[operator]
+    feeds = make_feeds(path, seed=77)
+    assert _cosine(run_ort(path, feeds)[0], run_ort(result.model, feeds)[0]) >= 0.99
