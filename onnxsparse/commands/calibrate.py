@@ -33,11 +33,16 @@ from onnxsparse.render import table, write_json
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="Weight scales per output channel or one per weight.")
 @click.option("--quantize-outputs", is_flag=True, help="Also Q/DQ each layer's output (int8 epilogue).")
+@click.option("--skip-residual/--no-skip-residual", default=True, show_default=True,
+              help="Q/DQ on the skip input of residual Adds fed by a quantized layer.")
+@click.option("--activation-matmuls", is_flag=True,
+              help="Also Q/DQ both inputs of MatMuls of two activations (attention QK^T, PV).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only layers whose node or weight name matches.")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Leave layers whose node or weight name matches.")
 @json_option
 def command(model: str, calib: str, output: Path, percentile: float, method: str, calib_samples: int | None,
-            batch_size: int | None, per_channel: bool, quantize_outputs: bool, include: tuple[str, ...],
+            batch_size: int | None, per_channel: bool, quantize_outputs: bool, skip_residual: bool,
+            activation_matmuls: bool, include: tuple[str, ...],
             exclude: tuple[str, ...], json_path: str | None) -> None:
     """Calibrate MODEL on DATA and write it with int8 Q/DQ placed for TensorRT to OUTPUT.
 
@@ -50,7 +55,8 @@ def command(model: str, calib: str, output: Path, percentile: float, method: str
     from onnxsparse.passes.qdq import QdqPass
 
     qdq = QdqPass(percentile=percentile, method=method, per_channel=per_channel, quantize_outputs=quantize_outputs,
-                  include=include, exclude=exclude, batch_size=batch_size)
+                  skip_residual=skip_residual, activation_matmuls=activation_matmuls, include=include,
+                  exclude=exclude, batch_size=batch_size)
     m = load_model(model)
     check_output_path(m, output)
     ctx = PassContext(calibration=calib, calib_samples=calib_samples, progress=show_progress(),

@@ -87,3 +87,16 @@ def test_run_command_feeds_calib_to_the_qdq_pass(calib_npz: Path, tmp_path: Path
     assert any(row["status"] == "sparse" for row in validate["details"]["layers"])
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("QuantizeLinear") == 9
+
+
+def test_calibrate_attention_and_residual_flags(tmp_path: Path) -> None:
+    src = fixture_path("transformer_block")
+    calib = tmp_path / "tr.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 8, 64)).astype(np.float32))
+    out = tmp_path / "tr_int8.onnx"
+    res = CliRunner().invoke(main, ["calibrate", str(src), "--calib", str(calib), "-o", str(out),
+                                    "--activation-matmuls", "--no-skip-residual", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    (qdq,) = json.loads(res.output)["passes"]
+    assert {c["name"] for c in qdq["changed"]} >= {"attn.qk", "attn.pv"}
+    assert qdq["details"]["residual_inputs"] == []
