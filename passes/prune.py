@@ -31,7 +31,7 @@ import onnx
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.layers import WEIGHTED_OPS, Layer, find_layers
 from onnxsparse.model_io import Model
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.sparsity import (
     StoredWeight,
     check_finite,
@@ -49,8 +49,7 @@ log = logging.getLogger("onnxsparse.passes.prune")
 #: The seed's progressive recipe as pipeline text: zero 25 % (3:4), fine-tune with that mask, then 50 % (2:4)
 #: chosen among the survivors, fine-tune again, and gate on the result. The fine-tune pass reads the masks
 #: this pass leaves in ``ctx.artifacts["masks"]``.
-PROGRESSIVE = "prune{pattern=3:4},finetune,prune{pattern=2:4},finetune,validate{require-all=true}"
-PRESETS = {"progressive": PROGRESSIVE}
+PROGRESSIVE = PRESETS["progressive"]
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,20 @@ from typing import Any
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, show_progress
-from onnxsparse.errors import GateFailure
+from onnxsparse.errors import GateFailure, OnnxSparseError
 from onnxsparse.model_io import check_output_path, load_model, save_model
-from onnxsparse.pipeline import DEFAULT_PIPELINE, PassContext, Pipeline, PipelineResult
+from onnxsparse.pipeline import DEFAULT_PIPELINE, PRESETS, PassContext, Pipeline, PipelineResult
 from onnxsparse.render import human_bytes, table, write_json
 from onnxsparse.shapes import parse_shapes
 
 
 @click.command("run")
 @MODEL_ARG
-@click.option("-p", "--pipeline", "pipeline_text", default=DEFAULT_PIPELINE, show_default=True,
+@click.option("-p", "--pipeline", "pipeline_text", default=None,
               help="Passes to apply, e.g. 'gemm-to-conv,prune{pattern=2:4;exclude=head.*},validate'. "
-              "See 'onnxsparse passes' for every pass and option.")
+              f"See 'onnxsparse passes' for every pass and option. [default: {DEFAULT_PIPELINE}]")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="A named pipeline instead of -p: " + "; ".join(f"{k} = {v}" for k, v in sorted(PRESETS.items())))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the result (never the input; written atomically, only on success).")
 @json_option
@@ -30,8 +32,9 @@ from onnxsparse.shapes import parse_shapes
               help="Store weights in OUTPUT.data (default: when the input did or the model exceeds 2 GB).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run onnx.checker (full_check) on the result.")
-def command(model: str, pipeline_text: str, output: Path, json_path: str | None, shapes: str | None,
-            calib: str | None, calib_samples: int | None, external_data: bool | None, check: bool) -> None:
+def command(model: str, pipeline_text: str | None, preset: str | None, output: Path, json_path: str | None,
+            shapes: str | None, calib: str | None, calib_samples: int | None, external_data: bool | None,
+            check: bool) -> None:
     """Apply a pipeline of passes to MODEL and write the result to OUTPUT.
 
     \b
@@ -40,10 +43,13 @@ def command(model: str, pipeline_text: str, output: Path, json_path: str | None,
       onnxsparse run model.onnx -p 'gemm-to-conv,prune' -o trt8.onnx
       onnxsparse run model.onnx -p 'prune{pattern=3:4;masks=m34.npz}' -o step1.onnx
       onnxsparse run model.onnx -p 'prune,qdq{percentile=99.99}' --calib data.npz -o int8.onnx
+      onnxsparse run model.onnx --preset progressive --calib train.npz -o sparse.onnx
 
     A validation gate that fails exits with code 2 and writes no output.
     """
-    pipeline = Pipeline(pipeline_text)
+    if pipeline_text and preset:
+        raise OnnxSparseError("give either -p/--pipeline or --preset, not both")
+    pipeline = Pipeline(PRESETS[preset] if preset else (pipeline_text or DEFAULT_PIPELINE))
     m = load_model(model)
     check_output_path(m, output)
     ctx = PassContext(shapes=parse_shapes(shapes), calibration=calib, calib_samples=calib_samples,
@@ -53,7 +59,11 @@ def command(model: str, pipeline_text: str, output: Path, json_path: str | None,
         result = pipeline.run(m, ctx, check=check)
     except GateFailure as gate:
         partial = getattr(gate, "result", None)
+        failed = getattr(gate, "pass_result", None)  # the gate's own report, e.g. validate's per-layer table
         if partial is not None:
+            if failed is not None:
+                failed.name = failed.name or "validate"
+                partial.results.append(failed)
             _print_report(pipeline, partial, None, None, size_before, json_path)
         raise
     save_model(result.model, output, external_data=external_data)

@@ -76,3 +76,20 @@ def test_subprocess_exit_codes(model_path: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "Traceback" in r.stderr
     r = _cli("run", str(model_path), "-p", "gemm-to-conv", "-o", str(tmp_path / "ok.onnx"))
     assert r.returncode == 0, r.stderr
+
+
+def test_preset_and_gate_table(tmp_path: Path) -> None:
+    from conftest import fixture_path
+
+    src = str(fixture_path("cnn"))
+    out = tmp_path / "o.onnx"
+    runner = CliRunner()
+    res = runner.invoke(main, ["run", src, "--preset", "trt8", "-o", str(out), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["pipeline"] == "gemm-to-conv,prune,validate"
+    res = runner.invoke(main, ["run", src, "--preset", "trt8", "-p", "prune", "-o", str(out)])
+    assert res.exit_code == 1 and "not both" in res.output
+    res = runner.invoke(main, ["run", src, "-p", "validate{require-all=true}", "-o", str(tmp_path / "gate.onnx")])
+    assert res.exit_code == 2
+    assert "block1.conv1" in res.output and "eligible" in res.output  # the failing gate's per-layer table
+    assert not (tmp_path / "gate.onnx").exists()
