@@ -23,7 +23,7 @@ from onnx import TensorProto
 
 from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs
+from onnxsparse.graph import iter_graphs, use_counts
 from onnxsparse.tensors import external_info, external_path, nbytes, to_array
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
@@ -281,10 +281,11 @@ def ort_session(model: Model, options: Any = None, providers: Sequence[str] = ("
     names: list[str] = []
     values: list[Any] = []
     restore: list[tuple[TensorProto, TensorProto]] = []
+    used = use_counts(model.proto.graph)  # ORT drops unread initializers and then refuses to replace them
     try:
         for depth, graph in enumerate(iter_graphs(model.proto.graph)):
             for t in graph.initializer:
-                if external_info(t) is None:
+                if external_info(t) is None or not used.get(t.name):
                     continue
                 arr = to_array(t, model.base_dir)
                 if depth == 0 and arr.dtype in _ORT_DTYPES:

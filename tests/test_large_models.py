@@ -61,6 +61,12 @@ def test_edited_external_tensor_spills_and_round_trips(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     expect = _run(path, x) * 3
     np.testing.assert_allclose(ort_session(model).run(None, {"x": x})[0], expect, rtol=1e-5, atol=1e-5)
+    unused = onnx.TensorProto()
+    unused.CopyFrom(t)
+    unused.name = "no_reader"  # ORT drops an unread initializer; it must not be handed over as an override
+    model.proto.graph.initializer.append(unused)
+    np.testing.assert_allclose(ort_session(model).run(None, {"x": x})[0], expect, rtol=1e-5, atol=1e-5)
+    model.proto.graph.initializer.pop()
     scratch = external_path(t, None)
     copy = Model(onnx.ModelProto(), model.base_dir)
     copy.proto.CopyFrom(model.proto)  # a copy shares the scratch file: saving one must not break the other
