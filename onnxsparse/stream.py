@@ -16,9 +16,10 @@ position against every other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,34 +159,39 @@ def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
     if prefer is not None:
         prefer3 = np.asarray(prefer, dtype=bool).reshape(src.rows, m, src.post)
 
-    def work(fd: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-        x = _read(fd, src, start, stop)
-        a = np.abs(x)
-        _check_finite(a, tensor.name)
-        nonzero = x != 0
-        if prefer3 is not None:  # as the in-memory path: prefer = nonzero & prior mask; others rank last
-            a[~(prefer3[start:stop] & nonzero)] = -1.0
-        keep = keep_pairwise(a, n)
-        del a
-        counts = nonzero.sum(axis=1, dtype=np.int8) if m < 128 else nonzero.sum(axis=1)
-        bad = int(np.count_nonzero(counts > n))
-        mask = keep & nonzero
-        out = np.multiply(x, keep, out=x)  # finite values: exact; 4x faster than np.where here
-        out += 0  # -0.0 → +0.0, so the bytes equal the in-memory path's np.where(keep, x, 0)
-        return out, mask, bad, int(np.count_nonzero(nonzero)), int(np.count_nonzero(mask))
-
     stats = PruneStats(groups=src.rows * src.post, violations=0, nonzero_before=0, nonzero_after=0, mask=None)
     mask_out = ScratchArray(src.shape, np.dtype(bool)) if want_mask else None
     committed = False
     try:
         with spill_writer(tensor, src.shape, src.dtype, commit=lambda: stats.violations > 0) as write:
-            for out, mask, bad, nz_before, nz_after in _run(src, work):
-                write(out)
+
+            def work(fd: int, start: int, stop: int) -> tuple[int, int, int]:
+                x = _read(fd, src, start, stop)
+                a = np.abs(x)
+                _check_finite(a, tensor.name)
+                nonzero = x != 0
+                if prefer3 is not None:  # as the in-memory path: prefer = nonzero & prior mask; others rank last
+                    a[~(prefer3[start:stop] & nonzero)] = -1.0
+                keep = keep_pairwise(a, n)
+                del a
+                counts = nonzero.sum(axis=1, dtype=np.int8) if m < 128 else nonzero.sum(axis=1)
+                bad = int(np.count_nonzero(counts > n))
+                mask = keep & nonzero
+                out = np.multiply(x, keep, out=x)  # finite values: exact; 4x faster than np.where here
+                out += 0  # -0.0 → +0.0, so the bytes equal the in-memory path's np.where(keep, x, 0)
+                at = start * src.row_elems
+                write(out, at=at)  # positional writes from the worker: the kernel copies run in parallel
                 if mask_out is not None:
-                    mask_out.write(mask)
-                stats.violations += bad
-                stats.nonzero_before += nz_before
-                stats.nonzero_after += nz_after
+                    mask_out.write(mask, at=at)
+                return bad, int(np.count_nonzero(nonzero)), int(np.count_nonzero(mask))
+
+            # closing(): should this loop fail, the generator shuts its pool down (waiting for running
+            # workers) before the scratch files are discarded, so no worker writes to a closed descriptor.
+            with contextlib.closing(_run(src, work)) as results:
+                for bad, nz_before, nz_after in results:
+                    stats.violations += bad
+                    stats.nonzero_before += nz_before
+                    stats.nonzero_after += nz_after
         committed = True
     finally:
         if mask_out is not None and not committed:
@@ -225,7 +231,7 @@ def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
     return CheckStats(groups=src.rows * src.post if m else 0, violations=bad, nonzero=nz, size=size)
 
 
-def _run(src: _Source, work: Callable[..., tuple]) -> Iterator[tuple]:  # type: ignore[type-arg]
+def _run(src: _Source, work: Callable[..., tuple]) -> Generator[tuple, None, None]:  # type: ignore[type-arg]
     """``work(fd, start, stop)`` over every slab on ``WORKERS`` threads; results in slab order."""
     slabs = _slabs(src)
     fd = os.open(src.path, os.O_RDONLY)

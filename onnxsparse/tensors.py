@@ -17,6 +17,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -178,14 +179,25 @@ class ScratchArray:
         self.count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
         self.path = _spill_dir() / f"t{next(_SPILL_COUNTER)}.bin"
         self.written = 0
+        self._lock = threading.Lock()
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed by finish/discard)
 
-    def write(self, chunk: np.ndarray) -> None:
+    def write(self, chunk: np.ndarray, at: int | None = None) -> None:
+        """Append ``chunk`` — or, with ``at`` (an element offset), write it there: positional writes are
+        thread-safe, so workers can store their slabs in any order."""
         flat = np.ascontiguousarray(chunk, dtype=self.dtype).reshape(-1)
-        if self.written + flat.size > self.count:
-            raise ValueError(f"more than {self.count} elements written to a scratch array")
-        self._file.write(flat.view(np.uint8).data)
-        self.written += flat.size
+        with self._lock:
+            if self.written + flat.size > self.count or (at is not None and at + flat.size > self.count):
+                raise ValueError(f"more than {self.count} elements written to a scratch array")
+            self.written += flat.size
+            if at is None:
+                self._file.write(flat.view(np.uint8).data)
+                return
+            self._file.flush()
+        data = flat.view(np.uint8).data
+        done, pos = 0, at * self.dtype.itemsize
+        while done < len(data):
+            done += os.pwrite(self._file.fileno(), data[done:], pos + done)
 
     def close(self) -> None:
         if not self._file.closed:
@@ -208,11 +220,12 @@ class ScratchArray:
 @contextlib.contextmanager
 def spill_writer(
     tensor: TensorProto, shape: tuple[int, ...], dtype: np.dtype, commit: Callable[[], bool] | None = None
-) -> Iterator[Callable[[np.ndarray], None]]:
+) -> Iterator[Callable[..., None]]:
     """Stream a tensor's new values into a scratch file, chunk by chunk, in C order.
 
     ``with spill_writer(t, shape, dtype) as write: write(chunk); ...``: each chunk continues where the last
-    ended; the total must be exactly ``prod(shape)`` elements. On success the tensor (name and doc kept)
+    ended (or goes to element offset ``at``: ``write(chunk, at=n)``, safe from several threads); the total
+    must be exactly ``prod(shape)`` elements. On success the tensor (name and doc kept)
     points at the file; on error — or when ``commit()`` answers False at the end (e.g. nothing changed after
     all) — it is left as it was. The data is written with plain file writes, so it never counts towards the
     process's resident memory.
