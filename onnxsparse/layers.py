@@ -10,6 +10,7 @@ is fixed here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
+from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs_with_path, subgraphs
 from onnxsparse.shapes import Shape, concrete
 from onnxsparse.tensors import constant_value
@@ -70,6 +72,12 @@ class Layer:
     #: why this layer's weight cannot be made n:m sparse at all (None = eligible)
     reason: str | None = None
     shared_with: list[str] = field(default_factory=list)
+    #: name lookups of the node's graph and its enclosing graphs (innermost first)
+    scopes: list[_Scope] = field(default_factory=list, repr=False)
+
+    def constant(self, name: str) -> Source | None:
+        """``name`` as an initializer or Constant output visible from this layer's graph (e.g. a bias)."""
+        return _lookup_const(name, self.scopes)
 
     @property
     def name(self) -> str:
@@ -150,6 +158,28 @@ class GemmShape:
     def flops(self) -> int:
         """Multiply-adds × 2. For a grouped Conv ``n`` is all output channels and ``k`` is per group."""
         return 2 * self.m * self.n * self.k
+
+
+def select_reason(layer: Layer, include: str | None, exclude: str | None) -> str | None:
+    """Why the ``include``/``exclude`` name regexes (searched in the node and weight names) leave a layer out.
+
+    Every pass with include/exclude options uses this, so the same option selects the same layers everywhere.
+    """
+    names = [n for n in (layer.name, layer.weight_name) if n]
+    if include and not any(re.search(include, n) for n in names):
+        return f"not matched by include '{include}'"
+    if exclude and any(re.search(exclude, n) for n in names):
+        return f"excluded by '{exclude}'"
+    return None
+
+
+def check_regex(pass_name: str, option_name: str, value: str | None) -> None:
+    """Reject a bad regex option when the config is built, with a one-line error."""
+    if value:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise OnnxSparseError(f"{pass_name}: bad {option_name} regex '{value}': {e}") from None
 
 
 def _axes_for(node: NodeProto, wshape: tuple[int, ...]) -> tuple[int | None, int | None, str | None]:
@@ -288,7 +318,7 @@ def _walk(graph: GraphProto, path: str, outer: list[_Scope], out: list[Layer],
 
 def _describe(node: NodeProto, graph: GraphProto, path: str, scopes: list[_Scope],
               shapes: dict[str, Shape] | None) -> Layer:
-    layer = Layer(node=node, graph=graph, graph_path=path)
+    layer = Layer(node=node, graph=graph, graph_path=path, scopes=scopes)
     name = node.input[1]
     inputs = _graph_inputs(scopes)
     chain: list[NodeProto] = []

@@ -35,6 +35,18 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: str | No
     return "\n".join(lines)
 
 
+def grouped_reasons(items: Iterable[dict[str, Any]], verb: str = "skipped", show: int = 4) -> list[str]:
+    """``skipped 3: <reason> [a, b, c]`` lines, one per distinct reason, for reports' skip lists."""
+    by_reason: dict[str, list[str]] = {}
+    for item in items:
+        by_reason.setdefault(str(item["reason"]), []).append(str(item["name"]))
+    lines = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:show]) + (f", … (+{len(names) - show})" if len(names) > show else "")
+        lines.append(f"  {verb} {len(names)}: {reason} [{shown}]")
+    return lines
+
+
 def _numeric(text: str) -> bool:
     t = text.replace(",", "").replace("%", "").replace("x", "").replace("×", "").strip()
     try:

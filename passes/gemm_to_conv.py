@@ -12,15 +12,13 @@ new constants placed in the graph that holds the node.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from onnxsparse.graph import NameGen, use_counts
-from onnxsparse.layers import Layer, attr, find_layers
+from onnxsparse.layers import Layer, attr, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.shapes import infer_shapes
@@ -33,6 +31,10 @@ class GemmToConvConfig(PassConfig):
 
     include: str | None = option(None, "Regex: only rewrite nodes whose name or weight name matches.")
     exclude: str | None = option(None, "Regex: never rewrite nodes whose name or weight name matches.")
+
+    def __post_init__(self) -> None:
+        check_regex("gemm-to-conv", "include", self.include)
+        check_regex("gemm-to-conv", "exclude", self.exclude)
 
 
 class GemmToConv(Pass[GemmToConvConfig]):
@@ -48,8 +50,6 @@ class GemmToConv(Pass[GemmToConvConfig]):
         shapes = infer_shapes(proto)
         counts = use_counts(proto.graph)
         names = NameGen(proto.graph)
-        inc = re.compile(self.config.include) if self.config.include else None
-        exc = re.compile(self.config.exclude) if self.config.exclude else None
         rewritten = 0
         plans: dict[int, tuple[GraphProto, dict[str, list[NodeProto]]]] = {}
         depth: dict[int, int] = {}
@@ -57,14 +57,7 @@ class GemmToConv(Pass[GemmToConvConfig]):
             if layer.op_type not in ("Gemm", "MatMul"):
                 continue
             label = layer.name
-            keys = (label, layer.weight_name or "")
-            if inc and not any(inc.search(k) for k in keys):
-                report.skip(label, "not matched by include")
-                continue
-            if exc and any(exc.search(k) for k in keys):
-                report.skip(label, "excluded by name")
-                continue
-            why = _why_not(layer, shapes, counts)
+            why = select_reason(layer, self.config.include, self.config.exclude) or _why_not(layer, shapes, counts)
             bias, bias_why = _bias(layer, model)
             if why or bias_why:
                 report.skip(label, why or bias_why or "", op=layer.op_type)
@@ -186,15 +179,7 @@ def _splice(graph: GraphProto, replacements: dict[str, list[NodeProto]]) -> None
 
 def _constant_array(name: str, layer: Layer, model: Model) -> np.ndarray | None:
     """The value of a constant input of the layer's node (bias), or None where it is computed at run time."""
-    from onnxsparse.layers import _lookup_const, _Scope
-
-    scopes = [_Scope(layer.graph)]
-    if layer.source is not None and layer.source.graph is not None and layer.source.graph is not layer.graph:
-        scopes.append(_Scope(layer.source.graph))
-    src = _lookup_const(name, scopes)
-    if src is None:
-        return None
-    return np.asarray(to_array(src.tensor, model.base_dir))
+    src = layer.constant(name)
+    return None if src is None else np.asarray(to_array(src.tensor, model.base_dir))
 
 
-__all__ = ["GemmToConv", "GemmToConvConfig", "onnx"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
@@ -29,9 +28,10 @@ import numpy as np
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import WEIGHTED_OPS, Layer, find_layers
+from onnxsparse.layers import WEIGHTED_OPS, Layer, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.render import grouped_reasons
 from onnxsparse.sparsity import (
     StoredWeight,
     check_finite,
@@ -69,13 +69,8 @@ class PruneConfig(PassConfig):
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if value:
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise OnnxSparseError(f"prune: bad {name} regex '{value}': {e}") from None
+        check_regex("prune", "include", self.include)
+        check_regex("prune", "exclude", self.exclude)
         unknown = [t for t in self.op_types if t not in WEIGHTED_OPS]
         if unknown:
             raise OnnxSparseError(f"prune: unknown op type(s) {', '.join(unknown)} (known: {', '.join(WEIGHTED_OPS)})")
@@ -180,12 +175,7 @@ class PrunePass(Pass[PruneConfig]):
         lines = [f"  {d.get('pruned', 0)} tensor(s) pruned to {d.get('pattern')}: {d.get('params_zeroed', 0):,} of "
                  f"{d.get('params_in_pruned_layers', 0):,} weights zeroed; "
                  f"{len(d.get('already_sparse') or [])} already {d.get('pattern')}"]
-        reasons: dict[str, list[str]] = defaultdict(list)
-        for s in result.report.skipped:
-            reasons[s["reason"]].append(s["name"])
-        for reason, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f", ... (+{len(names) - 4})" if len(names) > 4 else "")
-            lines.append(f"  skipped {len(names)}: {reason} [{shown}]")
+        lines.extend(grouped_reasons(result.report.skipped))
         if d.get("masks"):
             lines.append(f"  masks written to {d['masks']}")
         return "\n".join(lines)
@@ -201,14 +191,12 @@ class PrunePass(Pass[PruneConfig]):
             if why:
                 return why if len(target.layers) == 1 else f"shared with {layer.name}: {why}"
         for layer in target.layers:
-            names = (layer.name, layer.weight_name or "")
             prefix = "" if len(target.layers) == 1 else f"shared with {layer.name}, which is "
             if layer.op_type not in cfg.op_types:
                 return f"{prefix}op type {layer.op_type} not selected (op-types)"
-            if cfg.include and not any(re.search(cfg.include, s) for s in names):
-                return f"{prefix}not matched by include '{cfg.include}'"
-            if cfg.exclude and any(re.search(cfg.exclude, s) for s in names):
-                return f"{prefix}excluded by '{cfg.exclude}'"
+            why = select_reason(layer, cfg.include, cfg.exclude)
+            if why:
+                return prefix + why
         first = target.layers[0]
         assert first.source is not None and first.weight_shape is not None
         size = int(np.prod(first.source.shape, dtype=np.int64))

@@ -18,7 +18,6 @@ Layers inside subgraphs (If/Loop/Scan bodies) are out of scope and reported as s
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 from onnxsparse import calibration
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import NameGen, toposort
-from onnxsparse.layers import Layer, Source, find_layers
+from onnxsparse.layers import Layer, Source, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.tensors import to_array
@@ -60,8 +59,8 @@ class QdqConfig(PassConfig):
     skip_residual: bool = option(True, "Q/DQ on the skip input of a residual Add fed by a quantized layer")
     activation_matmuls: bool = option(False, "also Q/DQ both inputs of MatMuls of two activations (attention "
                                       "QK^T and PV, for TensorRT's int8 attention)")
-    include: tuple[str, ...] = option((), "only layers whose node or weight name matches one of these regexes")
-    exclude: tuple[str, ...] = option((), "leave layers whose node or weight name matches one of these regexes")
+    include: str | None = option(None, "only layers whose node or weight name matches this regex")
+    exclude: str | None = option(None, "leave layers whose node or weight name matches this regex")
     batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
 
     def __post_init__(self) -> None:
@@ -69,11 +68,8 @@ class QdqConfig(PassConfig):
             raise OnnxSparseError(f"qdq: method must be {' or '.join(calibration.METHODS)}, got '{self.method}'")
         if not 0.0 < self.percentile <= 100.0:
             raise OnnxSparseError(f"qdq: percentile must be in (0, 100], got {self.percentile}")
-        for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise OnnxSparseError(f"qdq: bad name pattern '{pattern}': {e}") from None
+        check_regex("qdq", "include", self.include)
+        check_regex("qdq", "exclude", self.exclude)
 
 
 @dataclass
@@ -142,7 +138,7 @@ class QdqPass(Pass[QdqConfig]):
 
     def render(self, result: PassResult) -> str | None:
         """Per-layer table (weight axis, activation scale), residual inputs, and grouped skip reasons."""
-        from onnxsparse.render import table
+        from onnxsparse.render import grouped_reasons, table
 
         rep = result.report
         lines = []
@@ -155,26 +151,14 @@ class QdqPass(Pass[QdqConfig]):
         residual = rep.details.get("residual_inputs") or []
         if residual:
             lines.append(f"residual Adds with Q/DQ on the skip input: {len(residual)}")
-        reasons: dict[str, list[str]] = defaultdict(list)
-        for item in rep.skipped:
-            reasons[item["reason"]].append(item["name"])
-        for reason, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
-            lines.append(f"  skipped {len(names)}: {reason} [{shown}]")
+        lines.extend(grouped_reasons(rep.skipped))
         return "\n".join(lines) or None
 
     # ------------------------------------------------------------------------------------------ planning
 
     def _selected(self, layer: Layer) -> str | None:
         """Why the include/exclude options leave this layer out (None = selected)."""
-        names = [layer.name, layer.weight_name or ""]
-        cfg = self.config
-        if cfg.include and not any(re.search(p, n) for p in cfg.include for n in names if n):
-            return "not matched by include"
-        for p in cfg.exclude:
-            if any(re.search(p, n) for n in names if n):
-                return f"excluded by '{p}'"
-        return None
+        return select_reason(layer, self.config.include, self.config.exclude)
 
     def _plan(self, proto: onnx.ModelProto) -> _Plan:
         plan = _Plan()

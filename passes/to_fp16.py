@@ -36,6 +36,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, help
 from onnxsparse.graph import NameGen, iter_graphs, subgraphs, toposort
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.render import grouped_reasons
 from onnxsparse.tensors import set_array, to_array
 
 log = logging.getLogger("onnxsparse.passes.to_fp16")
@@ -118,12 +119,7 @@ class ToFp16(Pass[ToFp16Config]):
         ]
         if d.get("clamped_high"):
             lines.append(f"  {d['clamped_high']} weight value(s) beyond ±{self.config.max_finite:g} clamped")
-        reasons: dict[str, list[str]] = defaultdict(list)
-        for item in result.report.skipped:
-            reasons[item["reason"]].append(item["name"])
-        for reason, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
-            lines.append(f"  float32 {len(names)}: {reason} [{shown}]")
+        lines.extend(grouped_reasons(result.report.skipped, verb="float32"))
         return "\n".join(lines)
 
 

@@ -37,13 +37,13 @@ from onnxsparse.render import table, write_json
               help="Q/DQ on the skip input of residual Adds fed by a quantized layer.")
 @click.option("--activation-matmuls", is_flag=True,
               help="Also Q/DQ both inputs of MatMuls of two activations (attention QK^T, PV).")
-@click.option("--include", multiple=True, metavar="REGEX", help="Only layers whose node or weight name matches.")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Leave layers whose node or weight name matches.")
+@click.option("--include", metavar="REGEX", help="Only layers whose node or weight name matches.")
+@click.option("--exclude", metavar="REGEX", help="Leave layers whose node or weight name matches.")
 @json_option
 def command(model: str, calib: str, output: Path, percentile: float, method: str, calib_samples: int | None,
             batch_size: int | None, per_channel: bool, quantize_outputs: bool, skip_residual: bool,
-            activation_matmuls: bool, include: tuple[str, ...],
-            exclude: tuple[str, ...], json_path: str | None) -> None:
+            activation_matmuls: bool, include: str | None,
+            exclude: str | None, json_path: str | None) -> None:
     """Calibrate MODEL on DATA and write it with int8 Q/DQ placed for TensorRT to OUTPUT.
 
     \b

@@ -11,7 +11,7 @@ from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, s
 from onnxsparse.errors import GateFailure, OnnxSparseError
 from onnxsparse.model_io import check_output_path, load_model, save_model
 from onnxsparse.pipeline import DEFAULT_PIPELINE, PRESETS, PassContext, Pipeline, PipelineResult
-from onnxsparse.render import human_bytes, table, write_json
+from onnxsparse.render import grouped_reasons, human_bytes, table, write_json
 from onnxsparse.shapes import parse_shapes
 
 
@@ -90,12 +90,8 @@ def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | Non
         if custom:
             click.echo(custom)
         else:
-            reasons: dict[str, list[str]] = {}
-            for s in r.report.skipped:
-                reasons.setdefault(s["reason"], []).append(s["name"])
-            for reason, names in reasons.items():
-                shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
-                click.echo(f"  skipped {len(names)}: {reason} [{shown}]")
+            for line in grouped_reasons(r.report.skipped):
+                click.echo(line)
     ops = sorted(set(result.ops_before) | set(result.ops_after))
     rows = [(op, result.ops_before.get(op, 0), result.ops_after.get(op, 0)) for op in ops
             if result.ops_before.get(op, 0) != result.ops_after.get(op, 0)]
