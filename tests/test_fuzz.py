@@ -70,9 +70,9 @@ def models(draw: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         if bias is not None:
             inits.append(_init("C", bias, rng))
             ins.append("C")
-        attrs = {"transA": ta, "transB": tb, "alpha": draw(st.sampled_from([1.0, 0.5, 2.0])),
+        gemm_attrs: dict[str, Any] = {"transA": ta, "transB": tb, "alpha": draw(st.sampled_from([1.0, 0.5, 2.0])),
                  "beta": draw(st.sampled_from([1.0, 0.25]))}
-        nodes.append(helper.make_node("Gemm", ins, ["y"], name="layer", **attrs))
+        nodes.append(helper.make_node("Gemm", ins, ["y"], name="layer", **gemm_attrs))
     elif op == "MatMul":
         k, n = draw(st.sampled_from([1, 2, 4, 8, 12])), draw(dim)
         lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
