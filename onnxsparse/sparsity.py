@@ -224,13 +224,13 @@ def stored_weight(layer: Layer, consts: dict[str, TensorProto], base_dir: object
     scale_t = consts.get(dq.input[1]) if len(dq.input) > 1 else None
     if scale_t is None:
         return f"DequantizeLinear '{dq.name or dq.output[0]}' has a non-constant scale"
-    scale = np.asarray(onnx.numpy_helper.to_array(scale_t)).astype(np.float32)
+    scale = np.asarray(to_array(scale_t, base_dir)).astype(np.float32)  # type: ignore[arg-type]  # may be external
     zp_arr = None
     if len(dq.input) > 2 and dq.input[2]:
         zp_t = consts.get(dq.input[2])
         if zp_t is None:
             return f"DequantizeLinear '{dq.name or dq.output[0]}' has a non-constant zero point"
-        zp_arr = np.asarray(onnx.numpy_helper.to_array(zp_t))
+        zp_arr = np.asarray(to_array(zp_t, base_dir))  # type: ignore[arg-type]
     if zp_arr is not None and not zp_arr.any():
         zp_arr = None  # a zero zero-point means plain zeros: no need to broadcast it
     per_tensor = scale.size == 1 and (zp_arr is None or zp_arr.size == 1)

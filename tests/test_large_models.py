@@ -189,6 +189,29 @@ def test_qdq_and_fp16_after_prune_on_spilled_weights(tmp_path: Path) -> None:
     np.testing.assert_allclose(_run(out, x), ort_session(model).run(None, {"x": x})[0], rtol=1e-3, atol=1e-3)
 
 
+def test_external_per_channel_dequantize_scales(tmp_path: Path) -> None:
+    """A Q/DQ weight whose per-channel scale (512 floats) was saved as external data: prune and validate read
+    the scale through the model folder, not the working directory (they used to crash outside it)."""
+    rng = np.random.default_rng(0)
+    k, n = 64, 512
+    inits = [onnx.numpy_helper.from_array(rng.integers(-127, 127, size=(k, n)).astype(np.int8), "Wq"),
+             onnx.numpy_helper.from_array((rng.random(n) * 0.01 + 0.001).astype(np.float32), "Ws"),
+             onnx.numpy_helper.from_array(np.zeros(n, np.int8), "Wz")]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=1),
+             helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "dq.onnx"
+    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path,
+               external_data=True)
+    model = load_model(path)
+    scale = next(t for t in model.proto.graph.initializer if t.name == "Ws")
+    assert scale.data_location == TensorProto.EXTERNAL and Path.cwd() != path.parent
+    result = Pipeline("prune,validate").run(model, PassContext())
+    assert result.results[1].report.details["summary"]["sparse"] == 1
+
+
 def test_scale_bench_small_is_memory_bounded(tmp_path: Path) -> None:
     """The bench's own measurement at 0.2 GB (4 × 48 MiB, streamed): output verified 2:4, memory bounded by
     the largest tensor rather than the model. The floor (interpreter + numpy + onnx + onnxruntime) is
