@@ -1,5 +1,6 @@
-"""Hypothesis fuzz: random small Gemm / MatMul / Conv / ConvTranspose graphs through gemm-to-conv, prune and
-validate. No input may crash a pass: each run either succeeds (the result passes the full checker inside the
+"""Hypothesis fuzz: random small Gemm / MatMul / Conv / ConvTranspose graphs (a third of them inside both
+branches of an If, each branch reading its own copy of the weights from the outer scope) through gemm-to-conv,
+prune and validate. No input may crash a pass: each run either succeeds (the result passes the full checker inside the
 pipeline, runs in ORT, gemm-to-conv keeps the outputs, prune leaves every eligible layer 2:4) or raises a
 one-line ``OnnxSparseError``.
 """
@@ -118,18 +119,46 @@ def models(draw: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
             shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
             feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
     opset = draw(st.sampled_from([13, 17, 21]))
+    in_if = draw(st.sampled_from([False, False, True]))  # the layer inside both branches of an If
 
-    def build(out_shape: list[Any] | None) -> onnx.ModelProto:
+    def build(out_shape: list[Any] | None, wrap: bool) -> onnx.ModelProto:
         y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
-        model = helper.make_model(helper.make_graph(nodes, "fuzz", inputs, [y], inits),
+        graph_nodes, graph_inputs, graph_inits = nodes, inputs, inits
+        if wrap:  # weights stay initializers of the main graph: the branches read them from the outer scope
+            branches = {}
+            graph_inits = []
+            produced = {o for n in nodes for o in n.output}
+            for tag in ("then", "else"):
+                for t in inits:
+                    c_init = onnx.TensorProto()
+                    c_init.CopyFrom(t)
+                    c_init.name = f"{t.name}_{tag}"
+                    graph_inits.append(c_init)
+                copies = []
+                for node in nodes:
+                    c = onnx.NodeProto()
+                    c.CopyFrom(node)
+                    c.name = f"{node.name or node.op_type}_{tag}"
+                    c.output[:] = [f"{o}_{tag}" for o in node.output]
+                    c.input[:] = [f"{i}_{tag}" if i in produced or i in {t.name for t in inits} else i
+                                  for i in node.input]
+                    copies.append(c)
+                out = helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, out_shape)
+                branches[f"{tag}_branch"] = helper.make_graph(copies, tag, [], [out])
+            graph_nodes = [helper.make_node("If", ["cond"], ["y"], name="if", **branches)]
+            graph_inputs = [*inputs, helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+        model = helper.make_model(helper.make_graph(graph_nodes, "fuzz", graph_inputs, [y], graph_inits),
                                   opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = 8
         return model
 
+    if in_if:
+        feeds["cond"] = np.array(draw(st.booleans()))
     try:
-        ref = _ort(build(None), feeds)
-        model = build([f"y{i}" for i in range(ref.ndim)])  # the output's rank, every dim symbolic
+        ref = _ort(build(None, False), {k: v for k, v in feeds.items() if k != "cond"})
+        model = build([f"y{i}" for i in range(ref.ndim)], in_if)  # the output's rank, every dim symbolic
         onnx.checker.check_model(model, full_check=True)
+        ref = _ort(model, feeds)
     except Exception:  # the generator made something ONNX itself rejects: not an input we owe an answer
         assume(False)
     return model, {"__ref__": ref, **feeds}
@@ -141,7 +170,7 @@ def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(case=models())
 def test_passes_never_crash(case: tuple[onnx.ModelProto, dict[str, np.ndarray]]) -> None:
     model, feeds = case
