@@ -466,11 +466,11 @@ def _onnx_for_builder(model: Model, plan: BuildPlan, workdir: Path) -> Iterator[
         yield model.source
         return
     from onnxsparse.model_io import load_model, save_model
-    from onnxsparse.passes.to_fp16 import ToFp16
+    from onnxsparse.passes.to_fp16 import ToFp16Pass
     from onnxsparse.pipeline import Pipeline
 
     copy = load_model(model.source) if model.source is not None else Model(proto=_copy_proto(model.proto))
-    Pipeline([ToFp16()]).run(copy)
+    Pipeline([ToFp16Pass()]).run(copy)
     with tempfile.TemporaryDirectory(prefix="onnxsparse-fp16-", dir=workdir) as tmp:
         yield save_model(copy, Path(tmp) / "model.fp16.onnx")
 

@@ -37,7 +37,7 @@ class GemmToConvConfig(PassConfig):
         check_regex("gemm-to-conv", "exclude", self.exclude)
 
 
-class GemmToConv(Pass[GemmToConvConfig]):
+class GemmToConvPass(Pass[GemmToConvConfig]):
     """Rewrite Gemm/MatMul with constant weights into 1×1 Conv (numerically equal)."""
 
     name = "gemm-to-conv"

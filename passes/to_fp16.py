@@ -94,7 +94,7 @@ class ToFp16Config(PassConfig):
             raise ValueError(f"block-nodes is not a valid regex: {e}") from e
 
 
-class ToFp16(Pass[ToFp16Config]):
+class ToFp16Pass(Pass[ToFp16Config]):
     """Convert float32 weights and activations to float16 (TensorRT 11 strong typing; smaller models)."""
 
     name = "to-fp16"
@@ -682,8 +682,8 @@ class _Converter:
 
 def convert_to_fp16(model: Model, **options: Any) -> PassReport:
     """Library shorthand: convert ``model`` in place and return the report."""
-    result = ToFp16(**options).run(model, PassContext())
+    result = ToFp16Pass(**options).run(model, PassContext())
     return result.report
 
 
-__all__ = ["DEFAULT_BLOCK_OPS", "ToFp16", "ToFp16Config", "convert_to_fp16", "fp16_array"]
+__all__ = ["DEFAULT_BLOCK_OPS", "ToFp16Config", "ToFp16Pass", "convert_to_fp16", "fp16_array"]

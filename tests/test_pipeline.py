@@ -11,7 +11,7 @@ from builders import gemm_cases, matmul_ranks
 from onnxsparse.errors import GateFailure, OnnxSparseError
 from onnxsparse.graph import toposort
 from onnxsparse.model_io import Model
-from onnxsparse.passes.gemm_to_conv import GemmToConv, GemmToConvConfig
+from onnxsparse.passes.gemm_to_conv import GemmToConvConfig, GemmToConvPass
 from onnxsparse.pipeline import (
     Pass,
     PassConfig,
@@ -27,14 +27,14 @@ from onnxsparse.pipeline import (
 
 def test_registry_is_keyed_by_cli_name() -> None:
     reg = registry()
-    assert reg["gemm-to-conv"] is GemmToConv
+    assert reg["gemm-to-conv"] is GemmToConvPass
     for name, cls in reg.items():
         assert cls.name == name and cls.summary
 
 
 def test_text_parses_into_the_same_objects_as_the_api() -> None:
     (p,) = parse_pipeline("gemm-to-conv{exclude='head\\..*';include=\"fc_(a|b),x{1,3}\"}")
-    assert isinstance(p, GemmToConv)
+    assert isinstance(p, GemmToConvPass)
     assert p.config == GemmToConvConfig(exclude="head\\..*", include="fc_(a|b),x{1,3}")
     assert parse_pipeline(p.text())[0].config == p.config  # round trip
     assert Pipeline("gemm-to-conv").text() == "gemm-to-conv"
@@ -81,13 +81,13 @@ class _Gate(Pass[_GateConfig]):
 
 def test_gate_failure_stops_the_pipeline_after_earlier_passes() -> None:
     with pytest.raises(GateFailure) as info:
-        Pipeline([GemmToConv(), _Gate()]).run(Model(gemm_cases()))
+        Pipeline([GemmToConvPass(), _Gate()]).run(Model(gemm_cases()))
     result = info.value.result  # type: ignore[attr-defined]
     assert [r.name for r in result.results] == ["gemm-to-conv"]
 
 
 def test_pipeline_records_provenance_timing_and_ops() -> None:
-    result = Pipeline([GemmToConv()]).run(Model(matmul_ranks()))
+    result = Pipeline([GemmToConvPass()]).run(Model(matmul_ranks()))
     props = {p.key: p.value for p in result.model.proto.metadata_props}
     assert props["onnxsparse.pipeline"] == "gemm-to-conv"
     assert "onnxsparse.version" in props
@@ -109,4 +109,4 @@ def test_toposort_fixes_order() -> None:
 
 def test_config_and_options_are_exclusive() -> None:
     with pytest.raises(TypeError):
-        GemmToConv(GemmToConvConfig(), exclude="x")
+        GemmToConvPass(GemmToConvConfig(), exclude="x")

@@ -10,7 +10,7 @@ from builders import gemm_cases, if_model, loop_model, matmul_ranks
 
 from onnxsparse.graph import iter_nodes, op_counts
 from onnxsparse.model_io import Model
-from onnxsparse.passes.gemm_to_conv import GemmToConv
+from onnxsparse.passes.gemm_to_conv import GemmToConvPass
 from onnxsparse.pipeline import PassContext, Pipeline
 
 
@@ -26,7 +26,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 
 
 def _rewrite(model: onnx.ModelProto, **options: str) -> tuple[onnx.ModelProto, object]:
-    result = Pipeline([GemmToConv(**options)]).run(Model(_copy(model)), PassContext())
+    result = Pipeline([GemmToConvPass(**options)]).run(Model(_copy(model)), PassContext())
     return result.model.proto, result
 
 
@@ -109,7 +109,7 @@ def test_include_exclude() -> None:
 
 def test_nothing_to_do_is_not_modified() -> None:
     out, _ = _rewrite(matmul_ranks())
-    again = Pipeline([GemmToConv()]).run(Model(out), PassContext())
+    again = Pipeline([GemmToConvPass()]).run(Model(out), PassContext())
     assert not again.modified
     assert op_counts(again.model.proto.graph) == op_counts(out.graph)
 

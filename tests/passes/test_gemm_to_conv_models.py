@@ -12,7 +12,7 @@ from conftest import make_feeds, run_ort
 
 from onnxsparse.layers import find_layers
 from onnxsparse.model_io import load_model
-from onnxsparse.passes.gemm_to_conv import GemmToConv
+from onnxsparse.passes.gemm_to_conv import GemmToConvPass
 from onnxsparse.pipeline import PassContext, Pipeline
 
 #: skip reasons that mean "cannot be rewritten by design", as opposed to a missed rewrite
@@ -23,7 +23,7 @@ def _check(path: Path, dims_list: list[dict[str, int]], tmp_path: Path, tol: flo
     model = load_model(path)
     ref = onnx.ModelProto()
     ref.CopyFrom(model.proto)
-    result = Pipeline([GemmToConv()]).run(model, PassContext())
+    result = Pipeline([GemmToConvPass()]).run(model, PassContext())
     report = result.results[0].report
     for s in report.skipped:
         assert any(key in s["reason"] for key in _EXPECTED), s

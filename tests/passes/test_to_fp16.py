@@ -23,7 +23,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs, iter_nodes
 from onnxsparse.layers import find_layers
 from onnxsparse.model_io import Model
-from onnxsparse.passes.to_fp16 import DEFAULT_BLOCK_OPS, ToFp16, fp16_array
+from onnxsparse.passes.to_fp16 import DEFAULT_BLOCK_OPS, ToFp16Pass, fp16_array
 from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
 
 REL_TOL = 1e-2
@@ -178,7 +178,7 @@ def qdq_conv(opset: int) -> onnx.ModelProto:
 
 def test_registered_and_parsed_from_text() -> None:
     (p,) = parse_pipeline("to-fp16{keep-io-types=false;block-ops=Softmax,Exp;block-nodes=head.*}")
-    assert isinstance(p, ToFp16)
+    assert isinstance(p, ToFp16Pass)
     assert p.config.keep_io_types is False
     assert p.config.block_ops == ("Softmax", "Exp")
     assert p.text() == "to-fp16{keep-io-types=false;block-ops=Softmax,Exp;block-nodes=head.*}"
@@ -223,7 +223,7 @@ def test_cnn_structure_numerics_and_io_kept_float32() -> None:
 def test_second_run_is_a_no_op() -> None:
     _, out, _ = _convert(cnn())
     before = out.SerializeToString()
-    res = ToFp16().run(Model(proto=out), PassContext())
+    res = ToFp16Pass().run(Model(proto=out), PassContext())
     assert res.modified is False
     assert out.SerializeToString() == before
 
@@ -381,7 +381,7 @@ def test_custom_domain_node_is_kept_float32() -> None:
     )
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
     ref = _copy(m)
-    res = ToFp16().run(Model(proto=m), PassContext())  # no full checker: the contrib op has no onnx schema
+    res = ToFp16Pass().run(Model(proto=m), PassContext())  # no full checker: the contrib op has no onnx schema
     out = res.model.proto
     gelu = next(n for n in out.graph.node if n.name == "gelu")
     types = _elem_types(out)
