@@ -83,6 +83,24 @@ def if_model(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 12), "W_outer")])
 
 
+def scan_model(seed: int = 0) -> onnx.ModelProto:
+    """A Scan over the sequence axis whose body applies a MatMul with a body-local constant weight."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "W_scan"], ["mm"], name="scan_mm"),
+         helper.make_node("Add", ["mm", "acc_in"], ["acc_out"]),
+         helper.make_node("Identity", ["acc_out"], ["y_t"])],
+        "scan_body",
+        [helper.make_tensor_value_info("acc_in", F, [2, 12]), helper.make_tensor_value_info("x_t", F, [2, 8])],
+        [helper.make_tensor_value_info("acc_out", F, [2, 12]), helper.make_tensor_value_info("y_t", F, [2, 12])],
+        [nh.from_array(rand(rng, 8, 12), "W_scan")])
+    nodes = [helper.make_node("Scan", ["acc0", "x"], ["acc", "ys"], name="scan", body=body, num_scan_inputs=1,
+                              scan_input_axes=[1], scan_output_axes=[1])]
+    inputs = [helper.make_tensor_value_info("x", F, [2, "seq", 8])]
+    outputs = [helper.make_tensor_value_info("acc", F, [2, 12]), helper.make_tensor_value_info("ys", F, [2, "seq", 12])]
+    return make_model(nodes, inputs, outputs, [nh.from_array(np.zeros((2, 12), np.float32), "acc0")])
+
+
 def loop_model(seed: int = 0) -> onnx.ModelProto:
     """A Loop whose body multiplies the carried state by a constant weight (outer-scope initializer)."""
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import gemm_cases, if_model, loop_model, matmul_ranks
+from builders import gemm_cases, if_model, loop_model, matmul_ranks, scan_model
 
 from onnxsparse.graph import iter_nodes, op_counts
 from onnxsparse.model_io import Model
@@ -97,6 +97,17 @@ def test_loop_body_is_rewritten() -> None:
     assert "MatMul" not in ops and "Conv" in ops
     for b in (1, 5):
         x = np.random.default_rng(b).standard_normal((b, 16)).astype(np.float32)
+        _assert_close(_run(model, {"x": x}), _run(out, {"x": x}))
+
+
+def test_scan_body_is_rewritten() -> None:
+    model = scan_model()
+    out, _ = _rewrite(model)
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for _, n in iter_nodes(out.graph)]
+    assert "MatMul" not in ops and "Conv" in ops
+    for s in (1, 4):
+        x = np.random.default_rng(s).standard_normal((2, s, 8)).astype(np.float32)
         _assert_close(_run(model, {"x": x}), _run(out, {"x": x}))
 
 
