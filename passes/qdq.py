@@ -32,7 +32,7 @@ from onnxsparse.graph import NameGen, toposort
 from onnxsparse.layers import Layer, Source, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
-from onnxsparse.tensors import to_array
+from onnxsparse.tensors import external_info, set_array, to_array
 
 log = logging.getLogger("onnxsparse.passes.qdq")
 
@@ -305,7 +305,7 @@ class QdqPass(Pass[QdqConfig]):
             q_name, s_name, z_name = names(f"{src_name}_quantized"), names(f"{src_name}_scale"), names(
                 f"{src_name}_zero_point")
             graph.initializer.extend([
-                numpy_helper.from_array(q, q_name),
+                _stored_like(wp.source.tensor, q, q_name),
                 numpy_helper.from_array(np.asarray(scale), s_name),
                 numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
             ])
@@ -384,6 +384,21 @@ def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float
     step = _expand(scale.astype(np.float32), axis, a.ndim)
     q = np.clip(np.rint(np.asarray(w, dtype=np.float32) / step), -127, 127).astype(np.int8)
     return q, scale
+
+
+def _stored_like(source: TensorProto, array: np.ndarray, name: str) -> TensorProto:
+    """A new initializer ``name`` holding ``array``, stored where ``source`` (the weight it replaces) was.
+
+    An external float weight means a large model: its int8 replacement goes to a scratch file as ``set_array``
+    does for edited external tensors (the saver streams it into the output's data file), so the proto does not
+    grow by a quarter of the model's weights — which could push it past protobuf's 2 GB limit. An inline
+    weight gives an inline int8 tensor.
+    """
+    tensor = TensorProto(name=name)
+    if external_info(source) is not None:
+        tensor.data_location = TensorProto.EXTERNAL  # set_array's policy: an external tensor stays out of the proto
+    set_array(tensor, array)
+    return tensor
 
 
 def activation_scale(amax: float, dtype: np.dtype[Any]) -> float:

@@ -407,6 +407,58 @@ def test_model_with_external_data_is_calibrated_and_quantized(tmp_path: Path) ->
     assert _cosine(run_ort(tmp_path / "ext.onnx", feeds)[0], run_ort(out, feeds)[0]) > 0.99
 
 
+def _wide_mlp() -> onnx.ModelProto:
+    """Four MatMuls with 21 MB of float weights: their int8 copies stored inline would add 5 MB to the proto."""
+    rng = np.random.default_rng(1)
+    inits = [_init(rng, "fc0.w", 64, 1024), _init(rng, "fc1.w", 1024, 2048, scale=0.03),
+             _init(rng, "fc2.w", 2048, 1024, scale=0.03), _init(rng, "fc3.w", 1024, 1024, scale=0.03)]
+    nodes = [helper.make_node("MatMul", ["x", "fc0.w"], ["h0"], name="fc0"),
+             helper.make_node("Relu", ["h0"], ["a0"], name="relu0"),
+             helper.make_node("MatMul", ["a0", "fc1.w"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+             helper.make_node("MatMul", ["a1", "fc2.w"], ["h2"], name="fc2"),
+             helper.make_node("MatMul", ["h2", "fc3.w"], ["y"], name="fc3")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", F, ["N", 64])],
+                              [helper.make_tensor_value_info("y", F, ["N", 1024])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_external_weights_get_external_int8_weights_and_the_proto_stays_small(tmp_path: Path) -> None:
+    """A model whose weights are external data: the int8 weights the pass adds are not inlined into the proto
+    (on a model over 2 GB that would add a quarter of its size and could pass protobuf's limit); the saved
+    result runs and equals the inline model's result exactly."""
+    from onnxsparse.model_io import save_model
+    from onnxsparse.tensors import external_info
+
+    proto = _wide_mlp()
+    save_model(Model(proto=_copy(proto)), tmp_path / "ext.onnx", external_data=True)
+    ext = load_model(tmp_path / "ext.onnx")
+    assert ext.proto.ByteSize() < 100_000 and ext.has_external_data()
+    calib = _calib(ext)
+    ext_result = Pipeline([QdqPass()]).run(ext, PassContext(calibration=calib))
+    size = ext_result.model.proto.ByteSize()
+    assert size < 1_000_000, f"the proto grew to {size} bytes: int8 weights were stored inline"
+    int8 = [t for t in ext_result.model.proto.graph.initializer if t.name.endswith(".w_quantized")]
+    assert len(int8) == 4 and all(external_info(t) is not None for t in int8)
+
+    inline_result = Pipeline([QdqPass()]).run(Model(proto=_copy(proto)), PassContext(calibration=calib))
+    assert inline_result.model.proto.ByteSize() > 5_000_000  # the inline model keeps its int8 weights inline
+    ext_out = save_model(ext_result.model, tmp_path / "q_ext.onnx")
+    inline_out = save_model(inline_result.model, tmp_path / "q_inline.onnx", external_data=False)
+    saved = onnx.load(str(ext_out), load_external_data=False)
+    assert saved.ByteSize() < 1_000_000
+    onnx.checker.check_model(str(ext_out), full_check=True)
+    ext_q = {t.name: nh.to_array(t) for t in onnx.load(str(ext_out)).graph.initializer}
+    inline_q = {t.name: nh.to_array(t) for t in onnx.load(str(inline_out)).graph.initializer}
+    assert ext_q.keys() == inline_q.keys()
+    for name, arr in inline_q.items():
+        np.testing.assert_array_equal(ext_q[name], arr, err_msg=name)
+    feeds = make_feeds(proto, dims={"N": 3}, seed=5)
+    np.testing.assert_array_equal(run_ort(ext_out, feeds)[0], run_ort(inline_out, feeds)[0])
+
+
 def test_the_pass_alone_leaves_a_valid_sorted_graph() -> None:
     model = Model(proto=op_zoo(opset=13))
     result = QdqPass().run(model, PassContext(calibration=_calib(model)))
