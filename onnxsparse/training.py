@@ -437,7 +437,7 @@ def training_copy(model: Model, masks: Mapping[str, np.ndarray],
     from onnxsparse import training_qat
 
     if qweights or training_qat.has_qdq(proto):
-        training_qat.apply_qat(proto, qweights or {})
+        training_qat.apply_qat(proto, qweights or {}, model.base_dir)
     toposort(proto.graph)  # a pass's output is sorted only at the end of its pipeline; ORT insists on order
     lower_for_training(proto)
     return proto

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -80,7 +81,7 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
         if dq.op_type != "DequantizeLinear" or dq.input[0] != name or name not in inits:
             skipped[name] = f"weight '{name}' does not feed its DequantizeLinear directly"
             continue
-        why = _why_not(dq, inits)
+        why = _why_not(dq, inits, model.base_dir)
         if why:
             skipped[name] = why
             continue
@@ -106,7 +107,7 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
     return found, skipped
 
 
-def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto]) -> str | None:
+def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], base_dir: Path | None) -> str | None:
     name = dq.input[0]
     t = inits[name]
     if t.data_type not in _RANGES:
@@ -119,14 +120,17 @@ def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto]) -> str | None:
         zp = inits.get(dq.input[2])
         if zp is None:
             return f"weight '{name}': non-constant zero point"
-        values = onnx.numpy_helper.to_array(zp)
+        values = np.asarray(to_array(zp, base_dir))  # per-channel zero points of a large layer may be external
         if values.size > 1 and np.unique(values).size > 1:
             return f"weight '{name}': per-channel zero points are not supported by QAT (TensorRT uses 0)"
     return None
 
 
-def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight]) -> int:
-    """Rewrite a training copy in place for QAT (see the module docstring). Returns activation pairs replaced."""
+def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir: Path | None = None) -> int:
+    """Rewrite a training copy in place for QAT (see the module docstring). Returns activation pairs replaced.
+
+    ``base_dir``: the folder external tensors of ``proto`` are relative to (zero points are read from it).
+    """
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     new_inits: list[TensorProto] = []
@@ -167,7 +171,7 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight]) -> int:
             zp_dtype = zp_t.data_type if zp_t is not None else TensorProto.UINT8
             if zp_dtype in _RANGES and inits.get(q.input[1]) is not None \
                     and inits[q.input[1]].data_type == TensorProto.FLOAT:
-                zp_val = float(onnx.numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0.0
+                zp_val = float(np.asarray(to_array(zp_t, base_dir)).reshape(-1)[0]) if zp_t is not None else 0.0
                 zp_f = const(f"{node.output[0]}__onnxsparse_qat_zp", np.array(zp_val, np.float32))
                 lo, hi = _RANGES[zp_dtype]
                 kept.append(helper.make_node("FakeQuant", [q.input[0], q.input[1], zp_f],

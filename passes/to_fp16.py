@@ -476,7 +476,7 @@ class _Converter:
         elif prod is not None and prod[0].op_type == "Constant":
             ctensor = _constant_tensor(prod[0])
             assert ctensor is not None
-            arr = numpy_helper.to_array(ctensor)
+            arr = to_array(ctensor, self.model.base_dir)  # a Constant's tensor is inline unless saved otherwise
             data = self._fp16(arr) if t == FLOAT16 else np.asarray(arr, dtype=np.float32)
             graph.node.append(helper.make_node("Constant", [], [new], name=self.names(f"{name}_{self._type_name(t)}"),
                                                value=numpy_helper.from_array(data)))
@@ -536,7 +536,7 @@ class _Converter:
                 node = self.producer[name][0]
                 ctensor = _constant_tensor(node)
                 assert ctensor is not None
-                data = self._fp16(numpy_helper.to_array(ctensor))
+                data = self._fp16(to_array(ctensor, self.model.base_dir))
                 del node.attribute[:]
                 node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(data)))
                 self.stats["constants"] += 1
@@ -557,7 +557,7 @@ class _Converter:
                     a.i = FLOAT16
         elif node.op_type == "ConstantOfShape":
             value = next((a for a in node.attribute if a.name == "value"), None)
-            arr = numpy_helper.to_array(value.t) if value is not None else np.zeros(1, dtype=np.float32)
+            arr = to_array(value.t, self.model.base_dir) if value is not None else np.zeros(1, dtype=np.float32)
             if value is not None:
                 node.attribute.remove(value)
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(self._fp16(arr))))

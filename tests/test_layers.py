@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import pytest
 from builders import if_model, make_model, rand
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
@@ -121,3 +124,33 @@ def test_shared_weight_with_conflicting_axes() -> None:
     layers = {L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 8), "W")]))}
     assert "shared with g1" in (layers["m1"].reason or "")
     assert "different axis" in (layers["g1"].reason or "")
+
+
+def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """find_layers sees the proto only: a weight chain's Reshape target saved as external data is not looked up
+    relative to the working directory (that crashed, or read whichever file happened to be there); the weight
+    shape comes from inferred shapes instead."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from onnxsparse.model_io import load_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Reshape", ["w", "shape"], ["w2"], name="reshape"),
+             helper.make_node("MatMul", ["x", "w2"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
+                              [nh.from_array(rng.standard_normal(96).astype(np.float32), "w"),
+                               nh.from_array(np.array([8, 12], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inline_layers = find_layers(proto)
+    assert inline_layers[0].weight_shape == (8, 12)
+    convert_model_to_external_data(proto, location="m.data", size_threshold=0)
+    (tmp_path / "model").mkdir()
+    onnx.save(proto, str(tmp_path / "model" / "m.onnx"))
+    monkeypatch.chdir(tmp_path)
+    model = load_model(tmp_path / "model" / "m.onnx")
+    assert [t.data_location for t in model.proto.graph.initializer] == [TensorProto.EXTERNAL] * 2
+    assert find_layers(model.proto)[0].weight_shape is None
+    layers = find_layers(model.proto, shapes={"w2": (8, 12)})
+    assert layers[0].weight_shape == (8, 12) and layers[0].reduction_axis == inline_layers[0].reduction_axis

@@ -342,6 +342,48 @@ def test_qat_training_copy_replaces_qdq_by_fake_quant(tmp_path: Path) -> None:
             t for t in qdq.proto.graph.initializer if t.name == q.name)))
 
 
+def _all_external(model: Model, path: Path) -> Model:
+    """``model`` saved with *every* tensor as external data (zero size threshold: scalar scales and zero points
+    too, as some exporters do), loaded back without its data."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    for t in proto.graph.initializer:  # inline copies of the values, so that onnx can write them out
+        t.CopyFrom(nh.from_array(np.array(to_array(t, model.base_dir)), t.name))
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=path.name + ".data",
+                                   size_threshold=0)
+    onnx.save(proto, str(path))
+    loaded = load_model(path)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in loaded.proto.graph.initializer)
+    return loaded
+
+
+def test_qat_reads_scales_and_zero_points_stored_as_external_data(tmp_path: Path) -> None:
+    """Zero points and scales (per-channel weight zero points, per-tensor activation ones) stored as external
+    data are read through the model's folder: same QAT weights and the same training copy as the inline model."""
+    from onnxsparse import training_qat
+
+    _, qdq, _ = _sparse_qdq_fixture(tmp_path)
+    ext = _all_external(qdq, tmp_path / "ext.onnx")
+    q_inline, skipped_inline = training_qat.quantized_weights(qdq, {})
+    q_ext, skipped_ext = training_qat.quantized_weights(ext, {})
+    assert not skipped_ext and skipped_ext == skipped_inline and q_ext.keys() == q_inline.keys()
+    for name, qw in q_inline.items():
+        assert q_ext[name].zero_point == qw.zero_point
+        np.testing.assert_array_equal(q_ext[name].scale, qw.scale)
+        np.testing.assert_array_equal(q_ext[name].master, qw.master)
+    copy_inline = training.training_copy(qdq, {}, q_inline)
+    copy_ext = training.training_copy(ext, {}, q_ext)
+    assert [n.op_type for n in copy_ext.graph.node].count("FakeQuant") == 6
+    zero_points = {n.input[2] for n in copy_inline.graph.node if n.op_type == "FakeQuant"}
+    assert len(zero_points) == 6
+    ext_inits = {t.name: t for t in copy_ext.graph.initializer}
+    for t in copy_inline.graph.initializer:
+        if t.name in zero_points:
+            np.testing.assert_array_equal(to_array(ext_inits[t.name], ext.base_dir), to_array(t), err_msg=t.name)
+
+
 @needs_runtime
 def test_sparse_qat_lowers_the_error_of_a_pruned_int8_model(tmp_path: Path) -> None:
     """Fine-tuning a pruned Q/DQ model through FakeQuant (straight-through gradient) with fixed, deliberately
@@ -508,3 +550,23 @@ def test_outer_scope_weights_are_masked_inside_subgraphs_and_kept_fixed(if_model
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     frozen = training.control_flow_frozen(dense_copy, [*usable, "in.bias"])
     assert set(frozen) == {"then.fc1.weight", "in.weight", "in.bias"}
+
+
+@needs_runtime
+def test_sparse_qat_runs_on_a_model_with_every_tensor_external(tmp_path: Path) -> None:
+    """End to end on the all-external Q/DQ model: QAT trains, and the exported model keeps the int8 storage,
+    scales and zero points of the input."""
+    dense, qdq, data = _sparse_qdq_fixture(tmp_path)
+    ext = _all_external(qdq, tmp_path / "ext.onnx")
+    result = training.finetune(ext, {}, data, training.FinetuneOptions(steps=5, batch_size=64), teacher=dense)
+    assert result.steps == 5
+    before, after = _inits(ext), _inits(result.model)
+    assert before.keys() == after.keys()
+    for name, arr in before.items():
+        assert after[name].dtype == arr.dtype, name
+        if name.endswith(("_scale", "_zero_point")):
+            np.testing.assert_array_equal(after[name], arr, err_msg=name)
+    x = example_inputs(64, seed=13)
+    out = save_model(result.model, tmp_path / "qat.onnx")
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, {"x": x})[0]).all()

@@ -11,6 +11,8 @@ int8 grid (one quantization step), measured ≈ 1e-3.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -410,7 +412,8 @@ def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
     sibling = next(n for n in casts.values() if n.output[0] == "f")
     assert sibling.input[0] == "idx" and sibling.attribute[0].i == FLOAT
     _assert_no_cast_chains(out)
-    feeds = {"x": np.array([0.5, -1.25, 3.0], np.float32), "idx": np.array([1, 2, 2049], np.int64)}
+    feeds: dict[str, np.ndarray] = {"x": np.array([0.5, -1.25, 3.0], np.float32),
+                                    "idx": np.array([1, 2, 2049], np.int64)}
     want, got = _run(ref, feeds), _run(out, feeds)
     np.testing.assert_array_equal(want[0], got[0])  # exact: 2049 does not pass through float16
     assert _rel(want[1], got[1]) < REL_TOL
@@ -552,3 +555,39 @@ def test_cli_run_prints_summary(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert "float32 1: Exp is in block-ops" in res.output
     out = onnx.load(str(tmp_path / "cnn16.onnx"))
     assert {t.data_type for t in out.graph.initializer} == {FLOAT16}
+
+
+def test_constant_attributes_stored_as_external_data_are_read_through_the_model_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Constant's and a ConstantOfShape's tensors saved as external data (``convert_attribute=True``) are read
+    relative to the model, not the working directory; the fp16 result matches the float model."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from onnxsparse.model_io import load_model, save_model
+
+    rng = _rng(4)
+    nodes = [h.make_node("Constant", [], ["w"], value=nh.from_array(rng.standard_normal((16, 8)).astype(np.float32))),
+             h.make_node("MatMul", ["x", "w"], ["m"]),
+             h.make_node("Shape", ["m"], ["m_shape"]),
+             h.make_node("ConstantOfShape", ["m_shape"], ["half"], value=nh.from_array(np.array([0.5], np.float32))),
+             h.make_node("Add", ["m", "half"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [2, 8])])
+    ref = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    ref.ir_version = 8
+    proto = onnx.ModelProto()
+    proto.CopyFrom(ref)
+    convert_model_to_external_data(proto, location="m.data", size_threshold=0, convert_attribute=True)
+    (tmp_path / "model").mkdir()
+    onnx.save(proto, str(tmp_path / "model" / "m.onnx"))
+    assert [a.t.data_location for n in proto.graph.node for a in n.attribute if a.type == a.TENSOR] == [
+        T.EXTERNAL, T.EXTERNAL]
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    model = load_model(tmp_path / "model" / "m.onnx")
+    result = Pipeline([ToFp16Pass()]).run(model, PassContext())
+    assert result.results[0].report.details["constants_converted"] == 1
+    out = save_model(result.model, tmp_path / "model" / "fp16.onnx")
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    want = ort.InferenceSession(ref.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
