@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,15 +87,21 @@ def _source(tensor: TensorProto, base_dir: Path | None, axis: int, m: int) -> _S
                    post=post)
 
 
+def _slab_rows(src: _Source) -> int:
+    """Rows per slab: ``CHUNK_BYTES`` of weight, at least one row."""
+    return max(1, CHUNK_BYTES // max(src.row_elems * src.dtype.itemsize, 1))
+
+
 def _slabs(src: _Source) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_BYTES // max(src.row_elems * src.dtype.itemsize, 1))
+    step = _slab_rows(src)
     return [(r, min(r + step, src.rows)) for r in range(0, src.rows, step)]
 
 
-def _read(fd: int, src: _Source, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) as a [rows, m, post] array, read with one positional read (thread-safe)."""
+def _read(fd: int, src: _Source, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) as a [rows, m, post] array, read with one positional read (thread-safe); into ``out``
+    (a flat buffer of at least that many elements) when given, so a worker reuses one buffer for every slab."""
     count = (stop - start) * src.row_elems
-    buf = np.empty(count, dtype=src.dtype)
+    buf = np.empty(count, dtype=src.dtype) if out is None else out[:count]
     want = buf.nbytes
     view = buf.view(np.uint8).data
     got = 0
@@ -107,36 +114,93 @@ def _read(fd: int, src: _Source, start: int, stop: int) -> np.ndarray:
     return buf.reshape(stop - start, src.m, src.post)
 
 
-def _check_finite(magnitude: np.ndarray, name: str) -> None:
-    """Refuse NaN/Inf (as ``sparsity.check_finite``): one max over |x| shows both (NaN propagates)."""
-    if magnitude.size and not np.isfinite(magnitude.max()):
+def _check_finite(values: np.ndarray, name: str) -> None:
+    """Refuse NaN/Inf (as ``sparsity.check_finite``): the max and min of the values show both (NaN
+    propagates; +Inf is the max, -Inf the min) without a temporary array."""
+    if values.size and not (np.isfinite(values.max()) and np.isfinite(values.min())):
         raise OnnxSparseError(f"weight '{name}' has NaN/Inf value(s); fix the model first")
+
+
+class _Workspace:
+    """One worker thread's buffers for slabs of at most ``rows`` rows, allocated once and reused.
+
+    Why: a fresh multi-MB numpy temporary per slab costs a page fault per 4 KiB page every time (the
+    allocator hands large blocks back to the kernel), which on this kind of VM cost more than the arithmetic.
+    Slabs shorter than ``rows`` (the last one) use leading views of the same buffers.
+    """
+
+    def __init__(self, rows: int, m: int, post: int, dtype: np.dtype) -> None:
+        shape = (rows, m, post)
+        self.x = np.empty(rows * m * post, dtype=dtype)  # flat: ``_read`` fills a prefix
+        self.nonzero = np.empty(shape, dtype=bool)
+        self.mask = np.empty(shape, dtype=bool)
+        self.count_type = np.int8 if m < 128 else np.int32
+        self.counts = np.empty((rows, post), dtype=self.count_type)
+        self.shape = shape
+        self._ranking: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def ranking(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(magnitude [m, rows, post], rank [m, rows, post], scratch [rows, post]) — only pruning needs them."""
+        if self._ranking is None:
+            rows, m, post = self.shape
+            self._ranking = (np.empty((m, rows, post), dtype=self.x.dtype),
+                             np.empty((m, rows, post), dtype=self.count_type),
+                             np.empty((rows, post), dtype=bool))
+        return self._ranking
+
+
+def _group_counts(nonzero: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Non-zeros per group of a [rows, m, post] bool slab into ``out`` [rows, post]: m - 1 strided adds of the
+    bytes (a reduction over a short middle axis is many times slower, see ``sparsity.group_nonzeros``)."""
+    m = nonzero.shape[1]
+    as_int = nonzero.view(np.int8)
+    np.copyto(out, as_int[:, 0])
+    for j in range(1, m):
+        np.add(out, as_int[:, j], out=out)
+    return out
+
+
+def _rank_keep(x: np.ndarray, n: int, keep: np.ndarray, mag: np.ndarray, rank: np.ndarray, tmp: np.ndarray,
+               prefer: np.ndarray | None = None, nonzero: np.ndarray | None = None) -> np.ndarray:
+    """The n:m keep-set of a [rows, m, post] slab ``x`` (values, not magnitudes) into ``keep`` (same layout).
+
+    The magnitudes of each group position are first gathered into one contiguous block (``mag[j] = |x[:, j]|``,
+    which also makes short runs — post = 1, groups along the last axis — as fast as long ones). Ranks come from
+    the m·(m-1)/2 pairwise comparisons of a group: for j < k, ``j beats k`` iff |x_j| >= |x_k| (ties: the lower
+    index wins); rank[j] starts at m-1-j (the positions after it) and each comparison moves one count between
+    the pair, so rank[j] = number of positions that beat j. Entries where ``prefer & nonzero`` is False rank
+    below every other (magnitude -1), as in ``sparsity.nm_keep``.
+    """
+    m = x.shape[1]
+    rows = x.shape[0]
+    mag, rank, tmp = mag[:, :rows], rank[:, :rows], tmp[:rows]
+    for j in range(m):
+        np.abs(x[:, j], out=mag[j])
+        if prefer is not None:
+            assert nonzero is not None
+            np.logical_and(prefer[:, j], nonzero[:, j], out=tmp)
+            np.logical_not(tmp, out=tmp)
+            np.copyto(mag[j], -1, where=tmp)
+        rank[j].fill(m - 1 - j)
+    beats = tmp.view(np.int8)
+    for j in range(m):
+        for k in range(j + 1, m):
+            np.greater_equal(mag[j], mag[k], out=tmp)
+            np.add(rank[k], beats, out=rank[k])
+            np.subtract(rank[j], beats, out=rank[j])
+    for j in range(m):
+        np.less(rank[j], n, out=keep[:, j])
+    return keep
 
 
 def keep_pairwise(key: np.ndarray, n: int) -> np.ndarray:
     """Keep-set of n:m along axis 1 of a [rows, m, post] magnitude array (same result as ``nm_keep``),
     returned C-contiguous in the same layout."""
-    m = key.shape[1]
-    if key.shape[2] >= 16:  # long contiguous runs: work on [rows, post] slices of each position in place
-        rank = np.zeros(key.shape, dtype=np.int8)
-        pos = [key[:, j] for j in range(m)]
-        ranks = [rank[:, j] for j in range(m)]
-    else:  # short runs: one contiguous [rows, post] block per position first (numpy's loops want that)
-        g = np.ascontiguousarray(np.moveaxis(key, 1, 0))
-        rank = np.zeros(g.shape, dtype=np.int8)
-        pos = list(g)
-        ranks = list(rank)
-    tmp = np.empty(pos[0].shape, dtype=bool)
-    for j in range(m):
-        for k in range(j + 1, m):
-            np.greater_equal(pos[j], pos[k], out=tmp)  # j beats k (ties: the lower index wins)
-            ranks[k] += tmp
-            np.logical_not(tmp, out=tmp)
-            ranks[j] += tmp
-    keep = rank < n
-    if key.shape[2] >= 16:
-        return keep
-    return np.ascontiguousarray(np.moveaxis(keep, 0, 1))
+    rows, m, post = key.shape
+    keep = np.empty(key.shape, dtype=bool)
+    rank_type = np.int8 if m < 128 else np.int32
+    return _rank_keep(key, n, keep, np.empty((m, rows, post), dtype=key.dtype),
+                      np.empty((m, rows, post), dtype=rank_type), np.empty((rows, post), dtype=bool))
 
 
 @dataclass
@@ -161,26 +225,33 @@ def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
 
     stats = PruneStats(groups=src.rows * src.post, violations=0, nonzero_before=0, nonzero_after=0, mask=None)
     mask_out = ScratchArray(src.shape, np.dtype(bool)) if want_mask else None
+    local = threading.local()
+    step = _slab_rows(src)
     committed = False
     try:
         with spill_writer(tensor, src.shape, src.dtype, commit=lambda: stats.violations > 0) as write:
 
             def work(fd: int, start: int, stop: int) -> tuple[int, int, int]:
-                x = _read(fd, src, start, stop)
-                a = np.abs(x)
-                _check_finite(a, tensor.name)
-                nonzero = x != 0
-                if prefer3 is not None:  # as the in-memory path: prefer = nonzero & prior mask; others rank last
-                    a[~(prefer3[start:stop] & nonzero)] = -1.0
-                keep = keep_pairwise(a, n)
-                del a
-                counts = nonzero.sum(axis=1, dtype=np.int8) if m < 128 else nonzero.sum(axis=1)
+                ws = getattr(local, "ws", None)
+                if ws is None:
+                    ws = local.ws = _Workspace(step, m, src.post, src.dtype)
+                rows = stop - start
+                x = _read(fd, src, start, stop, out=ws.x)
+                _check_finite(x, tensor.name)
+                nonzero = np.not_equal(x, 0, out=ws.nonzero[:rows])
+                mask = ws.mask[:rows]
+                mag, rank, tmp = ws.ranking()
+                pre = prefer3[start:stop] if prefer3 is not None else None
+                keep = _rank_keep(x, n, mask, mag, rank, tmp, prefer=pre, nonzero=nonzero)
+                counts = _group_counts(nonzero, ws.counts[:rows])
                 bad = int(np.count_nonzero(counts > n))
-                mask = keep & nonzero
-                out = np.multiply(x, keep, out=x)  # finite values: exact; 4x faster than np.where here
-                out += 0  # -0.0 → +0.0, so the bytes equal the in-memory path's np.where(keep, x, 0)
+                mask = np.logical_and(keep, nonzero, out=mask)
+                # Multiplying by the mask instead of the keep-set gives the same bytes: a kept zero is 0 either
+                # way, and "+ 0" turns every -0.0 into +0.0 (as the in-memory path's multiply-then-add).
+                np.multiply(x, mask, out=x)  # finite values: exact; 4x faster than np.where here
+                np.add(x, 0, out=x)
                 at = start * src.row_elems
-                write(out, at=at)  # positional writes from the worker: the kernel copies run in parallel
+                write(x, at=at)  # positional writes from the worker: the kernel copies run in parallel
                 if mask_out is not None:
                     mask_out.write(mask, at=at)
                 return bad, int(np.count_nonzero(nonzero)), int(np.count_nonzero(mask))
@@ -212,14 +283,20 @@ class CheckStats:
 def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, m: int) -> CheckStats:
     """Non-zeros and groups with more than ``n`` non-zeros (``m`` = 0: non-zeros only), read in slabs."""
     src = _source(tensor, base_dir, axis, m or 1)
+    local = threading.local()
+    step = _slab_rows(src)
 
     def work(fd: int, start: int, stop: int) -> tuple[int, int]:
-        x = _read(fd, src, start, stop)
-        _check_finite(np.abs(x), tensor.name)
-        nonzero = x != 0
+        ws = getattr(local, "ws", None)
+        if ws is None:
+            ws = local.ws = _Workspace(step, src.m, src.post, src.dtype)
+        rows = stop - start
+        x = _read(fd, src, start, stop, out=ws.x)
+        _check_finite(x, tensor.name)
+        nonzero = np.not_equal(x, 0, out=ws.nonzero[:rows])
         bad = 0
         if m:
-            counts = nonzero.sum(axis=1, dtype=np.int16)
+            counts = _group_counts(nonzero, ws.counts[:rows])
             bad = int(np.count_nonzero(counts > n))
         return bad, int(np.count_nonzero(nonzero))
 
