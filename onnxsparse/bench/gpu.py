@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from onnxsparse.bench.stability import Settled, settle
 from onnxsparse.errors import OnnxSparseError
 
 log = logging.getLogger("onnxsparse.bench.gpu")
@@ -67,6 +68,11 @@ class GemmTiming:
     out_dtype: str = ""
     mode: str = "loop"
     iters: int = 0
+    #: seconds of warm-up before the timed repetitions, and whether its last two blocks agreed within 1%
+    warmup_s: float = 0.0
+    settled: bool = False
+    #: NVML's SM clock, temperature, power and clock-limiting reasons right after the timed repetitions
+    gpu_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -355,10 +361,11 @@ def _check(plan: SparsePlan, x: Any, wp: Any, y: Any) -> tuple[float, bool]:
     return float(bad), bad == 0
 
 
-def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str,
-           warmup_s: float = 0.3) -> tuple[dict[str, list[float]], dict[str, float]]:
+def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str, warmup_s: float = 0.3,
+           settle_max_s: float = 2.0, block_s: float = 0.05,
+           ) -> tuple[dict[str, list[float]], dict[str, float], Settled]:
     """Per-launch GPU ms of each function, once per repetition (the functions alternate within a repetition),
-    and the median host ms per launch spent enqueuing them."""
+    the median host ms per launch spent enqueuing them, and how the warm-up ended."""
     import torch
 
     runners: dict[str, Any] = {}
@@ -377,14 +384,19 @@ def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str
                 for _ in range(iters):
                     fn()
             runners[name] = loop
-    # warm up for a count and for a time: clocks settle under sustained load (seen: a dense 8192x4096x1024
-    # product drifting from 110 to 123 µs over its first ~50 ms), and steady state is what an engine sees
-    t0, done = time.perf_counter(), 0
-    while done < max(warmup, 1) or time.perf_counter() - t0 < warmup_s:
+
+    def one_round() -> None:
         for run in runners.values():
             run()
         torch.cuda.synchronize()
-        done += 1
+
+    for _ in range(max(warmup, 1)):  # lazy initialisation, caches
+        one_round()
+    # then warm up for a time, until two consecutive blocks of rounds agree within 1%: clocks settle under
+    # sustained load (seen: a dense 8192x4096x1024 product drifting from 110 to 123 µs over its first ~50 ms;
+    # BERT-base FFN-up 8% slower in one of three runs after a fixed 0.3 s), and steady state is what an
+    # engine sees
+    settled = settle(_event_block(one_round, block_s), warmup_s, settle_max_s)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     out: dict[str, list[float]] = {name: [] for name in fns}
     host: dict[str, list[float]] = {name: [] for name in fns}
@@ -398,12 +410,89 @@ def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str
             host[name].append((time.perf_counter() - t0) * 1e3 / iters)
             end.synchronize()
             out[name].append(start.elapsed_time(end) / iters)
-    return out, {name: statistics.median(v) for name, v in host.items()}
+    return out, {name: statistics.median(v) for name, v in host.items()}, settled
+
+
+def _event_block(step: Callable[[], None], block_s: float) -> Callable[[], float]:
+    """A measurement for ``settle``: repeat ``step`` (which ends synchronised) for ``block_s`` seconds of host
+    time and return the GPU ms per step between two events around the whole block."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def block() -> float:
+        t0, n = time.perf_counter(), 0
+        start.record()
+        while n < 1 or time.perf_counter() - t0 < block_s:
+            step()
+            n += 1
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / n
+
+    return block
+
+
+def warm_up_gpu(min_s: float = 2.0, max_s: float = 10.0, tol: float = 0.01, size: int = 4096) -> Settled:
+    """Load the GPU with dense fp16 products (``size``³, ~0.2 ms each on an H100, replayed from a CUDA graph)
+    until at least ``min_s`` seconds have passed and two consecutive 0.1 s blocks agree within ``tol``.
+
+    Why: an idle GPU's clocks and power state take seconds of sustained load to settle; without this the
+    first shapes a ``bench`` run times can be measured in another state than the later ones (seen on the
+    H100: one run's FFN-up products 8% slower, dense and sparse alike).
+    """
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(size, size, device="cuda", generator=gen, dtype=torch.float32).half()
+    b = torch.randn(size, size, device="cuda", generator=gen, dtype=torch.float32).half()
+    c = torch.empty(size, size, device="cuda", dtype=torch.float16)
+    torch.mm(a, b, out=c)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            torch.mm(a, b, out=c)
+
+    def step() -> None:
+        graph.replay()
+        torch.cuda.synchronize()
+
+    settled = settle(_event_block(step, 0.1), min_s, max_s, tol)
+    log.info("GPU warm-up: %.2f s, last blocks %s ms per 10 products, settled=%s", settled.seconds,
+             [round(v, 4) for v in settled.blocks[-2:]], settled.settled)
+    return settled
+
+
+def gpu_state() -> dict[str, Any]:
+    """SM clock (MHz), temperature (°C), power (W) and the clock-limiting reasons (NVML bit mask) right now;
+    empty where NVML (nvidia-ml-py) is not available. Recorded with each timing to explain time differences
+    between runs that the speed-ups do not show."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        import torch
+
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        state: dict[str, Any] = {
+            "sm_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
+            "temperature_c": int(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+        }
+        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+        if reasons is not None:
+            state["clock_event_reasons"] = int(reasons(h))
+        return state
+    except Exception as e:  # informational only
+        log.debug("NVML: %s", e)
+        return {}
 
 
 def _graph_ms(fn: Callable[[], None], iters: int = 20, repeats: int = 3) -> float:
     """Quick GPU ms per launch of ``fn`` from a CUDA graph (for choosing between tuned plans)."""
-    runs, _ = _loops({"fn": fn}, iters, repeats, 1, "graph", warmup_s=0.02)
+    runs, _, _ = _loops({"fn": fn}, iters, repeats, 1, "graph", warmup_s=0.02, settle_max_s=0.05, block_s=0.01)
     return statistics.median(runs["fn"])
 
 
@@ -448,9 +537,29 @@ def _tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str,
     return plans[best][1], tried
 
 
+#: products estimated under this many µs (at ~400 TFLOP/s) are launch-latency bound: more search rounds
+TINY_PRODUCT_US = 5.0
+
+
+def rounds_for(m: int, n: int, k: int, rounds: int) -> int:
+    """Search rounds for one shape: ``rounds``, tripled for tiny products.
+
+    Why: ``matmul_search`` times each config over a few µs, and on tiny products its pick varies most (H100,
+    BERT-base pooler 32x768x768: configs 36/37 at 3.2-3.5 µs in two runs, 38 and 39 at 3.7-4.0 µs in both
+    rounds of a third, which moved that layer's speed-up from 1.06x to 0.98x). A round costs milliseconds
+    there, so more rounds are cheap.
+    """
+    est_us = 2 * m * n * k / 400e12 * 1e6
+    return rounds * 3 if est_us < TINY_PRODUCT_US else rounds
+
+
 def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats: int = 7, iters: int = 50,
-              warmup: int = 3, mode: str = "graph", seed: int = 0, search_rounds: int = 2) -> GemmTiming:
-    """Time y[M,N] = x[M,K]·W[N,K]ᵀ dense (cuBLAS) and 2:4-sparse (cuSPARSELt, tuned plan) in steady state."""
+              warmup: int = 3, mode: str = "graph", seed: int = 0, search_rounds: int = 2,
+              warmup_s: float = 0.3) -> GemmTiming:
+    """Time y[M,N] = x[M,K]·W[N,K]ᵀ dense (cuBLAS) and 2:4-sparse (cuSPARSELt, tuned plan) in steady state.
+
+    Before the timed repetitions both products run alternately for at least ``warmup_s`` seconds and until
+    two consecutive 50 ms blocks agree within 1% (at most 2 s)."""
     import torch
 
     if mode not in ("loop", "graph"):
@@ -460,7 +569,7 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
     wp = prune_2to4_rows(w)
     out_dtype = torch.float16 if dtype == "fp16" else torch.int32
     y_sparse = torch.empty(m, n, device="cuda", dtype=out_dtype)
-    plan, tried = _tuned_plan(lt, wp, x, y_sparse, dtype, search_rounds)
+    plan, tried = _tuned_plan(lt, wp, x, y_sparse, dtype, rounds_for(m, n, k, search_rounds))
     try:
         if plan.torch_out != out_dtype:  # int8 fell back to an int8 output
             y_sparse = torch.empty(m, n, device="cuda", dtype=plan.torch_out)
@@ -480,14 +589,16 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
                 plan.set_stream(torch.cuda.current_stream().cuda_stream)
                 launch()
 
-        runs, host = _loops({"dense": dense_fn, "sparse": sparse_fn}, iters, repeats, warmup, mode)
+        runs, host, settled = _loops({"dense": dense_fn, "sparse": sparse_fn}, iters, repeats, warmup, mode,
+                                     warmup_s=warmup_s)
+        state = gpu_state()
         torch.cuda.synchronize()
         return GemmTiming(m=m, n=n, k=k, dtype=dtype, dense_ms=statistics.median(runs["dense"]),
                           sparse_ms=statistics.median(runs["sparse"]), dense_runs=runs["dense"],
                           sparse_runs=runs["sparse"], dense_host_ms=host["dense"], sparse_host_ms=host["sparse"],
                           error=error, ok=ok, alg_id=alg_id, search_iterations=plan.search_iterations,
                           layout=plan.layout, out_dtype=plan.out_dtype, mode=mode, iters=iters,
-                          search=tried)
+                          search=tried, warmup_s=settled.seconds, settled=settled.settled, gpu_state=state)
     finally:
         plan.close()
 

@@ -26,17 +26,23 @@ from onnxsparse.render import table, write_json
 @click.option("--iters", type=click.IntRange(1), default=50, show_default=True,
               help="Back-to-back launches per repetition (steady state, not single-launch latency).")
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True, help="Untimed repetitions first.")
+@click.option("--gpu-warmup", type=click.FloatRange(0), default=2.0, show_default=True, metavar="SECONDS",
+              help="Load the GPU with dense products for at least this long (and until two 0.1 s blocks agree "
+                   "within 1%, at most 5x longer) before the first shape: idle clocks take seconds to settle. "
+                   "0 = off.")
 @click.option("--mode", type=click.Choice(["graph", "loop"]), default="graph", show_default=True,
               help="Replay a CUDA graph of the launches (what an engine sees), or loop over them from Python "
                    "(host-bound below ~30 µs a product: torch.mm costs 13-30 µs of CPU a call).")
 @click.option("--search-rounds", type=click.IntRange(1), default=2, show_default=True,
-              help="matmul_search runs per shape; the fastest pick is kept (one search is sometimes 10-20% off).")
+              help="matmul_search runs per shape (x3 for tiny products); the fastest pick is kept "
+                   "(one search is sometimes 10-20% off).")
 @click.option("--min-speedup", type=float, default=1.0, show_default=True,
               help="A layer whose sparse speed-up is below this stays dense.")
 @click.option("--shapes-only", is_flag=True, help="Print the extracted GEMMs and stop (no GPU needed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random test data.")
 def command(model: str, shapes: str | None, dtype: str, json_path: str | None, repeats: int, iters: int,
-            warmup: int, mode: str, search_rounds: int, min_speedup: float, shapes_only: bool, seed: int) -> None:
+            warmup: int, gpu_warmup: float, mode: str, search_rounds: int, min_speedup: float, shapes_only: bool,
+            seed: int) -> None:
     """Measure cuSPARSELt 2:4 against dense cuBLAS for each weighted layer's GEMM (M = batch × positions).
 
     \b
@@ -80,6 +86,7 @@ def command(model: str, shapes: str | None, dtype: str, json_path: str | None, r
     from tqdm import tqdm
 
     timings: dict[tuple[int, int, int], Any] = {}
+    warmed = gpu.warm_up_gpu(min_s=gpu_warmup, max_s=5 * gpu_warmup).to_dict() if gpu_warmup > 0 else None
     with gpu.SparseLt() as lt:
         bar = tqdm(unique, desc="bench", unit="shape", file=sys.stderr, disable=not sys.stderr.isatty())
         for u in bar:
@@ -87,7 +94,8 @@ def command(model: str, shapes: str | None, dtype: str, json_path: str | None, r
             timings[u.key] = gpu.time_gemm(lt, u.m, u.n, u.k, dtype=dtype, repeats=repeats, iters=iters,
                                            warmup=warmup, mode=mode, seed=seed, search_rounds=search_rounds)
     settings = {"model": str(model), "shapes": shapes, "repeats": repeats, "iters": iters, "warmup": warmup,
-                "mode": mode, "seed": seed, "search_rounds": search_rounds}
+                "mode": mode, "seed": seed, "search_rounds": search_rounds, "gpu_warmup_s": gpu_warmup,
+                "gpu_warmup": warmed}
     report = build_report(layers, timings, dtype, min_speedup=min_speedup, device=gpu.device_info(),
                           settings=settings)
     if json_path:
