@@ -6,6 +6,7 @@ Reports (FLOPs, GEMM extraction) need concrete shapes; a model with ``batch``/``
 
 from __future__ import annotations
 
+import logging
 import re
 
 import onnx
@@ -74,10 +75,17 @@ def with_input_shapes(proto: ModelProto, shapes: dict[str, tuple[int, ...]]) -> 
 
 
 def infer_shapes(proto: ModelProto, overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, Shape]:
-    """Name → shape for every value onnx can infer (graph inputs, initializers, intermediates, subgraphs)."""
+    """Name → shape for every value onnx can infer (graph inputs, initializers, intermediates, subgraphs).
+
+    Where onnx's inference leaves a weighted layer's dims unknown although the graph inputs are concrete
+    (BERT's position ids: a Slice of a buffer by ``Shape(input_ids)[1]`` defeats onnx's data propagation, and
+    the broadcasting Add after it loses the sequence length for the whole encoder), ONNX Runtime's symbolic
+    shape inference is tried as well and its concrete dims fill the gaps (``_symbolic_fill``).
+    """
     model = with_input_shapes(proto, overrides or {})
     # Strip weight bytes so inference of a huge model stays small; dims stay on the TensorProtos. Small
     # (shape-like) tensors keep their data: Reshape targets need it for inference.
+    stripped: set[str] = set()
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if t.data_type == onnx.TensorProto.INT64 and len(t.dims) <= 1 and (not t.dims or t.dims[0] <= 16):
@@ -87,12 +95,21 @@ def infer_shapes(proto: ModelProto, overrides: dict[str, tuple[int, ...]] | None
                 t.ClearField(field)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
+            if g is model.graph:
+                stripped.add(t.name)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:  # onnx raises several unrelated types here
         raise OnnxSparseError(f"shape inference failed: {str(e).splitlines()[0][:200]}") from e
+    shapes = _collect(inferred)
+    if _layers_need_dims(inferred, shapes):
+        _symbolic_fill(model, stripped, shapes)
+    return shapes
+
+
+def _collect(model: ModelProto) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {}
-    for g in iter_graphs(inferred.graph):
+    for g in iter_graphs(model.graph):
         for t in g.initializer:
             shapes[t.name] = tuple(int(d) for d in t.dims)
         for vi in list(g.input) + list(g.value_info) + list(g.output):
@@ -105,6 +122,95 @@ def infer_shapes(proto: ModelProto, overrides: dict[str, tuple[int, ...]] | None
                     if attr.name == "value":
                         shapes[node.output[0]] = tuple(int(d) for d in attr.t.dims)
     return shapes
+
+
+#: ops whose input/output dims the reports need (layers.WEIGHTED_OPS; not imported: layers imports this module)
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _layers_need_dims(model: ModelProto, shapes: dict[str, Shape]) -> bool:
+    """True when every graph input is concrete but some weighted op's data input or output is not.
+
+    With symbolic graph inputs (no ``--shapes``) a second inference could not make them concrete either, so
+    it is not worth its time.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    if any(concrete(shapes.get(i.name)) is None for i in model.graph.input if i.name not in inits):
+        return False
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            if node.op_type in _WEIGHTED_OPS and node.domain in ("", "ai.onnx"):
+                names = [n for n in (*node.input[:2], *node.output[:1]) if n]
+                if any(concrete(shapes.get(n)) is None for n in names):
+                    return True
+    return False
+
+
+def _symbolic_fill(model: ModelProto, stripped: set[str], shapes: dict[str, Shape]) -> None:
+    """Fill unknown dims of ``shapes`` in place from ONNX Runtime's symbolic shape inference (best effort).
+
+    ``model`` has concrete inputs and weight tensors without bytes. The stripped main-graph weights become graph
+    inputs of the same type and shape, so the symbolic inference never tries to read their (absent) values;
+    the small int64 tensors it needs for Reshape/Slice/... stay initializers. Only concrete dims are taken, and
+    onnx's own concrete dims always win. Any failure (an op it does not know, an old opset, no onnxruntime)
+    leaves onnx's result as it was.
+    """
+    log = logging.getLogger("onnxsparse.shapes")
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except Exception as e:  # onnxruntime is a dependency, but a broken install must not break reports
+        log.debug("symbolic shape inference unavailable: %s", e)
+        return
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    inputs = {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name not in stripped]
+    moved = [t for t in graph.initializer if t.name in stripped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in moved if t.name not in inputs)
+    # Its warnings ("unsupported broadcast", "potential unsafe merge") are about a best-effort guess the report
+    # can do without: they go to our debug log only.
+    sym_log = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = sym_log.level
+    sym_log.setLevel(logging.ERROR)
+    try:
+        # The library's ``infer_shapes`` saves its partial model into the working directory when inference is
+        # incomplete and then raises; the same steps here keep the partial result and write nothing.
+        sym = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        sym._preprocess(copy)
+        while sym.run_:
+            sym._infer_impl()
+        sym._update_output_from_vi()
+        found = _collect(sym.out_mp_)
+        for name, vi in sym.known_vi_.items():
+            dims = _dims(vi.type)
+            if dims is not None:
+                found.setdefault(name, dims)
+    except Exception as e:  # the symbolic inference raises anything from AssertionError to sympy errors
+        log.debug("symbolic shape inference failed, keeping onnx's shapes: %s", e)
+        return
+    finally:
+        sym_log.setLevel(level)
+    filled = 0
+    for name, dims in found.items():
+        old = shapes.get(name)
+        if concrete(old) is not None:
+            continue
+        new: Shape | None
+        if old is None or len(old) != len(dims):
+            new = concrete(dims)
+            if new is None:
+                continue
+        else:  # dim by dim: only a concrete dim replaces an unknown or symbolic one
+            new = tuple(d if isinstance(d, int) and not isinstance(o, int) else o
+                        for o, d in zip(old, dims, strict=True))
+        if new != old:
+            shapes[name] = new
+            filled += 1
+    log.debug("symbolic shape inference filled %d shapes", filled)
 
 
 def concrete(shape: Shape | None) -> tuple[int, ...] | None:

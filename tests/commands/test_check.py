@@ -111,3 +111,32 @@ def test_run_with_validate_gate_exit_2_writes_nothing(tmp_path: Path) -> None:
     res = _invoke("run", fixture_path("cnn"), "-p", "prune,validate{require-all=true}", "-o", out)
     assert res.exit_code == 0, res.output
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seq", [(2, 16), (1, 32)])
+def test_bert_corpus_model_gets_flop_weighted_coverage(tmp_path: Path, batch: int, seq: int) -> None:
+    """BERT-base (corpus graph, generated weights): onnx's inference loses the sequence length at the
+    position-id Slice; with ORT's symbolic inference as fallback every layer has FLOPs, so coverage is
+    FLOP-weighted, and an FFN layer's FLOPs are 2·M·N·K with M = batch·seq tokens."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from corpus import materialize
+
+    path = materialize("bert_base", tmp_path / "bert")
+    shapes = ",".join(f"{name}:{batch}x{seq}" for name in ("input_ids", "attention_mask", "token_type_ids"))
+    res = _invoke("check", path, "--shapes", shapes, "--json", "-")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    summary = report["summary"]
+    assert summary["coverage_basis"] == "flops" and summary["total_flops"] > 0
+    assert all(r["flops"] is not None for r in report["layers"])
+    ffn = [r for r in report["layers"] if r["layer"].endswith("intermediate/dense/MatMul")]
+    assert len(ffn) == 12
+    for row in ffn:
+        k, n = row["shape"]  # MatMul weight [K, N]
+        assert (k, n) == (768, 3072)
+        assert row["gemm"]["m"] == batch * seq == 32
+        assert row["flops"] == 2 * 32 * n * k
+    assert summary["total_flops"] == sum(r["flops"] for r in report["layers"])
