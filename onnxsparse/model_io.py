@@ -24,7 +24,7 @@ from onnx import TensorProto
 from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs, use_counts
-from onnxsparse.tensors import external_info, external_path, nbytes, to_array
+from onnxsparse.tensors import external_info, external_path, link_spill_pack, nbytes, settle_spill_pack, to_array
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -155,6 +155,8 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
             _inline_external(model)
         with open(tmp / out.name, "wb") as f:
             f.write(model.proto.SerializeToString())
+    if external_data:
+        settle_spill_pack(out.with_name(out.name + ".data"))
     model.base_dir = out.resolve().parent
     model.source = out.resolve()
     return out
@@ -184,27 +186,38 @@ _CHUNK = 64 * 2**20
 
 
 def _write_external(model: Model, data_path: Path, location: str) -> None:
-    """Stream every large initializer into one data file and point the proto at it."""
-    offset = 0
-    with open(data_path, "wb") as f:
-        for graph in iter_graphs(model.proto.graph):
-            for t in graph.initializer:
-                size = nbytes(t)
-                if size < EXTERNAL_MIN_BYTES and external_info(t) is None:
-                    continue
-                pad = (-offset) % 4096  # page-align so readers can memory-map each tensor
-                f.write(b"\0" * pad)
-                offset += pad
-                if external_info(t) is not None:
-                    length = _copy_external(t, model.base_dir, f)
-                else:
-                    raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.from_array(
-                        onnx.numpy_helper.to_array(t)
-                    ).raw_data
-                    f.write(raw)
-                    length = len(raw)
-                _point_external(t, location, offset, length)
-                offset += length
+    """Stream every large initializer into one data file and point the proto at it.
+
+    When the edited tensors' spill pack holds exactly the edited data of this model (``link_spill_pack``: the
+    usual load → prune → save), the pack is hard-linked as the data file — those tensors keep their offsets
+    and are not copied again — and the remaining tensors are appended after it. Otherwise every tensor is
+    copied, in initializer order.
+    """
+    chosen = [t for graph in iter_graphs(model.proto.graph) for t in graph.initializer
+              if not (nbytes(t) < EXTERNAL_MIN_BYTES and external_info(t) is None)]
+    linked = link_spill_pack(chosen, data_path)
+    placed, offset = linked if linked is not None else (set(), 0)
+    with open(data_path, "r+b" if linked is not None else "wb") as f:
+        f.seek(offset)
+        for t in chosen:
+            if id(t) in placed:
+                info = external_info(t)
+                assert info is not None
+                _point_external(t, location, int(info.get("offset", 0)), int(info.get("length", 0)))
+                continue
+            pad = (-offset) % 4096  # page-align so readers can memory-map each tensor
+            f.write(b"\0" * pad)
+            offset += pad
+            if external_info(t) is not None:
+                length = _copy_external(t, model.base_dir, f)
+            else:
+                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.from_array(
+                    onnx.numpy_helper.to_array(t)
+                ).raw_data
+                f.write(raw)
+                length = len(raw)
+            _point_external(t, location, offset, length)
+            offset += length
 
 
 def _copy_external(t: TensorProto, base_dir: Path | None, f: BinaryIO) -> int:

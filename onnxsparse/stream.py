@@ -29,7 +29,7 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.tensors import ScratchArray, external_info, external_path, spill_writer
+from onnxsparse.tensors import _MOVED, ScratchArray, external_info, external_path, is_spilled, spill_writer
 
 #: external float weights at least this large are pruned / checked in slabs
 STREAM_MIN_BYTES = 32 * 2**20
@@ -227,11 +227,12 @@ def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
     mask_out = ScratchArray(src.shape, np.dtype(bool)) if want_mask else None
     local = threading.local()
     step = _slab_rows(src)
+    violations_after = 0
     committed = False
     try:
         with spill_writer(tensor, src.shape, src.dtype, commit=lambda: stats.violations > 0) as write:
 
-            def work(fd: int, start: int, stop: int) -> tuple[int, int, int]:
+            def work(fd: int, start: int, stop: int) -> tuple[int, int, int, int]:
                 ws = getattr(local, "ws", None)
                 if ws is None:
                     ws = local.ws = _Workspace(step, m, src.post, src.dtype)
@@ -254,16 +255,28 @@ def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
                 write(x, at=at)  # positional writes from the worker: the kernel copies run in parallel
                 if mask_out is not None:
                     mask_out.write(mask, at=at)
-                return bad, int(np.count_nonzero(nonzero)), int(np.count_nonzero(mask))
+                nz_before = int(np.count_nonzero(nonzero))
+                # Check the bytes just written, as ``check_tensor`` would (see ``_VERIFIED``): re-using the
+                # nonzero buffer, the pruned values' non-zeros and group counts cost two passes over a slab
+                # in cache, instead of validate reading the whole tensor back from the file.
+                written_nz = np.not_equal(x, 0, out=nonzero)
+                after = int(np.count_nonzero(written_nz))
+                bad_after = int(np.count_nonzero(_group_counts(written_nz, counts) > n))
+                return bad, nz_before, after, bad_after
 
             # closing(): should this loop fail, the generator shuts its pool down (waiting for running
             # workers) before the scratch files are discarded, so no worker writes to a closed descriptor.
             with contextlib.closing(_run(src, work)) as results:
-                for bad, nz_before, nz_after in results:
+                for bad, nz_before, nz_after, bad_after in results:
                     stats.violations += bad
                     stats.nonzero_before += nz_before
                     stats.nonzero_after += nz_after
+                    violations_after += bad_after
         committed = True
+        if stats.violations:  # the tensor now points at a committed (hence never rewritten) spill region
+            _remember_check(tensor, axis, n, m, CheckStats(groups=stats.groups, violations=violations_after,
+                                                           nonzero=stats.nonzero_after,
+                                                           size=int(np.prod(src.shape, dtype=np.int64))))
     finally:
         if mask_out is not None and not committed:
             mask_out.discard()
@@ -283,6 +296,9 @@ class CheckStats:
 def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, m: int) -> CheckStats:
     """Non-zeros and groups with more than ``n`` non-zeros (``m`` = 0: non-zeros only), read in slabs."""
     src = _source(tensor, base_dir, axis, m or 1)
+    known = _VERIFIED.get(_region(tensor) or ("", 0, 0))
+    if known is not None and known[0] == (axis % len(src.shape), n, m) and src.path.is_file():
+        return known[1]
     local = threading.local()
     step = _slab_rows(src)
 
@@ -306,6 +322,28 @@ def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
         nz += z
     size = int(np.prod(src.shape, dtype=np.int64))
     return CheckStats(groups=src.rows * src.post if m else 0, violations=bad, nonzero=nz, size=size)
+
+
+#: Checks already done on the bytes of spilled tensors, by (scratch file, offset, length): prune counts the
+#: non-zeros and violating groups of each slab it writes, from the very buffer it writes, so a validate right
+#: after it need not read the tensor back. Sound because a committed spill region is never written again
+#: (``tensors._SpillPack``; regions are only handed back when abandoned) and lives in this process's private
+#: scratch folder; a tensor that points anywhere else (e.g. the saved output) is read and checked as usual.
+_VERIFIED: dict[tuple[str, int, int], tuple[tuple[int, int, int], CheckStats]] = {}
+
+
+def _region(tensor: TensorProto) -> tuple[str, int, int] | None:
+    """(scratch file, offset, length) of a spilled tensor, or None."""
+    info = external_info(tensor)
+    if info is None or not is_spilled(tensor) or info.get("location", "") in _MOVED:  # moved: a user's file now
+        return None
+    return info.get("location", ""), int(info.get("offset", 0)), int(info.get("length", 0))
+
+
+def _remember_check(tensor: TensorProto, axis: int, n: int, m: int, stats: CheckStats) -> None:
+    region = _region(tensor)
+    if region is not None:
+        _VERIFIED[region] = ((axis % len(tensor.dims), n, m), stats)
 
 
 def _run(src: _Source, work: Callable[..., tuple]) -> Generator[tuple, None, None]:  # type: ignore[type-arg]

@@ -154,6 +154,17 @@ def spill_path(location: str) -> Path | None:
     """
     if _SPILL_DIR is None or not os.path.isabs(location):
         return None
+    moved = _MOVED.get(location)
+    if moved is not None:  # a pack that became a saved model's data file (``settle_spill_pack``)
+        dest, ident = moved
+        try:
+            st = dest.stat()
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != ident:
+            raise OnnxSparseError(f"edited tensor data was saved into {dest}, which has since been removed or "
+                                  "replaced; reload the model from a saved file")
+        return dest
     path = Path(location)
     if path.parent != _SPILL_DIR or not path.is_file():
         return None
@@ -166,21 +177,153 @@ def is_spilled(tensor: TensorProto) -> bool:
     return info is not None and spill_path(info.get("location", "")) is not None
 
 
+_PAGE = 4096
+
+
+class _SpillPack:
+    """One growing scratch file holding the process's spilled tensors, each at a page-aligned offset.
+
+    Why one file: ``save_model`` can then hard-link it as the output data file (``link_spill_pack``) instead
+    of copying every edited weight a second time — on a large model, writing new file data is the dominant
+    cost. Regions are reserved under a lock, written with positional writes (safe from several threads), and
+    committed when the tensor points at them. A pack that has been linked into an output is sealed: it is
+    never written again (later spills go to a new pack), so the output cannot change behind the user's back.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies: it may become an output
+        atexit.register(self.close)
+        self.end = 0
+        self.regions: dict[int, int] = {}  # committed: offset -> length
+        self.dead = 0  # bytes of abandoned regions that could not be given back
+        self.sealed = False
+        self._lock = threading.Lock()
+
+    def reserve(self, length: int) -> int:
+        with self._lock:
+            if self.sealed:
+                raise RuntimeError("spill pack is sealed")
+            offset = -(-self.end // _PAGE) * _PAGE
+            self.end = offset + length
+            return offset
+
+    def commit(self, offset: int, length: int) -> None:
+        with self._lock:
+            self.regions[offset] = length
+
+    def release(self, offset: int, length: int) -> None:
+        """Give an abandoned region back (truncating the file) when it is the last one; else count it dead."""
+        with self._lock:
+            if self.end == offset + length and not self.sealed:
+                self.end = offset
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, offset)
+            else:
+                self.dead += length
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+_PACK: _SpillPack | None = None
+_PACK_LOCK = threading.Lock()
+
+
+def _spill_pack() -> _SpillPack:
+    """The pack new spills go to (a new one once the last was sealed, or its folder vanished)."""
+    global _PACK
+    with _PACK_LOCK:
+        if _PACK is None or _PACK.sealed or not _PACK.path.parent.is_dir():
+            _PACK = _SpillPack(_spill_dir() / f"pack{next(_SPILL_COUNTER)}.bin")
+        return _PACK
+
+
+#: packs that became output data files: scratch path -> (output path, (st_dev, st_ino) of that file)
+_MOVED: dict[str, tuple[Path, tuple[int, int]]] = {}
+
+
+def link_spill_pack(tensors: list[TensorProto], dest: Path) -> tuple[set[int], int] | None:
+    """Hard-link the current spill pack as ``dest`` when it holds exactly the spilled data of ``tensors``.
+
+    ``tensors`` are the ones a saver is about to write to one external data file. When every committed region
+    of the pack is referenced by one of them (no stale data from tensors edited again or dropped, nothing
+    abandoned) and ``dest`` is on the pack's file system, the pack becomes ``dest`` without copying a byte and
+    is sealed. Returns (ids of the tensors whose bytes are now in ``dest`` at their current offsets, the
+    file's length), or None: then nothing happened and the caller copies as usual.
+    """
+    pack = _PACK
+    if pack is None or pack.sealed or pack.dead or not pack.regions:
+        return None
+    location = str(pack.path)
+    placed: set[int] = set()
+    used: dict[int, int] = {}
+    for t in tensors:
+        info = external_info(t)
+        if info is None or info.get("location") != location:
+            continue
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        if pack.regions.get(offset) != length:
+            return None
+        placed.add(id(t))
+        used[offset] = length
+    if used != pack.regions:
+        return None
+    with pack._lock:
+        if pack.sealed:
+            return None
+        try:
+            os.link(pack.path, dest)
+        except OSError:  # another file system (EXDEV), or links not supported: copy instead
+            return None
+        pack.sealed = True
+        return placed, pack.end
+
+
+def settle_spill_pack(dest: Path) -> None:
+    """After a save that linked the pack (``link_spill_pack``) has put ``dest`` in place: drop the pack's own
+    name, so the output data file has one link (onnx's checker refuses hard-linked data files), and resolve
+    the pack's path to ``dest`` from now on — protos copied before the save still point at it. Should
+    ``dest`` later be removed or replaced, such a tensor says so instead of reading another file's bytes."""
+    pack = _PACK
+    if pack is None or not pack.sealed or str(pack.path) in _MOVED:
+        return
+    try:
+        if not os.path.samefile(pack.path, dest):
+            return
+        st = dest.stat()
+    except OSError:
+        return
+    _MOVED[str(pack.path)] = (dest.resolve(), (st.st_dev, st.st_ino))
+    with contextlib.suppress(OSError):
+        os.unlink(pack.path)
+
+
 class ScratchArray:
     """An array written chunk by chunk (C order) into a scratch file and read back as a read-only memory map.
 
     For results as large as a weight that are needed later but not now (pruning masks): they cost disk, not
-    resident memory. ``write`` chunks, then ``finish()`` → ``np.memmap`` (or ``discard()``).
+    resident memory. ``write`` chunks, then ``finish()`` → ``np.memmap`` (or ``discard()``). With
+    ``pack=True`` the array is a region of the shared spill pack (``_SpillPack``) rather than its own file.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, pack: bool = False) -> None:
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
         self.count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-        self.path = _spill_dir() / f"t{next(_SPILL_COUNTER)}.bin"
         self.written = 0
         self._lock = threading.Lock()
-        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by finish/discard)
+        self._closed = False
+        self._pack = _spill_pack() if pack else None
+        if self._pack is not None:
+            self.path = self._pack.path
+            self.offset = self._pack.reserve(self.count * self.dtype.itemsize)
+            self._fd = self._pack.fd
+        else:
+            self.path = _spill_dir() / f"t{next(_SPILL_COUNTER)}.bin"
+            self.offset = 0
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def write(self, chunk: np.ndarray, at: int | None = None) -> None:
         """Append ``chunk`` — or, with ``at`` (an element offset), write it there: positional writes are
@@ -189,32 +332,42 @@ class ScratchArray:
         with self._lock:
             if self.written + flat.size > self.count or (at is not None and at + flat.size > self.count):
                 raise ValueError(f"more than {self.count} elements written to a scratch array")
-            self.written += flat.size
             if at is None:
-                self._file.write(flat.view(np.uint8).data)
-                return
-            self._file.flush()
+                at = self.written
+            self.written += flat.size
         data = flat.view(np.uint8).data
-        done, pos = 0, at * self.dtype.itemsize
+        done, pos = 0, self.offset + at * self.dtype.itemsize
         while done < len(data):
-            done += os.pwrite(self._file.fileno(), data[done:], pos + done)
+            done += os.pwrite(self._fd, data[done:], pos + done)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if not self._closed:
+            self._closed = True
+            if self._pack is None:
+                os.close(self._fd)
         if self.written != self.count:
             raise ValueError(f"{self.written} of {self.count} elements written")
+
+    def commit(self) -> None:
+        """Mark a pack region as holding a tensor's data (``link_spill_pack`` checks them)."""
+        if self._pack is not None:
+            self._pack.commit(self.offset, self.count * self.dtype.itemsize)
 
     def finish(self) -> np.ndarray:
         self.close()
         if self.count == 0:
             return np.zeros(self.shape, dtype=self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape, offset=self.offset)
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
+        if not self._closed:
+            self._closed = True
+            if self._pack is None:
+                os.close(self._fd)
+        if self._pack is not None:
+            self._pack.release(self.offset, self.count * self.dtype.itemsize)
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -234,7 +387,7 @@ def spill_writer(
     data_type = _TYPE_OF.get(dtype)
     if data_type is None:
         raise OnnxSparseError(f"cannot spill tensor '{tensor.name}' of dtype {dtype}")
-    scratch = ScratchArray(shape, dtype)
+    scratch = ScratchArray(shape, dtype, pack=True)
     try:
         yield scratch.write
         scratch.close()
@@ -244,6 +397,7 @@ def spill_writer(
     if commit is not None and not commit():
         scratch.discard()
         return
+    scratch.commit()
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)  # type: ignore[arg-type]
     tensor.ClearField("raw_data")
@@ -253,7 +407,7 @@ def spill_writer(
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
     length = scratch.count * dtype.itemsize
-    for key, value in (("location", str(scratch.path)), ("offset", "0"), ("length", str(length))):
+    for key, value in (("location", str(scratch.path)), ("offset", str(scratch.offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key = key
         entry.value = value
