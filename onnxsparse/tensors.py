@@ -4,9 +4,12 @@ Models are loaded with ``load_external_data=False`` so that a 10 GB model's grap
 stored outside the protobuf is read on demand through ``numpy.memmap``. A tensor a pass rewrites is stored
 inline again (``raw_data``) when it was inline before; when it was external (a large model), its new bytes
 are *spilled* to a private scratch file and the tensor points there, so editing every weight of a 10 GB
-model never holds more than one tensor in memory. The saver streams spilled tensors into the output data
-file like any other external tensor. Every pass reads weights through ``to_array`` and writes them through
-``set_array`` (or ``spill_writer`` for chunked writes) so this policy lives in one place.
+model never holds more than one tensor in memory. Spilled tensors share one page-aligned "pack" file; when
+a save's tensors are exactly what the pack holds (load → prune → save), the saver turns the pack into the
+output data file (hard link, then the pack's name is dropped) instead of copying every edited byte again;
+otherwise it streams spilled tensors into the output data file like any other external tensor. Every pass
+reads weights through ``to_array`` and writes them through ``set_array`` (or ``spill_writer`` for chunked
+writes) so this policy lives in one place.
 """
 
 from __future__ import annotations
