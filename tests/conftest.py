@@ -121,6 +121,13 @@ def run_ort(model: ModelLike, feeds: Mapping[str, np.ndarray], optimize: bool = 
     return list(sess.run(None, dict(feeds)))
 
 
+def copy_proto(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of a ModelProto (passes edit in place; tests keep the original to compare with)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from builders import gemm_cases, if_model, loop_model, matmul_ranks, scan_model
+from conftest import copy_proto, run_ort
 
 from onnxsparse.graph import iter_nodes, op_counts
 from onnxsparse.model_io import Model
@@ -14,19 +14,8 @@ from onnxsparse.passes.gemm_to_conv import GemmToConvPass
 from onnxsparse.pipeline import PassContext, Pipeline
 
 
-def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
-    c = onnx.ModelProto()
-    c.CopyFrom(m)
-    return c
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
 def _rewrite(model: onnx.ModelProto, **options: str) -> tuple[onnx.ModelProto, object]:
-    result = Pipeline([GemmToConvPass(**options)]).run(Model(_copy(model)), PassContext())
+    result = Pipeline([GemmToConvPass(**options)]).run(Model(copy_proto(model)), PassContext())
     return result.model.proto, result
 
 
@@ -51,7 +40,7 @@ def test_gemm_attribute_cases_numerics_and_skips() -> None:
     assert result.results[0].modified  # type: ignore[attr-defined]
     for batch in (1, 3, 7):
         x = np.random.default_rng(batch).standard_normal((batch, 16)).astype(np.float32)
-        _assert_close(_run(model, {"x": x}), _run(out, {"x": x}))
+        _assert_close(run_ort(model, {"x": x}), run_ort(out, {"x": x}))
 
 
 def test_matmul_rank3_dynamic_dims_and_constant_node_weight() -> None:
@@ -65,7 +54,7 @@ def test_matmul_rank3_dynamic_dims_and_constant_node_weight() -> None:
     assert not any(t.name == "W_q" for t in out.graph.initializer)
     for b, s in ((1, 1), (2, 5), (4, 9)):
         x = np.random.default_rng(b * 10 + s).standard_normal((b, s, 8)).astype(np.float32)
-        _assert_close(_run(model, {"x": x}), _run(out, {"x": x}))
+        _assert_close(run_ort(model, {"x": x}), run_ort(out, {"x": x}))
 
 
 def test_conv_weight_layout_is_n_k_1_1() -> None:
@@ -86,7 +75,7 @@ def test_if_branches_are_rewritten(cond: bool) -> None:
     assert "MatMul" not in ops and ops.count("Conv") == 2
     for b in (1, 6):
         feeds = {"x": np.random.default_rng(b).standard_normal((b, 8)).astype(np.float32), "cond": np.array(cond)}
-        _assert_close(_run(model, feeds), _run(out, feeds))
+        _assert_close(run_ort(model, feeds), run_ort(out, feeds))
 
 
 def test_loop_body_is_rewritten() -> None:
@@ -97,7 +86,7 @@ def test_loop_body_is_rewritten() -> None:
     assert "MatMul" not in ops and "Conv" in ops
     for b in (1, 5):
         x = np.random.default_rng(b).standard_normal((b, 16)).astype(np.float32)
-        _assert_close(_run(model, {"x": x}), _run(out, {"x": x}))
+        _assert_close(run_ort(model, {"x": x}), run_ort(out, {"x": x}))
 
 
 def test_scan_body_is_rewritten() -> None:
@@ -108,7 +97,7 @@ def test_scan_body_is_rewritten() -> None:
     assert "MatMul" not in ops and "Conv" in ops
     for s in (1, 4):
         x = np.random.default_rng(s).standard_normal((2, s, 8)).astype(np.float32)
-        _assert_close(_run(model, {"x": x}), _run(out, {"x": x}))
+        _assert_close(run_ort(model, {"x": x}), run_ort(out, {"x": x}))
 
 
 def test_include_exclude() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from conftest import copy_proto, run_ort
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -40,17 +40,6 @@ def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], scale: fl
     return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
 
-def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
-    c = onnx.ModelProto()
-    c.CopyFrom(m)
-    return c
-
-
-def _run(m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-30))
@@ -58,7 +47,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _convert(m: onnx.ModelProto, text: str = "to-fp16") -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """(reference copy, converted model, pass report dict); the Pipeline runs the full checker at the end."""
-    ref = _copy(m)
+    ref = copy_proto(m)
     res = Pipeline(text).run(Model(proto=m))
     return ref, res.model.proto, res.results[0].to_dict()
 
@@ -214,7 +203,7 @@ def test_cnn_structure_numerics_and_io_kept_float32() -> None:
     assert any(s["name"] == "exp" and "block-ops" in s["reason"] for s in rep["skipped"])
     for batch in (1, 3):
         x = _rng(10 + batch).standard_normal((batch, 8, 16, 16)).astype(np.float32)
-        want, got = _run(ref, {"x": x}), _run(out, {"x": x})
+        want, got = run_ort(ref, {"x": x}), run_ort(out, {"x": x})
         for a, b in zip(want, got, strict=True):
             assert b.dtype == np.float32
             assert _rel(a, b) < REL_TOL
@@ -236,8 +225,8 @@ def test_keep_io_types_false_makes_io_float16_without_casts() -> None:
     assert all(o.type.tensor_type.elem_type == FLOAT16 for o in out.graph.output)
     assert not [n for n in out.graph.node if n.op_type == "Cast"]
     x = _rng(5).standard_normal((2, 8, 16, 16)).astype(np.float32)
-    got = _run(out, {"x": x.astype(np.float16)})
-    for a, b in zip(_run(ref, {"x": x}), got, strict=True):
+    got = run_ort(out, {"x": x.astype(np.float16)})
+    for a, b in zip(run_ort(ref, {"x": x}), got, strict=True):
         assert b.dtype == np.float16
         assert _rel(a, b) < REL_TOL
 
@@ -280,7 +269,7 @@ def test_subgraphs_casts_and_constants() -> None:
     for sign in (1.0, -1.0):  # both If branches
         x = (np.abs(rng.standard_normal((4, 8))) * sign).astype(np.float32)
         idx = rng.integers(0, 3, (4, 8))
-        (a,), (b,) = _run(ref, {"x": x, "idx": idx}), _run(out, {"x": x, "idx": idx})
+        (a,), (b,) = run_ort(ref, {"x": x, "idx": idx}), run_ort(out, {"x": x, "idx": idx})
         assert b.dtype == np.float32
         assert _rel(a, b) < REL_TOL
 
@@ -304,7 +293,7 @@ def test_fixed_float32_inputs_stay_float32_resize_scales() -> None:
     resize = next(n for n in out.graph.node if n.op_type == "Resize")
     assert types[resize.input[0]] == FLOAT16
     x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
-    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+    assert _rel(run_ort(ref, {"x": x})[0], run_ort(out, {"x": x})[0]) < REL_TOL
 
 
 def test_qdq_before_opset19_stays_float32_with_reason() -> None:
@@ -317,7 +306,7 @@ def test_qdq_before_opset19_stays_float32_with_reason() -> None:
     assert len(reasons) == 2 and all("opset >= 19" in r for r in reasons)
     _assert_no_cast_chains(out)
     x = _rng(8).standard_normal((1, 8, 8, 8)).astype(np.float32)
-    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+    assert _rel(run_ort(ref, {"x": x})[0], run_ort(out, {"x": x})[0]) < REL_TOL
 
 
 @pytest.mark.parametrize("opset", [19, 21])
@@ -330,7 +319,7 @@ def test_qdq_from_opset19_has_float16_scales(opset: int) -> None:
     assert types[dq_w.output[0]] == FLOAT16
     assert not [s for s in rep["skipped"] if s["op"] in ("QuantizeLinear", "DequantizeLinear")]
     x = _rng(9).standard_normal((1, 8, 8, 8)).astype(np.float32)
-    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+    assert _rel(run_ort(ref, {"x": x})[0], run_ort(out, {"x": x})[0]) < REL_TOL
 
 
 def test_two_four_zeros_are_kept_and_layers_still_found() -> None:
@@ -382,7 +371,7 @@ def test_custom_domain_node_is_kept_float32() -> None:
         [_init(rng, "w", (8, 8))], value_info=[h.make_tensor_value_info("b", FLOAT, [2, 8])],
     )
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-    ref = _copy(m)
+    ref = copy_proto(m)
     res = ToFp16Pass().run(Model(proto=m), PassContext())  # no full checker: the contrib op has no onnx schema
     out = res.model.proto
     gelu = next(n for n in out.graph.node if n.name == "gelu")
@@ -390,7 +379,7 @@ def test_custom_domain_node_is_kept_float32() -> None:
     assert types[gelu.input[0]] == FLOAT
     assert any(s["name"] == "gelu" and "custom domain" in s["reason"] for s in res.report.skipped)
     x = rng.standard_normal((2, 8)).astype(np.float32)
-    assert _rel(_run(ref, {"x": x})[0], _run(out, {"x": x})[0]) < REL_TOL
+    assert _rel(run_ort(ref, {"x": x})[0], run_ort(out, {"x": x})[0]) < REL_TOL
 
 
 def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
@@ -414,7 +403,7 @@ def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
     _assert_no_cast_chains(out)
     feeds: dict[str, np.ndarray] = {"x": np.array([0.5, -1.25, 3.0], np.float32),
                                     "idx": np.array([1, 2, 2049], np.int64)}
-    want, got = _run(ref, feeds), _run(out, feeds)
+    want, got = run_ort(ref, feeds), run_ort(out, feeds)
     np.testing.assert_array_equal(want[0], got[0])  # exact: 2049 does not pass through float16
     assert _rel(want[1], got[1]) < REL_TOL
 
@@ -482,7 +471,7 @@ def test_external_data_model_converts_and_saves(tmp_path) -> None:  # type: igno
     assert all(t.data_type == FLOAT16 for t in out.graph.initializer)
     assert (tmp_path / "ext16.onnx.data").stat().st_size < (tmp_path / "ext.onnx.data").stat().st_size
     x = _rng(21).standard_normal((2, 8, 16, 16)).astype(np.float32)
-    for a, b in zip(_run(cnn(), {"x": x}), _run(out, {"x": x}), strict=True):
+    for a, b in zip(run_ort(cnn(), {"x": x}), run_ort(out, {"x": x}), strict=True):
         assert _rel(a, b) < REL_TOL
 
 
@@ -588,6 +577,6 @@ def test_constant_attributes_stored_as_external_data_are_read_through_the_model_
     assert result.results[0].report.details["constants_converted"] == 1
     out = save_model(result.model, tmp_path / "model" / "fp16.onnx")
     x = rng.standard_normal((2, 16)).astype(np.float32)
-    want = ort.InferenceSession(ref.SerializeToString()).run(None, {"x": x})[0]
-    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    want = run_ort(ref, {"x": x})[0]
+    got = run_ort(out, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
