@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import fixture_path, make_feeds, run_ort
+from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -30,11 +30,6 @@ POLY_WARNING = pytest.mark.filterwarnings("ignore:overflow encountered in cast:R
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
-    c = onnx.ModelProto()
-    c.CopyFrom(m)
-    return c
-
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Every initializer and Constant tensor (all graphs) as arrays."""
@@ -49,14 +44,14 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _prune(model: onnx.ModelProto, ctx: PassContext | None = None, **options: object):
-    result = Pipeline([PrunePass(**options)]).run(Model(_copy(model)), ctx or PassContext())
+    result = Pipeline([PrunePass(**options)]).run(Model(copy_proto(model)), ctx or PassContext())
     return result.model.proto, result.results[0]
 
 
 def _op_weights(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The weight each main-graph layer actually sees (its input 1, after DQ/Transpose/Cast/Reshape), by
     running the model in ORT with those tensors exposed as outputs: independent of our axis mapping."""
-    m = _copy(model)
+    m = copy_proto(model)
     names = [n.input[1] for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
     inits = {t.name for t in m.graph.initializer}
     wanted = [n for n in names if n not in inits]
@@ -199,7 +194,7 @@ def test_prune_fixture_structure_and_numerics(name):
         else:
             assert np.array_equal(after[key], before[key], equal_nan=True), f"{key} changed but is not reported"
     # ORT: the pruned model equals the original with masks applied by hand
-    manual = _copy(original)
+    manual = copy_proto(original)
     for g in iter_graphs(manual.graph):
         for t in g.initializer:
             if t.name in changed:
@@ -584,7 +579,7 @@ def _polygraphy_check(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
 
     from polygraphy.tools.sparse import SparsityPruner
 
-    pruner = SparsityPruner(_copy(model))
+    pruner = SparsityPruner(copy_proto(model))
     pruner.check()
     assert "tensorrt" not in sys.modules
     examined = {p.name for p in pruner.prune_infos.values()
@@ -611,13 +606,13 @@ def test_polygraphy_oracle_agrees(name):
         # shared.weight feeds fc3 (transB=0, K = axis 0) and fc4 (transB=1, K = axis 1). No tensor can be
         # 2:4 along both, so we skip it; Polygraphy keeps whichever consumer it saw last (fc4, axis 1).
         assert examined - sparse == {"shared.weight"}
-        polys = SparsityPruner(_copy(model)).prune()
+        polys = SparsityPruner(copy_proto(model)).prune()
         shared = next(nh.to_array(t) for t in polys.graph.initializer if t.name == "shared.weight")
         assert is_nm(shared, 1) and not is_nm(shared, 0)  # fc3 still sees a dense weight
         examined.discard("shared.weight")
     assert examined and sparse >= examined
     # Polygraphy prunes the same layers the same way (it skips ConvTranspose, which it does not know)
-    theirs = SparsityPruner(_copy(model)).prune()
+    theirs = SparsityPruner(copy_proto(model)).prune()
     a, b = _inits(ours), {t.name: nh.to_array(t) for t in theirs.graph.initializer}
     changed = {c["name"] for c in result.report.changed}
     assert examined <= changed
@@ -651,12 +646,12 @@ def test_polygraphy_rank3_perm_disagreement_is_its_bug():
     ours, _ = _prune(model)
     examined, sparse = _polygraphy_check(ours)
     assert examined - sparse == {"W_hwio"}  # the one disagreement ...
-    pruner = SparsityPruner(_copy(ours))
+    pruner = SparsityPruner(copy_proto(ours))
     pruner.check()
     assert pruner.prune_infos["W_hwio"].axis == 3  # ... comes from perm.index(1) = 3 instead of perm[1] = 2
     feeds = {"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32)}
     assert is_nm(_op_weights(ours, feeds)["conv"], 1)  # the Conv's weight really is 2:4 along C_in
-    theirs = SparsityPruner(_copy(model)).prune()
+    theirs = SparsityPruner(copy_proto(model)).prune()
     seen = _op_weights(theirs, feeds)["conv"]
     assert not is_nm(seen, 1) and is_nm(nh.to_array(theirs.graph.initializer[0]), 3)
 

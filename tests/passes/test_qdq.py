@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import fixture_path, make_feeds, run_ort
+from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
@@ -61,15 +61,10 @@ def _calib(model: onnx.ModelProto | Model, n: int = 6, seed: int = 0) -> list[di
 
 
 def _run(model: onnx.ModelProto | Model, calib: object = None, **options: object) -> PipelineResult:
-    m = model if isinstance(model, Model) else Model(proto=_copy(model))
+    m = model if isinstance(model, Model) else Model(proto=copy_proto(model))
     ctx = PassContext(calibration=calib if calib is not None else _calib(m))
     return Pipeline([QdqPass(**options)]).run(m, ctx)  # the pipeline ends with the full checker
 
-
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -433,7 +428,7 @@ def test_external_weights_get_external_int8_weights_and_the_proto_stays_small(tm
     from onnxsparse.tensors import external_info
 
     proto = _wide_mlp()
-    save_model(Model(proto=_copy(proto)), tmp_path / "ext.onnx", external_data=True)
+    save_model(Model(proto=copy_proto(proto)), tmp_path / "ext.onnx", external_data=True)
     ext = load_model(tmp_path / "ext.onnx")
     assert ext.proto.ByteSize() < 100_000 and ext.has_external_data()
     calib = _calib(ext)
@@ -443,7 +438,7 @@ def test_external_weights_get_external_int8_weights_and_the_proto_stays_small(tm
     int8 = [t for t in ext_result.model.proto.graph.initializer if t.name.endswith(".w_quantized")]
     assert len(int8) == 4 and all(external_info(t) is not None for t in int8)
 
-    inline_result = Pipeline([QdqPass()]).run(Model(proto=_copy(proto)), PassContext(calibration=calib))
+    inline_result = Pipeline([QdqPass()]).run(Model(proto=copy_proto(proto)), PassContext(calibration=calib))
     assert inline_result.model.proto.ByteSize() > 5_000_000  # the inline model keeps its int8 weights inline
     ext_out = save_model(ext_result.model, tmp_path / "q_ext.onnx")
     inline_out = save_model(inline_result.model, tmp_path / "q_inline.onnx", external_data=False)

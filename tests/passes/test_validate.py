@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import fixture_path, make_feeds, run_ort
+from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
@@ -24,24 +24,19 @@ F = TensorProto.FLOAT
 POLY_WARNING = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 
 
-def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
-    c = onnx.ModelProto()
-    c.CopyFrom(m)
-    return c
-
 
 def _pruned(name: str, **options: object) -> onnx.ModelProto:
     return Pipeline([PrunePass(**options)]).run(Model(onnx.load(fixture_path(name))), PassContext()).model.proto
 
 
 def _analyse(model: onnx.ModelProto, shapes: dict | None = None, **options: object):
-    report = ValidatePass(**options).analyse(Model(_copy(model)), PassContext(shapes=shapes or {}))
+    report = ValidatePass(**options).analyse(Model(copy_proto(model)), PassContext(shapes=shapes or {}))
     return {r["layer"]: r for r in report.details["layers"]}, report.details["summary"], report
 
 
 def _conv_output_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """Output shape of every weighted node, measured by ORT (independent of our shape inference)."""
-    m = _copy(model)
+    m = copy_proto(model)
     nodes = [n for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
     for n in nodes:
         m.graph.output.append(helper.make_tensor_value_info(n.output[0], F, None))
@@ -164,20 +159,20 @@ def test_gates_in_pipeline():
     ctx = PassContext(shapes={"x": (1, 3, 32, 32)})
     # dense model, min-coverage: the pipeline stops at validate (prune after it never runs)
     with pytest.raises(GateFailure) as info:
-        Pipeline("validate{min-coverage=0.5},prune").run(Model(_copy(model)), ctx)
+        Pipeline("validate{min-coverage=0.5},prune").run(Model(copy_proto(model)), ctx)
     assert "below min-coverage 50.0%" in str(info.value)
     partial = info.value.result  # type: ignore[attr-defined]
     assert partial.results == [] and not partial.modified
     assert info.value.pass_result.report.details["gate"]["passed"] is False  # type: ignore[attr-defined]
     # prune then gate: passes
-    result = Pipeline("prune,validate{min-coverage=0.9;require-all=true}").run(Model(_copy(model)), ctx)
+    result = Pipeline("prune,validate{min-coverage=0.9;require-all=true}").run(Model(copy_proto(model)), ctx)
     assert result.results[-1].report.details["gate"]["passed"]
     # require-all with one eligible layer left dense
     with pytest.raises(GateFailure) as info:
-        Pipeline("prune{exclude=^down$},validate{require-all=true}").run(Model(_copy(model)), ctx)
+        Pipeline("prune{exclude=^down$},validate{require-all=true}").run(Model(copy_proto(model)), ctx)
     assert "1 eligible layer(s) are not 2:4: down" in str(info.value)
     # the coverage of that model is still high: a low threshold passes
-    cov = Pipeline("prune{exclude=^down$},validate{min-coverage=0.5}").run(Model(_copy(model)), ctx)
+    cov = Pipeline("prune{exclude=^down$},validate{min-coverage=0.5}").run(Model(copy_proto(model)), ctx)
     s = cov.results[-1].report.details["summary"]
     assert 0.5 < s["coverage"] < 1.0
 
@@ -204,7 +199,7 @@ def _poly_sparse(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     """(tensors Polygraphy's checker examines, those it reports 2:4), through its pure-Python checker."""
     from polygraphy.tools.sparse import SparsityPruner
 
-    pruner = SparsityPruner(_copy(model))
+    pruner = SparsityPruner(copy_proto(model))
     pruner.check()
     inits = {t.name: t for t in model.graph.initializer}
     examined = {p.name for p in pruner.prune_infos.values()
