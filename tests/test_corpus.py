@@ -17,7 +17,6 @@ Gemm/MatMul and keeps the outputs equal within float32 summation-order error.
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DDDDOCR_NAMES, REAL_MODELS_DIR, make_feeds, run_ort
+from corpus import example_inputs, load_manifest, materialize
 
 from onnxsparse.model_io import Model, load_model, ort_session, save_model
 from onnxsparse.pipeline import PassContext, Pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from corpus import example_inputs, load_manifest, materialize
 
 DEFAULT = "prune,validate,qdq,to-fp16"  # run as "prune" then the rest, to take the pruned outputs between
 MANIFEST = load_manifest()

@@ -6,9 +6,9 @@ The full ≥ 2.2 GB run is ``@pytest.mark.slow``; a 96 MB version of the same me
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import bench_scale
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,10 +19,6 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.model_io import Model, load_model, ort_session, save_model
 from onnxsparse.pipeline import PassContext, Pipeline, check_model
 from onnxsparse.tensors import external_path, is_spilled, set_array, spill_writer, to_array
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import bench_scale  # noqa: E402
 
 
 def _mlp(tmp_path: Path, k: int = 64, layers: int = 3, seed: int = 0) -> Path:

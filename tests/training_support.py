@@ -12,12 +12,12 @@ Test modules use it with ``from training_support import training_runtime  # noqa
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from make_finetune_fixture import example_inputs, target_function
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.model_io import Model, load_model
@@ -25,9 +25,6 @@ from onnxsparse.pipeline import PassContext, get_pass
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINETUNE_FIXTURE = REPO_ROOT / "fixtures" / "finetune_mlp.onnx"
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-from make_finetune_fixture import example_inputs, target_function  # noqa: E402
 
 __all__ = ["FINETUNE_FIXTURE", "example_inputs", "target_function"]
 

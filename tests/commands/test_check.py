@@ -119,9 +119,6 @@ def test_bert_corpus_model_gets_flop_weighted_coverage(tmp_path: Path, batch: in
     """BERT-base (corpus graph, generated weights): onnx's inference loses the sequence length at the
     position-id Slice; with ORT's symbolic inference as fallback every layer has FLOPs, so coverage is
     FLOP-weighted, and an FFN layer's FLOPs are 2·M·N·K with M = batch·seq tokens."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     from corpus import materialize
 
     path = materialize("bert_base", tmp_path / "bert")

@@ -509,16 +509,6 @@ def test_after_to_fp16_the_qdq_is_float16_at_opset_19(name: str) -> None:
         assert _cosine(a, b) >= 0.99
 
 
-def _corpus():  # type: ignore[no-untyped-def]
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "tools" / "corpus.py"
-    spec = importlib.util.spec_from_file_location("onnxsparse_tools_corpus_qdq", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "bert_base", "vit_tiny",
@@ -526,7 +516,8 @@ def _corpus():  # type: ignore[no-untyped-def]
 def test_corpus_models_quantize_and_stay_close(name: str, tmp_path: Path) -> None:
     """Real architectures (exported graphs, seeded weights). Measured cosines: 0.998 (BERT-base, ViT-tiny:
     attention MatMuls of two activations are left float and reported) to 0.9999+ (CNNs)."""
-    corpus = _corpus()
+    import corpus
+
     path = corpus.materialize(name, tmp_path)
     model = load_model(path)
     calib = [corpus.example_inputs(name, seed=i) for i in range(4)]

@@ -475,17 +475,6 @@ def test_external_data_model_converts_and_saves(tmp_path) -> None:  # type: igno
         assert _rel(a, b) < REL_TOL
 
 
-def _corpus():  # type: ignore[no-untyped-def]
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "tools" / "corpus.py"
-    spec = importlib.util.spec_from_file_location("onnxsparse_tools_corpus", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 CORPUS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "bert_base", "vit_tiny", "if_branches",
           "loop_recurrence", "small_cnn_opset11", "small_cnn_opset21")
@@ -499,11 +488,11 @@ def test_corpus_models_convert_and_stay_close(name: str, tmp_path) -> None:  # t
     Measured relative errors: 2.4e-4 (EfficientNet-B0) to 1.5e-3 (BERT-base, 12 layers); BERT's additive
     attention mask (float32 min) is the one clamped value, to -65504, which masks just the same.
     """
+    import corpus
     from conftest import run_ort
 
     from onnxsparse.model_io import load_model, save_model
 
-    corpus = _corpus()
     path = corpus.materialize(name, tmp_path)
     feeds = corpus.example_inputs(name)
     res = Pipeline("to-fp16").run(load_model(path))
