@@ -450,19 +450,7 @@ def control_flow_frozen(proto: onnx.ModelProto, params: list[str]) -> dict[str, 
     """Params whose gradient would have to pass an If/Loop/Scan (ORT training does not differentiate them):
     those read inside a subgraph or feeding such a node, directly or through other nodes."""
     graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    todo = [n for n in graph.node if n.op_type in CONTROL_FLOW]
-    seen: set[int] = set()
-    reached: set[str] = set()
-    while todo:
-        node = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for name in node_reads(node):
-            reached.add(name)
-            if name in producer:
-                todo.append(producer[name])
+    reached = training_worker.upstream_names(graph, [n for n in graph.node if n.op_type in CONTROL_FLOW], node_reads)
     return {p: "its gradient would pass an If/Loop/Scan, which ONNX Runtime training does not differentiate"
             for p in params if p in reached}
 

@@ -279,8 +279,18 @@ def _upstream_params(model_path: str, op_type: str, params: list[str]) -> list[s
     import onnx
 
     graph = onnx.load(model_path, load_external_data=False).graph
+    reached = upstream_names(graph, [n for n in graph.node if n.op_type == op_type], lambda n: list(n.input))
+    return [p for p in params if p in reached]
+
+
+def upstream_names(graph: Any, starts: list[Any], reads: Callable[[Any], list[str]]) -> set[str]:
+    """Every name the ``starts`` nodes read, directly or through the nodes producing those names.
+
+    ``reads(node)`` says what a node reads (its inputs; ``onnxsparse.graph.node_reads`` adds subgraph
+    captures). Shared with ``onnxsparse.training``, which may import this module but not the other way round.
+    """
     producer = {o: n for n in graph.node for o in n.output}
-    todo = [n for n in graph.node if n.op_type == op_type]
+    todo = list(starts)
     seen: set[int] = set()
     reached: set[str] = set()
     while todo:
@@ -288,11 +298,11 @@ def _upstream_params(model_path: str, op_type: str, params: list[str]) -> list[s
         if id(node) in seen:
             continue
         seen.add(id(node))
-        for name in node.input:
+        for name in reads(node):
             reached.add(name)
             if name in producer:
                 todo.append(producer[name])
-    return [p for p in params if p in reached]
+    return reached
 
 
 def _lr_at(step: int, steps: int, lr0: float, warmup: int, schedule: str) -> float:
