@@ -58,9 +58,10 @@ class GemmToConvPass(Pass[GemmToConvConfig]):
                 continue
             label = layer.name
             why = select_reason(layer, self.config.include, self.config.exclude) or _why_not(layer, shapes, counts)
-            bias, bias_why = _bias(layer, model)
-            if why or bias_why:
-                report.skip(label, why or bias_why or "", op=layer.op_type)
+            bias, bias_why = (None, None) if why else _bias(layer, model)  # no bias read for a skipped layer
+            why = why or bias_why
+            if why:
+                report.skip(label, why, op=layer.op_type)
                 continue
             graph_plan = plans.setdefault(id(layer.graph), (layer.graph, {}))[1]
             depth[id(layer.graph)] = layer.graph_path.count("/")

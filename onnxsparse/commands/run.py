@@ -64,10 +64,10 @@ def command(model: str, pipeline_text: str | None, preset: str | None, output: P
             if failed is not None:
                 failed.name = failed.name or "validate"
                 partial.results.append(failed)
-            _print_report(pipeline, partial, None, None, size_before, json_path)
+            _print_report(pipeline, partial, None, size_before, json_path)
         raise
     save_model(result.model, output, external_data=external_data)
-    _print_report(pipeline, result, output, pipeline.text(), size_before, json_path)
+    _print_report(pipeline, result, output, size_before, json_path)
 
 
 def _size(path: Path) -> int:
@@ -75,8 +75,8 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | None, text: str | None,
-                  size_before: int, json_path: str | None) -> None:
+def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | None, size_before: int,
+                  json_path: str | None) -> None:
     data: dict[str, Any] = result.to_dict()
     data["pipeline"] = pipeline.text()
     data["output"] = str(output) if output else None
