@@ -60,11 +60,32 @@ class PassConfig:
 C = TypeVar("C", bound=PassConfig)
 
 
-def option(default: Any, doc: str, **kwargs: Any) -> Any:
-    """A config field with its help text (shown by ``onnxsparse passes`` and ``--help``)."""
+def option(default: Any, doc: str, *, output: bool = False, input: bool = False, **kwargs: Any) -> Any:
+    """A config field with its help text (shown by ``onnxsparse passes`` and ``--help``).
+
+    ``output=True`` marks a path the pass writes, ``input=True`` one it reads: ``pass_paths`` collects them so
+    the CLI checks every output against every input (``paths.check_outputs``) before any pass runs.
+    """
+    metadata = {"doc": doc, "output": output, "input": input}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kwargs)
-    return field(default=default, metadata={"doc": doc}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def pass_paths(passes: Iterable[Pass[Any]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The paths the passes' options read and write: ``(inputs, [("prune{masks}", path), ...])``."""
+    inputs: list[str] = []
+    outputs: list[tuple[str, str]] = []
+    for p in passes:
+        for f in dataclasses.fields(p.config):
+            value = getattr(p.config, f.name)
+            if value is None or value == "":
+                continue
+            if f.metadata.get("output"):
+                outputs.append((f"{p.name}{{{f.name.replace('_', '-')}}}", str(value)))
+            elif f.metadata.get("input"):
+                inputs.append(str(value))
+    return inputs, outputs
 
 
 @dataclass

@@ -65,7 +65,7 @@ class PruneConfig(PassConfig):
     min_channels: int = option(0, "Skip layers with fewer input (per group) or output channels than this "
                                "(TensorRT rarely picks sparse kernels for small layers).")
     masks: str | None = option(None, "Also write the masks to this .npz (keys: initializer names; bool arrays "
-                               "shaped like the stored tensor; True = kept).")
+                               "shaped like the stored tensor; True = kept).", output=True)
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
