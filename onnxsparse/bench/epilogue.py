@@ -90,16 +90,22 @@ def _close(value: float | None, target: float, rel: float = 1e-3) -> bool:
 class _Matcher:
     """Walks forward from one layer's output through single-use values."""
 
-    def __init__(self, layer: Layer, users: dict[str, list[NodeProto]], producers: dict[str, NodeProto],
-                 graph_outputs: set[str]) -> None:
+    def __init__(
+        self, layer: Layer, users: dict[str, list[NodeProto]], producers: dict[str, NodeProto], graph_outputs: set[str]
+    ) -> None:
         self.layer, self.users, self.producers, self.graph_outputs = layer, users, producers, graph_outputs
         self.n = _out_channels(layer)
 
     def epilogue(self) -> Epilogue:
         node = self.layer.node
         value, nodes, bias = node.output[0], [], None
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and self._is_channel_vector(
-                node.input[2], conv=False) and float(attr(node, "beta", 1.0)) != 0.0:
+        if (
+            node.op_type == "Gemm"
+            and len(node.input) > 2
+            and node.input[2]
+            and self._is_channel_vector(node.input[2], conv=False)
+            and float(attr(node, "beta", 1.0)) != 0.0
+        ):
             bias = "Gemm C"
         elif node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
             bias = f"{node.op_type} B"
@@ -153,9 +159,15 @@ class _Matcher:
             other = self._other(nxt, value)
             if other is not None and self._is_channel_vector(other, conv):
                 return "Add", nxt
-        if conv and nxt.op_type == "BatchNormalization" and nxt.input[0] == value and len(nxt.output) >= 1 \
-                and not any(nxt.output[1:]) and not attr(nxt, "training_mode", 0) \
-                and all(self.layer.constant(i) is not None for i in nxt.input[1:5]):
+        if (
+            conv
+            and nxt.op_type == "BatchNormalization"
+            and nxt.input[0] == value
+            and len(nxt.output) >= 1
+            and not any(nxt.output[1:])
+            and not attr(nxt, "training_mode", 0)
+            and all(self.layer.constant(i) is not None for i in nxt.input[1:5])
+        ):
             return "BatchNormalization", nxt
         return None
 
@@ -180,8 +192,11 @@ class _Matcher:
                 continue
             name, inner_nodes, fn_node = inner  # fn_node: the Erf or Tanh
             one_add = self._only_user(fn_node.output[0])
-            if one_add is None or one_add.op_type != "Add" or not _close(
-                    _scalar(self.layer, self._other(one_add, fn_node.output[0]) or ""), 1.0):
+            if (
+                one_add is None
+                or one_add.op_type != "Add"
+                or not _close(_scalar(self.layer, self._other(one_add, fn_node.output[0]) or ""), 1.0)
+            ):
                 continue
             tail = self._product_tail(x, one_add.output[0])
             if tail is None:
@@ -199,8 +214,9 @@ class _Matcher:
         if start.op_type in ("Div", "Mul"):
             other = self._other(start, x)
             c = _scalar(self.layer, other or "")
-            scale_ok = (start.op_type == "Div" and list(start.input).index(x) == 0 and _close(c, math.sqrt(2.0))) \
-                or (start.op_type == "Mul" and _close(c, 1 / math.sqrt(2.0)))
+            scale_ok = (start.op_type == "Div" and list(start.input).index(x) == 0 and _close(c, math.sqrt(2.0))) or (
+                start.op_type == "Mul" and _close(c, 1 / math.sqrt(2.0))
+            )
             nxt = self._only_user(start.output[0])
             if scale_ok and nxt is not None and nxt.op_type == "Erf":
                 return "gelu", [start], nxt
@@ -267,8 +283,13 @@ class _Matcher:
                 have["half"] += 1
             else:  # x * 0.5 computed first
                 p = self.producers.get(other)
-                if p is None or p.op_type != "Mul" or x not in p.input or self._only_user(other) is not nxt \
-                        or not _close(_scalar(self.layer, self._other(p, x) or ""), 0.5):
+                if (
+                    p is None
+                    or p.op_type != "Mul"
+                    or x not in p.input
+                    or self._only_user(other) is not nxt
+                    or not _close(_scalar(self.layer, self._other(p, x) or ""), 0.5)
+                ):
                     return None
                 tail.append(p)
                 have["x"] += 1
