@@ -2,8 +2,8 @@
 
 A tqdm bar redraws one line with carriage returns; sent to a log file it shows nothing useful (or, with tqdm's
 non-TTY fallback, nothing at all for long stretches: a 1200-step fine-tune printed nothing for 25 minutes).
-So when stderr is not a terminal this writes one self-contained line at the first step, then at least every
-``every_s`` seconds, and when the loop ends::
+So when stderr is not a terminal this writes one self-contained line once the loop has run 5 s (a quick loop
+prints nothing), then at least every ``every_s`` seconds, and a last one when the loop ends::
 
     calibrate 12/40 (30%) 3.21 batch/s ETA 00:08 tensors=14
     calibrate 40/40 (100%) 3.30 batch/s done in 00:12 tensors=14
@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO, TypeVar
 
 T = TypeVar("T")
+
+#: The first plain line waits this long (or ``every_s`` if shorter): loops that end sooner print nothing.
+FIRST_LINE_S = 5.0
 
 Postfix = Callable[[], "str | Mapping[str, Any] | None"]
 
@@ -104,7 +107,11 @@ class Progress:
                 self._last_postfix = now
             self._bar.update(n)
             return
-        if self._last_line is None or now - self._last_line >= self.every_s:
+        if self._last_line is None:
+            due = now - self._start >= min(FIRST_LINE_S, self.every_s)
+        else:
+            due = now - self._last_line >= self.every_s
+        if due:
             self._write(now, done=False)
 
     def line(self, now: float | None = None, done: bool = False) -> str:
@@ -133,7 +140,7 @@ class Progress:
         self._last_line = now
 
     def close(self) -> None:
-        """End the report: close the bar, or write the final line (when any step was made)."""
+        """End the report: close the bar, or write the final line (when any line was written)."""
         if self._closed:
             return
         self._closed = True
@@ -141,7 +148,7 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.close()
-        elif self.n:
+        elif self._last_line is not None:
             self._write(self._clock(), done=True)
 
     def __enter__(self) -> Progress:

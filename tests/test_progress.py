@@ -28,7 +28,7 @@ def test_lines_every_interval_with_rate_eta_and_postfix() -> None:
         postfix=lambda: {"loss": 0.123456},
     ):
         seen.append(i)
-        clock.t += 10.0  # each step takes 10 s: a line at step 1, then every 3 steps (30 s)
+        clock.t += 10.0  # each step takes 10 s: a line at step 1 (after 5 s), then every 3 steps (30 s)
     assert seen == list(range(10))
     lines = out.getvalue().splitlines()
     assert lines[0] == "calibrate 1/10 (10%) 0.1 batch/s ETA 01:30 loss=0.1235"
@@ -37,14 +37,22 @@ def test_lines_every_interval_with_rate_eta_and_postfix() -> None:
     assert len(lines) == 5  # steps 1, 4, 7, 10 and the final line
 
 
-def test_unknown_total_and_silence() -> None:
+def test_unknown_total_quick_loops_and_silence() -> None:
     clock, out = FakeClock(), io.StringIO()
     with Progress(desc="prune", unit="layer", stream=out, clock=clock) as p:
         clock.t += 2.0
-        p.update(4)
-    assert out.getvalue().splitlines() == ["prune 4 2 layer/s", "prune 4 2 layer/s done in 00:02"]
+        p.update(4)  # 2 s in: too early for a first line
+        assert out.getvalue() == ""
+        clock.t += 4.0
+        p.update(2)
+    assert out.getvalue().splitlines() == ["prune 6 1 layer/s", "prune 6 1 layer/s done in 00:06"]
+    quick = io.StringIO()
+    assert list(progress(range(100), stream=quick, clock=FakeClock())) == list(range(100))
+    assert quick.getvalue() == ""  # a loop under 5 s leaves the log alone
     quiet = io.StringIO()
-    assert list(progress(iter([1, 2]), enabled=False, stream=quiet)) == [1, 2]
+    clock = FakeClock()
+    for _ in progress(iter([1, 2]), enabled=False, stream=quiet, clock=clock, every_s=0.0):
+        clock.t += 60.0
     assert quiet.getvalue() == ""
 
 
