@@ -1,4 +1,11 @@
-"""``prune``: n:m magnitude pruning of every eligible weighted layer (default 2:4, TensorRT's pattern).
+"""``prune``: n:m pruning of every eligible weighted layer (default 2:4, TensorRT's pattern).
+
+``method=magnitude`` (default) keeps the n largest |w| of each group. ``method=wanda`` and ``method=sparsegpt``
+are calibrated: they need ``--calib`` data and use each layer's input statistics (``onnxsparse.pruning``, which
+does all the work: Gram statistics streamed from ONNX Runtime, the SparseGPT column sweep, bias correction and
+the least-squares re-fit of the kept weights). SparseGPT runs in topological stages by default (``sequential``),
+so each layer sees inputs from the already pruned layers before it. ``plan=PATH`` (written by ``sensitivity``)
+prunes exactly the layers it names.
 
 Groups of ``m`` run along each layer's reduction axis mapped onto the *stored* tensor (``find_layers``
 follows DequantizeLinear / Transpose / Cast / Reshape / Identity chains). In each group the ``n`` entries of
@@ -16,6 +23,7 @@ Masks (True = may be non-zero) go to ``ctx.artifacts["masks"]`` for the fine-tun
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -31,6 +39,9 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.layers import WEIGHTED_OPS, Layer, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pruning import METHODS, LayerOutcome
+from onnxsparse.pruning.layout import problems
+from onnxsparse.pruning.runner import Item, RunReport, data_source, prune_calibrated
 from onnxsparse.render import grouped_reasons
 from onnxsparse.sparsity import (
     StoredWeight,
@@ -66,9 +77,30 @@ class PruneConfig(PassConfig):
                                "(TensorRT rarely picks sparse kernels for small layers).")
     masks: str | None = option(None, "Also write the masks to this .npz (keys: initializer names; bool arrays "
                                "shaped like the stored tensor; True = kept).", output=True)
+    method: str | None = option(None, "magnitude | wanda | sparsegpt (default: the plan's method, else "
+                                "magnitude). wanda and sparsegpt need calibration data (--calib).")
+    block_size: int = option(128, "sparsegpt: columns per lazy update block")
+    damp: float = option(0.01, "sparsegpt: damping added to diag(H), as a fraction of its mean")
+    sequential: bool | None = option(None, "take each layer's statistics from the model with the layers before it "
+                                     "already pruned (default: true for sparsegpt, false for wanda)")
+    mask_input: str | None = option(None, "model input holding the attention mask: padded tokens (mask 0) are "
+                                    "left out of the statistics")
+    max_k: int = option(8192, "layers with a larger reduction size K use wanda (H would take K^2*8 bytes)")
+    bias_correction: bool = option(True, "re-fit each calibrated layer's bias so its mean output stays the same")
+    refit: int = option(0, "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
+                        "with the mask fixed (0 = off)")
+    plan: str | None = option(None, "prune exactly the layers named in this plan JSON (from 'sensitivity')",
+                              input=True)
+    batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
+        if self.method is not None and self.method not in METHODS:
+            raise OnnxSparseError(f"prune: method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.block_size <= 0 or self.max_k <= 0 or self.refit < 0:
+            raise OnnxSparseError("prune: block-size and max-k must be > 0, refit >= 0")
+        if self.damp < 0.0:
+            raise OnnxSparseError(f"prune: damp must be >= 0, got {self.damp}")
         check_regex("prune", "include", self.include)
         check_regex("prune", "exclude", self.exclude)
         unknown = [t for t in self.op_types if t not in WEIGHTED_OPS]
@@ -96,8 +128,17 @@ class PrunePass(Pass[PruneConfig]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         n, m = parse_pattern(cfg.pattern)
+        plan = _read_plan(cfg.plan, cfg.pattern) if cfg.plan else None
+        method = cfg.method or (plan or {}).get("method") or "magnitude"
+        if method not in METHODS:
+            raise OnnxSparseError(f"prune: plan '{cfg.plan}' names unknown method '{method}'")
+        if method != "magnitude" and ctx.calibration is None:
+            raise OnnxSparseError(f"prune: method={method} needs calibration data: pass --calib DATA "
+                                  "(.npz or a folder of .npy/.npz, as for qdq)")
         report = PassReport()
         layers = _find_layers(model.proto, ctx)
+        if plan is not None:
+            _check_plan(plan, layers, cfg.plan or "")
         consts = constants_by_name(model.proto)
         readers = _readers(model.proto)
         prior: dict[str, np.ndarray] = ctx.artifacts.get("masks") or {}
@@ -105,13 +146,17 @@ class PrunePass(Pass[PruneConfig]):
         modified = False
         zeroed = total = 0
         already: list[str] = []
+        calibrated: list[tuple[Item, StoredWeight, int, int]] = []
         targets = _targets(layers, report)
         for target in _progress(targets, ctx.progress):
-            why = self._skip_reason(target, m, readers)
+            why = self._skip_reason(target, m, readers, plan)
             if why is None:
                 sw = stored_weight(target.layers[0], consts, model.base_dir)
                 if isinstance(sw, str):
                     why = sw
+            if why is None and method != "magnitude" and target.layers[0].graph_path != "main":
+                why = (f"inside a subgraph ({target.layers[0].graph_path}): {method} needs its input statistics, "
+                       "which cannot be collected there; prune it with method=magnitude")
             if why is not None:
                 for layer in target.layers:  # a layer's own reason (e.g. shared-axis conflict) says it best
                     report.skip(layer.name, layer.reason or why, op=layer.op_type, weight=layer.weight_name)
@@ -120,6 +165,21 @@ class PrunePass(Pass[PruneConfig]):
             old = prior.get(sw.name)
             if old is not None and old.shape != sw.values.shape:
                 old = None
+            note = _calibration_note(target, method) if method != "magnitude" else "magnitude"
+            if note is None:
+                check_finite(sw)
+                nonzero = sw.nonzero()
+                bad, groups = count_violations(nonzero, sw.axis, n, m)
+                total += sw.values.size
+                if bad == 0:
+                    masks[sw.name] = np.ascontiguousarray(nonzero)
+                    already.append(sw.name)
+                    continue
+                calibrated.append((Item(target.layers[0], method, None if old is None else old & nonzero), sw, bad,
+                                   groups))
+                continue
+            if note != "magnitude":
+                report.details.setdefault("fallbacks", {})[target.layers[0].name] = note
             if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
                 # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.stream).
                 st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
@@ -145,29 +205,54 @@ class PrunePass(Pass[PruneConfig]):
                 already.append(sw.name)
                 continue
             modified = True
-            newly = nz_before - nz_after
-            zeroed += newly
-            report.change(
-                sw.name,
-                layers=[layer.name for layer in target.layers],
-                op=target.layers[0].op_type,
-                shape=list(sw.values.shape),
-                axis=sw.axis,
-                dtype=sw.dtype_name,
-                groups_changed=bad,
-                groups=groups,
-                zeroed=newly,
-                zeros=round(1.0 - nz_after / max(sw.values.size, 1), 4),
-            )
+            zeroed += nz_before - nz_after
+            self._changed(report, target.layers, sw, bad, groups, nz_before, nz_after, "magnitude")
+        if calibrated:
+            run = self._calibrated(model, ctx, [c[0] for c in calibrated], method, n, m)
+            for (item, sw, bad, groups), outcome in zip(calibrated, _in_order(run, calibrated), strict=True):
+                modified = True
+                masks[sw.name] = outcome.mask
+                zeroed += outcome.nonzero_before - outcome.nonzero_after
+                self._changed(report, [item.layer], sw, bad, groups, outcome.nonzero_before, outcome.nonzero_after,
+                              outcome.method, error=round(outcome.error, 6), bias_corrected=outcome.bias,
+                              notes=outcome.notes)
+            report.details["calibration"] = run.to_dict()
         ctx.artifacts.setdefault("masks", {}).update(masks)
-        report.details.update(pattern=f"{n}:{m}", pruned=len(report.changed), already_sparse=already,
+        report.details.update(pattern=f"{n}:{m}", method=method, pruned=len(report.changed), already_sparse=already,
                               params_in_pruned_layers=total, params_zeroed=zeroed)
         if cfg.masks:
             _write_masks(Path(cfg.masks), masks)
             report.details["masks"] = cfg.masks
-        log.info("prune %s: %d tensors pruned, %d already sparse, %d skipped", cfg.pattern, len(report.changed),
-                 len(already), len(report.skipped))
+        log.info("prune %s (%s): %d tensors pruned, %d already sparse, %d skipped", cfg.pattern, method,
+                 len(report.changed), len(already), len(report.skipped))
         return PassResult(model, modified, report)
+
+    def _calibrated(self, model: Model, ctx: PassContext, items: list[Item], method: str, n: int, m: int
+                    ) -> RunReport:
+        cfg = self.config
+        sequential = cfg.sequential if cfg.sequential is not None else method == "sparsegpt"
+        data = data_source(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
+        return prune_calibrated(model, items, data, n, m, sequential=sequential, mask_input=cfg.mask_input,
+                                max_k=cfg.max_k, block_size=cfg.block_size, damp=cfg.damp,
+                                bias_correction=cfg.bias_correction, refit_iters=cfg.refit, progress=ctx.progress)
+
+    @staticmethod
+    def _changed(report: PassReport, layers: list[Layer], sw: StoredWeight, bad: int, groups: int, nz_before: int,
+                 nz_after: int, method: str, **extra: object) -> None:
+        report.change(
+            sw.name,
+            layers=[layer.name for layer in layers],
+            op=layers[0].op_type,
+            shape=list(sw.values.shape),
+            axis=sw.axis,
+            dtype=sw.dtype_name,
+            method=method,
+            groups_changed=bad,
+            groups=groups,
+            zeroed=nz_before - nz_after,
+            zeros=round(1.0 - nz_after / max(sw.values.size, 1), 4),
+            **extra,
+        )
 
     def render(self, result: PassResult) -> str | None:
         """One line of totals, then the skipped layers grouped by reason."""
@@ -180,12 +265,15 @@ class PrunePass(Pass[PruneConfig]):
             lines.append(f"  masks written to {d['masks']}")
         return "\n".join(lines)
 
-    def _skip_reason(self, target: _Target, m: int, readers: dict[str, list[onnx.NodeProto]]) -> str | None:
+    def _skip_reason(self, target: _Target, m: int, readers: dict[str, list[onnx.NodeProto]],
+                     plan: dict[str, object] | None = None) -> str | None:
         """Why this stored tensor must not be pruned (None: prune it)."""
         cfg = self.config
         for layer in target.layers:
             if layer.reason:
                 return layer.reason
+        if plan is not None and not all(layer.name in plan["layers"] for layer in target.layers):  # type: ignore[operator]
+            return "not in the plan"
         for layer in target.layers:
             why = layer.check_pattern(m)
             if why:
@@ -218,6 +306,46 @@ def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
 
         layers = find_layers(proto, infer_shapes(proto, ctx.shapes))
     return layers
+
+
+def _calibration_note(target: _Target, method: str) -> str | None:
+    """Why a layer cannot get ``method`` (it gets magnitude instead); None when it can."""
+    if len(target.layers) > 1:
+        return f"weight shared by {len(target.layers)} layers: magnitude instead of {method}"
+    layer = target.layers[0]
+    why = problems(layer)
+    if isinstance(why, str):
+        return f"{why}: magnitude instead of {method}"
+    return None
+
+
+def _in_order(run: RunReport, items: list[tuple[Item, StoredWeight, int, int]]) -> list[LayerOutcome]:
+    """The run's outcomes in the order of ``items`` (stages may reorder them)."""
+    by_name = {o.layer: o for o in run.outcomes}
+    return [by_name[item.layer.name] for item, *_ in items]
+
+
+def _read_plan(path: str, pattern: str) -> dict[str, object]:
+    """A ``sensitivity`` plan: ``{"version": 1, "method": ..., "pattern": "2:4", "layers": [node names]}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OnnxSparseError(f"prune: cannot read plan '{path}': {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
+        raise OnnxSparseError(f"prune: plan '{path}' has no 'layers' list")
+    if plan.get("pattern") and parse_pattern(str(plan["pattern"])) != parse_pattern(pattern):
+        raise OnnxSparseError(f"prune: plan '{path}' was made for pattern {plan['pattern']}, not {pattern}")
+    plan["layers"] = set(map(str, plan["layers"]))
+    return plan
+
+
+def _check_plan(plan: dict[str, object], layers: list[Layer], path: str) -> None:
+    known = {layer.name for layer in layers}
+    unknown = sorted(plan["layers"] - known)  # type: ignore[operator]
+    if unknown:
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise OnnxSparseError(f"prune: plan '{path}' names unknown layer(s) {', '.join(unknown[:3])}{more}")
 
 
 def _targets(layers: list[Layer], report: PassReport) -> list[_Target]:

@@ -1,0 +1,148 @@
+"""The stage runner: one ONNX Runtime pass over the calibration data folds every given layer's input into its
+``GramStats``, batch by batch; activations are dropped as soon as they are folded in.
+
+The layers' input values are exposed as extra graph outputs (``calibration._session``, the session helper qdq
+uses: external weights go to ORT as memory maps). A layer input that is a model input is taken from the feed.
+Statistics cost K²·8 bytes per layer (``GramStats.planned_bytes``), never the data's size.
+
+``mask-input``: rows whose attention mask is 0 (padding) are left out. The mask (``[B, S]``, or ``[B, 1, 1, S]``
+squeezed to ``[B, S]``) applies to a MatMul/Gemm input whose flattened leading dims have B·S rows; a 0/1 mask
+marks valid tokens by 1, an additive mask (0 and large negatives) by 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxsparse.calibration import CalibrationData, _first_line, _session, open_calibration
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.layers import Layer
+from onnxsparse.model_io import Model
+from onnxsparse.pruning.gram import GramStats
+from onnxsparse.pruning.layout import activation_rows, stats_shape
+
+log = logging.getLogger("onnxsparse.pruning")
+
+
+@dataclass
+class Collection:
+    """Statistics of one ORT pass and what it cost."""
+
+    stats: dict[str, GramStats]
+    batches: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    #: layers the attention mask could not be applied to (their rows all count), with why
+    unmasked: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.stats.values())
+
+
+def row_weights(value: np.ndarray, name: str) -> np.ndarray:
+    """A [B, S] (or [B, 1, 1, S]) attention mask as one weight per token: 1 = real token, 0 = padding."""
+    v = np.asarray(value)
+    if v.ndim > 2:
+        lead = v.shape[0]
+        v = v.reshape(lead, -1) if all(d == 1 for d in v.shape[1:-1]) else v
+    if v.ndim > 2:
+        raise OnnxSparseError(f"mask-input '{name}' has shape {list(value.shape)}; expected [B, S] or [B, 1, 1, S]")
+    f = v.astype(np.float64)
+    if np.isin(f, (0.0, 1.0)).all():
+        return (f != 0).astype(np.float64)
+    if (f <= 0).all():  # additive mask: 0 where attended, a large negative where padded
+        return (f == 0).astype(np.float64)
+    raise OnnxSparseError(f"mask-input '{name}' holds values other than 0/1 and is not an additive (<= 0) mask")
+
+
+def collect(model: Model, layers: Iterable[Layer], data: Any, mask_input: str | None = None,
+            diag_only: Iterable[str] = (), progress: bool = False) -> Collection:
+    """Run ``model`` once over ``data`` (anything ``open_calibration`` accepts) and fold each layer's input into
+    its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda)."""
+    layers = list(layers)
+    thin = set(diag_only)
+    cal = data if isinstance(data, CalibrationData) else open_calibration(data, model)
+    if mask_input is not None and mask_input not in cal.specs:
+        raise OnnxSparseError(f"mask-input '{mask_input}' is not a model input (inputs: {', '.join(cal.specs)})")
+    stats: dict[str, GramStats] = {}
+    for layer in layers:
+        k, g = stats_shape(layer)
+        stats[layer.name] = GramStats(k, g, diag_only=layer.name in thin)
+    acts = list(dict.fromkeys(layer.node.input[0] for layer in layers))
+    fetch = [a for a in acts if a not in cal.specs]
+    start = time.perf_counter()
+    session = _session(model, fetch) if fetch else None
+    out = Collection(stats)
+    bar = _bar(progress, cal.batches_hint)
+    try:
+        for batch in cal:
+            values: dict[str, np.ndarray] = {a: batch[a] for a in acts if a in cal.specs}
+            if session is not None:
+                try:
+                    got = session.run(fetch, batch)
+                except Exception as e:  # ORT's own exception types
+                    raise OnnxSparseError(f"onnxruntime failed on calibration batch {out.batches + 1}: "
+                                          f"{_first_line(e)}") from e
+                values.update(zip(fetch, got, strict=True))
+            weights = row_weights(batch[mask_input], mask_input) if mask_input is not None else None
+            for name, value in values.items():
+                if value.dtype.kind != "f":
+                    raise OnnxSparseError(f"layer input '{name}' is {value.dtype}, not floating point")
+                if not np.isfinite(value).all():
+                    raise OnnxSparseError(f"layer input '{name}' has NaN/Inf values on calibration batch "
+                                          f"{out.batches + 1}; check the model and the data")
+            for layer in layers:
+                _fold(layer, values[layer.node.input[0]], stats[layer.name], weights, out)
+            del values
+            out.batches += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    out.rows = int(next(iter(stats.values())).samples) if stats else 0
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _fold(layer: Layer, value: np.ndarray, st: GramStats, weights: np.ndarray | None, out: Collection) -> None:
+    for group, rows, where in activation_rows(layer, value):
+        wt = None
+        if weights is not None:
+            if where is not None and rows.shape[0] == weights.size:
+                wt = weights.reshape(-1)
+            elif layer.name not in out.unmasked:
+                why = ("convolution patches" if where is None
+                       else f"{rows.shape[0]} rows, the mask has {weights.size} tokens")
+                out.unmasked[layer.name] = why
+        st.update(rows, group, wt)
+
+
+def collect_stats(model: Model, layers: Iterable[Layer], data: Any, mask_input: str | None = None,
+                  progress: bool = False) -> dict[str, GramStats]:
+    """Public API: one ORT pass over ``data`` for all ``layers`` (the model as it is now), stats by layer name."""
+    return collect(model, layers, data, mask_input=mask_input, progress=progress).stats
+
+
+def _bar(enabled: bool, total: int | None) -> Any:
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="statistics", unit="batch", file=sys.stderr, leave=False)
+
+
+def replayable(obj: Any) -> bool:
+    """Whether ``open_calibration(obj)`` can be called again for another pass (paths, dicts, sequences)."""
+    import os
+
+    return isinstance(obj, (str, os.PathLike, Mapping, list, tuple))

@@ -1,0 +1,102 @@
+"""Input statistics of a layer: the Gram matrix H = XᵀX, the row count and the column sums, as mergeable sums.
+
+Statistics are sums, never activations: each calibration batch is folded in (``update``) and dropped, so
+memory is K²·8 bytes per layer whatever the amount of data, and two collections over different data merge
+exactly (``a + b``), which lets sensitivity and parallel workers split the work. Everything accumulates in
+float64: a float32 sum over 10⁵+ rows loses the small eigenvalues SparseGPT's inverse depends on.
+
+``groups`` > 1 holds one independent H per convolution group (a grouped Conv is ``groups`` separate GEMMs).
+``diag_only`` keeps only the diagonal (Σx², what Wanda needs): the fallback for a K too large for K².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class GramStats:
+    """Σ xxᵀ (or Σ x² with ``diag_only``), Σ x and the number of rows, per group, in float64."""
+
+    k: int
+    groups: int = 1
+    diag_only: bool = False
+    h: np.ndarray | None = None  # [groups, K, K] (or [groups, K] when diag_only)
+    colsum: np.ndarray | None = None  # [groups, K]
+    rows: np.ndarray | None = None  # [groups] weighted row counts (masked rows weigh 0)
+
+    def __post_init__(self) -> None:
+        if self.h is None:
+            shape = (self.groups, self.k) if self.diag_only else (self.groups, self.k, self.k)
+            self.h = np.zeros(shape, dtype=np.float64)
+        if self.colsum is None:
+            self.colsum = np.zeros((self.groups, self.k), dtype=np.float64)
+        if self.rows is None:
+            self.rows = np.zeros(self.groups, dtype=np.float64)
+
+    @property
+    def nbytes(self) -> int:
+        assert self.h is not None and self.colsum is not None
+        return int(self.h.nbytes + self.colsum.nbytes)
+
+    @property
+    def samples(self) -> float:
+        """Rows seen (weighted) by group 0 — every group sees the same rows."""
+        assert self.rows is not None
+        return float(self.rows[0])
+
+    @staticmethod
+    def planned_bytes(k: int, groups: int = 1, diag_only: bool = False) -> int:
+        """What a ``GramStats(k, groups, diag_only)`` will hold, before allocating it (for the report)."""
+        return 8 * groups * (k if diag_only else k * k) + 8 * groups * k
+
+    def update(self, x: np.ndarray, group: int = 0, weights: np.ndarray | None = None) -> None:
+        """Fold rows ``x[rows, K]`` into group ``group``; ``weights[rows]`` (0 = padding) scales each row."""
+        assert self.h is not None and self.colsum is not None and self.rows is not None
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise ValueError(f"expected rows of {self.k} values, got shape {x.shape}")
+        if x.shape[0] == 0:
+            return
+        x64 = x.astype(np.float64)
+        if weights is not None:
+            wt = np.asarray(weights, dtype=np.float64).reshape(-1)
+            keep = wt != 0
+            if not keep.all():
+                x64, wt = x64[keep], wt[keep]
+            self.rows[group] += float(wt.sum())
+            self.colsum[group] += wt @ x64
+            xw = x64 * np.sqrt(wt)[:, None]
+        else:
+            self.rows[group] += x64.shape[0]
+            self.colsum[group] += x64.sum(axis=0)
+            xw = x64
+        if self.diag_only:
+            self.h[group] += np.einsum("ij,ij->j", xw, xw)
+        else:
+            self.h[group] += xw.T @ xw
+
+    def __add__(self, other: GramStats) -> GramStats:
+        if (self.k, self.groups, self.diag_only) != (other.k, other.groups, other.diag_only):
+            raise ValueError("cannot merge statistics of different layers")
+        assert self.h is not None and self.colsum is not None and self.rows is not None
+        assert other.h is not None and other.colsum is not None and other.rows is not None
+        return GramStats(self.k, self.groups, self.diag_only, self.h + other.h, self.colsum + other.colsum,
+                         self.rows + other.rows)
+
+    def gram(self, group: int = 0) -> np.ndarray:
+        """H of one group ([K, K]); with ``diag_only`` it is the diagonal matrix of Σx² (what Wanda sees)."""
+        assert self.h is not None
+        return np.diag(self.h[group]) if self.diag_only else self.h[group]
+
+    def sq_norms(self, group: int = 0) -> np.ndarray:
+        """Σ x_k² per input column (Wanda's ‖X_k‖₂²)."""
+        assert self.h is not None
+        return self.h[group].copy() if self.diag_only else np.diagonal(self.h[group]).copy()
+
+    def mean(self, group: int = 0) -> np.ndarray:
+        """E[x] per input column over the (weighted) rows."""
+        assert self.colsum is not None and self.rows is not None
+        return self.colsum[group] / max(float(self.rows[group]), 1e-300)
