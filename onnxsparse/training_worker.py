@@ -22,7 +22,7 @@ import re
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,38 +58,19 @@ def import_training_api() -> tuple[Any, Any, Any]:
     return ort, artifacts, api
 
 
-# ---------------------------------------------------------------------------------------------- data
+def _sibling(name: str) -> Any:
+    """A numpy-only onnxsparse module loaded from this file's folder (see the module docstring: the worker
+    must not import the package, whose other modules bind to the inference ``onnxruntime``)."""
+    import importlib.util
 
-
-class Batches:
-    """Shuffled mini-batches over the arrays of an ``.npz`` (or a dict), one epoch after another.
-
-    Arrays are read per key once (``np.load`` of an ``.npz`` is lazy per key); batches are fancy-indexed
-    copies, so memory beyond the data itself is one batch.
-    """
-
-    def __init__(self, data: dict[str, np.ndarray], batch_size: int, seed: int, drop_last: bool) -> None:
-        lengths = {k: len(v) for k, v in data.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"data arrays differ in their first dimension: {lengths}")
-        self.data = data
-        self.n = next(iter(lengths.values()))
-        self.batch_size = min(batch_size, self.n)
-        self.drop_last = drop_last
-        self.rng = np.random.default_rng(seed)
-
-    @property
-    def per_epoch(self) -> int:
-        if self.drop_last:
-            return max(1, self.n // self.batch_size)
-        return math.ceil(self.n / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            order = self.rng.permutation(self.n)
-            for b in range(self.per_epoch):
-                idx = np.sort(order[b * self.batch_size : (b + 1) * self.batch_size])
-                yield {k: np.ascontiguousarray(v[idx]) for k, v in self.data.items()}
+    key = f"onnxsparse_worker_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def _cast(arr: np.ndarray, elem_type: int) -> np.ndarray:
@@ -102,8 +83,61 @@ def _cast(arr: np.ndarray, elem_type: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- artefacts
 
 
-def _loss_block(onnxblock: Any, kind: str, outputs: list[str], label_name: str) -> Any:
-    """Sum of per-output MSE losses (distillation / regression), or cross-entropy on one output."""
+def _masked_mse(onnxblock: Any, mask_name: str, mask_rank: int) -> Any:
+    """MSE averaged over the positions where ``mask_name`` is non-zero, broadcast over the output's trailing
+    dims: sum(m·(y−t)²) / (max(sum(m), 1) · size(y)/size(m)).
+
+    onnxblock has no masked loss, so this block writes the nodes itself (``onnxblock.Block.build`` may edit
+    ``self.base``, the model being built, as its own blocks do). The mask is a graph input the model already
+    reads; it is cast to bool and back so any non-zero counts as one.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.training.onnxblock import _graph_utils, blocks
+
+    class _MaskedMSE(blocks.Block):  # type: ignore[misc, name-defined]
+        def build(self, output: str, target: str) -> str:
+            graph = self.base.graph
+            if not _graph_utils.node_arg_exists(self.base, target):
+                target = blocks.InputLike(output)(target)
+            p = _graph_utils.generate_graph_name("onnxsparse_mmse")
+            out_rank = next((len(v.type.tensor_type.shape.dim) for v in graph.output if v.name == output), None)
+            extra = [] if out_rank is None else list(range(mask_rank, out_rank))
+            graph.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), p + "_one")])
+            nodes = [
+                helper.make_node("Cast", [mask_name], [p + "_b"], to=TensorProto.BOOL),
+                helper.make_node("Cast", [p + "_b"], [p + "_m"], to=TensorProto.FLOAT),
+                helper.make_node("Sub", [output, target], [p + "_d"]),
+                helper.make_node("Mul", [p + "_d", p + "_d"], [p + "_sq"]),
+            ]
+            m = p + "_m"
+            if extra:
+                graph.initializer.append(numpy_helper.from_array(np.array(extra, np.int64), p + "_axes"))
+                nodes.append(helper.make_node("Unsqueeze", [p + "_m", p + "_axes"], [p + "_mu"]))
+                m = p + "_mu"
+            nodes += [
+                helper.make_node("Mul", [p + "_sq", m], [p + "_msq"]),
+                helper.make_node("ReduceSum", [p + "_msq"], [p + "_num"], keepdims=0),
+                helper.make_node("ReduceSum", [p + "_m"], [p + "_cnt"], keepdims=0),
+                helper.make_node("Max", [p + "_cnt", p + "_one"], [p + "_cnt1"]),
+                helper.make_node("Size", [output], [p + "_sy"]),
+                helper.make_node("Size", [p + "_m"], [p + "_sm"]),
+                helper.make_node("Div", [p + "_sy", p + "_sm"], [p + "_tr"]),
+                helper.make_node("Cast", [p + "_tr"], [p + "_trf"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [p + "_cnt1", p + "_trf"], [p + "_den"]),
+                helper.make_node("Div", [p + "_num", p + "_den"], [p + "_loss"]),
+            ]
+            graph.node.extend(nodes)
+            return p + "_loss"
+
+    return _MaskedMSE()
+
+
+def _loss_block(onnxblock: Any, job: dict[str, Any]) -> Any:
+    """Sum of per-output MSE losses (distillation / regression; masked where the job names a mask input), or
+    cross-entropy on one output."""
+    kind, outputs = job["loss"], list(job["loss_outputs"])
+    mask = job.get("mask") or {}
+    masked = set(mask.get("masked_outputs", ()))
 
     class _Loss(onnxblock.Block):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -111,12 +145,15 @@ def _loss_block(onnxblock: Any, kind: str, outputs: list[str], label_name: str) 
             if kind == "ce":
                 self._parts = [onnxblock.loss.CrossEntropyLoss()]
             else:
-                self._parts = [onnxblock.loss.MSELoss() for _ in outputs]
+                self._parts = [
+                    _masked_mse(onnxblock, mask["name"], int(mask["rank"])) if o in masked else onnxblock.loss.MSELoss()
+                    for o in outputs
+                ]
             self._add = [onnxblock.blocks.Add() for _ in outputs[1:]]
 
         def build(self, *graph_outputs: str) -> str:
             if kind == "ce":
-                return self._parts[0](outputs[0], label_name)
+                return self._parts[0](outputs[0], "onnxsparse_labels")
             total = self._parts[0](outputs[0], target_name(0))
             for i in range(1, len(outputs)):
                 total = self._add[i - 1](total, self._parts[i](outputs[i], target_name(i)))
@@ -130,13 +167,17 @@ def target_name(i: int) -> str:
 
 
 def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path, requires_grad: list[str]) -> None:
-    """Training / eval / optimizer models and the checkpoint for the job's graph."""
+    """Training / eval / optimizer models and the checkpoint for the job's graph.
+
+    The eval model also returns the loss outputs themselves (after the loss), so the eval curve's cosine to
+    the teacher comes from the same session that computes the eval loss.
+    """
     import onnx
     from onnxruntime.training import onnxblock
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(job["train_model"])
-    loss = _loss_block(onnxblock, job["loss"], job["loss_outputs"], "onnxsparse_labels")
+    loss = _loss_block(onnxblock, job)
     optimizer = onnxblock.optim.AdamW(weight_decay=float(job.get("weight_decay", 0.0)))
     artifacts_mod.generate_artifacts(
         model,
@@ -151,12 +192,102 @@ def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path, requ
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = out_dir / name
         m = onnx.load(str(path))
-        if m.ir_version > ir:
-            m.ir_version = ir
+        changed = m.ir_version > ir
+        m.ir_version = min(m.ir_version, ir)
+        if name == "eval_model.onnx" and job.get("eval_data"):
+            for out in job["loss_outputs"]:
+                m.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+            changed = True
+        if changed:
             onnx.save(m, str(path))
 
 
 # ---------------------------------------------------------------------------------------------- loop
+
+
+def _batches(job: dict[str, Any], path: str, shuffle: bool) -> Any:
+    """The job's batches over the arrays of ``path`` (trimmed / bucketed as the job says)."""
+    tb = _sibling("training_batches")
+    raw = np.load(path, allow_pickle=False)
+    keys = list(job["input_names"]) + ([job["label_key"]] if job.get("label_key") else [])
+    data = {k: raw[k] for k in keys}
+    mask = job.get("mask") or None
+    lengths = tb.row_lengths(data[mask["name"]], int(mask["seq_axis"])) if mask else None
+    return tb.Batches(
+        data,
+        int(job["batch_size"]),
+        int(job.get("seed", 0)),
+        drop_last=bool(job.get("drop_last")),
+        lengths=lengths,
+        trim_axes=(mask or {}).get("trim") or None,
+        bucket=bool(job.get("bucket")) and shuffle,
+        shuffle=shuffle,
+    )
+
+
+class _Evaluator:
+    """Eval loss and cosine to the teacher over the whole eval set, in fixed batches (targets computed once).
+
+    Cosine, per sample and output: of the output pooled over the mask's positions (the mean over real
+    positions, as a sentence embedding is pooled) where the loss is masked, else of the flattened output;
+    averaged over samples and outputs.
+    """
+
+    def __init__(
+        self,
+        job: dict[str, Any],
+        teacher: Any,
+        feeds_of: Callable[[dict[str, np.ndarray]], list[Any]],
+        targets_of: Callable[[dict[str, np.ndarray], list[Any]], list[np.ndarray]],
+    ) -> None:
+        batches = _batches(job, job["eval_data"], shuffle=False)
+        self.items = []
+        for idx in batches.epoch_order():
+            batch = batches.take(idx)
+            feeds = feeds_of(batch)
+            self.items.append((batch, feeds, targets_of(batch, feeds)))
+        self.job = job
+        self.teacher = teacher
+        mask = job.get("mask") or {}
+        self.mask_name = mask.get("name")
+        self.masked = set(mask.get("masked_outputs", ()))
+
+    def __call__(self, module: Any) -> dict[str, float]:
+        module.eval()
+        total, count, cos_sum, cos_n = 0.0, 0, 0.0, 0
+        n_out = len(self.job["loss_outputs"])
+        for batch, feeds, targets in self.items:
+            result = module(*feeds, *targets)
+            loss, outs = float(np.asarray(result[0])), result[1 : 1 + n_out]
+            rows = len(feeds[0]) if feeds else 1
+            total += loss * rows
+            count += rows
+            if self.teacher is not None:
+                for name, y, t in zip(self.job["loss_outputs"], outs, targets, strict=True):
+                    c = _cosines(
+                        np.asarray(y), np.asarray(t), batch.get(self.mask_name) if name in self.masked else None
+                    )
+                    cos_sum += float(c.sum())
+                    cos_n += c.size
+        module.train()
+        out = {"loss": total / max(count, 1)}
+        if cos_n:
+            out["cosine"] = cos_sum / cos_n
+        return out
+
+
+def _cosines(y: np.ndarray, t: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    y64, t64 = y.astype(np.float64), t.astype(np.float64)
+    if mask is not None:
+        m = (np.asarray(mask) != 0).astype(np.float64)
+        m = m.reshape(m.shape + (1,) * (y64.ndim - m.ndim))
+        axes = tuple(range(1, np.asarray(mask).ndim))
+        denom = np.maximum(m.sum(axis=axes), 1.0)
+        y64, t64 = (y64 * m).sum(axis=axes) / denom, (t64 * m).sum(axis=axes) / denom
+    y64, t64 = y64.reshape(len(y64), -1), t64.reshape(len(t64), -1)
+    dot = np.sum(y64 * t64, axis=1)
+    norm = np.linalg.norm(y64, axis=1) * np.linalg.norm(t64, axis=1)
+    return dot / np.maximum(norm, 1e-30)
 
 
 def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -165,61 +296,111 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
     work = Path(job["workdir"])
     art = work / "artifacts"
     t0 = time.perf_counter()
-    state, module, optimizer, frozen = _session(job, artifacts_mod, api, art)
+    threads = int(job.get("threads", 0))
+    state, module, optimizer, frozen = _session(job, artifacts_mod, api, art, _session_options(ort, threads))
     if frozen:
         emit({"event": "frozen", "params": frozen})
     module.train()
 
-    raw = np.load(job["data"], allow_pickle=False)
-    keys = list(job["input_names"]) + ([job["label_key"]] if job.get("label_key") else [])
-    data = {k: raw[k] for k in keys}
-    batches = Batches(data, int(job["batch_size"]), int(job.get("seed", 0)), drop_last=bool(job.get("drop_last")))
+    batches = _batches(job, job["data"], shuffle=True)
     steps = int(job["steps"]) if job.get("steps") else max(1, round(float(job["epochs"]) * batches.per_epoch))
-
     teacher = None
     if job.get("teacher"):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(job.get("threads", 0))
-        teacher = ort.InferenceSession(job["teacher"], opts, providers=["CPUExecutionProvider"])
+        teacher = ort.InferenceSession(
+            job["teacher"], _session_options(ort, threads), providers=["CPUExecutionProvider"]
+        )
     input_types = {k: int(v) for k, v in job["input_types"].items()}
     label_type = int(job.get("label_type", 0))
+    teacher_inputs = [i.name for i in teacher.get_inputs()] if teacher is not None else []
+
+    def feeds_of(batch: dict[str, np.ndarray]) -> list[Any]:
+        return [_cast(batch[k], input_types[k]) for k in job["input_names"]]
+
+    def targets_of(batch: dict[str, np.ndarray], feeds: list[Any]) -> list[np.ndarray]:
+        if job["loss"] == "ce":
+            return [batch[job["label_key"]].astype(np.int64)]
+        if teacher is not None:
+            named = dict(zip(job["input_names"], feeds, strict=True))
+            outs = teacher.run(job["loss_outputs"], {k: named[k] for k in teacher_inputs})
+            return [np.asarray(o) for o in outs]
+        return [_cast(batch[job["label_key"]], label_type)]
+
+    evaluate = _Evaluator(job, teacher, feeds_of, targets_of) if job.get("eval_data") else None
+    every = int(job.get("eval_every", 0))
+    curve: list[dict[str, float]] = []
+
+    def eval_point(step: int) -> None:
+        if evaluate is not None:
+            point = {"step": step, **evaluate(module)}
+            curve.append(point)
+            emit({"event": "eval", **point})
 
     lr0 = float(job["lr"])
     warmup = int(job.get("warmup", 0))
-    emit({"event": "start", "steps": steps, "per_epoch": batches.per_epoch, "batch_size": batches.batch_size,
-          "setup_seconds": round(time.perf_counter() - t0, 3)})
+    emit(
+        {
+            "event": "start",
+            "steps": steps,
+            "per_epoch": batches.per_epoch,
+            "batch_size": batches.batch_size,
+            "setup_seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+    eval_point(0)
     losses: list[float] = []
     it = iter(batches)
+    loop_start = time.perf_counter()
     for step in range(steps):
         lr = _lr_at(step, steps, lr0, warmup, job.get("schedule", "cosine"))
         optimizer.set_learning_rate(lr)
         batch = next(it)
-        feeds = [_cast(batch[k], input_types[k]) for k in job["input_names"]]
-        if job["loss"] == "ce":
-            targets = [batch[job["label_key"]].astype(np.int64)]
-        elif teacher is not None:
-            outs = teacher.run(job["loss_outputs"], dict(zip(job["input_names"], feeds, strict=True)))
-            targets = [np.asarray(o) for o in outs]
-        else:
-            targets = [_cast(batch[job["label_key"]], label_type)]
+        feeds = feeds_of(batch)
+        targets = targets_of(batch, feeds)
         loss = float(np.asarray(module(*feeds, *targets)))
         optimizer.step()
         module.lazy_reset_grad()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
         losses.append(loss)
-        emit({"event": "step", "step": step + 1, "loss": loss, "lr": lr})
+        shape = feeds[0].shape if feeds else ()
+        emit(
+            {
+                "event": "step",
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "samples": int(shape[0]) if shape else 1,
+                "tokens": int(np.prod(shape[:2])) if job.get("mask") and len(shape) >= 2 else None,
+            }
+        )
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            eval_point(step + 1)
+    train_seconds = time.perf_counter() - loop_start
+    if not curve or curve[-1]["step"] != steps:
+        eval_point(steps)
 
     params = {name: np.asarray(state.parameters[name].data) for name in job["requires_grad"] if name not in frozen}
     np.savez(job["params_out"], **params)  # type: ignore[arg-type]
     summary = {
         "steps": steps,
         "first_loss": losses[0] if losses else None,
-        "last_loss": float(np.mean(losses[-max(1, min(10, len(losses) // 10)):])) if losses else None,
+        "last_loss": float(np.mean(losses[-max(1, min(10, len(losses) // 10)) :])) if losses else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        "train_seconds": round(train_seconds, 3),
+        "curve": curve,
+        "batching": batches.stats(),
         "runtime": f"onnxruntime {ort.__version__} ({os.path.dirname(ort.__file__)})",
     }
     return summary
+
+
+def _session_options(ort: Any, threads: int) -> Any:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
 
 
 def clean_error(text: str) -> str:
@@ -236,7 +417,7 @@ def clean_error(text: str) -> str:
             depth += {"(": 1, ")": -1}.get(rest[i], 0)
             if start >= 0 and depth == 0:
                 tail = rest[i + 1 :].strip()
-                return tail[len("const "):] if tail.startswith("const ") else tail
+                return tail[len("const ") :] if tail.startswith("const ") else tail
         return rest
     return text
 
@@ -245,7 +426,9 @@ _MISSING_GRAD = re.compile(r"Could not find an implementation for (\w+?)Grad\(")
 _NO_BUILDER = re.compile(r"gradient builder has not been registered: (\w+)")
 
 
-def _session(job: dict[str, Any], artifacts_mod: Any, api: Any, art: Path) -> tuple[Any, Any, Any, dict[str, str]]:
+def _session(
+    job: dict[str, Any], artifacts_mod: Any, api: Any, art: Path, options: Any
+) -> tuple[Any, Any, Any, dict[str, str]]:
     """Artefacts + training session; where ORT's CPU build lacks an op's gradient kernel (ConvTranspose has
     none), the weights upstream of that op are frozen and the artefacts built again, so the rest still trains.
 
@@ -260,7 +443,9 @@ def _session(job: dict[str, Any], artifacts_mod: Any, api: Any, art: Path) -> tu
         try:
             build_artifacts(job, artifacts_mod, art, requires)
             state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
-            module = api.Module(str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"))
+            module = api.Module(
+                str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"), session_options=options
+            )
             optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
             return state, module, optimizer, frozen
         except RuntimeError as e:

@@ -27,6 +27,7 @@ import numpy as np
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.training_options import DEFAULT_TRAIN
 
 log = logging.getLogger("onnxsparse.passes.finetune")
 
@@ -36,11 +37,11 @@ class FinetuneConfig(PassConfig):
     """Options of the ``finetune`` pass (the same names as ``onnxsparse finetune``'s flags)."""
 
     data: str | None = option(None, "Training inputs: .npz with one array per model input (first axis = samples) "
-                              "and the labels for loss=mse/ce. Default: the run's --calib data.")
+                              "and the labels for loss=mse/ce. Default: the run's --calib data.", input=True)
     masks: str | None = option(None, "Masks .npz (initializer name → bool, True = kept). Default: the masks the "
-                               "prune pass left in this pipeline.")
+                               "prune pass left in this pipeline.", input=True)
     teacher: str | None = option(None, "Dense teacher model for loss=distill. Default: the pipeline's input file "
-                                 "when the masks come from a prune in this pipeline.")
+                                 "when the masks come from a prune in this pipeline.", input=True)
     steps: int | None = option(None, "Optimizer steps (default: one epoch over the data).")
     epochs: float | None = option(None, "Passes over the data (instead of steps).")
     lr: float = option(1e-3, "Peak AdamW learning rate.")
@@ -49,16 +50,25 @@ class FinetuneConfig(PassConfig):
     labels: str | None = option(None, "Data key of the labels for loss=mse/ce.")
     outputs: tuple[str, ...] = option((), "Model outputs the loss uses (default: every float output for distill, "
                                       "the first output otherwise).")
-    train_biases: bool = option(True, "Also train the biases of the masked layers.")
-    train_norms: bool = option(False, "Also train normalisation scales and biases.")
+    train: tuple[str, ...] = option(DEFAULT_TRAIN, "What trains: any of weights (the masked weights), biases (of "
+                                    "the masked layers), norms (normalisation scales/shifts), embeddings (Gather "
+                                    "tables).")
+    mask_input: str | None = option(None, "Input whose non-zero entries mark real positions (attention mask): "
+                                    "losses average over them only; batches are trimmed to their longest row "
+                                    "where the sequence dim is dynamic.")
+    bucket_by_length: bool = option(False, "Batches of similar lengths (needs mask-input); seeded order.")
+    eval_data: str | None = option(None, "Eval .npz (same layout as data): eval loss and cosine to the teacher "
+                                   "at the start, every eval-every steps and at the end.", input=True)
+    eval_every: int = option(0, "Evaluate every this many steps (0: start and end only).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     warmup: int = option(0, "Linear learning-rate warm-up steps.")
     lr_schedule: str = option("cosine", "cosine (decay to 10% of lr) or constant.")
     seed: int = option(0, "Seed of the batch order.")
+    threads: int = option(0, "Intra-op threads for training and the teacher (0: one per core).")
 
     def options(self) -> Any:
         """The hyper-parameters as ``training.FinetuneOptions`` (validated there)."""
-        from onnxsparse.training import FinetuneOptions
+        from onnxsparse.training_options import FinetuneOptions
 
         names = {f.name for f in fields(FinetuneOptions)}
         return FinetuneOptions(**{k: getattr(self, k) for k in names})
@@ -110,7 +120,7 @@ class FinetunePass(Pass[FinetuneConfig]):
                 teacher = model.source
                 log.info("finetune: distilling to the pipeline's input %s", teacher)
         result = finetune(model, usable, data, cfg.options(), teacher=teacher, workdir=ctx.workdir,
-                          progress=ctx.progress, inplace=True)
+                          progress=ctx.progress, inplace=True, eval_data=cfg.eval_data)
         for name in result.changed:
             report.change(name, masked=name in usable)
         for name, reason in result.frozen.items():
@@ -119,6 +129,9 @@ class FinetunePass(Pass[FinetuneConfig]):
             steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
             seconds=result.seconds, runtime=result.runtime, teacher=str(teacher) if teacher is not None else None,
             qat=sorted(qweights),
+            train_sets={k: len(v) for k, v in result.train_sets.items()},
+            curve=result.curve,
+            batching=result.batching,
             kept=round(float(sum(int(np.count_nonzero(m)) for m in usable.values()))
                        / max(1, sum(m.size for m in usable.values())), 4),
         )
@@ -131,5 +144,12 @@ class FinetunePass(Pass[FinetuneConfig]):
             return None
         first = "?" if d["first_loss"] is None else f"{d['first_loss']:.4g}"
         last = "?" if d["last_loss"] is None else f"{d['last_loss']:.4g}"
-        return (f"  {d['steps']} steps, loss {first} -> {last}, {len(result.report.changed)} tensors trained "
-                f"({d['seconds']:.1f}s, {d['runtime']})")
+        sets = ", ".join(f"{k} {v}" for k, v in d.get("train_sets", {}).items())
+        text = (f"  {d['steps']} steps, loss {first} -> {last}, {len(result.report.changed)} tensors trained "
+                f"[{sets}] ({d['seconds']:.1f}s, {d['runtime']})")
+        curve = d.get("curve") or []
+        if curve:
+            text += "\n  eval: " + "; ".join(
+                f"step {p['step']} loss {p['loss']:.4g}" + (f" cos {p['cosine']:.4f}" if "cosine" in p else "")
+                for p in curve)
+        return text

@@ -33,7 +33,7 @@ from onnxsparse.model_io import Model, load_model, save_model
 from onnxsparse.pipeline import PassContext, get_pass
 from onnxsparse.sparsity import count_violations
 from onnxsparse.tensors import to_array
-from onnxsparse.training_worker import Batches
+from onnxsparse.training_batches import Batches
 
 needs_runtime = pytest.mark.usefixtures("training_runtime")
 
@@ -205,7 +205,7 @@ def test_export_keeps_the_input_structure(tmp_path: Path) -> None:
     pruned, masks = prune_masks(dense)
     before = pruned.proto.SerializeToString()
     result = training.finetune(pruned, masks, write_data(tmp_path / "d.npz", n=256),
-                               training.FinetuneOptions(steps=5, train_norms=True), teacher=dense)
+                               training.FinetuneOptions(steps=5, train=("weights", "biases", "norms")), teacher=dense)
     out = result.model.proto
     assert pruned.proto.SerializeToString() == before, "the input model must not change"
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in out.graph.node] == [

@@ -92,7 +92,8 @@ def train_dense(model: onnx.ModelProto, steps: int, samples: int) -> onnx.ModelP
         x = example_inputs(samples, seed=7)
         data = Path(tmp) / "train.npz"
         np.savez(data, x=x, y=target_function(x))
-        opts = FinetuneOptions(steps=steps, lr=3e-3, batch_size=64, loss="mse", labels="y", train_norms=True)
+        opts = FinetuneOptions(steps=steps, lr=3e-3, batch_size=64, loss="mse", labels="y",
+                               train=("weights", "biases", "norms"))
         result = finetune(Model(proto=model), masks, data, opts, progress=True)
     print(f"dense training: loss {result.first_loss:.4f} -> {result.last_loss:.5f} in {result.seconds:.1f}s")
     return result.model.proto

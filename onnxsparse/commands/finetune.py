@@ -20,9 +20,10 @@ import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, show_progress
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import check_output_path, load_model, save_model
+from onnxsparse.model_io import load_model, save_model
 from onnxsparse.pipeline import Pass, PassContext, Pipeline, get_pass
 from onnxsparse.render import table, write_json
+from onnxsparse.training_options import DEFAULT_TRAIN
 
 
 @click.command("finetune")
@@ -44,9 +45,19 @@ from onnxsparse.render import table, write_json
 @click.option("--labels", metavar="KEY", help="Data key of the labels (loss mse / ce).")
 @click.option("--outputs", metavar="NAME,...", help="Model outputs the loss uses (default: all float outputs "
               "for distill, the first for mse/ce).")
-@click.option("--train-biases/--no-train-biases", default=True, show_default=True,
-              help="Also train the biases of the masked layers.")
-@click.option("--train-norms", is_flag=True, help="Also train normalisation scales and biases.")
+@click.option("--train", "train_sets", metavar="SET,...", default=",".join(DEFAULT_TRAIN), show_default=True,
+              help="What trains: weights (the masked weights), biases (of the masked layers), norms "
+              "(normalisation scales/shifts), embeddings (Gather tables).")
+@click.option("--mask-input", metavar="NAME", help="Input marking real positions (attention mask, 0/1): losses "
+              "average over them only, and batches are trimmed to their longest row (dynamic sequence dim).")
+@click.option("--bucket-by-length", is_flag=True, help="Batches of similar lengths (needs --mask-input); "
+              "seeded, reproducible order.")
+@click.option("--eval-data", type=click.Path(dir_okay=False, path_type=str),
+              help="Eval .npz (same layout as --data): eval loss and cosine to the teacher, as a curve.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Evaluate every N steps (0: at the start and the end only).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Intra-op threads for training and the teacher (0: one per core).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Linear learning-rate warm-up steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order.")
@@ -57,7 +68,8 @@ from onnxsparse.render import table, write_json
 @json_option
 def command(model: str, data: str, masks: str | None, teacher: str | None, schedule: str | None,
             steps: int | None, epochs: float | None, lr: float, batch_size: int, loss: str, labels: str | None,
-            outputs: str | None, train_biases: bool, train_norms: bool, weight_decay: float, warmup: int,
+            outputs: str | None, train_sets: str, mask_input: str | None, bucket_by_length: bool,
+            eval_data: str | None, eval_every: int, threads: int, weight_decay: float, warmup: int,
             seed: int, install_runtime: bool, output: Path, json_path: str | None) -> None:
     """Fine-tune MODEL with fixed n:m masks (ONNX Runtime training) and write the result to OUTPUT.
 
@@ -71,6 +83,7 @@ def command(model: str, data: str, masks: str | None, teacher: str | None, sched
     The output has MODEL's nodes, initializer names, opset and IR version; masked entries are exactly zero.
     """
     from onnxsparse import training
+    from onnxsparse.paths import check_outputs
 
     if schedule and masks:
         raise OnnxSparseError("--schedule prunes as it goes: give either --schedule or --masks, not both")
@@ -80,15 +93,18 @@ def command(model: str, data: str, masks: str | None, teacher: str | None, sched
         click.echo(f"installing {training.training_worker.RUNTIME_PACKAGE}=={training.training_worker.RUNTIME_VERSION}"
                    f" into {training.runtime_dir()} ...", err=True)
         training.install_runtime()
+    check_outputs([model, data, masks, teacher, eval_data], [("-o", output), ("--json", json_path)],
+                  output_model=output)
     training.require_runtime()
     m = load_model(model)
-    check_output_path(m, output)
     if schedule and loss == "distill" and teacher is None:
         teacher = model
     ft_options: dict[str, Any] = dict(
         data=data, teacher=teacher, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss,
         labels=labels, outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if outputs else (),
-        train_biases=train_biases, train_norms=train_norms, weight_decay=weight_decay, warmup=warmup, seed=seed,
+        train=tuple(t.strip() for t in train_sets.split(",")), mask_input=mask_input,
+        bucket_by_length=bucket_by_length, eval_data=eval_data, eval_every=eval_every, threads=threads,
+        weight_decay=weight_decay, warmup=warmup, seed=seed,
     )
     finetune_cls = get_pass("finetune")
     passes: list[Pass[Any]] = []
@@ -109,12 +125,32 @@ def command(model: str, data: str, masks: str | None, teacher: str | None, sched
     ctx = PassContext(progress=show_progress(), calibration=data)
     before = None
     if not schedule and loss == "distill" and teacher:
-        before = training.output_error(m, teacher, data)
+        before = training.output_error(m, teacher, data, mask_input=mask_input)
     result = pipeline.run(m, ctx)
-    after = training.output_error(result.model, teacher, data) if loss == "distill" and teacher else None
+    after = (training.output_error(result.model, teacher, data, mask_input=mask_input)
+             if loss == "distill" and teacher else None)
     save_model(result.model, output)
 
-    rows = []
+    report: dict[str, Any] = {
+        **result.to_dict(), "output": str(output), "pipeline": pipeline.text(),
+        "output_mse_to_teacher_before": before, "output_mse_to_teacher_after": after,
+    }
+    if json_path == "-":
+        write_json(report, "-")
+        return
+    click.echo(_render(pipeline, result, patterns))
+    if after is not None:
+        masked = " (masked)" if mask_input else ""
+        click.echo(f"output MSE to the teacher{masked}: {'' if before is None else f'{before:.4g} -> '}{after:.4g}")
+    click.echo(f"wrote {output} in {result.seconds:.1f}s")
+    if json_path:
+        write_json(report, json_path)
+
+
+def _render(pipeline: Pipeline, result: Any, patterns: list[str]) -> str:
+    """The stages table, what each fine-tune trained and how it batched, the eval curve, validate's summary."""
+    rows: list[tuple[Any, ...]] = []
+    lines: list[str] = []
     stage = 0
     for p, r in zip(pipeline.passes, result.results, strict=False):
         d = r.report.details
@@ -127,22 +163,38 @@ def command(model: str, data: str, masks: str | None, teacher: str | None, sched
             pattern = patterns[stage - 1] if patterns else "masks"
             rows.append((stage or 1, "finetune", pattern, len(r.report.changed), d.get("steps", 0),
                          f"{first} -> {last}", f"{r.seconds:.1f}"))
-    report: dict[str, Any] = {
-        **result.to_dict(), "output": str(output), "pipeline": pipeline.text(),
-        "output_mse_to_teacher_before": before, "output_mse_to_teacher_after": after,
-    }
-    if json_path == "-":
-        write_json(report, "-")
-        return
-    click.echo(table(rows, ["stage", "pass", "pattern", "tensors", "steps", "loss", "seconds"]))
-    for p, r in zip(pipeline.passes, result.results, strict=False):
-        if p.name == "validate":
-            s = r.report.details.get("summary", {})
+            label = f"stage {stage or 1} fine-tune"
+            sets = d.get("train_sets") or {}
+            if sets:
+                lines.append(f"{label} trained: " + ", ".join(f"{k} {v}" for k, v in sets.items()))
+            b = d.get("batching") or {}
+            if b.get("mask_input"):
+                trimmed = ", ".join(b.get("trimmed") or []) or f"none ({b.get('untrimmed_reason')})"
+                fed, full = b.get("tokens_fed", 0), b.get("tokens_untrimmed", 0)
+                share = f", {fed / full:.0%} of the padded positions fed" if full else ""
+                lines.append(f"{label}: loss masked by {b['mask_input']}; trimmed: {trimmed}"
+                             f"{'; bucketed by length' if b.get('bucketed') else ''}{share}")
+            curve = d.get("curve") or []
+            if curve:
+                has_cos = any("cosine" in c for c in curve)
+                header = ["step", "eval loss", *(["cosine to teacher"] if has_cos else [])]
+                lines.append(f"{label} eval curve:")
+                lines.append(table([(c["step"], f"{c['loss']:.5g}", *([f"{c['cosine']:.5f}"] if has_cos else []))
+                                    for c in curve], header))
+        elif p.name == "validate":
+            s = d.get("summary", {})
             if s:
-                click.echo(f"validate {patterns[-1]}: " + ", ".join(f"{k} {v}" for k, v in s.items()
-                                                                       if not isinstance(v, (dict, list))))
-    if after is not None:
-        click.echo(f"output MSE to the teacher: {'' if before is None else f'{before:.4g} -> '}{after:.4g}")
-    click.echo(f"wrote {output} in {result.seconds:.1f}s")
-    if json_path:
-        write_json(report, json_path)
+                shown = ", ".join(f"{k} {_value(v)}" for k, v in s.items())
+                lines.append(f"validate {patterns[-1] if patterns else ''}: {shown}")
+    return "\n".join([table(rows, ["stage", "pass", "pattern", "tensors", "steps", "loss", "seconds"]), *lines])
+
+
+def _value(v: Any) -> str:
+    """A summary value in words: numbers as they are, dicts as ``k v`` pairs (never a raw ``{...}``)."""
+    if isinstance(v, dict):
+        return "(" + ", ".join(f"{k} {_value(x)}" for k, x in v.items()) + ")"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -30,10 +30,16 @@ def _weights(model: object) -> dict[str, np.ndarray]:
 
 
 def test_options_parse_from_pipeline_text() -> None:
-    (p,) = parse_pipeline("finetune{steps=7;lr=0.01;batch-size=16;loss=mse;labels=y;outputs=a,b;train-norms=true}")
+    (p,) = parse_pipeline("finetune{steps=7;lr=0.01;batch-size=16;loss=mse;labels=y;outputs=a,b;train=weights,norms;"
+                          "mask-input=attention_mask;bucket-by-length=true;eval-every=5}")
     cfg = p.config
-    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.loss, cfg.labels, cfg.outputs, cfg.train_norms) == (
-        7, 0.01, 16, "mse", "y", ("a", "b"), True)
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.loss, cfg.labels, cfg.outputs, cfg.train) == (
+        7, 0.01, 16, "mse", "y", ("a", "b"), ("weights", "norms"))
+    assert (cfg.mask_input, cfg.bucket_by_length, cfg.eval_every) == ("attention_mask", True, 5)
+    with pytest.raises(OnnxSparseError, match="unknown trainable set 'heads'"):
+        parse_pipeline("finetune{train=weights,heads}")
+    with pytest.raises(OnnxSparseError, match="needs mask-input"):
+        parse_pipeline("finetune{bucket-by-length=true}")
     assert parse_pipeline(p.text())[0].config == cfg
     with pytest.raises(OnnxSparseError, match="needs labels"):
         parse_pipeline("finetune{loss=ce}")
