@@ -27,6 +27,10 @@ from onnxsparse.shapes import Shape, infer_shapes
 ALIGNMENT = {"fp16": 16, "int8": 32}
 
 
+#: what one timing covers: (plan M, N, K, epilogue kind, real M)
+GemmKey = tuple[int, int, int, str, int]
+
+
 @dataclass(frozen=True)
 class LayerGemm:
     """One weighted layer as a GEMM, or why it is not benchmarked (``reason``)."""
@@ -41,6 +45,11 @@ class LayerGemm:
     m_padded: int | None = None
     #: why this layer is not timed (None: it is)
     reason: str | None = None
+    #: the epilogue fused after the GEMM (``Epilogue.kind``: "", "bias", "bias+relu", "bias+gelu", ...), the
+    #: graph's activation spelling ("gelu" = erf form, "gelu_tanh") and the ONNX nodes the epilogue covers
+    epilogue: str = ""
+    activation: str | None = None
+    epilogue_nodes: tuple[str, ...] = ()
 
     @property
     def flops(self) -> int:
@@ -50,11 +59,11 @@ class LayerGemm:
         return 2 * self.m * self.n * self.k
 
     @property
-    def key(self) -> tuple[int, int, int] | None:
-        """The (M padded, N, K) timed for this layer; None when it is not timed."""
-        if self.reason is not None or self.m_padded is None or self.n is None or self.k is None:
+    def key(self) -> GemmKey | None:
+        """What is timed for this layer: (plan M, N, K, epilogue, real M); None when it is not timed."""
+        if self.reason is not None or self.m_padded is None or self.n is None or self.k is None or self.m is None:
             return None
-        return (self.m_padded, self.n, self.k)
+        return (self.m_padded, self.n, self.k, self.epilogue, self.m)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -64,40 +73,76 @@ class LayerGemm:
 
 @dataclass
 class UniqueGemm:
-    """A distinct (M, N, K) and the layers that compute it."""
+    """A distinct (plan M, N, K, epilogue, real M) and the layers that compute it."""
 
     m: int
     n: int
     k: int
+    epilogue: str = ""
+    m_real: int = 0
     layers: list[str] = field(default_factory=list)
+    #: the graph's Gelu spelling of the first layer (the reference a Gelu epilogue is checked against)
+    activation: str | None = None
 
     @property
     def count(self) -> int:
         return len(self.layers)
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        return (self.m, self.n, self.k)
+    def key(self) -> GemmKey:
+        return (self.m, self.n, self.k, self.epilogue, self.m_real)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"m": self.m, "n": self.n, "k": self.k, "count": self.count, "layers": list(self.layers)}
+        return {"m": self.m, "n": self.n, "k": self.k, "epilogue": self.epilogue, "m_real": self.m_real,
+                "count": self.count, "layers": list(self.layers)}
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def plan_m(m: int, dtype: str, bucket: int | None = None) -> int:
+    """The M a sparse plan is built for: M rounded up to ``bucket`` rows (a dynamic-shape server's plan per
+    bucket), then to the dtype's cuSPARSELt multiple."""
+    if bucket is not None and bucket < 1:
+        raise OnnxSparseError(f"--m-buckets must be a positive number of rows (got {bucket})")
+    return round_up(round_up(m, bucket or 1), ALIGNMENT[dtype])
+
+
+def with_m_bucket(layers: Iterable[LayerGemm], bucket: int, dtype: str) -> list[LayerGemm]:
+    """The same layers with plans built for M rounded up to ``bucket`` (untimed layers unchanged)."""
+    return [replace(lg, m_padded=plan_m(lg.m, dtype, bucket)) if lg.key is not None and lg.m is not None else lg
+            for lg in layers]
+
+
 def extract_gemms(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None,
-                  dtype: str = "fp16", shapes: dict[str, Shape] | None = None) -> list[LayerGemm]:
-    """Every weighted layer of ``proto`` (graph order) as a ``LayerGemm`` for ``dtype`` (fp16 | int8)."""
+                  dtype: str = "fp16", shapes: dict[str, Shape] | None = None, epilogues: bool = False,
+                  exclude: str | None = None) -> list[LayerGemm]:
+    """Every weighted layer of ``proto`` (graph order) as a ``LayerGemm`` for ``dtype`` (fp16 | int8).
+
+    ``epilogues``: record the bias/activation the graph applies after each GEMM (``epilogue.find_epilogues``).
+    ``exclude``: a regex of layer or weight names that stay dense (not timed; their time counts as
+    non-GEMM time in the end-to-end estimate)."""
+    from onnxsparse.bench.epilogue import find_epilogues
+    from onnxsparse.layers import check_regex, select_reason
+
     if dtype not in ALIGNMENT:
         raise OnnxSparseError(f"unknown dtype '{dtype}': expected one of {', '.join(ALIGNMENT)}")
+    check_regex("bench", "exclude", exclude)
     align = ALIGNMENT[dtype]
     if shapes is None:
         shapes = infer_shapes(proto, overrides)
+    found = find_layers(proto, shapes)
+    eps = find_epilogues(proto, found) if epilogues else {}
     out: list[LayerGemm] = []
-    for layer in find_layers(proto, shapes):
-        base = LayerGemm(name=layer.name, op_type=layer.op_type)
+    for layer in found:
+        ep = eps.get(layer.name)
+        base = LayerGemm(name=layer.name, op_type=layer.op_type, epilogue=ep.kind if ep else "",
+                         activation=ep.activation if ep else None, epilogue_nodes=ep.nodes if ep else ())
+        skip = select_reason(layer, None, exclude)
+        if skip is not None:
+            out.append(replace(base, reason=f"{skip}: stays dense"))
+            continue
         why = layer.check_pattern(4)
         if why is not None:
             out.append(replace(base, reason=why))
@@ -120,18 +165,18 @@ def extract_gemms(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] 
         if off:
             out.append(replace(dims, reason=f"{' and '.join(off)} not a multiple of {align} ({dtype} cuSPARSELt)"))
             continue
-        out.append(replace(dims, m_padded=round_up(gemm.m, align)))
+        out.append(replace(dims, m_padded=plan_m(gemm.m, dtype)))
     return out
 
 
 def unique_gemms(layers: Iterable[LayerGemm]) -> list[UniqueGemm]:
     """Distinct timed shapes in first-seen order, each with the layers that share it."""
-    seen: dict[tuple[int, int, int], UniqueGemm] = {}
+    seen: dict[GemmKey, UniqueGemm] = {}
     for layer in layers:
         key = layer.key
         if key is None:
             continue
         if key not in seen:
-            seen[key] = UniqueGemm(*key)
+            seen[key] = UniqueGemm(*key, activation=layer.activation)
         seen[key].layers.append(layer.name)
     return list(seen.values())

@@ -150,9 +150,14 @@ class SparsePlan:
 
     Built once; ``run`` only launches. ``weight`` must already be 2:4 along K (checked with
     ``sp_mma_prune_check``: a weight pruned along the wrong axis fails here, not silently).
+
+    ``bias`` (a CUDA tensor of N values, the output dtype; kept referenced by the plan) and ``activation``
+    ("relu" | "gelu") are fused into the GEMM's epilogue (``BIAS_POINTER``, ``ACTIVATION_RELU`` /
+    ``ACTIVATION_GELU``): y = act(x·Wᵀ + b) in one kernel, as dense cuBLASLt does it.
     """
 
-    def __init__(self, lt: SparseLt, weight: Any, m: int, dtype: str) -> None:
+    def __init__(self, lt: SparseLt, weight: Any, m: int, dtype: str, bias: Any = None,
+                 activation: str | None = None) -> None:
         import numpy as np
         import torch
         from nvmath import CudaDataType
@@ -170,6 +175,9 @@ class SparsePlan:
         else:
             raise OnnxSparseError(f"unknown dtype '{dtype}'")
         self.dtype = dtype
+        if activation not in (None, "relu", "gelu"):
+            raise OnnxSparseError(f"unknown epilogue activation '{activation}' (relu | gelu)")
+        self.bias, self.activation = bias, activation
         # launches timed per candidate by matmul_search. The library's default is a handful: with products
         # of 3-30 µs that picked a config 20-60% slower than the best in 1 of 3 runs on the H100 (BERT-base
         # ffn1: config 6 at 31.6 µs instead of 42 at 26 µs). Aim at ~2 ms of work per candidate, 5 to 50.
@@ -232,10 +240,25 @@ class SparsePlan:
         self._descs.append(d)
         self._mm = cl.matmul_descriptor_init(h, int(getattr(cusparse.Operation, a_op)),
                                              int(getattr(cusparse.Operation, b_op)), a, b, d, d, compute)
+        self._set_epilogue()
         self._alg = cl.matmul_alg_selection_init(h, self._mm, int(cl.MatmulAlg.DEFAULT))
         value = np.array([self.search_iterations], dtype=np.int32)
         cl.matmul_alg_set_attribute(h, self._alg, int(cl.MatmulAlgAttribute.SEARCH_ITERATIONS), value.ctypes.data, 4)
         self._plan = cl.matmul_plan_init(h, self._mm, self._alg)
+
+    def _set_epilogue(self) -> None:
+        """Bias pointer and activation on the matmul descriptor, before the plan is made from it. The bias
+        has N values: the rows of D, which is yᵀ column-major here (one value per output channel)."""
+        import numpy as np
+
+        cl, h = _lt(), self.lt.handle
+        if self.bias is not None:
+            ptr = np.array([self.bias.data_ptr()], dtype=np.int64)
+            cl.matmul_desc_set_attribute(h, self._mm, int(cl.MatmulDescAttribute.BIAS_POINTER), ptr.ctypes.data, 8)
+        if self.activation is not None:
+            attr = {"relu": cl.MatmulDescAttribute.ACTIVATION_RELU, "gelu": cl.MatmulDescAttribute.ACTIVATION_GELU}
+            on = np.ones(1, dtype=np.int32)
+            cl.matmul_desc_set_attribute(h, self._mm, int(attr[self.activation]), on.ctypes.data, 4)
 
     def set_stream(self, stream: int) -> None:
         """The CUDA stream launches go to (a graph capture launches on its own stream)."""
@@ -361,7 +384,7 @@ def _check(plan: SparsePlan, x: Any, wp: Any, y: Any) -> tuple[float, bool]:
     return float(bad), bad == 0
 
 
-def _loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str, warmup_s: float = 0.3,
+def time_loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str, warmup_s: float = 0.3,
            settle_max_s: float = 2.0, block_s: float = 0.05,
            ) -> tuple[dict[str, list[float]], dict[str, float], Settled]:
     """Per-launch GPU ms of each function, once per repetition (the functions alternate within a repetition),
@@ -492,12 +515,12 @@ def gpu_state() -> dict[str, Any]:
 
 def _graph_ms(fn: Callable[[], None], iters: int = 20, repeats: int = 3) -> float:
     """Quick GPU ms per launch of ``fn`` from a CUDA graph (for choosing between tuned plans)."""
-    runs, _, _ = _loops({"fn": fn}, iters, repeats, 1, "graph", warmup_s=0.02, settle_max_s=0.05, block_s=0.01)
+    runs, _, _ = time_loops({"fn": fn}, iters, repeats, 1, "graph", warmup_s=0.02, settle_max_s=0.05, block_s=0.01)
     return statistics.median(runs["fn"])
 
 
-def _tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str,
-                rounds: int) -> tuple[SparsePlan, list[dict[str, Any]]]:
+def tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any = None,
+                activation: str | None = None) -> tuple[SparsePlan, list[dict[str, Any]]]:
     """The fastest of ``rounds`` independently built and searched plans, and what each round picked.
 
     Why: one ``matmul_search`` sometimes settles on a config 5-60% slower than another search's pick (seen
@@ -512,7 +535,7 @@ def _tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str,
     tried: list[dict[str, Any]] = []
     try:
         for _ in range(max(rounds, 1)):
-            plan = SparsePlan(lt, wp, x.shape[0], dtype)
+            plan = SparsePlan(lt, wp, x.shape[0], dtype, bias=bias, activation=activation)
             plans.append((float("inf"), plan))
             plan.set_stream(torch.cuda.current_stream().cuda_stream)
             plan.search(x, y)
@@ -569,7 +592,7 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
     wp = prune_2to4_rows(w)
     out_dtype = torch.float16 if dtype == "fp16" else torch.int32
     y_sparse = torch.empty(m, n, device="cuda", dtype=out_dtype)
-    plan, tried = _tuned_plan(lt, wp, x, y_sparse, dtype, rounds_for(m, n, k, search_rounds))
+    plan, tried = tuned_plan(lt, wp, x, y_sparse, dtype, rounds_for(m, n, k, search_rounds))
     try:
         if plan.torch_out != out_dtype:  # int8 fell back to an int8 output
             y_sparse = torch.empty(m, n, device="cuda", dtype=plan.torch_out)
@@ -589,7 +612,7 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
                 plan.set_stream(torch.cuda.current_stream().cuda_stream)
                 launch()
 
-        runs, host, settled = _loops({"dense": dense_fn, "sparse": sparse_fn}, iters, repeats, warmup, mode,
+        runs, host, settled = time_loops({"dense": dense_fn, "sparse": sparse_fn}, iters, repeats, warmup, mode,
                                      warmup_s=warmup_s)
         state = gpu_state()
         torch.cuda.synchronize()

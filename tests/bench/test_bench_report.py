@@ -35,9 +35,9 @@ LAYERS = [
     _layer("head", 32, 2, 768, reason="N=2 not a multiple of 16 (fp16 cuSPARSELt)"),
 ]
 TIMINGS = {
-    (4096, 768, 768): FakeTiming(0.020, 0.010),
-    (4096, 3072, 768): FakeTiming(0.060, 0.040),
-    (32, 768, 768): FakeTiming(0.005, 0.008),
+    (4096, 768, 768, "", 4096): FakeTiming(0.020, 0.010),
+    (4096, 3072, 768, "", 4096): FakeTiming(0.060, 0.040),
+    (32, 768, 768, "", 32): FakeTiming(0.005, 0.008),
 }
 
 
@@ -62,7 +62,7 @@ def test_choices_and_estimates():
 
 def test_min_speedup_and_wrong_results_keep_dense():
     timings = dict(TIMINGS)
-    timings[(4096, 3072, 768)] = FakeTiming(0.060, 0.040, ok=False)
+    timings[(4096, 3072, 768, "", 4096)] = FakeTiming(0.060, 0.040, ok=False)
     report = build_report(LAYERS, timings, "fp16", min_speedup=2.5)
     choice = {r.layer.name: r.choice for r in report.layers}
     assert choice["q"] == "dense" and choice["ffn1"] == "dense"

@@ -57,7 +57,7 @@ def test_matmul_m_is_batch_times_positions_and_matches_ort():
 def test_m_is_padded_to_the_dtype_multiple_and_int8_needs_32():
     model = _mlp()
     fp16 = extract_gemms(model, parse_shapes("x:4x25x64"), dtype="fp16")
-    assert fp16[0].m == 100 and fp16[0].m_padded == 112 and fp16[0].key == (112, 128, 64)
+    assert fp16[0].m == 100 and fp16[0].m_padded == 112 and fp16[0].key == (112, 128, 64, "", 100)
     int8 = extract_gemms(model, parse_shapes("x:4x25x64"), dtype="int8")
     assert int8[0].m_padded == 128
     # fc2 has N=48: a multiple of 16, not of 32
@@ -132,7 +132,7 @@ def test_identical_shapes_are_deduplicated_with_counts():
     layers = extract_gemms(model, parse_shapes("x:128x32"))
     unique = unique_gemms(layers)
     assert [(u.key, u.count, u.layers) for u in unique] == [
-        ((128, 64, 32), 2, ["fc0", "fc2"]), ((128, 32, 64), 2, ["fc1", "fc3"])]
+        ((128, 64, 32, "", 128), 2, ["fc0", "fc2"]), ((128, 32, 64, "", 128), 2, ["fc1", "fc3"])]
     assert unique[0].to_dict()["count"] == 2
 
 

@@ -114,7 +114,7 @@ def test_tool_on_the_committed_h100_runs(tmp_path, capsys):
     """tools/bench_stability.py reads real bench JSONs (the committed H100 runs) and writes its summary."""
     from pathlib import Path
 
-    from tools.bench_stability import main
+    from bench_stability import main
 
     res_dir = Path(__file__).resolve().parents[2] / "tools" / "results"
     files = sorted(res_dir.glob("bert_base_fp16_graph_run?.json"))

@@ -41,7 +41,7 @@ def test_shapes_only_table_and_json(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["dtype"] == "int8" and data["shapes"] == [
-        {"m": 128, "n": 128, "k": 64, "count": 1, "layers": ["fc1"]}]
+        {"m": 128, "n": 128, "k": 64, "epilogue": "", "m_real": 100, "count": 1, "layers": ["fc1"]}]
     assert path.read_bytes() == before  # input untouched
 
 
