@@ -185,23 +185,27 @@ def _sentences(text: str) -> Iterable[str]:
                 yield sentence
 
 
-def _docstrings(module_name: str) -> Iterable[str]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+def _docstrings(module_name: str) -> list[str]:
+    # typing's deprecated aliases (typing.io, typing.re) warn when touched; the corpus does not care
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
             module = importlib.import_module(module_name)
-    except ImportError:
-        return
-    yield module.__doc__ or ""
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if inspect.isfunction(obj) or inspect.isclass(obj):
-            yield obj.__doc__ or ""
-        if inspect.isclass(obj):
-            for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith("_") and inspect.isfunction(member):
-                    yield member.__doc__ or ""
+        except ImportError:
+            return []
+        docs = [module.__doc__ or ""]
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                docs.append(obj.__doc__ or "")
+            if inspect.isclass(obj):
+                docs.extend(
+                    member.__doc__ or ""
+                    for attr, member in sorted(vars(obj).items())
+                    if not attr.startswith("_") and inspect.isfunction(member)
+                )
+    return docs
 
 
 def corpus() -> list[str]:
