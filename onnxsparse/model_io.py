@@ -21,7 +21,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from onnxsparse import __version__
+from onnxsparse import __version__, paths
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_graphs, use_counts
 from onnxsparse.tensors import external_info, external_path, link_spill_pack, nbytes, settle_spill_pack, to_array
@@ -106,31 +106,31 @@ def model_nbytes(model: Model) -> int:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
+    """One file under two names (symlinks, ``..``, hard links); see ``paths.same_file``."""
+    return paths.same_file(a, b)
 
 
-def check_output_path(model: Model, out: Path) -> None:
-    """Refuse to overwrite the input model or one of its external data files."""
-    if model.source is not None and same_file(model.source, out):
-        raise OnnxSparseError(f"output {out} is the input model; choose another path (the input is never modified)")
-    data = out.with_name(out.name + ".data")
+def input_files(model: Model) -> list[Path]:
+    """The model's own file and every data file its external tensors are read from (as loaded or edited)."""
+    files = [model.source] if model.source is not None else []
+    seen: set[Path] = set()
     for graph in iter_graphs(model.proto.graph):
         for t in graph.initializer:
-            if external_info(t) is not None and model.base_dir is not None and same_file(
-                external_path(t, model.base_dir), data
-            ):
-                raise OnnxSparseError(f"output {out} would overwrite the input's external data file {data.name}")
-    if not out.parent.exists():
-        raise OnnxSparseError(f"output folder {out.parent} does not exist")
-    if not out.parent.is_dir():
-        raise OnnxSparseError(f"output folder {out.parent} is not a folder")
-    if out.is_dir():
-        raise OnnxSparseError(f"output {out} is a folder; give a file name")
-    if not os.access(out.parent, os.W_OK):
-        raise OnnxSparseError(f"output folder {out.parent} is not writable")
+            if external_info(t) is not None and model.base_dir is not None:
+                data = external_path(t, model.base_dir)
+                if data not in seen:
+                    seen.add(data)
+                    files.append(data)
+    return files
+
+
+def check_output_path(model: Model, out: Path, flag: str = "output") -> None:
+    """Refuse to write ``out`` over the model's own files or into a missing / read-only folder.
+
+    Commands check every output against every input up front with ``paths.check_outputs``; this is the
+    library's last line (``save_model`` calls it) for the one output it knows.
+    """
+    paths.check_outputs(input_files(model), [(flag, out)], output_model=out)
 
 
 def save_model(model: Model, path: str | os.PathLike[str], external_data: bool | None = None) -> Path:
@@ -149,14 +149,14 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
         raise OnnxSparseError("model weights exceed protobuf's 2 GB limit; save with external data")
     with _atomic_dir_writes(out) as tmp:
         if external_data:
-            data_name = out.name + ".data"
+            data_name = paths.data_file(out).name
             _write_external(model, tmp / data_name, data_name)
         else:
             _inline_external(model)
         with open(tmp / out.name, "wb") as f:
             f.write(model.proto.SerializeToString())
     if external_data:
-        settle_spill_pack(out.with_name(out.name + ".data"))
+        settle_spill_pack(paths.data_file(out))
     model.base_dir = out.resolve().parent
     model.source = out.resolve()
     return out

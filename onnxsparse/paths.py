@@ -68,17 +68,6 @@ def model_files(path: PathLike) -> list[Path]:
     return files
 
 
-def _looks_like_onnx(p: Path) -> bool:
-    """``.onnx`` files, and files whose first byte is the ModelProto ``ir_version`` tag (field 1, varint)."""
-    if p.suffix.lower() == ".onnx":
-        return True
-    try:
-        with open(p, "rb") as f:
-            return f.read(1) == b"\x08"
-    except OSError:
-        return False
-
-
 def _input_files(inputs: Sequence[PathLike | None]) -> list[tuple[Path, str]]:
     """(file, description) for every file an input stands for: a model's data files, a folder's files."""
     found: list[tuple[Path, str]] = []
@@ -90,10 +79,10 @@ def _input_files(inputs: Sequence[PathLike | None]) -> list[tuple[Path, str]]:
             found.append((p, f"the input folder {raw}"))
             with contextlib.suppress(OSError):
                 found.extend((c, f"the input {c}") for c in sorted(p.iterdir()) if c.is_file())
-        elif p.is_file() and _looks_like_onnx(p):
+        elif p.is_file() and p.suffix.lower() == ".onnx":
             files = model_files(p)
-            found.append((p, f"the input {raw}"))
-            found.extend((d, f"the external-data file of the input {raw}") for d in files[1:])
+            found.append((p, f"the input model {raw}"))
+            found.extend((d, f"the external-data file of the input model {raw}") for d in files[1:])
         else:
             found.append((p, f"the input {raw}"))
     return found
@@ -133,8 +122,10 @@ def check_outputs(
 ) -> None:
     """Refuse unsafe outputs before any work starts; see the module docstring for the rules.
 
-    ``inputs``: every file (or folder) the command reads; ONNX models among them bring their external-data
-    files, folders the files directly in them. ``outputs``: ``(flag, path)`` pairs; ``None`` and ``-``
+    ``inputs``: every file (or folder) the command reads; ``.onnx`` files among them bring their
+    external-data files (``model_files``), folders the files directly in them. (Only by suffix: sniffing
+    content could parse a multi-GB data file as a protobuf; pass ``model_files(p)`` for a model named
+    otherwise.) ``outputs``: ``(flag, path)`` pairs; ``None`` and ``-``
     (stdout) are skipped. ``output_model``: the output that is a model, whose external-data file
     (``data_file``) is reserved too — whether or not this save ends up writing one.
     """
@@ -171,11 +162,11 @@ def _check_writable(p: Path, prefix: str) -> None:
         raise OnnxSparseError(f"{prefix}: is a folder; give a file name")
     folder = p.parent
     if not folder.exists():
-        raise OnnxSparseError(f"{prefix}: folder {folder} does not exist")
+        raise OnnxSparseError(f"{prefix}: its folder {folder} does not exist")
     if not folder.is_dir():
-        raise OnnxSparseError(f"{prefix}: {folder} is not a folder")
+        raise OnnxSparseError(f"{prefix}: its folder {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OnnxSparseError(f"{prefix}: folder {folder} is not writable")
+        raise OnnxSparseError(f"{prefix}: its folder {folder} is not writable")
 
 
 @contextlib.contextmanager

@@ -34,22 +34,11 @@ import onnx
 from onnxsparse.errors import GateFailure, OnnxSparseError
 from onnxsparse.graph import cleanup, iter_graphs, op_counts, toposort
 from onnxsparse.model_io import Model, record_provenance
+from onnxsparse.presets import DEFAULT_PIPELINE as DEFAULT_PIPELINE  # re-exported: passes and tests import them here
+from onnxsparse.presets import PRESETS as PRESETS
 from onnxsparse.tensors import external_path, is_spilled
 
 log = logging.getLogger("onnxsparse")
-
-#: What ``onnxsparse run`` does without ``-p``: prune to 2:4, then report (and gate on) sparsity.
-DEFAULT_PIPELINE = "prune,validate"
-
-#: Named pipelines (``onnxsparse run --preset NAME``). ``progressive`` is the seed's recipe: zero 25 % (3:4),
-#: fine-tune with that mask, then 50 % (2:4) chosen among the survivors, fine-tune again, gate on the result.
-PRESETS: dict[str, str] = {
-    "default": DEFAULT_PIPELINE,
-    "progressive": "prune{pattern=3:4},finetune,prune{pattern=2:4},finetune,validate{require-all=true}",
-    "trt8": "gemm-to-conv,prune,validate",
-    "int8": "prune,validate,qdq",
-    "fp16": "prune,validate,to-fp16",
-}
 
 
 @dataclass(frozen=True)
@@ -152,6 +141,14 @@ class Pass(ABC, Generic[C]):
     @abstractmethod
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         """Apply the pass in place on ``model`` and say what changed."""
+
+    def reads_calibration(self) -> bool | None:
+        """Whether this pass, as configured, reads ``ctx.calibration`` (the CLI's ``--calib``).
+
+        ``onnxsparse run`` warns when ``--calib`` is given and every pass says False. None (the default)
+        means "not declared" and never triggers the warning.
+        """
+        return None
 
     def render(self, result: PassResult) -> str | None:
         """Optional human summary of ``result`` for the CLI (e.g. validate's per-layer table)."""

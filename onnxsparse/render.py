@@ -71,18 +71,17 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def write_json(data: Any, path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically (``-`` writes to stdout)."""
+def write_json(data: Any, path: str | os.PathLike[str], flag: str = "--json") -> None:
+    """Write JSON atomically (``-`` writes to stdout); an error names ``flag`` and ``path``, not a temp file."""
     text = json.dumps(data, indent=2, default=_default) + "\n"
     if str(path) == "-":
         import click
 
         click.echo(text, nl=False)
         return
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    from onnxsparse.paths import write_text
+
+    write_text(path, text, flag=flag)
 
 
 def _default(obj: Any) -> Any:

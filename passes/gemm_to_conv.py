@@ -44,6 +44,9 @@ class GemmToConvPass(Pass[GemmToConvConfig]):
     config_cls = GemmToConvConfig
     summary = "Gemm/MatMul with a constant weight -> 1x1 Conv (TensorRT 8 sparse path), numerically equal."
 
+    def reads_calibration(self) -> bool:
+        return False  # works on the weights alone
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         report = PassReport()
         proto = model.proto

@@ -103,6 +103,9 @@ class QdqPass(Pass[QdqConfig]):
     config_cls = QdqConfig
     summary = "int8 Q/DQ for TensorRT: per-channel weights, calibrated per-tensor activations, residual inputs"
 
+    def reads_calibration(self) -> bool:
+        return True  # calibrates activations on it
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         if ctx.calibration is None:

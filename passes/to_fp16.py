@@ -101,6 +101,9 @@ class ToFp16Pass(Pass[ToFp16Config]):
     config_cls = ToFp16Config
     summary = "float32 weights and activations to float16; I/O kept float32 by Casts; overflow-prone ops blocked"
 
+    def reads_calibration(self) -> bool:
+        return False  # works on the weights alone
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         report = PassReport()
         modified = _Converter(model, self.config, report).run()

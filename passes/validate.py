@@ -67,6 +67,9 @@ class ValidatePass(Pass[ValidateConfig]):
     config_cls = ValidateConfig
     summary = "per-layer n:m sparsity report, FLOP-weighted coverage, CI gates (min-coverage, require-all)"
 
+    def reads_calibration(self) -> bool:
+        return False  # works on the weights alone
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         report = self.analyse(model, ctx)
         result = PassResult(model, False, report, name=self.name)

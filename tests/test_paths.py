@@ -40,13 +40,13 @@ def test_model_files_lists_external_data(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("outputs", "expect"),
     [
-        ([("-o", "m.onnx.data")], "-o 'm.onnx.data': is the external-data file of the input"),
-        ([("-o", "m.onnx")], "-o 'm.onnx': is the input"),
-        ([("-o", "o.onnx"), ("--json", "m.onnx")], "--json 'm.onnx': is the input"),
+        ([("-o", "m.onnx.data")], "-o 'm.onnx.data': is the external-data file of the input model"),
+        ([("-o", "m.onnx")], "-o 'm.onnx': is the input model"),
+        ([("-o", "o.onnx"), ("--json", "m.onnx")], "--json 'm.onnx': is the input model"),
         ([("-o", "o.onnx"), ("--json", "o.onnx")], "--json 'o.onnx': is also -o o.onnx"),
         ([("-o", "o.onnx"), ("--json", "o.onnx.data")], "--json 'o.onnx.data': is also the external-data file"),
         ([("-o", "o.onnx"), ("prune{masks}", "calib.npz")], "prune{masks} 'calib.npz': is the input calib.npz"),
-        ([("-o", "o.onnx"), ("--json", "nowhere/r.json")], "--json 'nowhere/r.json': folder nowhere does not exist"),
+        ([("-o", "o.onnx"), ("--json", "nowhere/r.json")], "--json 'nowhere/r.json': its folder nowhere does not exist"),
         ([("-o", "sub")], "-o 'sub': is a folder"),
     ],
 )

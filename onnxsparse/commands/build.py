@@ -9,33 +9,20 @@ reported: how many layers were eligible for sparse tactics and how many TensorRT
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option
-from onnxsparse.engine import (
-    PRECISIONS,
-    BuildOptions,
-    BuildPlan,
-    BuildResult,
-    TensorRTMissing,
-    build_engine,
-    import_tensorrt,
-    make_plan,
-    parse_size,
-    render_steps,
-    resolve_profiles,
-    trt_major,
-    trtexec_script,
-    trtexec_steps,
-    two_four_layers,
-    write_script,
-)
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, check_output_path, load_model, same_file
-from onnxsparse.render import human_bytes, write_json
-from onnxsparse.shapes import parse_shapes
 
+if TYPE_CHECKING:
+    from onnxsparse.engine import BuildOptions, BuildPlan, BuildResult
+    from onnxsparse.model_io import Model
+
+#: engine.PRECISIONS, spelled here so ``build --help`` need not import onnx (tests/commands/test_build.py
+#: checks that the two agree)
+PRECISIONS = ("fp16", "int8", "best", "fp32")
 _SHAPES_HELP = "trtexec-style NAME:DxD,... for the optimization profile ({})."
 
 
@@ -74,21 +61,48 @@ def command(model: str, output: Path, precision: str, shapes: str | None, min_sh
     strongly typed): fp16/best builds parse a float16 copy made by the to-fp16 pass, int8 builds parse the
     Q/DQ model as it is. Without TensorRT this prints the trtexec equivalent and exits 1.
     """
+    from onnxsparse.engine import (
+        BuildOptions,
+        TensorRTMissing,
+        build_engine,
+        fp16_model_path,
+        import_tensorrt,
+        make_plan,
+        parse_size,
+        resolve_profiles,
+        trt_major,
+        trtexec_script,
+        two_four_layers,
+        write_script,
+    )
+    from onnxsparse.model_io import load_model
+    from onnxsparse.paths import check_outputs, data_file
+    from onnxsparse.shapes import parse_shapes
+
     m = load_model(model)
     model_path = Path(model).resolve()
     engine_path = output.resolve()
-    if same_file(model_path, engine_path):
-        raise OnnxSparseError(f"output {output} is the input model; choose another path")
-    check_output_path(m, engine_path)
+    missing: TensorRTMissing | None = None
+    try:
+        trt = import_tensorrt()
+    except TensorRTMissing as e:
+        trt, missing = None, e
+    major = trt_major(trt) if trt is not None else (10 if trt_version == "auto" else int(trt_version))
+    outputs: list[tuple[str, Path | str | None]] = [
+        ("-o", output), ("--trtexec-script", script_path), ("--json", json_path), ("--timing-cache", timing_cache)]
+    if script_path is not None:  # what the script will write when it runs: its log, the float16 model for TRT 11
+        outputs.append(("the build log of --trtexec-script", engine_path.with_name(engine_path.name + ".build.log")))
+        if make_plan(m.proto, precision, major).to_fp16:
+            fp16 = fp16_model_path(engine_path)
+            outputs += [("the float16 model of --trtexec-script", fp16),
+                        ("the float16 model's data of --trtexec-script", data_file(fp16))]
+    check_outputs([model], outputs)
     profiles = resolve_profiles(m.proto, parse_shapes(min_shapes), parse_shapes(opt_shapes), parse_shapes(max_shapes),
                                 parse_shapes(shapes))
     options = BuildOptions(precision=precision, profiles=profiles,
                            workspace=parse_size(workspace) if workspace else None,
                            timing_cache=timing_cache.resolve() if timing_cache else None)
-    try:
-        trt = import_tensorrt()
-    except TensorRTMissing as missing:
-        major = 10 if trt_version == "auto" else int(trt_version)
+    if trt is None or missing is not None:
         plan = make_plan(m.proto, precision, major)
         _without_tensorrt(model_path, engine_path, plan, options, script_path, json_path, m, str(missing))
         raise TensorRTMissing(f"{missing}; no engine was built. Install TensorRT 10+ on a machine with an NVIDIA "
@@ -105,6 +119,9 @@ def command(model: str, output: Path, precision: str, shapes: str | None, min_sh
 
 def _without_tensorrt(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions,
                       script: Path | None, json_path: str | None, m: Model, reason: str) -> None:
+    from onnxsparse.engine import render_steps, trtexec_script, trtexec_steps, two_four_layers, write_script
+    from onnxsparse.render import write_json
+
     steps = trtexec_steps(model_path, engine_path, plan, options)
     if script is not None:
         write_script(script, trtexec_script(model_path, engine_path, plan, options))
@@ -125,6 +142,8 @@ def _without_tensorrt(model_path: Path, engine_path: Path, plan: BuildPlan, opti
 
 
 def _report(result: BuildResult, expected: list[str], json_path: str | None) -> None:
+    from onnxsparse.render import human_bytes, write_json
+
     data = {"built": True, **result.to_dict(), "two_four_layers": len(expected)}
     if json_path:
         write_json(data, json_path)

@@ -12,9 +12,7 @@ from typing import Any
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, show_progress
-from onnxsparse.model_io import check_output_path, load_model, save_model
-from onnxsparse.pipeline import PassContext, Pipeline
-from onnxsparse.render import table, write_json
+from onnxsparse.errors import OnnxSparseError
 
 
 @click.command("calibrate")
@@ -52,19 +50,28 @@ def command(model: str, calib: str, output: Path, percentile: float, method: str
       onnxsparse calibrate sparse.onnx --calib calib_dir/ --calib-samples 512 --batch-size 16 -o int8.onnx
       onnxsparse calibrate model.onnx --calib calib.npz --method max --exclude 'head' -o int8.onnx --json -
     """
+    from onnxsparse.model_io import load_model, save_model
     from onnxsparse.passes.qdq import QdqPass
+    from onnxsparse.paths import check_outputs
+    from onnxsparse.pipeline import PassContext, Pipeline
+    from onnxsparse.render import table, write_json
 
+    check_outputs([model, calib], [("-o", output), ("--json", json_path)], output_model=output)
     qdq = QdqPass(percentile=percentile, method=method, per_channel=per_channel, quantize_outputs=quantize_outputs,
                   skip_residual=skip_residual, activation_matmuls=activation_matmuls, include=include,
                   exclude=exclude, batch_size=batch_size)
     m = load_model(model)
-    check_output_path(m, output)
     ctx = PassContext(calibration=calib, calib_samples=calib_samples, progress=show_progress(),
                       workdir=output.parent)
     pipeline = Pipeline([qdq])
     result = pipeline.run(m, ctx)
-    save_model(result.model, output)
     r = result.results[0]
+    if not r.report.changed:  # writing a model with nothing quantized would be a silent no-op
+        chosen = " and ".join(f"--{k} '{v}'" for k, v in (("include", include), ("exclude", exclude)) if v)
+        why = f"no layer matched {chosen}" if chosen else "no layer could be quantized"
+        raise OnnxSparseError(f"{why}: nothing to quantize, no model written ({len(r.report.skipped)} layer(s) "
+                              "skipped; 'onnxsparse inspect' lists the layers)")
+    save_model(result.model, output)
     data: dict[str, Any] = {**result.to_dict(), "pipeline": pipeline.text(), "output": str(output)}
     if json_path == "-":
         write_json(data, "-")

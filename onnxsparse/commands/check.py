@@ -9,10 +9,6 @@ from __future__ import annotations
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, show_progress
-from onnxsparse.model_io import load_model
-from onnxsparse.pipeline import PassContext
-from onnxsparse.render import write_json
-from onnxsparse.shapes import parse_shapes
 
 
 @click.command("check")
@@ -38,8 +34,14 @@ def command(model: str, shapes: str | None, json_path: str | None, min_coverage:
     n:m; it falls back to parameter counts when a symbolic dim has no --shapes value.
     Exit codes: 0 ok, 1 error, 2 a gate failed.
     """
+    from onnxsparse.model_io import load_model
     from onnxsparse.passes.validate import ValidateConfig, ValidatePass, render_report
+    from onnxsparse.paths import check_outputs
+    from onnxsparse.pipeline import PassContext
+    from onnxsparse.render import write_json
+    from onnxsparse.shapes import parse_shapes
 
+    check_outputs([model], [("--json", json_path)])
     check_pass = ValidatePass(ValidateConfig(pattern=pattern, min_coverage=min_coverage, require_all=require_all))
     m = load_model(model)
     ctx = PassContext(shapes=parse_shapes(shapes), progress=show_progress())

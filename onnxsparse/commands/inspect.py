@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option
-from onnxsparse.graph import iter_graphs, op_counts
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import Model, load_model, model_nbytes
-from onnxsparse.render import human_bytes, human_count, table, write_json
-from onnxsparse.shapes import Shape, infer_shapes, parse_shapes
+
+if TYPE_CHECKING:
+    from onnxsparse.model_io import Model
 
 
-def _fmt_shape(shape: Shape | None) -> str:
+def _fmt_shape(shape: Sequence[int | str | None] | None) -> str:
     if shape is None:
         return "?"
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
@@ -22,6 +21,11 @@ def _fmt_shape(shape: Shape | None) -> str:
 
 def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Everything ``inspect`` shows, as data."""
+    from onnxsparse.graph import iter_graphs, op_counts
+    from onnxsparse.layers import find_layers
+    from onnxsparse.model_io import model_nbytes
+    from onnxsparse.shapes import infer_shapes
+
     proto = model.proto
     inferred = infer_shapes(proto, shapes)
     layers = []
@@ -62,6 +66,12 @@ def command(model: str, shapes: str | None, json_path: str | None) -> None:
     the weight's shape, the reduction axis 2:4 groups run along, the GEMM it computes (with --shapes for
     symbolic dims) and why it cannot be made sparse, if so.
     """
+    from onnxsparse.model_io import load_model
+    from onnxsparse.paths import check_outputs
+    from onnxsparse.render import human_bytes, human_count, table, write_json
+    from onnxsparse.shapes import parse_shapes
+
+    check_outputs([model], [("--json", json_path)])
     info = inspect_model(load_model(model), parse_shapes(shapes))
     if json_path:
         write_json(info, json_path)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, show_progress
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.model_io import check_output_path, load_model, save_model
-from onnxsparse.pipeline import DEFAULT_PIPELINE, PRESETS, PassContext, Pipeline, PipelineResult
-from onnxsparse.render import grouped_reasons, human_bytes, table, write_json
-from onnxsparse.shapes import parse_shapes
+from onnxsparse.presets import DEFAULT_PIPELINE, PRESETS
+
+if TYPE_CHECKING:
+    from onnxsparse.pipeline import Pipeline, PipelineResult
+
+log = logging.getLogger("onnxsparse.run")
 
 
 @click.command("run")
@@ -47,11 +50,21 @@ def command(model: str, pipeline_text: str | None, preset: str | None, output: P
 
     A validation gate that fails exits with code 2 and writes no output.
     """
+    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.paths import check_outputs
+    from onnxsparse.pipeline import PassContext, Pipeline, pass_paths
+    from onnxsparse.shapes import parse_shapes
+
     if pipeline_text and preset:
         raise OnnxSparseError("give either -p/--pipeline or --preset, not both")
     pipeline = Pipeline(PRESETS[preset] if preset else (pipeline_text or DEFAULT_PIPELINE))
+    pass_inputs, pass_outputs = pass_paths(pipeline)
+    check_outputs([model, calib, *pass_inputs], [("-o", output), ("--json", json_path), *pass_outputs],
+                  output_model=output)
+    if calib is not None and all(p.reads_calibration() is False for p in pipeline):
+        log.warning("--calib is given but no pass of '%s' reads calibration data (qdq, finetune do); ignoring it",
+                    pipeline.text())
     m = load_model(model)
-    check_output_path(m, output)
     ctx = PassContext(shapes=parse_shapes(shapes), calibration=calib, calib_samples=calib_samples,
                       progress=show_progress(), workdir=output.parent)
     size_before = _size(Path(model))
@@ -71,12 +84,15 @@ def command(model: str, pipeline_text: str | None, preset: str | None, output: P
 
 
 def _size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    from onnxsparse.paths import model_files
+
+    return sum(f.stat().st_size for f in model_files(path) if f.is_file())
 
 
 def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | None, size_before: int,
                   json_path: str | None) -> None:
+    from onnxsparse.render import grouped_reasons, human_bytes, table, write_json
+
     data: dict[str, Any] = result.to_dict()
     data["pipeline"] = pipeline.text()
     data["output"] = str(output) if output else None

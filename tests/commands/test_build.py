@@ -179,3 +179,11 @@ def test_mock_version_mismatch_and_failed_build(tmp_path: Path, monkeypatch: pyt
     assert res.exit_code == 1 and "did not build an engine" in res.stderr
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_precision_choices_match_the_engine() -> None:
+    """build.py spells engine.PRECISIONS out so that `build --help` need not import onnx; they must agree."""
+    from onnxsparse import engine
+    from onnxsparse.commands import build as build_cmd
+
+    assert build_cmd.PRECISIONS == engine.PRECISIONS
