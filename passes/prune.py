@@ -408,9 +408,9 @@ def _write_masks(path: Path, masks: dict[str, np.ndarray]) -> None:
 def _progress(items: list[_Target], enabled: bool) -> Iterable[_Target]:
     if not enabled or len(items) < 2:
         return items
-    from tqdm import tqdm
+    from onnxsparse.progress import progress  # a bar on a TTY, a line every 30 s in a log
 
-    return tqdm(items, desc="prune", unit="weight", leave=False)
+    return progress(items, desc="prune", unit="weight")
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
