@@ -33,6 +33,7 @@ import onnx
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.model_io import Model, ort_session
+from onnxsparse.progress import Progress
 
 log = logging.getLogger("onnxsparse.calibration")
 
@@ -395,7 +396,60 @@ def open_calibration(obj: Any, model: Model | onnx.ModelProto, samples: int | No
         hint = None
     if not batched:
         size = None
+    if hint is None and isinstance(obj, (str, os.PathLike)):
+        hint = _file_batches(Path(obj), specs, batched, size, samples, exact=fixed is not None)
     return CalibrationData(items, specs, samples, size, description, hint, fixed, batched)
+
+
+def _file_batches(path: Path, specs: Mapping[str, InputSpec], batched: frozenset[str], size: int | None,
+                  samples: int | None, exact: bool) -> int | None:
+    """How many batches a calibration file or folder will give, from the arrays' headers (no data is read).
+
+    For the progress line's total and ETA. None where it cannot be known cheaply (no common sample axis, an
+    unreadable header): the count is only a hint, the data's own checks come later.
+    """
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.is_file()) if path.is_dir() \
+        else [path]
+    if size is None:  # items as stored: one batch per file, unless --calib-samples cuts them
+        return len(files) if samples is None else None
+    if not batched:
+        return None
+    required = [s.name for s in specs.values() if not s.optional]
+    total = 0
+    for f in files:
+        rows = _header_rows(f, batched, required[0] if len(required) == 1 else None)
+        if rows is None:
+            return None
+        total += rows
+    if samples is not None:
+        total = min(total, samples)
+    return total // size if exact else -(-total // size)
+
+
+def _header_rows(path: Path, batched: frozenset[str], npy_input: str | None) -> int | None:
+    """First-axis length of a batched input's array in a .npy/.npz, read from the .npy header only."""
+    import zipfile
+
+    def rows_of(f: Any) -> int | None:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read(f)[0]
+        return int(shape[0]) if shape else None
+
+    try:
+        if path.suffix == ".npy":
+            if npy_input is None or npy_input not in batched:
+                return None
+            with open(path, "rb") as fh:
+                return rows_of(fh)
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith(".npy") and name[:-4] in batched:
+                    with z.open(name) as member:
+                        return rows_of(member)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- histograms
@@ -552,7 +606,8 @@ def collect(model: Model, tensors: Sequence[str], data: CalibrationData, method:
     hists = {t: AbsHistogram(num_bins) for t in dict.fromkeys(tensors)}
     dtypes: dict[str, np.dtype[Any]] = {}
     batches = 0
-    bar = _progress(progress, data.batches_hint)
+    bar = Progress(data.batches_hint, desc="calibrate", unit="batch", enabled=progress,
+                   postfix=lambda: f"samples={data.seen}")
     try:
         for batch in data:
             outs: list[Any] = []
@@ -570,11 +625,9 @@ def collect(model: Model, tensors: Sequence[str], data: CalibrationData, method:
                 hists[name].update(arr)
             del outs
             batches += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     amax = {t: h.threshold(method, percentile) for t, h in hists.items()}
     nonfinite = {t: h.nonfinite for t, h in hists.items() if h.nonfinite}
     for t, n in nonfinite.items():
@@ -591,13 +644,3 @@ def collect(model: Model, tensors: Sequence[str], data: CalibrationData, method:
         histogram_bytes=sum(h.nbytes for h in hists.values()),
         nonfinite=nonfinite,
     )
-
-
-def _progress(enabled: bool, total: int | None) -> Any:
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="calibrating", unit="batch", file=sys.stderr, leave=False)

@@ -301,6 +301,6 @@ def render_report(report: PassReport) -> str:
 def _progress(layers: list[Layer], enabled: bool) -> Iterable[Layer]:
     if not enabled or len(layers) < 2:
         return layers
-    from tqdm import tqdm
+    from onnxsparse.progress import progress  # a bar on a TTY, a line every 30 s in a log
 
-    return tqdm(layers, desc="validate", unit="layer", leave=False)
+    return progress(layers, desc="validate", unit="layer")

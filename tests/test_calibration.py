@@ -301,3 +301,38 @@ def test_dict_of_arrays_and_single_npy_default_to_batches_of_32(tmp_path: Path) 
     batches = _read_all(tmp_path / "x.npy", single, samples=35)
     assert [b["x"].shape[0] for b in batches] == [32, 3]
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), data["x"][:35])
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize(("layout", "samples", "batch_size"),
+                         [("npz", None, None), ("npz", None, 16), ("npz", 50, 16), ("folder", None, None),
+                          ("folder", 25, 10), ("folder", None, 4), ("compressed", None, 8)])
+def test_batch_count_is_known_up_front(tmp_path: Path, layout: str, samples: int | None,
+                                       batch_size: int | None) -> None:
+    """The progress total: the batches a file or folder will give, from array headers, equals the real count."""
+    data = _samples(70)
+    if layout == "folder":
+        for i, start in enumerate(range(0, 70, 7)):
+            np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[start:start + 7] for k, v in data.items()})
+        src: Path = tmp_path
+    else:
+        src = tmp_path / "c.npz"
+        (np.savez_compressed if layout == "compressed" else np.savez)(src, **data)
+    opened = open_calibration(src, _mlp(), samples, batch_size)
+    assert opened.batches_hint == sum(1 for _ in opened)
+
+
+def test_calibration_progress_line_has_total_and_eta(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a TTY, collect() reports 'calibrate step/total (pct) rate ETA' on stderr (first line at once here)."""
+    monkeypatch.setattr("onnxsparse.progress.FIRST_LINE_S", 0.0)
+    np.savez(tmp_path / "c.npz", **_samples(40))
+    data = open_calibration(tmp_path / "c.npz", _mlp(), batch_size=10)
+    collect(Model(_mlp()), ["h"], data, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("calibrate 1/4 (25%) ") and " batch/s ETA " in err[0] and err[0].endswith("samples=10")
+    assert err[-1].startswith("calibrate 4/4 (100%) ") and " done in " in err[-1]
+    collect(Model(_mlp()), ["h"], open_calibration(tmp_path / "c.npz", _mlp(), batch_size=10), progress=False)
+    assert capsys.readouterr().err == ""

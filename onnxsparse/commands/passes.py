@@ -8,12 +8,13 @@ from typing import Any
 
 import click
 
-from onnxsparse.pipeline import DEFAULT_PIPELINE, config_fields, registry
-from onnxsparse.render import write_json
+from onnxsparse.presets import DEFAULT_PIPELINE
 
 
 def describe_passes() -> list[dict[str, Any]]:
     """Name, summary and options (name, type, default, doc) of each pass."""
+    from onnxsparse.pipeline import config_fields, registry
+
     out = []
     for name, cls in registry().items():
         hints = typing.get_type_hints(cls.config_cls)
@@ -44,6 +45,8 @@ def _type_name(tp: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def command(as_json: bool) -> None:
     """List every pass and its options (usable as NAME{opt=value;...} in -p pipelines)."""
+    from onnxsparse.render import write_json
+
     data = describe_passes()
     if as_json:
         write_json(data, "-")
