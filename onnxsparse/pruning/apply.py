@@ -59,8 +59,15 @@ class LayerOutcome:
         self._saved.clear()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "weight": self.weight, "method": self.method, "error": round(self.error, 6),
-                "bias_corrected": self.bias, "seconds": round(self.seconds, 3), "notes": self.notes}
+        return {
+            "layer": self.layer,
+            "weight": self.weight,
+            "method": self.method,
+            "error": round(self.error, 6),
+            "bias_corrected": self.bias,
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+        }
 
 
 def _dequantized(sw: StoredWeight) -> np.ndarray:
@@ -95,9 +102,20 @@ def _save(outcome: LayerOutcome, tensor: TensorProto) -> None:
     outcome._saved.append((tensor, saved))
 
 
-def prune_layer(model: Model, layer: Layer, stats: GramStats | None, method: str, n: int, m: int, *,
-                block_size: int = 128, damp: float = 0.01, prefer: np.ndarray | None = None,
-                bias_correction: bool = False, refit_iters: int = 0) -> LayerOutcome:
+def prune_layer(
+    model: Model,
+    layer: Layer,
+    stats: GramStats | None,
+    method: str,
+    n: int,
+    m: int,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    prefer: np.ndarray | None = None,
+    bias_correction: bool = False,
+    refit_iters: int = 0,
+) -> LayerOutcome:
     """Prune one layer's stored weight in place with ``method`` and return what changed (see module doc).
 
     ``stats``: the layer's input statistics (``collect_stats``); not needed for magnitude. A diagonal-only
@@ -126,8 +144,12 @@ def prune_layer(model: Model, layer: Layer, stats: GramStats | None, method: str
     notes: list[str] = []
     err = ref = 0.0
     shift = np.zeros(_out_channels(layer))
-    flat_old, flat_new, flat_keep, flat_pref = old.reshape(-1), new.reshape(-1), keep_all.reshape(-1), \
-        allowed.reshape(-1)
+    flat_old, flat_new, flat_keep, flat_pref = (
+        old.reshape(-1),
+        new.reshape(-1),
+        keep_all.reshape(-1),
+        allowed.reshape(-1),
+    )
     for p in probs:
         w = flat_old[p.index]
         pref = flat_pref[p.index]
@@ -151,9 +173,16 @@ def prune_layer(model: Model, layer: Layer, stats: GramStats | None, method: str
                 shift[p.channels] += solvers.bias_delta(w, w_new, stats.mean(p.group))
         flat_new[p.index] = w_new
         flat_keep[p.index] = keep
-    outcome = LayerOutcome(layer=layer.name, weight=sw.name, method=used, error=err / ref if ref > 0 else 0.0,
-                           nonzero_before=int(np.count_nonzero(nonzero)), nonzero_after=0, mask=keep_all,
-                           notes=notes)
+    outcome = LayerOutcome(
+        layer=layer.name,
+        weight=sw.name,
+        method=used,
+        error=err / ref if ref > 0 else 0.0,
+        nonzero_before=int(np.count_nonzero(nonzero)),
+        nonzero_after=0,
+        mask=keep_all,
+        notes=notes,
+    )
     stored = _stored(sw, new, keep_all)
     _save(outcome, sw.tensor)
     set_array(sw.tensor, stored)

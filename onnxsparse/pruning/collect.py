@@ -62,8 +62,14 @@ def row_weights(value: np.ndarray, name: str) -> np.ndarray:
     raise OnnxSparseError(f"mask-input '{name}' holds values other than 0/1 and is not an additive (<= 0) mask")
 
 
-def collect(model: Model, layers: Iterable[Layer], data: Any, mask_input: str | None = None,
-            diag_only: Iterable[str] = (), progress: bool = False) -> Collection:
+def collect(
+    model: Model,
+    layers: Iterable[Layer],
+    data: Any,
+    mask_input: str | None = None,
+    diag_only: Iterable[str] = (),
+    progress: bool = False,
+) -> Collection:
     """Run ``model`` once over ``data`` (anything ``open_calibration`` accepts) and fold each layer's input into
     its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda)."""
     layers = list(layers)
@@ -88,16 +94,19 @@ def collect(model: Model, layers: Iterable[Layer], data: Any, mask_input: str | 
                 try:
                     got = session.run(fetch, batch)
                 except Exception as e:  # ORT's own exception types
-                    raise OnnxSparseError(f"onnxruntime failed on calibration batch {out.batches + 1}: "
-                                          f"{_first_line(e)}") from e
+                    raise OnnxSparseError(
+                        f"onnxruntime failed on calibration batch {out.batches + 1}: {_first_line(e)}"
+                    ) from e
                 values.update(zip(fetch, got, strict=True))
             weights = row_weights(batch[mask_input], mask_input) if mask_input is not None else None
             for name, value in values.items():
                 if value.dtype.kind != "f":
                     raise OnnxSparseError(f"layer input '{name}' is {value.dtype}, not floating point")
                 if not np.isfinite(value).all():
-                    raise OnnxSparseError(f"layer input '{name}' has NaN/Inf values on calibration batch "
-                                          f"{out.batches + 1}; check the model and the data")
+                    raise OnnxSparseError(
+                        f"layer input '{name}' has NaN/Inf values on calibration batch "
+                        f"{out.batches + 1}; check the model and the data"
+                    )
             for layer in layers:
                 _fold(layer, values[layer.node.input[0]], stats[layer.name], weights, out)
             del values
@@ -119,14 +128,18 @@ def _fold(layer: Layer, value: np.ndarray, st: GramStats, weights: np.ndarray | 
             if where is not None and rows.shape[0] == weights.size:
                 wt = weights.reshape(-1)
             elif layer.name not in out.unmasked:
-                why = ("convolution patches" if where is None
-                       else f"{rows.shape[0]} rows, the mask has {weights.size} tokens")
+                why = (
+                    "convolution patches"
+                    if where is None
+                    else f"{rows.shape[0]} rows, the mask has {weights.size} tokens"
+                )
                 out.unmasked[layer.name] = why
         st.update(rows, group, wt)
 
 
-def collect_stats(model: Model, layers: Iterable[Layer], data: Any, mask_input: str | None = None,
-                  progress: bool = False) -> dict[str, GramStats]:
+def collect_stats(
+    model: Model, layers: Iterable[Layer], data: Any, mask_input: str | None = None, progress: bool = False
+) -> dict[str, GramStats]:
     """Public API: one ORT pass over ``data`` for all ``layers`` (the model as it is now), stats by layer name."""
     return collect(model, layers, data, mask_input=mask_input, progress=progress).stats
 

@@ -83,8 +83,9 @@ class GramStats:
             raise ValueError("cannot merge statistics of different layers")
         assert self.h is not None and self.colsum is not None and self.rows is not None
         assert other.h is not None and other.colsum is not None and other.rows is not None
-        return GramStats(self.k, self.groups, self.diag_only, self.h + other.h, self.colsum + other.colsum,
-                         self.rows + other.rows)
+        return GramStats(
+            self.k, self.groups, self.diag_only, self.h + other.h, self.colsum + other.colsum, self.rows + other.rows
+        )
 
     def gram(self, group: int = 0) -> np.ndarray:
         """H of one group ([K, K]); with ``diag_only`` it is the diagonal matrix of Σx² (what Wanda sees)."""

@@ -109,8 +109,9 @@ def problems(layer: Layer) -> list[Problem] | str:
         if c_in % g:
             return f"C_in={c_in} is not divisible by group={g}"
         per = c_in // g
-        return [Problem(np.ascontiguousarray(view[j * per : (j + 1) * per].reshape(per, -1).T), j, None)
-                for j in range(g)]
+        return [
+            Problem(np.ascontiguousarray(view[j * per : (j + 1) * per].reshape(per, -1).T), j, None) for j in range(g)
+        ]
     return f"{op} is not a weighted op"
 
 
@@ -153,8 +154,9 @@ def activation_rows(layer: Layer, x: np.ndarray) -> Iterator[tuple[int, np.ndarr
     yield from _im2col(layer, x)
 
 
-def _conv_pads(layer: Layer, spatial: tuple[int, ...], kernel: tuple[int, ...], strides: list[int],
-               dilations: list[int]) -> list[tuple[int, int]]:
+def _conv_pads(
+    layer: Layer, spatial: tuple[int, ...], kernel: tuple[int, ...], strides: list[int], dilations: list[int]
+) -> list[tuple[int, int]]:
     """(begin, end) padding per spatial axis, from ``pads`` or ``auto_pad`` (SAME_UPPER/SAME_LOWER/VALID)."""
     auto = attr(layer.node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
@@ -186,8 +188,9 @@ def _im2col(layer: Layer, x: np.ndarray) -> Iterator[tuple[int, np.ndarray, slic
     cg = c // g
     spatial = tuple(int(d) for d in x.shape[2:])
     pads = _conv_pads(layer, spatial, kernel, strides, dil)
-    out_sp = [(spatial[i] + pads[i][0] + pads[i][1] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-              for i in range(rank)]
+    out_sp = [
+        (spatial[i] + pads[i][0] + pads[i][1] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(rank)
+    ]
     per_sample = int(np.prod(out_sp, dtype=np.int64)) * int(np.prod(kernel, dtype=np.int64)) * c * 8
     step = max(1, CHUNK_BYTES // max(per_sample, 1))
     for s0 in range(0, x.shape[0], step):
@@ -195,8 +198,9 @@ def _im2col(layer: Layer, x: np.ndarray) -> Iterator[tuple[int, np.ndarray, slic
         xp = np.pad(xs, [(0, 0), (0, 0), *pads])
         patches = np.empty((xs.shape[0], *out_sp, *kernel, c), dtype=xs.dtype)
         for offs in itertools.product(*(range(k) for k in kernel)):
-            sl = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
-                       for o, d, s, n in zip(offs, dil, strides, out_sp, strict=True))
+            sl = tuple(
+                slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offs, dil, strides, out_sp, strict=True)
+            )
             win = xp[(slice(None), slice(None)) + sl]  # [S, C, *out]
             dest: tuple[Any, ...] = (slice(None),) * (1 + rank) + tuple(offs)
             patches[dest] = np.moveaxis(win, 1, -1)

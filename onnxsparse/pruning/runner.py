@@ -58,10 +58,16 @@ class RunReport:
     unmasked: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": self.stages, "ort_passes": self.ort_passes, "batches_per_pass": self.batches,
-                "samples": self.samples, "stats_seconds": round(self.stats_seconds, 3),
-                "solve_seconds": round(self.solve_seconds, 3), "stats_bytes_max": self.stats_bytes_max,
-                "mask_not_applied": self.unmasked}
+        return {
+            "stages": self.stages,
+            "ort_passes": self.ort_passes,
+            "batches_per_pass": self.batches,
+            "samples": self.samples,
+            "stats_seconds": round(self.stats_seconds, 3),
+            "solve_seconds": round(self.solve_seconds, 3),
+            "stats_bytes_max": self.stats_bytes_max,
+            "mask_not_applied": self.unmasked,
+        }
 
 
 def stages(model: Model, layers: Iterable[Layer]) -> list[list[Layer]]:
@@ -84,8 +90,7 @@ def stages(model: Model, layers: Iterable[Layer]) -> list[list[Layer]]:
     return [grouped[s] for s in sorted(grouped)]
 
 
-def data_source(calibration: Any, model: Model, samples: int | None, batch_size: int | None
-                ) -> Callable[[], Any]:
+def data_source(calibration: Any, model: Model, samples: int | None, batch_size: int | None) -> Callable[[], Any]:
     """A function returning freshly opened calibration data for each pass (see the module docstring)."""
     if replayable(calibration):
         return lambda: open_calibration(calibration, model, samples, batch_size)
@@ -93,10 +98,22 @@ def data_source(calibration: Any, model: Model, samples: int | None, batch_size:
     return lambda: open_calibration(batches, model)
 
 
-def prune_calibrated(model: Model, items: list[Item], data: Callable[[], Any], n: int, m: int, *,
-                     sequential: bool, mask_input: str | None = None, max_k: int = 8192, block_size: int = 128,
-                     damp: float = 0.01, bias_correction: bool = False, refit_iters: int = 0,
-                     progress: bool = False) -> RunReport:
+def prune_calibrated(
+    model: Model,
+    items: list[Item],
+    data: Callable[[], Any],
+    n: int,
+    m: int,
+    *,
+    sequential: bool,
+    mask_input: str | None = None,
+    max_k: int = 8192,
+    block_size: int = 128,
+    damp: float = 0.01,
+    bias_correction: bool = False,
+    refit_iters: int = 0,
+    progress: bool = False,
+) -> RunReport:
     """Prune ``items`` stage by stage (or in one pass); each layer's weight is written as soon as it is solved."""
     report = RunReport()
     by_node = {id(item.layer.node): item for item in items}
@@ -105,8 +122,10 @@ def prune_calibrated(model: Model, items: list[Item], data: Callable[[], Any], n
     for it in items:
         k, g = stats_shape(it.layer)
         if it.method == "sparsegpt" and k > max_k:
-            it.note = (f"K={k} > max-k {max_k}: wanda instead of sparsegpt (H would take "
-                       f"{GramStats.planned_bytes(k, g) / 2**20:.0f} MiB)")
+            it.note = (
+                f"K={k} > max-k {max_k}: wanda instead of sparsegpt (H would take "
+                f"{GramStats.planned_bytes(k, g) / 2**20:.0f} MiB)"
+            )
         if it.method == "wanda" or k > max_k:
             thin.append(it.layer.name)
     report.stages = len(groups)
@@ -122,8 +141,19 @@ def prune_calibrated(model: Model, items: list[Item], data: Callable[[], Any], n
         for layer in stage:
             item = by_node[id(layer.node)]
             st: GramStats = got.stats.pop(layer.name)
-            outcome = prune_layer(model, layer, st, item.method, n, m, block_size=block_size, damp=damp,
-                                  prefer=item.prefer, bias_correction=bias_correction, refit_iters=refit_iters)
+            outcome = prune_layer(
+                model,
+                layer,
+                st,
+                item.method,
+                n,
+                m,
+                block_size=block_size,
+                damp=damp,
+                prefer=item.prefer,
+                bias_correction=bias_correction,
+                refit_iters=refit_iters,
+            )
             if item.note:
                 outcome.notes.insert(0, item.note)
             report.outcomes.append(outcome)

@@ -58,8 +58,9 @@ def magnitude(w: np.ndarray, n: int, m: int, prefer: np.ndarray | None = None) -
     return w * keep + 0.0, keep
 
 
-def wanda(w: np.ndarray, sq_norms: np.ndarray, n: int, m: int, prefer: np.ndarray | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
+def wanda(
+    w: np.ndarray, sq_norms: np.ndarray, n: int, m: int, prefer: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Wanda (Sun et al. 2023): score |W_ij|·‖X_j‖₂ from the inputs' squared column norms; no weight update."""
     w = _check(w, m)
     norms = np.sqrt(np.maximum(np.asarray(sq_norms, dtype=np.float64).reshape(1, -1), 0.0))
@@ -89,12 +90,21 @@ def _hinv_upper(h: np.ndarray) -> np.ndarray:
         hinv = (hinv + hinv.T) * 0.5
         return np.linalg.cholesky(hinv).T
     except np.linalg.LinAlgError:
-        raise OnnxSparseError("the layer's input Gram matrix H is singular even after damping; raise damp "
-                              "(e.g. damp=0.1) or give more calibration samples") from None
+        raise OnnxSparseError(
+            "the layer's input Gram matrix H is singular even after damping; raise damp "
+            "(e.g. damp=0.1) or give more calibration samples"
+        ) from None
 
 
-def sparsegpt(w: np.ndarray, h: np.ndarray, n: int, m: int, block_size: int = 128, damp: float = 0.01,
-              prefer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, SolveInfo]:
+def sparsegpt(
+    w: np.ndarray,
+    h: np.ndarray,
+    n: int,
+    m: int,
+    block_size: int = 128,
+    damp: float = 0.01,
+    prefer: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, SolveInfo]:
     """SparseGPT (Frantar & Alistarh 2023) for n:m: the OBS column sweep with lazy block updates.
 
     Minimises ‖X(W − Ŵ)ᵀ‖² column by column: at each group's first column the n:m mask of that group is chosen
@@ -142,8 +152,15 @@ def sparsegpt(w: np.ndarray, h: np.ndarray, n: int, m: int, block_size: int = 12
     return w, keep, SolveInfo(loss=loss, dead_inputs=int(dead.sum()), damp=lam)
 
 
-def refit(w_dense: np.ndarray, h: np.ndarray, keep: np.ndarray, w_start: np.ndarray | None = None,
-          damp: float = 0.01, iters: int = 30, tol: float = 1e-10) -> np.ndarray:
+def refit(
+    w_dense: np.ndarray,
+    h: np.ndarray,
+    keep: np.ndarray,
+    w_start: np.ndarray | None = None,
+    damp: float = 0.01,
+    iters: int = 30,
+    tol: float = 1e-10,
+) -> np.ndarray:
     """Least-squares re-fit of the kept weights with the mask fixed (layer-wise output reconstruction).
 
     Per output row r: minimise (w_r − ŵ_r)ᵀ H (w_r − ŵ_r) over ŵ_r supported on ``keep[r]``, i.e. solve
@@ -185,7 +202,8 @@ def refit(w_dense: np.ndarray, h: np.ndarray, keep: np.ndarray, w_start: np.ndar
 def bias_delta(w_old: np.ndarray, w_new: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Bias correction: the Δb that keeps E[y] unchanged, (W_old − W_new)·E[x] per output row."""
     return (np.asarray(w_old, dtype=np.float64) - np.asarray(w_new, dtype=np.float64)) @ np.asarray(
-        mean, dtype=np.float64)
+        mean, dtype=np.float64
+    )
 
 
 def output_error(w_old: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> tuple[float, float]:
