@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +13,6 @@ from onnxsparse.presets import DEFAULT_PIPELINE, PRESETS
 
 if TYPE_CHECKING:
     from onnxsparse.pipeline import Pipeline, PipelineResult
-
-log = logging.getLogger("onnxsparse.run")
 
 
 @click.command("run")
@@ -62,8 +59,8 @@ def command(model: str, pipeline_text: str | None, preset: str | None, output: P
     check_outputs([model, calib, *pass_inputs], [("-o", output), ("--json", json_path), *pass_outputs],
                   output_model=output)
     if calib is not None and all(p.reads_calibration() is False for p in pipeline):
-        log.warning("--calib is given but no pass of '%s' reads calibration data (qdq, finetune do); ignoring it",
-                    pipeline.text())
+        click.secho(f"warning: --calib is given but no pass of '{pipeline.text()}' reads calibration data "
+                    "(qdq, finetune and prune{method=...} do); ignoring it", fg="yellow", err=True)
     m = load_model(model)
     ctx = PassContext(shapes=parse_shapes(shapes), calibration=calib, calib_samples=calib_samples,
                       progress=show_progress(), workdir=output.parent)

@@ -93,3 +93,14 @@ def test_preset_and_gate_table(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "block1.conv1" in res.output and "eligible" in res.output  # the failing gate's per-layer table
     assert not (tmp_path / "gate.onnx").exists()
+
+
+def test_calib_read_by_no_pass_warns(model_path: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "c.npz"
+    calib.write_bytes(b"unused")
+    res = CliRunner().invoke(main, ["run", str(model_path), "-p", "gemm-to-conv,validate", "--calib", str(calib),
+                                    "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "--calib is given but no pass of 'gemm-to-conv,validate' reads calibration data" in res.output
+    res = CliRunner().invoke(main, ["run", str(model_path), "-p", "gemm-to-conv", "-o", str(tmp_path / "p.onnx")])
+    assert "--calib" not in res.output
