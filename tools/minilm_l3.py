@@ -94,7 +94,9 @@ class WordPiece:
 
     Mirrors the shipped ``tokenizer.json``: clean text, spaces around CJK characters, lower case, strip accents,
     split on whitespace and punctuation, then greedy longest-match-first word pieces with ``##`` continuations
-    (a word longer than 100 characters or with no match becomes ``[UNK]``).
+    (a word longer than 100 characters or with no match becomes ``[UNK]``). One difference: special-token text
+    such as ``"[SEP]"`` inside the input is split like any other text (HF maps it to the special id); the corpus
+    has no brackets.
     """
 
     def __init__(self, vocab_path: Path | str = VOCAB) -> None:
