@@ -451,6 +451,7 @@ def finetune(
         train_sets=sets,
         curve=list(summary.get("curve", events.curve)),
         batching=batching,
+        timing=dict(summary.get("timing", {})),
     )
 
 

@@ -109,6 +109,9 @@ class FinetuneResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     #: how batches were shaped: trimming on/off and why, tokens fed vs the untrimmed count, bucketing
     batching: dict[str, Any] = field(default_factory=dict)
+    #: seconds of the training loop (``loop``, ``loop_cpu``: CPU time of the worker process) and its parts:
+    #: ``batches``, ``teacher`` (forward), ``forward_backward`` (the training step), ``optimizer``, ``eval``
+    timing: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

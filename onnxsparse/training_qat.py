@@ -88,8 +88,11 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
         t = inits[name]
         q = np.asarray(to_array(t, model.base_dir))
         scale = np.asarray(to_array(inits[dq.input[1]], model.base_dir), np.float32)
-        zp = int(np.asarray(to_array(inits[dq.input[2]], model.base_dir)).reshape(-1)[0]) if len(dq.input) > 2 \
-            and dq.input[2] else 0
+        zp = (
+            int(np.asarray(to_array(inits[dq.input[2]], model.base_dir)).reshape(-1)[0])
+            if len(dq.input) > 2 and dq.input[2]
+            else 0
+        )
         if scale.size > 1:
             axis = int(attr(dq, "axis", 1)) % q.ndim  # type: ignore[call-overload]
             shape = [1] * q.ndim
@@ -154,8 +157,15 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir:
         new_nodes += [
             helper.make_node("Mul", [master, mask], [base + "__qat_masked"], name=base + "__qat_mask"),
             helper.make_node("Div", [base + "__qat_masked", scale], [base + "__qat_scaled"], name=base + "__qat_div"),
-            helper.make_node("FakeQuant", [base + "__qat_scaled", one, zp], [base + "__qat_fq", base + "__qat_fqm"],
-                             name=base + "__qat_fq", domain="com.microsoft", quant_min=qw.qmin, quant_max=qw.qmax),
+            helper.make_node(
+                "FakeQuant",
+                [base + "__qat_scaled", one, zp],
+                [base + "__qat_fq", base + "__qat_fqm"],
+                name=base + "__qat_fq",
+                domain="com.microsoft",
+                quant_min=qw.qmin,
+                quant_max=qw.qmax,
+            ),
             helper.make_node("Mul", [base + "__qat_fq", scale], [qw.dq_output], name=base + "__qat_rescale"),
         ]
     producers = {o: n for n in graph.node for o in n.output}
@@ -169,15 +179,25 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir:
             zp_name = q.input[2] if len(q.input) > 2 and q.input[2] else ""
             zp_t = inits.get(zp_name) if zp_name else None
             zp_dtype = zp_t.data_type if zp_t is not None else TensorProto.UINT8
-            if zp_dtype in _RANGES and inits.get(q.input[1]) is not None \
-                    and inits[q.input[1]].data_type == TensorProto.FLOAT:
+            if (
+                zp_dtype in _RANGES
+                and inits.get(q.input[1]) is not None
+                and inits[q.input[1]].data_type == TensorProto.FLOAT
+            ):
                 zp_val = float(np.asarray(to_array(zp_t, base_dir)).reshape(-1)[0]) if zp_t is not None else 0.0
                 zp_f = const(f"{node.output[0]}__onnxsparse_qat_zp", np.array(zp_val, np.float32))
                 lo, hi = _RANGES[zp_dtype]
-                kept.append(helper.make_node("FakeQuant", [q.input[0], q.input[1], zp_f],
-                                             [node.output[0], node.output[0] + "__qat_fqm"],
-                                             name=(node.name or node.output[0]) + "__qat_fq", domain="com.microsoft",
-                                             quant_min=lo, quant_max=hi))
+                kept.append(
+                    helper.make_node(
+                        "FakeQuant",
+                        [q.input[0], q.input[1], zp_f],
+                        [node.output[0], node.output[0] + "__qat_fqm"],
+                        name=(node.name or node.output[0]) + "__qat_fq",
+                        domain="com.microsoft",
+                        quant_min=lo,
+                        quant_max=hi,
+                    )
+                )
                 pairs += 1
                 continue
         kept.append(node)

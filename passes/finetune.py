@@ -36,29 +36,51 @@ log = logging.getLogger("onnxsparse.passes.finetune")
 class FinetuneConfig(PassConfig):
     """Options of the ``finetune`` pass (the same names as ``onnxsparse finetune``'s flags)."""
 
-    data: str | None = option(None, "Training inputs: .npz with one array per model input (first axis = samples) "
-                              "and the labels for loss=mse/ce. Default: the run's --calib data.", input=True)
-    masks: str | None = option(None, "Masks .npz (initializer name → bool, True = kept). Default: the masks the "
-                               "prune pass left in this pipeline.", input=True)
-    teacher: str | None = option(None, "Dense teacher model for loss=distill. Default: the pipeline's input file "
-                                 "when the masks come from a prune in this pipeline.", input=True)
+    data: str | None = option(
+        None,
+        "Training inputs: .npz with one array per model input (first axis = samples) "
+        "and the labels for loss=mse/ce. Default: the run's --calib data.",
+        input=True,
+    )
+    masks: str | None = option(
+        None,
+        "Masks .npz (initializer name → bool, True = kept). Default: the masks the prune pass left in this pipeline.",
+        input=True,
+    )
+    teacher: str | None = option(
+        None,
+        "Dense teacher model for loss=distill. Default: the pipeline's input file "
+        "when the masks come from a prune in this pipeline.",
+        input=True,
+    )
     steps: int | None = option(None, "Optimizer steps (default: one epoch over the data).")
     epochs: float | None = option(None, "Passes over the data (instead of steps).")
     lr: float = option(1e-3, "Peak AdamW learning rate.")
     batch_size: int = option(32, "Samples per step (a model with a fixed batch dimension uses that).")
     loss: str = option("distill", "distill (MSE to the teacher's outputs), mse or ce (against labels=KEY).")
     labels: str | None = option(None, "Data key of the labels for loss=mse/ce.")
-    outputs: tuple[str, ...] = option((), "Model outputs the loss uses (default: every float output for distill, "
-                                      "the first output otherwise).")
-    train: tuple[str, ...] = option(DEFAULT_TRAIN, "What trains: any of weights (the masked weights), biases (of "
-                                    "the masked layers), norms (normalisation scales/shifts), embeddings (Gather "
-                                    "tables).")
-    mask_input: str | None = option(None, "Input whose non-zero entries mark real positions (attention mask): "
-                                    "losses average over them only; batches are trimmed to their longest row "
-                                    "where the sequence dim is dynamic.")
+    outputs: tuple[str, ...] = option(
+        (), "Model outputs the loss uses (default: every float output for distill, the first output otherwise)."
+    )
+    train: tuple[str, ...] = option(
+        DEFAULT_TRAIN,
+        "What trains: any of weights (the masked weights), biases (of "
+        "the masked layers), norms (normalisation scales/shifts), embeddings (Gather "
+        "tables).",
+    )
+    mask_input: str | None = option(
+        None,
+        "Input whose non-zero entries mark real positions (attention mask): "
+        "losses average over them only; batches are trimmed to their longest row "
+        "where the sequence dim is dynamic.",
+    )
     bucket_by_length: bool = option(False, "Batches of similar lengths (needs mask-input); seeded order.")
-    eval_data: str | None = option(None, "Eval .npz (same layout as data): eval loss and cosine to the teacher "
-                                   "at the start, every eval-every steps and at the end.", input=True)
+    eval_data: str | None = option(
+        None,
+        "Eval .npz (same layout as data): eval loss and cosine to the teacher "
+        "at the start, every eval-every steps and at the end.",
+        input=True,
+    )
     eval_every: int = option(0, "Evaluate every this many steps (0: start and end only).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     warmup: int = option(0, "Linear learning-rate warm-up steps.")
@@ -119,21 +141,37 @@ class FinetunePass(Pass[FinetuneConfig]):
                     raise OnnxSparseError("finetune: distillation needs teacher=DENSE.onnx (the model before pruning)")
                 teacher = model.source
                 log.info("finetune: distilling to the pipeline's input %s", teacher)
-        result = finetune(model, usable, data, cfg.options(), teacher=teacher, workdir=ctx.workdir,
-                          progress=ctx.progress, inplace=True, eval_data=cfg.eval_data)
+        result = finetune(
+            model,
+            usable,
+            data,
+            cfg.options(),
+            teacher=teacher,
+            workdir=ctx.workdir,
+            progress=ctx.progress,
+            inplace=True,
+            eval_data=cfg.eval_data,
+        )
         for name in result.changed:
             report.change(name, masked=name in usable)
         for name, reason in result.frozen.items():
             report.skip(name, reason)
         report.details.update(
-            steps=result.steps, first_loss=result.first_loss, last_loss=result.last_loss,
-            seconds=result.seconds, runtime=result.runtime, teacher=str(teacher) if teacher is not None else None,
+            steps=result.steps,
+            first_loss=result.first_loss,
+            last_loss=result.last_loss,
+            seconds=result.seconds,
+            runtime=result.runtime,
+            teacher=str(teacher) if teacher is not None else None,
             qat=sorted(qweights),
             train_sets={k: len(v) for k, v in result.train_sets.items()},
             curve=result.curve,
             batching=result.batching,
-            kept=round(float(sum(int(np.count_nonzero(m)) for m in usable.values()))
-                       / max(1, sum(m.size for m in usable.values())), 4),
+            kept=round(
+                float(sum(int(np.count_nonzero(m)) for m in usable.values()))
+                / max(1, sum(m.size for m in usable.values())),
+                4,
+            ),
         )
         ctx.artifacts["finetune"] = result.to_dict()
         return PassResult(result.model, bool(result.changed), report)
@@ -145,11 +183,14 @@ class FinetunePass(Pass[FinetuneConfig]):
         first = "?" if d["first_loss"] is None else f"{d['first_loss']:.4g}"
         last = "?" if d["last_loss"] is None else f"{d['last_loss']:.4g}"
         sets = ", ".join(f"{k} {v}" for k, v in d.get("train_sets", {}).items())
-        text = (f"  {d['steps']} steps, loss {first} -> {last}, {len(result.report.changed)} tensors trained "
-                f"[{sets}] ({d['seconds']:.1f}s, {d['runtime']})")
+        text = (
+            f"  {d['steps']} steps, loss {first} -> {last}, {len(result.report.changed)} tensors trained "
+            f"[{sets}] ({d['seconds']:.1f}s, {d['runtime']})"
+        )
         curve = d.get("curve") or []
         if curve:
             text += "\n  eval: " + "; ".join(
                 f"step {p['step']} loss {p['loss']:.4g}" + (f" cos {p['cosine']:.4f}" if "cosine" in p else "")
-                for p in curve)
+                for p in curve
+            )
         return text

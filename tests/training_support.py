@@ -81,3 +81,101 @@ def outputs(model: Model | Path, x: np.ndarray) -> np.ndarray:
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+# ---------------------------------------------------------------------------------------------- a tiny encoder
+
+
+def tiny_encoder(
+    path: Path, seq: int | str = "seq", vocab: int = 40, hidden: int = 16, ffn: int = 32, seed: int = 0
+) -> Path:
+    """A one-layer BERT-shaped encoder (random weights: structure only) written to ``path``.
+
+    Inputs ``input_ids`` / ``attention_mask`` ``[batch, seq]`` int64 (``seq`` symbolic or fixed), output
+    ``hidden`` ``[batch, seq, hidden]``: word embeddings (Gather) + LayerNorm, one attention block whose scores
+    get ``(1 - mask) * -1e4`` (so real positions do not see padding), out projection, residual + LayerNorm,
+    a ReLU FFN, residual + LayerNorm. Every projection is MatMul + Add, as exported transformers are.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(seed)
+    inits: list[Any] = []
+    nodes: list[Any] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(nh.from_array(value, name))
+        return name
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def linear(x: str, name: str, k: int, n: int) -> str:
+        w = const(f"{name}.weight", (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32))
+        b = const(f"{name}.bias", (0.1 * rng.standard_normal(n)).astype(np.float32))
+        return node("Add", [node("MatMul", [x, w], f"{name}.mm"), b], name)
+
+    def norm(x: str, name: str) -> str:
+        g = const(f"{name}.gamma", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        b = const(f"{name}.beta", (0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        return node("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-5)
+
+    table = const("embed.word", rng.standard_normal((vocab, hidden)).astype(np.float32))
+    x = norm(node("Gather", [table, "input_ids"], "embed"), "embed.ln")
+    q, k, v = (linear(x, f"attn.{t}", hidden, hidden) for t in "qkv")
+    scores = node("MatMul", [q, node("Transpose", [k], "attn.kt", perm=[0, 2, 1])], "attn.scores")
+    scores = node("Mul", [scores, const("attn.scale", np.array(hidden**-0.5, np.float32))], "attn.scaled")
+    maskf = node("Cast", ["attention_mask"], "mask.f", to=TensorProto.FLOAT)
+    pad = node("Sub", [const("one", np.array(1.0, np.float32)), maskf], "mask.pad")
+    bias = node(
+        "Unsqueeze",
+        [
+            node("Mul", [pad, const("neg", np.array(-1e4, np.float32))], "mask.neg"),
+            const("axis1", np.array([1], np.int64)),
+        ],
+        "mask.bias",
+    )
+    probs = node("Softmax", [node("Add", [scores, bias], "attn.biased")], "attn.probs", axis=-1)
+    ctx = node("MatMul", [probs, v], "attn.ctx")
+    x = norm(node("Add", [linear(ctx, "attn.out", hidden, hidden), x], "attn.res"), "attn.ln")
+    h = node("Relu", [linear(x, "ffn1", hidden, ffn)], "ffn.relu")
+    node(
+        "LayerNormalization",
+        [
+            node("Add", [linear(h, "ffn2", ffn, hidden), x], "ffn.res"),
+            const("out.gamma", np.ones(hidden, np.float32)),
+            const("out.beta", np.zeros(hidden, np.float32)),
+        ],
+        "hidden",
+        axis=-1,
+        epsilon=1e-5,
+    )
+    graph = helper.make_graph(
+        nodes,
+        "tiny_encoder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", seq]),
+        ],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", seq, hidden])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def encoder_data(
+    path: Path, n: int = 96, seq: int = 12, vocab: int = 40, seed: int = 0, pad_id: int = 0, min_len: int = 2
+) -> Path:
+    """Right-padded token rows for ``tiny_encoder``: lengths ``min_len..seq``, pads = ``pad_id``, mask 0/1."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, seq + 1, n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(1, vocab, (n, seq)), pad_id).astype(np.int64)
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    return path
