@@ -67,9 +67,9 @@ class SparseGemm(nn.Module):
     """y = act(x·Wᵀ + b) on one cached cuSPARSELt plan (bias/activation fused in the plan). Rows are padded up
     to the plan's M when the real M is not a multiple of 16 (as a per-bucket plan is used)."""
 
-    def __init__(self, plan: Any, n: int) -> None:
+    def __init__(self, plan: Any, n: int, separate_act: str | None = None) -> None:
         super().__init__()
-        self.plan, self.n = plan, n
+        self.plan, self.n, self.separate_act = plan, n, separate_act
 
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
         m = x2.shape[0]
@@ -79,6 +79,10 @@ class SparseGemm(nn.Module):
         y = torch.empty(self.plan.m, self.n, device=x2.device, dtype=x2.dtype)
         self.plan.set_stream(torch.cuda.current_stream().cuda_stream)
         self.plan.run(x2, y)
+        if self.separate_act == "relu":  # cuSPARSELt rejected fusing it: its own kernel, as bench times it
+            y.relu_()
+        elif self.separate_act == "gelu":
+            torch._C._nn.gelu_(y, approximate="tanh")
         return y[:m] if m != self.plan.m else y
 
 
@@ -194,14 +198,16 @@ def onnx_to_module(name: str, model: nn.Module) -> str | None:
     return None
 
 
-def sparse_plan(lt: Any, wp: torch.Tensor, m_plan: int, bias: torch.Tensor | None, act: str | None) -> Any:
+def sparse_gemm(lt: Any, wp: torch.Tensor, m_plan: int, bias: torch.Tensor | None, act: str | None) -> SparseGemm:
+    """A tuned plan for this layer's pruned weight, with the epilogue fused as bench fuses it."""
     from onnxsparse.bench import gpu
+    from onnxsparse.bench.fused import epilogue_plan
 
     x = torch.randn(m_plan, wp.shape[1], device="cuda").half()
     y = torch.empty(m_plan, wp.shape[0], device="cuda", dtype=torch.float16)
     rounds = gpu.rounds_for(m_plan, wp.shape[0], wp.shape[1], 2)
-    plan, _ = gpu.tuned_plan(lt, wp, x, y, "fp16", rounds, bias=bias, activation=act)
-    return plan
+    plan, _, separate = epilogue_plan(lt, wp, x, y, "fp16", rounds, bias, act)
+    return SparseGemm(plan, wp.shape[0], separate)
 
 
 def compare(report: dict[str, Any], timings: dict[str, dict[str, Any]], errors: dict[str, float],
@@ -273,9 +279,8 @@ def check_bert(batch: int, seq: int, onnx_path: Path, out_dir: Path, lt: Any, qu
                 w, b, act = mod.weight, mod.bias, None
             wp = prune_2to4(w)
             m_plan = r["m_padded"]
-            plan = sparse_plan(lt, wp, m_plan, b, act)
             n = w.shape[0]
-            sparse_mods.append((parent, attr, Linear2d(SparseGemm(plan, n), n)))
+            sparse_mods.append((parent, attr, Linear2d(sparse_gemm(lt, wp, m_plan, b, act), n)))
             ref_mods.append((parent, attr, Linear2d(DenseGemm(wp, b, act), n)))
         for parent, attr, mod in ref_mods:  # the dense model with the same pruned weights: the reference
             setattr(parent, attr, mod)
@@ -412,8 +417,8 @@ def check_resnet(batch: int, onnx_path: Path, names: list[str], out_dir: Path, l
             conv = originals[p]
             n = conv.out_channels
             wp = prune_2to4(conv.weight.reshape(n, -1).contiguous())
-            plan = sparse_plan(lt, wp, r["m_padded"], conv.bias, act)
-            swaps.append((blk, attr, Conv1x1(SparseGemm(plan, n), n), Conv1x1(DenseGemm(wp, conv.bias, act), n)))
+            sparse = Conv1x1(sparse_gemm(lt, wp, r["m_padded"], conv.bias, act), n)
+            swaps.append((blk, attr, sparse, Conv1x1(DenseGemm(wp, conv.bias, act), n)))
         for blk, attr, _, ref_mod in swaps:
             setattr(blk, attr, ref_mod)
         ref = model(x).clone()

@@ -36,11 +36,12 @@ python3 - <<'PY'
 from onnxsparse.bench import gpu
 from onnxsparse.bench.fused import time_gemm_epilogue
 with gpu.SparseLt() as lt:
-    for ep in ("bias", "bias+gelu"):
+    for ep in ("bias", "bias+relu", "bias+gelu"):
         t = time_gemm_epilogue(lt, 4096, 3072, 768, epilogue=ep, repeats=3, iters=10)
         d = t.to_dict()
         print("smoke", ep, {k: d[k] for k in ("dense_ms", "sparse_ms", "sparse_unfused_ms", "speedup",
-                                              "dense_error", "error", "unfused_error", "ok")})
+                                              "dense_error", "error", "unfused_error", "ok",
+                                              "activation_fused")})
 PY
 [ $? -eq 0 ] || { echo "SMOKE FAILED: stopping"; exit 1; }
 fi

@@ -17,6 +17,7 @@ reference is the graph's own form (erf or tanh), and the difference (≲1e-3) is
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from typing import Any
 
 from onnxsparse.bench import gpu
 from onnxsparse.errors import OnnxSparseError
+
+log = logging.getLogger("onnxsparse.bench.fused")
 
 #: the epilogue kinds timed (``Epilogue.kind``); an activation without a bias is timed with a zero bias
 KINDS = ("", "bias", "bias+relu", "bias+gelu", "relu", "gelu")
@@ -53,6 +56,8 @@ class EpilogueTiming:
     ok: bool = True
     alg_id: int | None = None
     search: list[dict[str, Any]] = field(default_factory=list)
+    #: False where cuSPARSELt rejected the fused activation and the sparse figure includes it as its own kernel
+    activation_fused: bool = True
     mode: str = "graph"
     iters: int = 0
     warmup_s: float = 0.0
@@ -120,18 +125,48 @@ def dense_epilogue_fn(x: Any, w: Any, bias: Any, act: str | None, y: Any) -> Cal
 
 def unfused_fn(launch: Callable[[], None], bias: Any, act: str | None, y: Any) -> Callable[[], None]:
     """Sparse GEMM, then the epilogue as separate kernels (bias add, activation), in place on ``y``."""
-    import torch
+    activation = activation_fn(act, y)
 
     def run() -> None:
         launch()
         if bias is not None:
             y.add_(bias)
-        if act == "relu":
-            y.relu_()
-        elif act == "gelu":
-            torch._C._nn.gelu_(y, approximate="tanh")
+        activation()
 
     return run
+
+
+def epilogue_plan(lt: gpu.SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any,
+                  act: str | None) -> tuple[gpu.SparsePlan, list[dict[str, Any]], str | None]:
+    """A tuned plan with the bias and activation fused; where cuSPARSELt rejects the activation (seen on the
+    H200 with cuSPARSELt 0.8.0: ``ACTIVATION_GELU`` with fp16 in/out, status 3, in both layouts), the plan
+    fuses the bias only. Returns (plan, search rounds, the activation left to a separate kernel or None)."""
+    try:
+        plan, tried = gpu.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias, activation=act)
+        return plan, tried, None
+    except OnnxSparseError as e:
+        if act is None:
+            raise
+        log.warning("cuSPARSELt rejected the fused %s epilogue for %dx%dx%d (%s): bias fused, %s as a "
+                    "separate kernel", act, x.shape[0], wp.shape[0], wp.shape[1], e, act)
+    plan, tried = gpu.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias)
+    return plan, tried, act
+
+
+def activation_fn(act: str | None, y: Any) -> Callable[[], None]:
+    """The activation as its own in-place kernel on ``y`` (a no-op for None)."""
+    import torch
+
+    def relu() -> None:
+        y.relu_()
+
+    def gelu() -> None:
+        torch._C._nn.gelu_(y, approximate="tanh")
+
+    def none() -> None:
+        pass
+
+    return {"relu": relu, "gelu": gelu}.get(act or "", none)
 
 
 def time_gemm_epilogue(lt: gpu.SparseLt, m: int, n: int, k: int, epilogue: str = "bias", m_dense: int | None = None,
@@ -155,17 +190,20 @@ def time_gemm_epilogue(lt: gpu.SparseLt, m: int, n: int, k: int, epilogue: str =
     y_dense = torch.empty(m_dense, n, device="cuda", dtype=torch.float16)
     y_sparse = torch.empty(m, n, device="cuda", dtype=torch.float16)
     y_unfused = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    plan, tried = gpu.tuned_plan(lt, wp, x, y_sparse, dtype, gpu.rounds_for(m, n, k, search_rounds), bias=bias,
-                                 activation=act)
-    plain, _ = gpu.tuned_plan(lt, wp, x, y_unfused, dtype, gpu.rounds_for(m, n, k, search_rounds))
+    rounds = gpu.rounds_for(m, n, k, search_rounds)
+    plan, tried, separate = epilogue_plan(lt, wp, x, y_sparse, dtype, rounds, bias, act)
+    plain, _ = gpu.tuned_plan(lt, wp, x, y_unfused, dtype, rounds)
     try:
         dense = dense_epilogue_fn(xd, w, bias, act, y_dense)
         sparse_launch = plan.launcher(x, y_sparse)
         plain_launch = plain.launcher(x, y_unfused)
 
+        after = activation_fn(separate, y_sparse)
+
         def sparse() -> None:
             plan.set_stream(torch.cuda.current_stream().cuda_stream)
             sparse_launch()
+            after()
 
         def plain_on_stream() -> None:
             plain.set_stream(torch.cuda.current_stream().cuda_stream)
@@ -183,7 +221,8 @@ def time_gemm_epilogue(lt: gpu.SparseLt, m: int, n: int, k: int, epilogue: str =
             dense_ms=statistics.median(runs["dense"]), sparse_ms=statistics.median(runs["sparse"]),
             sparse_unfused_ms=statistics.median(runs["unfused"]), dense_runs=runs["dense"],
             sparse_runs=runs["sparse"], unfused_runs=runs["unfused"], dense_error=errors[0], error=errors[1],
-            unfused_error=errors[2], ok=ok, alg_id=plan.alg_id, search=tried, mode=mode, iters=iters,
+            unfused_error=errors[2], ok=ok, alg_id=plan.alg_id, search=tried, activation_fused=separate is None,
+            mode=mode, iters=iters,
             warmup_s=settled.seconds, settled=settled.settled, gpu_state=state)
     finally:
         plan.close()

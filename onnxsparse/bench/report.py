@@ -36,6 +36,8 @@ class LayerResult:
     sparse_ms: float | None = None
     #: sparse GEMM followed by separate bias/activation kernels (epilogue timing only)
     unfused_ms: float | None = None
+    #: False where the sparse figure runs the activation as its own kernel (cuSPARSELt rejected fusing it)
+    activation_fused: bool = True
     ok: bool = True
     #: "sparse" (faster sparse), "dense" (sparse not faster: keep dense), "skip" (not timed: see reason)
     choice: str = "skip"
@@ -49,7 +51,7 @@ class LayerResult:
     def to_dict(self) -> dict[str, Any]:
         d = self.layer.to_dict()
         d.update(dense_ms=self.dense_ms, sparse_ms=self.sparse_ms, speedup=self.speedup, ok=self.ok,
-                 choice=self.choice, sparse_unfused_ms=self.unfused_ms,
+                 choice=self.choice, sparse_unfused_ms=self.unfused_ms, activation_fused=self.activation_fused,
                  unfused_speedup=(self.dense_ms / self.unfused_ms) if self.dense_ms and self.unfused_ms else None)
         return d
 
@@ -123,7 +125,8 @@ def build_report(layers: Sequence[LayerGemm], timings: Mapping[GemmKey, Timing],
             results.append(LayerResult(layer))
             continue
         res = LayerResult(layer, dense_ms=t.dense_ms, sparse_ms=t.sparse_ms, ok=t.ok,
-                          unfused_ms=getattr(t, "sparse_unfused_ms", None))
+                          unfused_ms=getattr(t, "sparse_unfused_ms", None),
+                          activation_fused=bool(getattr(t, "activation_fused", True)))
         fast = res.speedup is not None and res.speedup >= min_speedup
         res.choice = "sparse" if (fast and t.ok) else "dense"
         results.append(res)
@@ -154,6 +157,9 @@ def layer_rows(report: BenchReport) -> list[list[Any]]:
             note = "sparse slower: keep dense"
         else:
             note = ""
+        if r.choice != "skip" and not r.activation_fused:
+            note = "; ".join(p for p in (note, "2:4 activation as its own kernel (cuSPARSELt rejected fusing it)")
+                             if p)
         speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
         unfused = "" if r.unfused_ms is None or not r.dense_ms else f"{r.dense_ms / r.unfused_ms:.2f}x"
         rows.append([lg.name, lg.op_type, shape, lg.epilogue or "-", _fmt_ms(r.dense_ms), _fmt_ms(r.sparse_ms), speed,
