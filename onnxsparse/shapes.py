@@ -218,3 +218,39 @@ def concrete(shape: Shape | None) -> tuple[int, ...] | None:
     if shape is None or any(not isinstance(d, int) for d in shape):
         return None
     return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+
+
+def symbolic_dims(proto: ModelProto) -> dict[str, list[tuple[str, int]]]:
+    """The graph inputs' dims that are not fixed: dim name → the (input, axis) places it appears.
+
+    An unnamed dim is its own name, ``input[axis]``. Inputs that are initializers (old exporters) are skipped.
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    found: dict[str, list[tuple[str, int]]] = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        for axis, d in enumerate(_dims(vi.type) or ()):
+            if not isinstance(d, int):
+                found.setdefault(d if isinstance(d, str) and d else f"{vi.name}[{axis}]", []).append((vi.name, axis))
+    return found
+
+
+def fill_symbolic(proto: ModelProto, values: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """``--shapes``-style overrides giving every input with a symbolic dim that dim's value from ``values``
+    (keys as ``symbolic_dims`` names them); fixed dims stay."""
+    inits = {t.name for t in proto.graph.initializer}
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in proto.graph.input:
+        dims = _dims(vi.type)
+        if vi.name in inits or dims is None or all(isinstance(d, int) for d in dims):
+            continue
+        filled = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int):
+                filled.append(d)
+            else:
+                name = d if isinstance(d, str) and d else f"{vi.name}[{axis}]"
+                filled.append(values[name])
+        out[vi.name] = tuple(filled)
+    return out

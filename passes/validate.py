@@ -24,7 +24,7 @@ from onnxsparse.layers import GemmShape, Layer, find_layers
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.render import human_count, table
-from onnxsparse.shapes import Shape, concrete, infer_shapes
+from onnxsparse.shapes import Shape, concrete, fill_symbolic, infer_shapes, symbolic_dims
 from onnxsparse.sparsity import (
     StoredWeight,
     check_finite,
@@ -83,7 +83,7 @@ class ValidatePass(Pass[ValidateConfig]):
     def analyse(self, model: Model, ctx: PassContext) -> PassReport:
         """The per-layer rows and the summary (``report.details["layers"]`` / ``["summary"]``)."""
         n, m = parse_pattern(self.config.pattern)
-        shapes = _shapes(model, ctx)
+        shapes, basis = _shapes(model, ctx)
         layers = find_layers(model.proto, shapes)
         consts = constants_by_name(model.proto)
         cache: dict[tuple[int, str], dict[str, Any]] = {}
@@ -91,7 +91,11 @@ class ValidatePass(Pass[ValidateConfig]):
         report = PassReport()
         report.details["pattern"] = f"{n}:{m}"
         report.details["layers"] = rows
-        report.details["summary"] = _summary(rows, have_shapes=bool(shapes))
+        report.details["summary"] = _summary(rows, have_shapes=bool(shapes), basis=basis)
+        summary = report.details["summary"]
+        if self.config.min_coverage is not None and summary["coverage_basis"] == "params":
+            log.warning("the coverage gate weights layers by parameters, not FLOPs: %s",
+                        summary["coverage_basis_detail"])
         gate = self._gate_failures(report)
         report.details["gate"] = {
             "min_coverage": self.config.min_coverage,
@@ -129,15 +133,64 @@ class ValidatePass(Pass[ValidateConfig]):
         return render_report(result.report)
 
 
-def _shapes(model: Model, ctx: PassContext) -> dict[str, Shape]:
-    """Inferred shapes for FLOPs. Without user shapes a failing inference only costs the FLOP column."""
-    try:
-        return infer_shapes(model.proto, ctx.shapes)
+def _shapes(model: Model, ctx: PassContext) -> tuple[dict[str, Shape], dict[str, Any]]:
+    """Shapes for FLOPs, and how coverage can be weighted with them (``_scaling_dims``).
+
+    Without user shapes a failing inference only costs the FLOP column.
+    """
+    basis: dict[str, Any] = {"dims": dict(ctx.shapes) or None}
+    if not ctx.shapes and symbolic_dims(model.proto):
+        probed, basis = _scaling_dims(model)
+        if probed:
+            return probed, basis
+    try:  # the dims that are known still give the table its GEMMs
+        return infer_shapes(model.proto, ctx.shapes), basis
     except OnnxSparseError:
         if ctx.shapes:
             raise
         log.warning("shape inference failed; FLOPs unknown (coverage falls back to parameter counts)")
-        return {}
+        return {}, {"dims": None, "why_params": "shape inference failed"}
+
+
+def _layer_flops(model: Model, shapes: dict[str, Shape]) -> list[tuple[str, int | None]]:
+    return [(layer.name, g.flops if (g := layer.gemm_shape(shapes) or _activation_gemm(layer, shapes)) else None)
+            for layer in find_layers(model.proto, shapes)]
+
+
+def _scaling_dims(model: Model) -> tuple[dict[str, Shape], dict[str, Any]]:
+    """Shapes at 1 for every symbolic input dim, when each such dim scales every layer's FLOPs alike.
+
+    The CI gate must not depend on whether ``--shapes`` was given. A dim that multiplies every weighted
+    layer's GEMM M by the same factor (the batch; the sequence of a model without attention MatMuls) cancels
+    out of the FLOP-weighted coverage, so coverage at 1 is the coverage at every value. Each dim is probed
+    at 1 and 2 (the others at 1). When a layer's FLOPs do not change by the same factor as the others'
+    (attention's seq², a classifier head after global pooling of an image whose size is symbolic, a branch
+    of fixed size), or stay unknown, the shapes are empty and ``why_params`` says why: the caller weights
+    by parameters.
+    """
+    dims = symbolic_dims(model.proto)
+    ones = dict.fromkeys(dims, 1)
+    at1 = ", ".join(f"{d}=1" for d in dims)
+    try:
+        base_shapes = infer_shapes(model.proto, fill_symbolic(model.proto, ones))
+        base = _layer_flops(model, base_shapes)
+        unknown = [name for name, f in base if not f]
+        if not base or unknown:
+            return {}, {"dims": None, "why_params": f"FLOPs unknown at {at1} for layer '{unknown[0]}'" if unknown
+                        else "no weighted layer"}
+        for dim in dims:
+            probe = _layer_flops(model, infer_shapes(model.proto, fill_symbolic(model.proto, {**ones, dim: 2})))
+            ref_name, ref = base[0][0], int(base[0][1] or 0)
+            ref2 = probe[0][1] if probe else None
+            for (name, b), (name2, p) in zip(base, probe, strict=False):
+                # one factor for every layer: p / b == ref2 / ref, compared in integers
+                same = name == name2 and len(probe) == len(base) and p is not None and ref2 is not None
+                if not same or p * ref != ref2 * int(b or 0):  # type: ignore[operator]  # same: p, ref2 are ints
+                    return {}, {"dims": None, "why_params": f"symbolic dim '{dim}' does not scale layer '{name}' "
+                                f"like '{ref_name}': give --shapes for FLOP weighting"}
+    except OnnxSparseError as e:
+        return {}, {"dims": None, "why_params": f"shape inference at {at1} failed ({e})"}
+    return base_shapes, {"dims": ones, "scaling": sorted(dims)}
 
 
 def _row(layer: Layer, n: int, m: int, shapes: dict[str, Shape], consts: dict[str, Any], model: Model,
@@ -243,11 +296,23 @@ def _hints(layer: Layer, gemm_m: int | None) -> list[str]:
     return hints
 
 
-def _summary(rows: list[dict[str, Any]], have_shapes: bool) -> dict[str, Any]:
-    """Counts and coverage. Coverage is FLOP-weighted when every layer's FLOPs are known, else by params."""
+def _summary(rows: list[dict[str, Any]], have_shapes: bool, basis: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Counts and coverage. Coverage is FLOP-weighted when every layer's FLOPs are known, else by params;
+    ``coverage_basis_detail`` says which shapes the FLOPs are at, or why parameters were used."""
+    basis = basis or {}
     by_flops = have_shapes and bool(rows) and all(r["flops"] is not None for r in rows)
-    basis = "flops" if by_flops else "params"
     weight_key = "flops" if by_flops else "params"
+    if by_flops and basis.get("scaling"):
+        at, names = ", ".join(f"{d}=1" for d in basis["scaling"]), ", ".join(basis["scaling"])
+        verb = "scales" if len(basis["scaling"]) == 1 else "scale"
+        detail = f"at {at}: {names} {verb} every layer's FLOPs alike, so coverage is the same at any value"
+    elif by_flops:
+        detail = "FLOPs at the given --shapes" if basis.get("dims") else "FLOPs (every dim is fixed)"
+    elif basis.get("why_params"):
+        detail = str(basis["why_params"])
+    else:
+        unknown = sum(1 for r in rows if r["flops"] is None)
+        detail = f"FLOPs unknown for {unknown} of {len(rows)} layers"
 
     def total(status: str | None = None) -> int:
         return sum(int(r[weight_key] or 0) for r in rows if status is None or r["status"] == status)
@@ -260,7 +325,9 @@ def _summary(rows: list[dict[str, Any]], have_shapes: bool) -> dict[str, Any]:
         "eligible": counts[SPARSE] + counts[ELIGIBLE],  # could be n:m (incl. those that are)
         "dense_eligible": counts[ELIGIBLE],
         "ineligible": counts[INELIGIBLE],
-        "coverage_basis": basis,
+        "coverage_basis": weight_key,
+        "coverage_basis_detail": detail,
+        "flops_at": (basis.get("dims") or None) if by_flops else None,
         "coverage": sparse_w / all_w if all_w else 0.0,
         "eligible_coverage": sparse_w / (sparse_w + eligible_w) if sparse_w + eligible_w else 0.0,
         "total_flops": total() if by_flops else None,
@@ -288,8 +355,9 @@ def render_report(report: PassReport) -> str:
     lines = [table(rows, headers, align="lllllllrrl"), ""]
     lines.append(f"{s['sparse']}/{s['eligible']} eligible layers are {pattern} ({s['layers']} weighted layers, "
                  f"{s['ineligible']} ineligible)")
-    basis = "FLOP-weighted" if s["coverage_basis"] == "flops" else "parameter-weighted (FLOPs unknown: give --shapes)"
-    lines.append(f"{pattern} coverage: {s['coverage']:.1%} {basis}; {s['eligible_coverage']:.1%} of eligible")
+    basis = "FLOP-weighted" if s["coverage_basis"] == "flops" else "parameter-weighted"
+    detail = f" ({s['coverage_basis_detail']})" if s.get("coverage_basis_detail") else ""
+    lines.append(f"{pattern} coverage: {s['coverage']:.1%} {basis}{detail}; {s['eligible_coverage']:.1%} of eligible")
     gate = d.get("gate") or {}
     if gate.get("failures"):
         lines.append("gate FAILED: " + "; ".join(gate["failures"]))

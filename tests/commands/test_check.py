@@ -53,7 +53,37 @@ def test_json_file_and_table(pruned_cnn: Path, tmp_path: Path) -> None:
     res = _invoke("check", pruned_cnn, "--json", rep)
     assert res.exit_code == 0 and "eligible layers" in res.output
     data = json.loads(rep.read_text())
-    assert data["summary"]["layers"] == 9 and data["summary"]["coverage_basis"] == "params"  # batch is symbolic
+    # batch is symbolic, but it scales every layer alike: FLOPs at batch 1, without --shapes
+    assert data["summary"]["layers"] == 9 and data["summary"]["coverage_basis"] == "flops"
+    assert data["summary"]["flops_at"] == {"batch": 1}
+
+
+def test_gate_is_the_same_with_or_without_shapes(pruned_cnn: Path) -> None:
+    """Issue 12: the gate passed at 96.2% by params without --shapes and failed at 93.7% by FLOPs with them."""
+    results = []
+    for extra in ([], ["--shapes", "x:1x3x32x32"], ["--shapes", "x:8x3x32x32"]):
+        res = _invoke("check", pruned_cnn, "--min-coverage", "0.95", "--json", "-", *extra)
+        assert res.exit_code == 2, res.output
+        summary = json.loads(res.stdout)["summary"]
+        assert summary["coverage_basis"] == "flops"
+        results.append(summary["coverage"])
+    assert results[0] == pytest.approx(results[1]) == pytest.approx(results[2])
+    assert results[0] == pytest.approx(0.937, abs=5e-4)
+
+
+def test_params_fallback_is_warned_and_recorded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """seq is symbolic and attention's QK^T grows with seq² while the projections grow with seq: no one FLOP
+    weighting fits every length, so the gate weighs parameters, says so, and the JSON records why."""
+    out = tmp_path / "t.onnx"
+    assert _invoke("run", fixture_path("transformer_block"), "-p", "prune", "-o", out).exit_code == 0
+    with caplog.at_level("WARNING"):
+        res = _invoke("check", out, "--min-coverage", "0.5", "--json", "-")
+    summary = json.loads(res.stdout)["summary"]
+    assert summary["coverage_basis"] == "params" and summary["flops_at"] is None
+    assert "symbolic dim 'seq' does not scale layer 'attn.qk'" in summary["coverage_basis_detail"]
+    assert "the coverage gate weights layers by parameters" in caplog.text
+    res = _invoke("check", out, "--min-coverage", "0.5", "--json", "-", "--shapes", "x:1x8x64")
+    assert json.loads(res.stdout)["summary"]["coverage_basis"] == "flops"
 
 
 def test_gate_failures_exit_2(tmp_path: Path) -> None:
