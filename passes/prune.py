@@ -89,6 +89,9 @@ class PruneConfig(PassConfig):
     bias_correction: bool = option(True, "re-fit each calibrated layer's bias so its mean output stays the same")
     refit: int = option(0, "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
                         "with the mask fixed (0 = off)")
+    dense_target: bool = option(False, "sparsegpt, sequential: fit each layer to the dense model's output (its "
+                                "statistics pair the pruned and the dense model's inputs; one more ORT run per "
+                                "batch)")
     plan: str | None = option(None, "prune exactly the layers named in this plan JSON (from 'sensitivity')",
                               input=True)
     batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
@@ -234,7 +237,8 @@ class PrunePass(Pass[PruneConfig]):
         data = data_source(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
         return prune_calibrated(model, items, data, n, m, sequential=sequential, mask_input=cfg.mask_input,
                                 max_k=cfg.max_k, block_size=cfg.block_size, damp=cfg.damp,
-                                bias_correction=cfg.bias_correction, refit_iters=cfg.refit, progress=ctx.progress)
+                                bias_correction=cfg.bias_correction, refit_iters=cfg.refit,
+                                dense_target=cfg.dense_target and sequential, progress=ctx.progress)
 
     @staticmethod
     def _changed(report: PassReport, layers: list[Layer], sw: StoredWeight, bad: int, groups: int, nz_before: int,

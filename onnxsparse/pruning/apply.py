@@ -152,6 +152,7 @@ def prune_layer(
     )
     for p in probs:
         w = flat_old[p.index]
+        target = w
         pref = flat_pref[p.index]
         if method == "magnitude":
             w_new, keep = solvers.magnitude(w, n, m, pref)
@@ -163,14 +164,21 @@ def prune_layer(
         else:
             assert stats is not None
             h = stats.gram(p.group)
-            w_new, keep, _info = solvers.sparsegpt(w, h, n, m, block_size=block_size, damp=damp, prefer=pref)
+            target = w
+            if stats.paired:  # fit the dense model's output, not this layer's output on its perturbed input
+                assert stats.cross is not None
+                target = solvers.dense_target(w, h, stats.cross[p.group], damp)
+            w_new, keep, _info = solvers.sparsegpt(target, h, n, m, block_size=block_size, damp=damp, prefer=pref)
             if refit_iters:
-                w_new = solvers.refit(w, h, keep, w_new, damp=damp, iters=refit_iters)
+                w_new = solvers.refit(target, h, keep, w_new, damp=damp, iters=refit_iters)
         if stats is not None:
-            e, r = solvers.output_error(w, w_new, stats.gram(p.group))
+            e, r = solvers.output_error(target if stats.paired else w, w_new, stats.gram(p.group))
             err, ref = err + e, ref + r
             if bias_correction and p.channels is not None:
-                shift[p.channels] += solvers.bias_delta(w, w_new, stats.mean(p.group))
+                if stats.paired:  # E[dense output] − E[new output on the perturbed input]
+                    shift[p.channels] += w @ stats.ref_mean(p.group) - w_new @ stats.mean(p.group)
+                else:
+                    shift[p.channels] += solvers.bias_delta(w, w_new, stats.mean(p.group))
         flat_new[p.index] = w_new
         flat_keep[p.index] = keep
     outcome = LayerOutcome(

@@ -62,6 +62,12 @@ def row_weights(value: np.ndarray, name: str) -> np.ndarray:
     raise OnnxSparseError(f"mask-input '{name}' holds values other than 0/1 and is not an additive (<= 0) mask")
 
 
+def reference_session(model: Model, layers: Iterable[Layer]) -> Any:
+    """An ORT session of ``model`` as it is now exposing every layer's input: the dense reference that paired
+    statistics (``collect(reference=...)``) compare later stages against."""
+    return _session(model, list(dict.fromkeys(layer.node.input[0] for layer in layers)))
+
+
 def collect(
     model: Model,
     layers: Iterable[Layer],
@@ -69,9 +75,13 @@ def collect(
     mask_input: str | None = None,
     diag_only: Iterable[str] = (),
     progress: bool = False,
+    reference: Any = None,
 ) -> Collection:
     """Run ``model`` once over ``data`` (anything ``open_calibration`` accepts) and fold each layer's input into
-    its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda)."""
+    its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda).
+
+    ``reference``: a ``reference_session`` of the dense model, run on the same batches; then the statistics are
+    paired (``GramStats.cross``) for every layer not in ``diag_only``."""
     layers = list(layers)
     thin = set(diag_only)
     cal = data if isinstance(data, CalibrationData) else open_calibration(data, model)
@@ -80,7 +90,8 @@ def collect(
     stats: dict[str, GramStats] = {}
     for layer in layers:
         k, g = stats_shape(layer)
-        stats[layer.name] = GramStats(k, g, diag_only=layer.name in thin)
+        thin_layer = layer.name in thin
+        stats[layer.name] = GramStats(k, g, diag_only=thin_layer, paired=reference is not None and not thin_layer)
     acts = list(dict.fromkeys(layer.node.input[0] for layer in layers))
     fetch = [a for a in acts if a not in cal.specs]
     start = time.perf_counter()
@@ -98,6 +109,14 @@ def collect(
                         f"onnxruntime failed on calibration batch {out.batches + 1}: {_first_line(e)}"
                     ) from e
                 values.update(zip(fetch, got, strict=True))
+            ref: dict[str, np.ndarray] = {}
+            if reference is not None and fetch:
+                try:
+                    ref = dict(zip(fetch, reference.run(fetch, batch), strict=True))
+                except Exception as e:  # ORT's own exception types
+                    raise OnnxSparseError(
+                        f"onnxruntime failed on calibration batch {out.batches + 1} (dense reference): {_first_line(e)}"
+                    ) from e
             weights = row_weights(batch[mask_input], mask_input) if mask_input is not None else None
             for name, value in values.items():
                 if value.dtype.kind != "f":
@@ -108,8 +127,9 @@ def collect(
                         f"{out.batches + 1}; check the model and the data"
                     )
             for layer in layers:
-                _fold(layer, values[layer.node.input[0]], stats[layer.name], weights, out)
-            del values
+                name = layer.node.input[0]
+                _fold(layer, values[name], stats[layer.name], weights, out, ref.get(name, values[name]))
+            del values, ref
             out.batches += 1
             if bar is not None:
                 bar.update(1)
@@ -121,7 +141,10 @@ def collect(
     return out
 
 
-def _fold(layer: Layer, value: np.ndarray, st: GramStats, weights: np.ndarray | None, out: Collection) -> None:
+def _fold(
+    layer: Layer, value: np.ndarray, st: GramStats, weights: np.ndarray | None, out: Collection, ref_value: np.ndarray
+) -> None:
+    ref_rows = activation_rows(layer, ref_value) if st.paired else None
     for group, rows, where in activation_rows(layer, value):
         wt = None
         if weights is not None:
@@ -135,6 +158,8 @@ def _fold(layer: Layer, value: np.ndarray, st: GramStats, weights: np.ndarray | 
                 )
                 out.unmasked[layer.name] = why
         st.update(rows, group, wt)
+        if ref_rows is not None:
+            st.update_reference(next(ref_rows)[1], rows, group, wt)
 
 
 def collect_stats(

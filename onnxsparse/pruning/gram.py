@@ -5,6 +5,10 @@ memory is K²·8 bytes per layer whatever the amount of data, and two collection
 exactly (``a + b``), which lets sensitivity and parallel workers split the work. Everything accumulates in
 float64: a float32 sum over 10⁵+ rows loses the small eigenvalues SparseGPT's inverse depends on.
 
+With ``paired`` the statistics also hold the cross term C = X̃ᵀX between the layer's input X̃ in the model being
+pruned and its input X in the dense model, and Σx (``ref_colsum``): what the dense-target correction needs to fit
+the pruned layer to the *dense* output X Wᵀ instead of the output X̃ Wᵀ on its already perturbed input.
+
 ``groups`` > 1 holds one independent H per convolution group (a grouped Conv is ``groups`` separate GEMMs).
 ``diag_only`` keeps only the diagonal (Σx², what Wanda needs): the fallback for a K too large for K².
 """
@@ -26,6 +30,9 @@ class GramStats:
     h: np.ndarray | None = None  # [groups, K, K] (or [groups, K] when diag_only)
     colsum: np.ndarray | None = None  # [groups, K]
     rows: np.ndarray | None = None  # [groups] weighted row counts (masked rows weigh 0)
+    paired: bool = False
+    cross: np.ndarray | None = None  # [groups, K, K]: Σ x̃ xᵀ (paired)
+    ref_colsum: np.ndarray | None = None  # [groups, K]: Σ x of the dense model's input (paired)
 
     def __post_init__(self) -> None:
         if self.h is None:
@@ -35,11 +42,16 @@ class GramStats:
             self.colsum = np.zeros((self.groups, self.k), dtype=np.float64)
         if self.rows is None:
             self.rows = np.zeros(self.groups, dtype=np.float64)
+        if self.paired and self.cross is None:
+            self.cross = np.zeros((self.groups, self.k, self.k), dtype=np.float64)
+        if self.paired and self.ref_colsum is None:
+            self.ref_colsum = np.zeros((self.groups, self.k), dtype=np.float64)
 
     @property
     def nbytes(self) -> int:
         assert self.h is not None and self.colsum is not None
-        return int(self.h.nbytes + self.colsum.nbytes)
+        extra = 0 if self.cross is None or self.ref_colsum is None else self.cross.nbytes + self.ref_colsum.nbytes
+        return int(self.h.nbytes + self.colsum.nbytes + extra)
 
     @property
     def samples(self) -> float:
@@ -48,9 +60,10 @@ class GramStats:
         return float(self.rows[0])
 
     @staticmethod
-    def planned_bytes(k: int, groups: int = 1, diag_only: bool = False) -> int:
-        """What a ``GramStats(k, groups, diag_only)`` will hold, before allocating it (for the report)."""
-        return 8 * groups * (k if diag_only else k * k) + 8 * groups * k
+    def planned_bytes(k: int, groups: int = 1, diag_only: bool = False, paired: bool = False) -> int:
+        """What a ``GramStats(k, groups, diag_only, paired)`` will hold, before allocating it (for the report)."""
+        one = 8 * groups * (k if diag_only else k * k) + 8 * groups * k
+        return one * 2 if paired else one
 
     def update(self, x: np.ndarray, group: int = 0, weights: np.ndarray | None = None) -> None:
         """Fold rows ``x[rows, K]`` into group ``group``; ``weights[rows]`` (0 = padding) scales each row."""
@@ -78,14 +91,44 @@ class GramStats:
         else:
             self.h[group] += xw.T @ xw
 
+    def update_reference(
+        self, x_ref: np.ndarray, x: np.ndarray, group: int = 0, weights: np.ndarray | None = None
+    ) -> None:
+        """Fold the dense model's rows ``x_ref`` next to the same rows ``x`` of the model being pruned (paired)."""
+        assert self.cross is not None and self.ref_colsum is not None
+        a, b = np.asarray(x, dtype=np.float64), np.asarray(x_ref, dtype=np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"paired rows differ in shape: {a.shape} vs {b.shape}")
+        if weights is not None:
+            wt = np.asarray(weights, dtype=np.float64).reshape(-1)
+            keep = wt != 0
+            a, b, wt = a[keep], b[keep], wt[keep]
+            self.ref_colsum[group] += wt @ b
+            a = a * wt[:, None]
+        else:
+            self.ref_colsum[group] += b.sum(axis=0)
+        self.cross[group] += a.T @ b
+
     def __add__(self, other: GramStats) -> GramStats:
-        if (self.k, self.groups, self.diag_only) != (other.k, other.groups, other.diag_only):
+        key = (self.k, self.groups, self.diag_only, self.paired)
+        if key != (other.k, other.groups, other.diag_only, other.paired):
             raise ValueError("cannot merge statistics of different layers")
         assert self.h is not None and self.colsum is not None and self.rows is not None
         assert other.h is not None and other.colsum is not None and other.rows is not None
-        return GramStats(
-            self.k, self.groups, self.diag_only, self.h + other.h, self.colsum + other.colsum, self.rows + other.rows
+        out = GramStats(
+            self.k,
+            self.groups,
+            self.diag_only,
+            self.h + other.h,
+            self.colsum + other.colsum,
+            self.rows + other.rows,
+            self.paired,
         )
+        if self.paired:
+            assert self.cross is not None and other.cross is not None
+            assert self.ref_colsum is not None and other.ref_colsum is not None
+            out.cross, out.ref_colsum = self.cross + other.cross, self.ref_colsum + other.ref_colsum
+        return out
 
     def gram(self, group: int = 0) -> np.ndarray:
         """H of one group ([K, K]); with ``diag_only`` it is the diagonal matrix of Σx² (what Wanda sees)."""
@@ -101,3 +144,8 @@ class GramStats:
         """E[x] per input column over the (weighted) rows."""
         assert self.colsum is not None and self.rows is not None
         return self.colsum[group] / max(float(self.rows[group]), 1e-300)
+
+    def ref_mean(self, group: int = 0) -> np.ndarray:
+        """E[x] of the dense model's input (paired statistics)."""
+        assert self.ref_colsum is not None and self.rows is not None
+        return self.ref_colsum[group] / max(float(self.rows[group]), 1e-300)

@@ -201,7 +201,8 @@ def _im2col(layer: Layer, x: np.ndarray) -> Iterator[tuple[int, np.ndarray, slic
             sl = tuple(
                 slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offs, dil, strides, out_sp, strict=True)
             )
-            win = xp[(slice(None), slice(None)) + sl]  # [S, C, *out]
+            src: tuple[Any, ...] = (slice(None), slice(None), *sl)
+            win = xp[src]  # [S, C, *out]
             dest: tuple[Any, ...] = (slice(None),) * (1 + rank) + tuple(offs)
             patches[dest] = np.moveaxis(win, 1, -1)
         flat = patches.reshape(-1, int(np.prod(kernel, dtype=np.int64)), c)

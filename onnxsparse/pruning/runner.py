@@ -26,7 +26,7 @@ from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer
 from onnxsparse.model_io import Model
 from onnxsparse.pruning.apply import LayerOutcome, prune_layer
-from onnxsparse.pruning.collect import collect, replayable
+from onnxsparse.pruning.collect import collect, reference_session, replayable
 from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import stats_shape
 
@@ -51,22 +51,24 @@ class RunReport:
     stages: int = 0
     ort_passes: int = 0
     batches: int = 0
-    samples: int = 0
+    rows: int = 0  # statistic rows per pass (tokens, pixels), after masking
     stats_seconds: float = 0.0
     solve_seconds: float = 0.0
     stats_bytes_max: int = 0
     unmasked: dict[str, str] = field(default_factory=dict)
+    dense_target: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "stages": self.stages,
             "ort_passes": self.ort_passes,
             "batches_per_pass": self.batches,
-            "samples": self.samples,
+            "rows": self.rows,
             "stats_seconds": round(self.stats_seconds, 3),
             "solve_seconds": round(self.solve_seconds, 3),
             "stats_bytes_max": self.stats_bytes_max,
             "mask_not_applied": self.unmasked,
+            "dense_target": self.dense_target,
         }
 
 
@@ -112,9 +114,14 @@ def prune_calibrated(
     damp: float = 0.01,
     bias_correction: bool = False,
     refit_iters: int = 0,
+    dense_target: bool = False,
     progress: bool = False,
 ) -> RunReport:
-    """Prune ``items`` stage by stage (or in one pass); each layer's weight is written as soon as it is solved."""
+    """Prune ``items`` stage by stage (or in one pass); each layer's weight is written as soon as it is solved.
+
+    ``dense_target`` (sequential only): every stage also runs the dense model on the same batches and each
+    layer is fitted to the dense model's output (``solvers.dense_target``), one more ORT run per batch.
+    """
     report = RunReport()
     by_node = {id(item.layer.node): item for item in items}
     groups = stages(model, [i.layer for i in items]) if sequential else [[i.layer for i in items]]
@@ -129,12 +136,16 @@ def prune_calibrated(
         if it.method == "wanda" or k > max_k:
             thin.append(it.layer.name)
     report.stages = len(groups)
-    for stage in groups:
+    # Built before anything is pruned: the session keeps its own copy of the dense weights.
+    reference = reference_session(model, [it.layer for it in items]) if dense_target and len(groups) > 1 else None
+    report.dense_target = reference is not None
+    for index, stage in enumerate(groups):
         start = time.perf_counter()
-        got = collect(model, stage, data(), mask_input=mask_input, diag_only=thin, progress=progress)
+        ref = reference if index > 0 else None  # the first stage's inputs are the dense ones anyway
+        got = collect(model, stage, data(), mask_input=mask_input, diag_only=thin, progress=progress, reference=ref)
         report.stats_seconds += time.perf_counter() - start
-        report.ort_passes += 1
-        report.batches, report.samples = got.batches, got.rows
+        report.ort_passes += 1 if ref is None else 2
+        report.batches, report.rows = got.batches, got.rows
         report.stats_bytes_max = max(report.stats_bytes_max, got.nbytes)
         report.unmasked.update(got.unmasked)
         start = time.perf_counter()

@@ -199,6 +199,24 @@ def refit(
     return x
 
 
+def dense_target(w: np.ndarray, h: np.ndarray, cross: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The dense weight that best maps the perturbed input to the dense output: argmin ‖X Wᵀ − X̃ W*ᵀ‖².
+
+    ``h`` = X̃ᵀX̃ (this layer's input in the model being pruned), ``cross`` = X̃ᵀX (X: its input in the dense
+    model). Normal equations: H̃ W*ᵀ = C Wᵀ. Pruning W* against H̃ then minimises the distance to the *dense*
+    model's output rather than to this layer's output on an input that upstream pruning already changed, so
+    each layer also absorbs the error of the layers before it (the asymmetric calibration of GPTAQ, Li et al.
+    2025, here for n:m pruning). With X̃ = X it is W itself.
+    """
+    hd, dead, _ = damped(h, damp)
+    try:
+        out = np.linalg.solve(hd, np.asarray(cross, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T).T
+    except np.linalg.LinAlgError:
+        raise OnnxSparseError("the layer's input Gram matrix H is singular even after damping; raise damp") from None
+    out[:, dead] = 0.0
+    return np.ascontiguousarray(out)
+
+
 def bias_delta(w_old: np.ndarray, w_new: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Bias correction: the Δb that keeps E[y] unchanged, (W_old − W_new)·E[x] per output row."""
     return (np.asarray(w_old, dtype=np.float64) - np.asarray(w_new, dtype=np.float64)) @ np.asarray(

@@ -331,3 +331,26 @@ def test_cli_end_to_end_and_bad_data_is_one_line_exit_1(tmp_path: Path) -> None:
         assert message in text and len(text.strip().splitlines()) == 1, text
         assert not out.exists()
         assert (tmp_path / "m.onnx").read_bytes() == src_bytes
+
+
+def test_dense_target_fits_later_layers_to_the_dense_output() -> None:
+    proto = _mlp(seed=6)
+    calib = {"x": _correlated(600)}
+    x = calib["x"].astype(np.float64)
+
+    def fc2_gap(model: Model) -> float:
+        """‖fc2's dense output − fc2's output in ``model``‖ on the calibration inputs (fc2 = the second layer)."""
+        dense, w = _weights(Model(copy_proto(proto))), _weights(model)
+        r1_dense = np.maximum(x @ dense["W1"] + dense["b1"], 0)
+        r1 = np.maximum(x @ w["W1"] + w["b1"], 0)
+        return float(np.linalg.norm(r1_dense @ dense["W2"].T + dense["b2"] - (r1 @ w["W2"].T + w["b2"])))
+
+    plain, _ = _prune(proto, "prune{method=sparsegpt;refit=50}", calib)
+    fitted, rep = _prune(proto, "prune{method=sparsegpt;refit=50;dense-target=true}", calib)
+    cal = rep["details"]["calibration"]
+    assert cal["dense_target"] and (cal["stages"], cal["ort_passes"]) == (3, 5)  # stages 2 and 3 run both models
+    np.testing.assert_array_equal(_weights(plain)["W1"], _weights(fitted)["W1"])
+    assert fc2_gap(fitted) < fc2_gap(plain)
+    _assert_nm(fitted)
+    _, one = _prune(proto, "prune{method=sparsegpt;sequential=false;dense-target=true}", calib)
+    assert not one["details"]["calibration"]["dense_target"]  # one pass: the inputs are the dense ones anyway

@@ -157,3 +157,40 @@ def test_gram_stats_sum_merge_and_row_weights() -> None:
     assert diag.nbytes == GramStats.planned_bytes(8, diag_only=True)
     with pytest.raises(ValueError):
         sa + diag
+
+
+def test_dense_target_is_w_on_unperturbed_inputs_and_fits_the_dense_output() -> None:
+    w, x = _problem(8, k=32)
+    h = x.T @ x
+    np.testing.assert_allclose(solvers.dense_target(w, h, h, damp=0.0), w, rtol=1e-8, atol=1e-10)
+    rng = np.random.default_rng(1)
+    x_pert = x + 0.3 * rng.standard_normal(x.shape) * x.std(axis=0)  # upstream pruning moved the input
+    hp, cross = x_pert.T @ x_pert, x_pert.T @ x
+    star = solvers.dense_target(w, hp, cross, damp=0.0)
+    lstsq = np.linalg.lstsq(x_pert, x @ w.T, rcond=None)[0].T
+    np.testing.assert_allclose(star, lstsq, rtol=1e-6, atol=1e-8)
+    # pruned against the dense output: closer to it than pruning W against the perturbed input's own output
+    plain, k1, _ = solvers.sparsegpt(w, hp, 2, 4)
+    plain = solvers.refit(w, hp, k1, plain, iters=100)
+    fitted, k2, _ = solvers.sparsegpt(star, hp, 2, 4)
+    fitted = solvers.refit(star, hp, k2, fitted, iters=100)
+    dense_out = x @ w.T
+    assert np.linalg.norm(dense_out - x_pert @ fitted.T) < np.linalg.norm(dense_out - x_pert @ plain.T)
+
+
+def test_paired_gram_stats_hold_the_cross_term() -> None:
+    rng = np.random.default_rng(2)
+    x, x_ref = rng.standard_normal((40, 8)), rng.standard_normal((40, 8))
+    weights = (rng.random(40) > 0.5).astype(np.float64)
+    st = GramStats(8, paired=True)
+    st.update(x[:25], weights=weights[:25])
+    st.update_reference(x_ref[:25], x[:25], weights=weights[:25])
+    other = GramStats(8, paired=True)
+    other.update(x[25:], weights=weights[25:])
+    other.update_reference(x_ref[25:], x[25:], weights=weights[25:])
+    both = st + other
+    keep = weights > 0
+    assert both.cross is not None
+    np.testing.assert_allclose(both.cross[0], x[keep].T @ x_ref[keep])
+    np.testing.assert_allclose(both.ref_mean(), x_ref[keep].mean(axis=0))
+    assert both.nbytes == GramStats.planned_bytes(8, paired=True)
