@@ -153,7 +153,15 @@ class _Events:
     """The worker's events → progress (``onnxsparse.progress``: a bar on a TTY, a line at least every 30 s
     elsewhere, with loss, lr, samples or tokens per second), the loss list, the eval curve and the summary."""
 
-    def __init__(self, show: bool, on_step: Callable[[int, float], None] | None, frozen: dict[str, str]) -> None:
+    def __init__(
+        self,
+        show: bool,
+        on_step: Callable[[int, float], None] | None,
+        frozen: dict[str, str],
+        progress_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        import time
+
         self.show = show
         self.on_step = on_step
         self.frozen = frozen
@@ -161,15 +169,16 @@ class _Events:
         self.curve: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {}
         self.bar: Any = None
+        #: passed to ``Progress`` (``stream``, ``tty``, ``clock``, ``every_s``: tests drive them)
+        self.progress_options = dict(progress_options or {})
+        self._clock = self.progress_options.get("clock", time.monotonic)
         self._last: dict[str, Any] = {}
         self._samples = 0
         self._tokens = 0
         self._clock_start = 0.0
 
     def _postfix(self) -> dict[str, Any]:
-        import time
-
-        seconds = max(time.monotonic() - self._clock_start, 1e-9)
+        seconds = max(self._clock() - self._clock_start, 1e-9)
         post: dict[str, Any] = {"loss": self._last.get("loss"), "lr": self._last.get("lr")}
         if self._tokens:
             post["tokens/s"] = round(self._tokens / seconds)
@@ -180,14 +189,19 @@ class _Events:
         return post
 
     def __call__(self, event: dict[str, Any]) -> None:
-        import time
-
         from onnxsparse.progress import Progress
 
         kind = event.get("event")
         if kind == "start":
-            self._clock_start = time.monotonic()
-            self.bar = Progress(event["steps"], desc="fine-tune", unit="step", enabled=self.show, postfix=self._postfix)
+            self._clock_start = self._clock()
+            self.bar = Progress(
+                event["steps"],
+                desc="fine-tune",
+                unit="step",
+                enabled=self.show,
+                postfix=self._postfix,
+                **self.progress_options,
+            )
         elif kind == "step":
             loss = float(event["loss"])
             self.losses.append(loss)
@@ -273,6 +287,38 @@ def _mask_job(layout: MaskLayout | None, teacher: Model | None, opts: FinetuneOp
     }
 
 
+def check_inputs(
+    model: Model,
+    data: str | os.PathLike[str],
+    options: FinetuneOptions,
+    teacher: Model | str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+) -> tuple[list[str], Model | None, MaskLayout | None]:
+    """Everything a fine-tune reads, checked before any work (one-line ``OnnxSparseError`` otherwise): the data
+    and eval data against the model's inputs, the teacher against the data and the student's outputs, the
+    mask input. Returns (loss outputs, the loaded teacher, the mask layout). ``finetune`` calls it first; the
+    CLI calls it before measuring the starting error, which would otherwise meet bad data first."""
+    opts = options
+    specs = sample_specs(model.proto)
+    headers = check_data(data, specs, "data", labels=opts.labels if opts.loss != "distill" else None)
+    eval_headers = None
+    if eval_data is not None:
+        eval_headers = check_data(eval_data, specs, "eval data", labels=opts.labels if opts.loss != "distill" else None)
+    loss_outputs = _loss_outputs(model, opts)
+    teacher_model = _load_teacher(teacher) if opts.loss == "distill" and teacher is not None else None
+    if teacher_model is not None:
+        where = str(teacher_model.source or teacher)
+        check_teacher(teacher_model.proto, model.proto, headers, loss_outputs, where)
+        if eval_headers is not None:
+            check_teacher(teacher_model.proto, model.proto, eval_headers, loss_outputs, where)
+    layout = None
+    if opts.mask_input:
+        layout = mask_layout(model.proto, opts.mask_input, loss_outputs, headers, data)
+        if eval_data is not None and eval_headers is not None:
+            mask_layout(model.proto, opts.mask_input, loss_outputs, eval_headers, eval_data)
+    return loss_outputs, teacher_model, layout
+
+
 def finetune(
     model: Model,
     masks: Mapping[str, np.ndarray],
@@ -312,23 +358,7 @@ def finetune(
             "distillation needs a dense teacher model (--teacher dense.onnx), or use --loss mse/ce with --labels KEY"
         )
 
-    specs = sample_specs(model.proto)
-    headers = check_data(data, specs, "data", labels=opts.labels if opts.loss != "distill" else None)
-    eval_headers = None
-    if eval_data is not None:
-        eval_headers = check_data(eval_data, specs, "eval data", labels=opts.labels if opts.loss != "distill" else None)
-    loss_outputs = _loss_outputs(model, opts)
-    teacher_model = _load_teacher(teacher) if opts.loss == "distill" and teacher is not None else None
-    if teacher_model is not None:
-        where = str(teacher_model.source or teacher)
-        check_teacher(teacher_model.proto, model.proto, headers, loss_outputs, where)
-        if eval_headers is not None:
-            check_teacher(teacher_model.proto, model.proto, eval_headers, loss_outputs, where)
-    layout = None
-    if opts.mask_input:
-        layout = mask_layout(model.proto, opts.mask_input, loss_outputs, headers, data)
-        if eval_data is not None and eval_headers is not None:
-            mask_layout(model.proto, opts.mask_input, loss_outputs, eval_headers, eval_data)
+    loss_outputs, teacher_model, layout = check_inputs(model, data, opts, teacher, eval_data)
     mask_job = _mask_job(layout, teacher_model, opts)
     runtime = require_runtime()
 

@@ -167,6 +167,7 @@ class FinetunePass(Pass[FinetuneConfig]):
             train_sets={k: len(v) for k, v in result.train_sets.items()},
             curve=result.curve,
             batching=result.batching,
+            timing=result.timing,
             kept=round(
                 float(sum(int(np.count_nonzero(m)) for m in usable.values()))
                 / max(1, sum(m.size for m in usable.values())),

@@ -217,6 +217,8 @@ def command(
     pipeline = Pipeline(passes)
     ctx = PassContext(progress=True, calibration=data)  # a bar on a TTY, a line every 30 s in a log
     before = None
+    if not schedule:  # a schedule's fine-tunes check their inputs after the prune before them
+        training.check_inputs(m, data, passes[0].config.options(), teacher, eval_data)
     if not schedule and loss == "distill" and teacher:
         before = training.output_error(m, teacher, data, mask_input=mask_input)
     result = pipeline.run(m, ctx)
@@ -233,6 +235,12 @@ def command(
         "pipeline": pipeline.text(),
         "output_mse_to_teacher_before": before,
         "output_mse_to_teacher_after": after,
+        # one entry per fine-tune stage: its eval curve, what trained, how batches were shaped, where time went
+        "finetune": [
+            {k: r.report.details.get(k) for k in ("steps", "curve", "train_sets", "batching", "timing")}
+            for p, r in zip(pipeline.passes, result.results, strict=False)
+            if p.name == "finetune"
+        ],
     }
     if json_path == "-":
         write_json(report, "-")
@@ -298,17 +306,10 @@ def _render(pipeline: Pipeline, result: Any, patterns: list[str]) -> str:
         elif p.name == "validate":
             s = d.get("summary", {})
             if s:
-                shown = ", ".join(f"{k} {_value(v)}" for k, v in s.items())
-                lines.append(f"validate {patterns[-1] if patterns else ''}: {shown}")
+                basis = s.get("coverage_basis", "flops")
+                lines.append(
+                    f"validate {patterns[-1] if patterns else ''}: {s.get('sparse', 0)}/{s.get('layers', 0)} "
+                    f"layers sparse, coverage {float(s.get('coverage', 0.0)):.1%} ({basis}-weighted; "
+                    "details in --json)"
+                )
     return "\n".join([table(rows, ["stage", "pass", "pattern", "tensors", "steps", "loss", "seconds"]), *lines])
-
-
-def _value(v: Any) -> str:
-    """A summary value in words: numbers as they are, dicts as ``k v`` pairs (never a raw ``{...}``)."""
-    if isinstance(v, dict):
-        return "(" + ", ".join(f"{k} {_value(x)}" for k, x in v.items()) + ")"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_value(x) for x in v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
