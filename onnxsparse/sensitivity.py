@@ -12,12 +12,10 @@ memory as batches (calibration sets are small: 128 sentences of 64 token ids are
 model's held-out outputs (they are the reference every layer is compared with); a layer's own outputs are folded
 into running sums and dropped.
 
-The plan (``choose_plan``) maximises the estimated speed-up within an error budget: each layer gains its
-timed saving ``dense_ms − sparse_ms`` from a ``bench --json`` report, or else its share of the weighted-layer
-FLOPs; errors are assumed to add (relative L2, or 1 − cosine for ``min_cosine``); layers are taken greedily by
-gain per unit of error, and the best single layer is taken instead when it alone gains more. The plan is then
-applied the way ``prune{plan=...}`` applies it and measured on the same held-out samples; while the measured
-error is over the budget, the layer with the least gain per error is dropped and the plan measured again.
+With a budget, ``plan.choose_plan`` picks the layers (see ``onnxsparse/plan.py``); the plan is then applied the
+way ``prune{plan=...}`` applies it (on a copy, statistics from the non-held-out samples) and measured on the same
+held-out samples; while the measured error is over the budget, the layer with the least gain per error is dropped
+and the plan measured again.
 """
 
 from __future__ import annotations
@@ -41,11 +39,11 @@ from onnxsparse.compare import Comparison, OutputMetrics, combined_rel_l2, run_s
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.layers import Layer, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
+from onnxsparse.plan import PLAN_VERSION, PlanResult, bench_gains, choose_plan, error_of, flop_gains
 from onnxsparse.sparsity import parse_pattern
 
 log = logging.getLogger("onnxsparse.sensitivity")
 
-PLAN_VERSION = 1
 Batch = dict[str, np.ndarray]
 
 
@@ -176,6 +174,8 @@ def candidates(
             why = f"weight '{layer.weight_name}' is shared with {', '.join(layer.shared_with)}"
         if why is None and counts[layer.name] > 1:
             why = f"{counts[layer.name]} layers are named '{layer.name}': a plan could not tell them apart"
+        if why is None and options.method != "magnitude" and layer.graph_path != "main":
+            why = f"inside a subgraph ({layer.graph_path}): {options.method} statistics cover the main graph only"
         if why is None:
             p = problems(layer)
             why = p if isinstance(p, str) else None
@@ -307,105 +307,7 @@ def _scores(setup: _Setup, tasks: Sequence[tuple[str, Any]], jobs: int, progress
                 raise
 
 
-# ---------------------------------------------------------------------------------------------- gains and plans
-
-
-@dataclass(frozen=True)
-class Gains:
-    """Each layer's estimated gain, and what the gains mean."""
-
-    #: "bench": milliseconds saved per run (``dense_ms − sparse_ms``); "flops": share of the weighted FLOPs
-    basis: str
-    by_layer: dict[str, float]
-    #: bench: the timed layers' total dense milliseconds (the speed-up's denominator)
-    dense_ms: float | None = None
-    notes: dict[str, str] = field(default_factory=dict)
-
-    def speedup(self, layers: Sequence[str]) -> float | None:
-        if self.basis != "bench" or not self.dense_ms:
-            return None
-        saved = sum(self.by_layer.get(n, 0.0) for n in layers)
-        return self.dense_ms / (self.dense_ms - saved) if saved < self.dense_ms else None
-
-    def share(self, layers: Sequence[str]) -> float:
-        return sum(self.by_layer.get(n, 0.0) for n in layers)
-
-
-def flop_gains(cands: Sequence[Candidate]) -> Gains:
-    """FLOP share per layer (parameter share where a layer's GEMM shape is unknown)."""
-    if all(c.flops for c in cands):
-        total = sum(c.flops for c in cands)
-        return Gains("flops", {c.name: c.flops / total for c in cands} if total else {})
-    total = sum(c.params for c in cands)
-    return Gains("params", {c.name: c.params / total for c in cands} if total else {})
-
-
-def bench_gains(path: str | os.PathLike[str], cands: Sequence[Candidate]) -> Gains:
-    """Per-layer savings from a ``bench --json`` report (``layers``: name, dense_ms, sparse_ms)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OnnxSparseError(f"--bench: cannot read {path}: {str(e).splitlines()[0][:160]}") from None
-    rows = report.get("layers") if isinstance(report, dict) else None
-    if not isinstance(rows, list):
-        raise OnnxSparseError(f"--bench: {path} is not a `onnxsparse bench --json` report (no 'layers' list)")
-    timed: dict[str, tuple[float, float]] = {}
-    for row in rows:
-        if isinstance(row, dict) and row.get("dense_ms") is not None and row.get("sparse_ms") is not None:
-            timed[str(row.get("name"))] = (float(row["dense_ms"]), float(row["sparse_ms"]))
-    if not timed:
-        raise OnnxSparseError(f"--bench: {path} has no timed layer")
-    names = {c.name for c in cands}
-    if not names & set(timed):
-        raise OnnxSparseError(f"--bench: none of the {len(timed)} layers timed in {path} is a layer of this model")
-    gains: dict[str, float] = {}
-    notes: dict[str, str] = {}
-    for c in cands:
-        if c.name not in timed:
-            notes[c.name] = "not timed in --bench"
-            continue
-        dense, sparse = timed[c.name]
-        gains[c.name] = max(dense - sparse, 0.0)
-        if sparse >= dense:
-            notes[c.name] = "sparse not faster in --bench"
-    return Gains("bench", gains, sum(d for d, _ in timed.values()), notes)
-
-
-def choose_plan(scores: Mapping[str, float], gains: Mapping[str, float], budget: float) -> list[str]:
-    """The layers to prune: greedy by gain per error within ``budget`` (errors add), or the best single layer.
-
-    A layer without gain is never chosen (its error would buy nothing). Zero-error layers come first.
-    """
-    items = [(n, gains.get(n, 0.0), max(e, 0.0)) for n, e in scores.items() if gains.get(n, 0.0) > 0 and np.isfinite(e)]
-    items.sort(key=lambda t: (-(t[1] / t[2]) if t[2] > 0 else -np.inf, -t[1], t[0]))
-    chosen: list[str] = []
-    spent = gain = 0.0
-    for name, g, e in items:
-        if spent + e <= budget:
-            chosen.append(name)
-            spent += e
-            gain += g
-    single = max((t for t in items if t[2] <= budget), key=lambda t: t[1], default=None)
-    if single is not None and single[1] > gain:
-        return [single[0]]
-    return chosen
-
-
 # ---------------------------------------------------------------------------------------------- the report
-
-
-@dataclass
-class PlanResult:
-    layers: list[str]
-    budget: dict[str, Any]
-    estimated: dict[str, Any]
-    measured: dict[str, Any]
-    dropped: list[str]
-    measurements: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -426,26 +328,6 @@ class SensitivityReport:
         d = {k: v for k, v in self.__dict__.items() if k != "plan"}
         d["plan"] = None if self.plan is None else self.plan.to_dict()
         return d
-
-
-def plan_document(report: SensitivityReport) -> dict[str, Any]:
-    """What ``--plan-out`` writes and ``prune{plan=...}`` reads."""
-    assert report.plan is not None
-    return {
-        "version": PLAN_VERSION,
-        "method": report.method,
-        "pattern": report.pattern,
-        "layers": report.plan.layers,
-        "estimated": {**report.plan.estimated, "measured": report.plan.measured, "budget": report.plan.budget},
-    }
-
-
-def _error_of(result: Mapping[str, Any], use_cosine: bool) -> float:
-    if use_cosine:
-        c = result.get("cosine")
-        return float("inf") if c is None or not np.isfinite(c) else 1.0 - float(c)
-    v = result.get("rel_l2")
-    return float("inf") if v is None or not np.isfinite(v) else float(v)
 
 
 def _measure_plan(
@@ -523,7 +405,11 @@ def run_sensitivity(
             f"no layer of {model.source or 'the model'} can be pruned to {options.pattern}"
             + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else "")
         )
-    gains = bench_gains(bench, cands) if bench else flop_gains(cands)
+    gains = (
+        bench_gains(bench, [c.name for c in cands])
+        if bench
+        else flop_gains({c.name: c.flops for c in cands}, {c.name: c.params for c in cands})
+    )
 
     t_dense = time.perf_counter()
     dense_sess = session(model, "dense")
@@ -594,13 +480,13 @@ def run_sensitivity(
     if max_error is not None or min_cosine is not None:
         use_cos = min_cosine is not None
         budget = (1.0 - min_cosine) if min_cosine is not None else float(max_error)  # type: ignore[arg-type]
-        errors = {r["layer"]: _error_of(r, use_cos) for r in rows}
+        errors = {r["layer"]: error_of(r, use_cos) for r in rows}
         chosen = choose_plan(errors, gains.by_layer, budget)
         scorer = _Scorer(setup)
         dropped: list[str] = []
         measured = _measure_plan(model, chosen, options, data, scorer) if chosen else {"rel_l2": 0.0, "cosine": 1.0}
         count = 1 if chosen else 0
-        while chosen and _error_of(measured, use_cos) > budget:
+        while chosen and error_of(measured, use_cos) > budget:
             worst = min(chosen, key=lambda nm: (gains.by_layer.get(nm, 0.0) / max(errors[nm], 1e-300), nm))
             chosen.remove(worst)
             dropped.append(worst)

@@ -166,8 +166,9 @@ def command(
     from onnxsparse.errors import OnnxSparseError
     from onnxsparse.model_io import load_model
     from onnxsparse.paths import check_outputs
+    from onnxsparse.plan import plan_document
     from onnxsparse.render import write_json
-    from onnxsparse.sensitivity import SensitivityOptions, plan_document, run_sensitivity
+    from onnxsparse.sensitivity import SensitivityOptions, run_sensitivity
 
     if plan_out and max_error is None and min_cosine is None:
         raise OnnxSparseError("--plan-out needs a budget: --max-error E or --min-cosine C")
@@ -188,7 +189,7 @@ def command(
         m, calib, options, eval_data=eval_data, bench=bench, max_error=max_error, min_cosine=min_cosine, progress=True
     )
     if plan_out and report.plan is not None:
-        write_json(plan_document(report), plan_out)
+        write_json(plan_document(report.method, report.pattern, report.plan), plan_out)
     if json_path == "-":
         write_json(report.to_dict(), "-")
         return

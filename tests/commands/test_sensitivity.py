@@ -20,7 +20,7 @@ from conftest import run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsparse.cli import main
-from onnxsparse.sensitivity import choose_plan
+from onnxsparse.plan import choose_plan
 
 HELD = 12  # --eval-samples in these tests
 
