@@ -81,14 +81,15 @@ def damped(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _hinv_upper(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), as ``torch.linalg.cholesky(cholesky_inverse(L), upper=True)``."""
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), what ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``
+    gives in the reference, from one Cholesky and one triangular inverse instead of three factorisations.
+
+    With P the reversal permutation, P H P = M Mᵀ (M lower) makes H = V Vᵀ with V = P M P upper, so
+    H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹ = P M⁻¹ P (upper, positive diagonal: the unique Cholesky factor).
+    """
     try:
-        lower = np.linalg.cholesky(h)
-        eye = np.eye(h.shape[0])
-        linv = np.linalg.solve(lower, eye)  # triangular, but numpy has no triangular solver; K <= max-k
-        hinv = linv.T @ linv
-        hinv = (hinv + hinv.T) * 0.5
-        return np.linalg.cholesky(hinv).T
+        lower = np.linalg.cholesky(h[::-1, ::-1])
+        return np.ascontiguousarray(np.linalg.inv(lower)[::-1, ::-1])
     except np.linalg.LinAlgError:
         raise OnnxSparseError(
             "the layer's input Gram matrix H is singular even after damping; raise damp "
