@@ -157,40 +157,56 @@ def _layer_flops(model: Model, shapes: dict[str, Shape]) -> list[tuple[str, int 
             for layer in find_layers(model.proto, shapes)]
 
 
+#: probe sizes for a symbolic dim: large enough that strided layers' ceil() rounding does not hide growth
+_PROBE = 64
+
+
+def _proportional(a: list[tuple[str, int | None]], b: list[tuple[str, int | None]], dim: str) -> str | None:
+    """None when every layer's FLOPs in ``b`` are one common multiple of those in ``a``; else why not."""
+    if len(a) != len(b) or not a:
+        return f"symbolic dim '{dim}' changes which layers are found"
+    (ref, ref_a), ref_b = a[0], b[0][1]
+    for (name, fa), (_, fb) in zip(a, b, strict=True):
+        if not fa or not fb or not ref_a or not ref_b:
+            return f"FLOPs of layer '{name}' stay unknown with '{dim}' filled in"
+        if fb * ref_a != ref_b * fa:
+            return f"symbolic dim '{dim}' does not scale layer '{name}' like '{ref}'"
+    return None
+
+
 def _scaling_dims(model: Model) -> tuple[dict[str, Shape], dict[str, Any]]:
-    """Shapes at 1 for every symbolic input dim, when each such dim scales every layer's FLOPs alike.
+    """Shapes for FLOP-weighted coverage without ``--shapes``, when every symbolic input dim scales every
+    layer's FLOPs alike; else empty shapes and ``why_params``.
 
     The CI gate must not depend on whether ``--shapes`` was given. A dim that multiplies every weighted
-    layer's GEMM M by the same factor (the batch; the sequence of a model without attention MatMuls) cancels
-    out of the FLOP-weighted coverage, so coverage at 1 is the coverage at every value. Each dim is probed
-    at 1 and 2 (the others at 1). When a layer's FLOPs do not change by the same factor as the others'
-    (attention's seq², a classifier head after global pooling of an image whose size is symbolic, a branch
-    of fixed size), or stay unknown, the shapes are empty and ``why_params`` says why: the caller weights
-    by parameters.
+    layer's FLOPs by one factor (the batch; the sequence of a model without attention MatMuls) cancels out of
+    the FLOP-weighted coverage, so any value of it gives the same coverage. Each dim is probed at 64 and 128
+    (the others as chosen so far): every layer's FLOPs must change by one factor. The dim is then set to 1
+    when FLOPs at 1 are in that same proportion (a true batch dim), else to 64 (an image side: strides round
+    small sizes). When a layer does not follow (attention's seq², a classifier after global pooling of a
+    symbolic image size, a branch of fixed size) or its FLOPs stay unknown, ``why_params`` says which.
     """
     dims = symbolic_dims(model.proto)
-    ones = dict.fromkeys(dims, 1)
-    at1 = ", ".join(f"{d}=1" for d in dims)
+    values = dict.fromkeys(dims, 1)
+
+    def probe(vals: dict[str, int]) -> tuple[dict[str, Shape], list[tuple[str, int | None]]]:
+        shapes = infer_shapes(model.proto, fill_symbolic(model.proto, vals))
+        return shapes, _layer_flops(model, shapes)
+
     try:
-        base_shapes = infer_shapes(model.proto, fill_symbolic(model.proto, ones))
-        base = _layer_flops(model, base_shapes)
-        unknown = [name for name, f in base if not f]
-        if not base or unknown:
-            return {}, {"dims": None, "why_params": f"FLOPs unknown at {at1} for layer '{unknown[0]}'" if unknown
-                        else "no weighted layer"}
+        shapes, current = probe(values)
+        if not current:
+            return {}, {"dims": None, "why_params": "no weighted layer"}
         for dim in dims:
-            probe = _layer_flops(model, infer_shapes(model.proto, fill_symbolic(model.proto, {**ones, dim: 2})))
-            ref_name, ref = base[0][0], int(base[0][1] or 0)
-            ref2 = probe[0][1] if probe else None
-            for (name, b), (name2, p) in zip(base, probe, strict=False):
-                # one factor for every layer: p / b == ref2 / ref, compared in integers
-                same = name == name2 and len(probe) == len(base) and p is not None and ref2 is not None
-                if not same or p * ref != ref2 * int(b or 0):  # type: ignore[operator]  # same: p, ref2 are ints
-                    return {}, {"dims": None, "why_params": f"symbolic dim '{dim}' does not scale layer '{name}' "
-                                f"like '{ref_name}': give --shapes for FLOP weighting"}
+            shapes_p, at_p = probe({**values, dim: _PROBE})
+            odd = _proportional(at_p, probe({**values, dim: 2 * _PROBE})[1], dim)
+            if odd is not None:
+                return {}, {"dims": None, "why_params": f"{odd}: give --shapes for FLOP weighting"}
+            if _proportional(current, at_p, dim) is not None:
+                values[dim], shapes, current = _PROBE, shapes_p, at_p
     except OnnxSparseError as e:
-        return {}, {"dims": None, "why_params": f"shape inference at {at1} failed ({e})"}
-    return base_shapes, {"dims": ones, "scaling": sorted(dims)}
+        return {}, {"dims": None, "why_params": f"shape inference with the symbolic dims filled failed ({e})"}
+    return shapes, {"dims": values, "scaling": sorted(dims)}
 
 
 def _row(layer: Layer, n: int, m: int, shapes: dict[str, Shape], consts: dict[str, Any], model: Model,
@@ -303,9 +319,10 @@ def _summary(rows: list[dict[str, Any]], have_shapes: bool, basis: dict[str, Any
     by_flops = have_shapes and bool(rows) and all(r["flops"] is not None for r in rows)
     weight_key = "flops" if by_flops else "params"
     if by_flops and basis.get("scaling"):
-        at, names = ", ".join(f"{d}=1" for d in basis["scaling"]), ", ".join(basis["scaling"])
+        at = ", ".join(f"{d}={basis['dims'][d]}" for d in basis["scaling"])
+        names = ", ".join(basis["scaling"])
         verb = "scales" if len(basis["scaling"]) == 1 else "scale"
-        detail = f"at {at}: {names} {verb} every layer's FLOPs alike, so coverage is the same at any value"
+        detail = f"at {at}: {names} {verb} every layer's FLOPs alike"
     elif by_flops:
         detail = "FLOPs at the given --shapes" if basis.get("dims") else "FLOPs (every dim is fixed)"
     elif basis.get("why_params"):
