@@ -469,27 +469,35 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="e2e_"))
+    reports = args.out / "bench"  # each case's own `bench --json` report
+    reports.mkdir(exist_ok=True)
     gpu.warm_up_gpu(min_s=2.0, max_s=10.0)
     rows: list[dict[str, Any]] = []
     device = gpu.device_info()
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        (args.out / "bench_e2e.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1) + "\n")
+        (args.out / "bench_e2e.md").write_text(markdown(rows, device))
+
     with gpu.SparseLt() as lt:
         models = args.models.split(",")
         if "bert" in models:
             onnx_path = materialize("bert_base", work)
             for shape in args.bert_shapes.split(","):
                 b, s = (int(v) for v in shape.split("x"))
-                rows.append(check_bert(b, s, onnx_path, args.out, lt, args.quick))
+                rows.append(check_bert(b, s, onnx_path, reports, lt, args.quick))
+                save()
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "timings"}), flush=True)
                 torch.cuda.empty_cache()
         if "resnet50" in models:
             onnx_path = work / "resnet50.onnx"
             names = export_resnet(resnet50_folded(), onnx_path)
             for batch in (int(v) for v in args.resnet_batches.split(",")):
-                rows.append(check_resnet(batch, onnx_path, names, args.out, lt, args.quick))
+                rows.append(check_resnet(batch, onnx_path, names, reports, lt, args.quick))
+                save()
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "timings"}), flush=True)
                 torch.cuda.empty_cache()
-    (args.out / "bench_e2e.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1) + "\n")
-    (args.out / "bench_e2e.md").write_text(markdown(rows, device))
+    save()
     print(markdown(rows, device))
     return 0 if all(r["within_5pct"] for r in rows) else 3
 

@@ -50,6 +50,7 @@ if has tests; then
 fi
 if has e2e; then
     # shellcheck disable=SC2086
-    python3 tools/bench_e2e_check.py --out "$OUT/res" $E2E_ARGS; echo "bench_e2e_check exit $?"
+    timeout "${E2E_TIMEOUT:-500}" python3 tools/bench_e2e_check.py --out "$OUT/res" $E2E_ARGS
+    echo "bench_e2e_check exit $?"
 fi
 snap && rm -rf "$OUT/res"
