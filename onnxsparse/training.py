@@ -23,10 +23,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from onnxsparse.training_data import (
     npz_shapes,
     sample_specs,
 )
+from onnxsparse.training_events import Events, events_subprocess
 from onnxsparse.training_graph import (
     MASK_SUFFIX,
     MASKED_SUFFIX,
@@ -106,130 +105,6 @@ __all__ = [
     "training_copy",
     "training_worker",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- running
-
-
-def _events_subprocess(job_path: Path, runtime: Runtime, cwd: Path) -> Iterator[dict[str, Any]]:
-    cmd = [
-        sys.executable,
-        "-c",
-        training_worker.BOOTSTRAP,
-        str(runtime.path or ""),
-        training_worker.__file__,
-        str(job_path),
-    ]
-    stderr_path = cwd / "worker.stderr"
-    with (
-        open(stderr_path, "w") as err,
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd) as proc,
-    ):
-        assert proc.stdout is not None
-        error = None
-        try:
-            for line in proc.stdout:
-                line = line.strip()
-                if not line.startswith("{"):
-                    continue
-                event = json.loads(line)
-                if event.get("event") == "error":
-                    error = event.get("message")
-                    continue
-                yield event
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            rc = proc.wait()
-    if rc != 0 or error:
-        if not error:
-            lines = [ln for ln in stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
-            error = lines[-1] if lines else f"exit code {rc}"
-        short = error if len(error) <= 400 else error[:200] + " … " + error[-200:]
-        raise OnnxSparseError(f"fine-tune failed in ORT training: {short}")
-
-
-class _Events:
-    """The worker's events → progress (``onnxsparse.progress``: a bar on a TTY, a line at least every 30 s
-    elsewhere, with loss, lr, samples or tokens per second), the loss list, the eval curve and the summary."""
-
-    def __init__(
-        self,
-        show: bool,
-        on_step: Callable[[int, float], None] | None,
-        frozen: dict[str, str],
-        progress_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        import time
-
-        self.show = show
-        self.on_step = on_step
-        self.frozen = frozen
-        self.losses: list[float] = []
-        self.curve: list[dict[str, float]] = []
-        self.summary: dict[str, Any] = {}
-        self.bar: Any = None
-        #: passed to ``Progress`` (``stream``, ``tty``, ``clock``, ``every_s``: tests drive them)
-        self.progress_options = dict(progress_options or {})
-        self._clock = self.progress_options.get("clock", time.monotonic)
-        self._last: dict[str, Any] = {}
-        self._samples = 0
-        self._tokens = 0
-        self._clock_start = 0.0
-
-    def _postfix(self) -> dict[str, Any]:
-        seconds = max(self._clock() - self._clock_start, 1e-9)
-        post: dict[str, Any] = {"loss": self._last.get("loss"), "lr": self._last.get("lr")}
-        if self._tokens:
-            post["tokens/s"] = round(self._tokens / seconds)
-        else:
-            post["samples/s"] = round(self._samples / seconds, 1)
-        if self.curve:
-            post.update({f"eval_{k}": v for k, v in self.curve[-1].items() if k != "step"})
-        return post
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        from onnxsparse.progress import Progress
-
-        kind = event.get("event")
-        if kind == "start":
-            self._clock_start = self._clock()
-            self.bar = Progress(
-                event["steps"],
-                desc="fine-tune",
-                unit="step",
-                enabled=self.show,
-                postfix=self._postfix,
-                **self.progress_options,
-            )
-        elif kind == "step":
-            loss = float(event["loss"])
-            self.losses.append(loss)
-            self._last = event
-            self._samples += int(event.get("samples") or 0)
-            self._tokens += int(event.get("tokens") or 0)
-            if self.bar is not None:
-                self.bar.update(1)
-            if self.on_step is not None:
-                self.on_step(int(event["step"]), loss)
-        elif kind == "eval":
-            point = {k: v for k, v in event.items() if k != "event"}
-            self.curve.append(point)
-            log.info(
-                "fine-tune eval at step %d: %s",
-                point["step"],
-                ", ".join(f"{k} {v:.6g}" for k, v in point.items() if k != "step"),
-            )
-        elif kind == "frozen":
-            self.frozen.update(event["params"])
-            for name, reason in event["params"].items():
-                log.warning("fine-tune: kept %s fixed: %s", name, reason)
-        elif kind == "done":
-            self.summary.update(event)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _loss_outputs(model: Model, opts: FinetuneOptions) -> list[str]:
@@ -428,12 +303,12 @@ def finetune(
             job["epochs"] = 1
         job_path = work / "job.json"
         job_path.write_text(json.dumps(job, indent=1))
-        events = _Events(progress, on_step, frozen)
+        events = Events(progress, on_step, frozen)
         try:
             if runtime.mode == "inprocess":
                 events({"event": "done", **training_worker.train(job, events)})
             else:
-                for event in _events_subprocess(job_path, runtime, work):
+                for event in events_subprocess(job_path, runtime, work):
                     events(event)
         finally:
             events.close()

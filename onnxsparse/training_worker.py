@@ -6,10 +6,14 @@ runs this file in a subprocess whose ``sys.path`` puts an isolated install of th
 ``onnxsparse.training.runtime_dir``), and talks to it through a JSON job file and JSON lines on stdout. Where
 the current environment's ``onnxruntime`` already has training support, the same ``train`` function runs
 in-process. This module may import only the standard library, numpy, onnx and ``onnxruntime`` — never the
-rest of onnxsparse, whose modules would bind to whichever ``onnxruntime`` was imported first.
+onnxsparse package, whose modules would bind to whichever ``onnxruntime`` was imported first. Its helpers
+(``training_batches``, ``training_loss``, ``training_eval``) are loaded by path from this file's folder
+(``_sibling``) and obey the same rule.
 
 Protocol (subprocess): ``python -c '<bootstrap>' JOB.json``; stdout gets one JSON object per line:
-``{"event": "start", "steps": N}``, ``{"event": "step", "step": i, "loss": x}``, ``{"event": "done", ...}``.
+``{"event": "start", "steps": N}``, ``{"event": "step", "step": i, "loss": x, "lr": .., "samples": ..,
+"tokens": .., "seconds": ..}``, ``{"event": "eval", "step": i, "loss": x, "cosine": c}``,
+``{"event": "frozen", "params": {...}}``, ``{"event": "done", ...}`` (summary: curve, batching, timing).
 Any failure exits non-zero with ``{"event": "error", "message": ...}`` as the last line.
 """
 
@@ -80,128 +84,6 @@ def _cast(arr: np.ndarray, elem_type: int) -> np.ndarray:
     return arr if arr.dtype == dtype else arr.astype(dtype)
 
 
-# ---------------------------------------------------------------------------------------------- artefacts
-
-
-def _masked_mse(onnxblock: Any, mask_name: str, mask_rank: int) -> Any:
-    """MSE averaged over the positions where ``mask_name`` is non-zero, broadcast over the output's trailing
-    dims: sum(m·(y−t)²) / (max(sum(m), 1) · size(y)/size(m)).
-
-    onnxblock has no masked loss, so this block writes the nodes itself (``onnxblock.Block.build`` may edit
-    ``self.base``, the model being built, as its own blocks do). The mask is a graph input the model already
-    reads; it is cast to bool and back so any non-zero counts as one.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.training.onnxblock import _graph_utils, blocks
-
-    class _MaskedMSE(blocks.Block):  # type: ignore[misc, name-defined]
-        def build(self, output: str, target: str) -> str:
-            graph = self.base.graph
-            if not _graph_utils.node_arg_exists(self.base, target):
-                target = blocks.InputLike(output)(target)
-            p = _graph_utils.generate_graph_name("onnxsparse_mmse")
-            out_rank = next((len(v.type.tensor_type.shape.dim) for v in graph.output if v.name == output), None)
-            extra = [] if out_rank is None else list(range(mask_rank, out_rank))
-            graph.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), p + "_one")])
-            nodes = [
-                helper.make_node("Cast", [mask_name], [p + "_b"], to=TensorProto.BOOL),
-                helper.make_node("Cast", [p + "_b"], [p + "_m"], to=TensorProto.FLOAT),
-                helper.make_node("Sub", [output, target], [p + "_d"]),
-                helper.make_node("Mul", [p + "_d", p + "_d"], [p + "_sq"]),
-            ]
-            m = p + "_m"
-            if extra:
-                graph.initializer.append(numpy_helper.from_array(np.array(extra, np.int64), p + "_axes"))
-                nodes.append(helper.make_node("Unsqueeze", [p + "_m", p + "_axes"], [p + "_mu"]))
-                m = p + "_mu"
-            nodes += [
-                helper.make_node("Mul", [p + "_sq", m], [p + "_msq"]),
-                helper.make_node("ReduceSum", [p + "_msq"], [p + "_num"], keepdims=0),
-                helper.make_node("ReduceSum", [p + "_m"], [p + "_cnt"], keepdims=0),
-                helper.make_node("Max", [p + "_cnt", p + "_one"], [p + "_cnt1"]),
-                helper.make_node("Size", [output], [p + "_sy"]),
-                helper.make_node("Size", [p + "_m"], [p + "_sm"]),
-                helper.make_node("Div", [p + "_sy", p + "_sm"], [p + "_tr"]),
-                helper.make_node("Cast", [p + "_tr"], [p + "_trf"], to=TensorProto.FLOAT),
-                helper.make_node("Mul", [p + "_cnt1", p + "_trf"], [p + "_den"]),
-                helper.make_node("Div", [p + "_num", p + "_den"], [p + "_loss"]),
-            ]
-            graph.node.extend(nodes)
-            return p + "_loss"
-
-    return _MaskedMSE()
-
-
-def _loss_block(onnxblock: Any, job: dict[str, Any]) -> Any:
-    """Sum of per-output MSE losses (distillation / regression; masked where the job names a mask input), or
-    cross-entropy on one output."""
-    kind, outputs = job["loss"], list(job["loss_outputs"])
-    mask = job.get("mask") or {}
-    masked = set(mask.get("masked_outputs", ()))
-
-    class _Loss(onnxblock.Block):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            if kind == "ce":
-                self._parts = [onnxblock.loss.CrossEntropyLoss()]
-            else:
-                self._parts = [
-                    _masked_mse(onnxblock, mask["name"], int(mask["rank"])) if o in masked else onnxblock.loss.MSELoss()
-                    for o in outputs
-                ]
-            self._add = [onnxblock.blocks.Add() for _ in outputs[1:]]
-
-        def build(self, *graph_outputs: str) -> str:
-            if kind == "ce":
-                return self._parts[0](outputs[0], "onnxsparse_labels")
-            total = self._parts[0](outputs[0], target_name(0))
-            for i in range(1, len(outputs)):
-                total = self._add[i - 1](total, self._parts[i](outputs[i], target_name(i)))
-            return total
-
-    return _Loss()
-
-
-def target_name(i: int) -> str:
-    return f"onnxsparse_target_{i}"
-
-
-def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path, requires_grad: list[str]) -> None:
-    """Training / eval / optimizer models and the checkpoint for the job's graph.
-
-    The eval model also returns the loss outputs themselves (after the loss), so the eval curve's cosine to
-    the teacher comes from the same session that computes the eval loss.
-    """
-    import onnx
-    from onnxruntime.training import onnxblock
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(job["train_model"])
-    loss = _loss_block(onnxblock, job)
-    optimizer = onnxblock.optim.AdamW(weight_decay=float(job.get("weight_decay", 0.0)))
-    artifacts_mod.generate_artifacts(
-        model,
-        requires_grad=requires_grad,
-        frozen_params=job["frozen"],
-        loss=loss,
-        optimizer=optimizer,
-        artifact_directory=str(out_dir),
-    )
-    # onnx >= 1.17 stamps a newer IR version than ORT 1.19 reads.
-    ir = int(job.get("ir_version", 10))
-    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-        path = out_dir / name
-        m = onnx.load(str(path))
-        changed = m.ir_version > ir
-        m.ir_version = min(m.ir_version, ir)
-        if name == "eval_model.onnx" and job.get("eval_data"):
-            for out in job["loss_outputs"]:
-                m.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-            changed = True
-        if changed:
-            onnx.save(m, str(path))
-
-
 # ---------------------------------------------------------------------------------------------- loop
 
 
@@ -223,71 +105,6 @@ def _batches(job: dict[str, Any], path: str, shuffle: bool) -> Any:
         bucket=bool(job.get("bucket")) and shuffle,
         shuffle=shuffle,
     )
-
-
-class _Evaluator:
-    """Eval loss and cosine to the teacher over the whole eval set, in fixed batches (targets computed once).
-
-    Cosine, per sample and output: of the output pooled over the mask's positions (the mean over real
-    positions, as a sentence embedding is pooled) where the loss is masked, else of the flattened output;
-    averaged over samples and outputs.
-    """
-
-    def __init__(
-        self,
-        job: dict[str, Any],
-        teacher: Any,
-        feeds_of: Callable[[dict[str, np.ndarray]], list[Any]],
-        targets_of: Callable[[dict[str, np.ndarray], list[Any]], list[np.ndarray]],
-    ) -> None:
-        batches = _batches(job, job["eval_data"], shuffle=False)
-        self.items = []
-        for idx in batches.epoch_order():
-            batch = batches.take(idx)
-            feeds = feeds_of(batch)
-            self.items.append((batch, feeds, targets_of(batch, feeds)))
-        self.job = job
-        self.teacher = teacher
-        mask = job.get("mask") or {}
-        self.mask_name = mask.get("name")
-        self.masked = set(mask.get("masked_outputs", ()))
-
-    def __call__(self, module: Any) -> dict[str, float]:
-        module.eval()
-        total, count, cos_sum, cos_n = 0.0, 0, 0.0, 0
-        n_out = len(self.job["loss_outputs"])
-        for batch, feeds, targets in self.items:
-            result = module(*feeds, *targets)
-            loss, outs = float(np.asarray(result[0])), result[1 : 1 + n_out]
-            rows = len(feeds[0]) if feeds else 1
-            total += loss * rows
-            count += rows
-            if self.teacher is not None:
-                for name, y, t in zip(self.job["loss_outputs"], outs, targets, strict=True):
-                    c = _cosines(
-                        np.asarray(y), np.asarray(t), batch.get(self.mask_name) if name in self.masked else None
-                    )
-                    cos_sum += float(c.sum())
-                    cos_n += c.size
-        module.train()
-        out = {"loss": total / max(count, 1)}
-        if cos_n:
-            out["cosine"] = cos_sum / cos_n
-        return out
-
-
-def _cosines(y: np.ndarray, t: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    y64, t64 = y.astype(np.float64), t.astype(np.float64)
-    if mask is not None:
-        m = (np.asarray(mask) != 0).astype(np.float64)
-        m = m.reshape(m.shape + (1,) * (y64.ndim - m.ndim))
-        axes = tuple(range(1, np.asarray(mask).ndim))
-        denom = np.maximum(m.sum(axis=axes), 1.0)
-        y64, t64 = (y64 * m).sum(axis=axes) / denom, (t64 * m).sum(axis=axes) / denom
-    y64, t64 = y64.reshape(len(y64), -1), t64.reshape(len(t64), -1)
-    dot = np.sum(y64 * t64, axis=1)
-    norm = np.linalg.norm(y64, axis=1) * np.linalg.norm(t64, axis=1)
-    return dot / np.maximum(norm, 1e-30)
 
 
 def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -325,7 +142,10 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
             return [np.asarray(o) for o in outs]
         return [_cast(batch[job["label_key"]], label_type)]
 
-    evaluate = _Evaluator(job, teacher, feeds_of, targets_of) if job.get("eval_data") else None
+    evaluate = None
+    if job.get("eval_data"):
+        eval_batches = _batches(job, job["eval_data"], shuffle=False)
+        evaluate = _sibling("training_eval").Evaluator(job, eval_batches, teacher, feeds_of, targets_of)
     every = int(job.get("eval_every", 0))
     curve: list[dict[str, float]] = []
 
@@ -455,7 +275,7 @@ def _session(
         if not requires:
             raise RuntimeError("nothing left to train: " + "; ".join(sorted(set(frozen.values()))))
         try:
-            build_artifacts(job, artifacts_mod, art, requires)
+            _sibling("training_loss").build_artifacts(job, artifacts_mod, art, requires)
             state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
             module = api.Module(
                 str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"), session_options=options

@@ -51,6 +51,7 @@ def _load(name: str) -> Any:
 
 batches_mod = _load("training_batches")
 worker_mod = _load("training_worker")
+eval_mod = _load("training_eval")
 
 
 class Params:
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _evaluator(args: argparse.Namespace, teacher: MiniLM) -> Any:
     """Eval loss (masked MSE) and cosine of the mean-pooled outputs to the teacher's, as the ORT worker
-    computes them (``training_worker._cosines``), over the eval set in fixed, trimmed batches."""
+    computes them (``training_eval.cosines``), over the eval set in fixed, trimmed batches."""
     with np.load(args.eval_data) as z:
         data = {k: z[k] for k in ("input_ids", "attention_mask")}
     lengths = batches_mod.row_lengths(data["attention_mask"], 1)
@@ -234,7 +235,7 @@ def _evaluator(args: argparse.Namespace, teacher: MiniLM) -> Any:
                 y = student(ids, mask)
                 total += float(masked_mse(y, target, mask)) * len(ids)
                 count += len(ids)
-                cos.append(worker_mod._cosines(y.numpy(), target.numpy(), mask.numpy()))
+                cos.append(eval_mod.cosines(y.numpy(), target.numpy(), mask.numpy()))
         return {"loss": total / count, "cosine": float(np.concatenate(cos).mean())}
 
     return evaluate

@@ -256,11 +256,11 @@ def test_progress_lines_without_a_tty() -> None:
     and a last line when done. The worker's events drive the real ``Progress`` with a fake clock."""
     import io
 
-    from onnxsparse.training import _Events
+    from onnxsparse.training_events import Events
 
     now = [100.0]
     log = io.StringIO()
-    events = _Events(True, None, {}, progress_options={"stream": log, "tty": False, "clock": lambda: now[0]})
+    events = Events(True, None, {}, progress_options={"stream": log, "tty": False, "clock": lambda: now[0]})
     events({"event": "start", "steps": 10})
     for step in range(1, 11):
         now[0] += 20.0  # 20 s a step: the first line at step 1 (past 5 s), then one every 30 s: steps 3, 5, 7, 9
