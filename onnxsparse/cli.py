@@ -28,6 +28,7 @@ import click
 
 from onnxsparse import __version__
 from onnxsparse.errors import GateFailure, OnnxSparseError
+from onnxsparse.render import WIDE_KEY
 
 EXIT_OK, EXIT_ERROR, EXIT_GATE = 0, 1, 2
 
@@ -46,6 +47,19 @@ def _decorated_command(tree: ast.Module) -> tuple[str, str] | None:
             if isinstance(func, ast.Attribute) and func.attr == "command" and isinstance(deco.args[0].value, str):
                 return deco.args[0].value, ast.get_docstring(node) or ""
     return None
+
+
+def _set_wide(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[WIDE_KEY] = True  # read by render.output_width (meta is shared by the whole context chain)
+
+
+def _add_wide_option(command: click.Command) -> None:
+    """Give every command ``--wide``: tables are not fitted to the terminal width (render.table)."""
+    if not any(p.name == "wide" for p in command.params):
+        command.params.append(click.Option(
+            ["--wide"], is_flag=True, expose_value=False, callback=_set_wide,
+            help="Do not shorten table cells to fit the terminal (COLUMNS); the JSON is never shortened."))
 
 
 class LazyGroup(click.Group):
@@ -85,6 +99,7 @@ class LazyGroup(click.Group):
         command = getattr(importlib.import_module(self._lazy[cmd_name][0]), "command", None)
         if not isinstance(command, click.Command):
             return None
+        _add_wide_option(command)
         self.commands[cmd_name] = command
         return command
 

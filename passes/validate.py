@@ -369,7 +369,7 @@ def render_report(report: PassReport) -> str:
     headers = ["layer", "op", "weight", "shape", "axis", "status", "zeros", "bad groups", "FLOPs", "TensorRT hints"]
     s = d["summary"]
     pattern = d["pattern"]
-    lines = [table(rows, headers, align="lllllllrrl"), ""]
+    lines = [table(rows, headers, align="lllllllrrl", prose=("status", "TensorRT hints")), ""]
     lines.append(f"{s['sparse']}/{s['eligible']} eligible layers are {pattern} ({s['layers']} weighted layers, "
                  f"{s['ineligible']} ineligible)")
     basis = "FLOP-weighted" if s["coverage_basis"] == "flops" else "parameter-weighted"

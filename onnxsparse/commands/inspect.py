@@ -33,7 +33,11 @@ def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None
         gemm = layer.gemm_shape(inferred)
         layers.append({
             "name": layer.name, "op": layer.op_type, "graph": layer.graph_path, "weight": layer.weight_name,
+            # the weight as the op sees it (after the Transpose/Reshape/DequantizeLinear chain) and as stored:
+            # 2:4 groups run along the stored tensor's K axis, which is what validate reports too
             "weight_shape": list(layer.weight_shape) if layer.weight_shape else None,
+            "weight_k_axis": layer.reduction_axis,
+            "stored_shape": list(layer.source.shape) if layer.source is not None else None,
             "via": [n.op_type for n in reversed(layer.chain)],
             "reduction_axis": layer.source_reduction_axis, "reduction_size": layer.reduction_size,
             "gemm": None if gemm is None else {"m": gemm.m, "n": gemm.n, "k": gemm.k, "flops": gemm.flops},
@@ -88,9 +92,13 @@ def command(model: str, shapes: str | None, json_path: str | None) -> None:
     for L in info["layers"]:
         gemm = L["gemm"]
         rows.append((L["name"], L["op"], L["weight"] or "-", _fmt_shape(L["weight_shape"]),
+                     "-" if L["stored_shape"] is None else _fmt_shape(L["stored_shape"]),
+                     "→".join(L["via"]) or "-",
                      "" if L["reduction_axis"] is None else L["reduction_axis"],
                      "-" if gemm is None else f"{gemm['m']}x{gemm['n']}x{gemm['k']}",
                      "-" if gemm is None else human_count(gemm["flops"]), L["ineligible"] or "eligible"))
     if rows:
-        click.echo("\n" + table(rows, ["layer", "op", "weight", "shape", "K axis", "MxNxK", "FLOPs", "status"],
-                                align="llllrlrl"))
+        headers = ["layer", "op", "weight", "op shape", "stored", "via", "K axis", "MxNxK", "FLOPs", "status"]
+        click.echo("\n" + table(rows, headers, align="llllllrlrl"))
+        click.echo("op shape: the weight as the op reads it; stored, K axis: the initializer and the axis of it that "
+                   "2:4 groups run along (as 'check' reports them); via: the ops from stored to op")

@@ -104,3 +104,22 @@ def test_calib_read_by_no_pass_warns(model_path: Path, tmp_path: Path) -> None:
     assert "--calib is given but no pass of 'gemm-to-conv,validate' reads calibration data" in res.output
     res = CliRunner().invoke(main, ["run", str(model_path), "-p", "gemm-to-conv", "-o", str(tmp_path / "p.onnx")])
     assert "--calib" not in res.output
+
+
+def test_inspect_shows_op_shape_and_stored_k_axis_like_check() -> None:
+    """fc2's weight is stored [48,64] and transposed for the MatMul ([64,48]): inspect shows both, and its K
+    axis is the stored tensor's, the same axis check reports."""
+    from conftest import fixture_path
+
+    src = str(fixture_path("qdq_model"))
+    info = json.loads(CliRunner().invoke(main, ["inspect", src, "--json", "-"]).output)
+    fc2 = next(L for L in info["layers"] if L["name"] == "fc2")
+    assert fc2["weight_shape"] == [64, 48] and fc2["weight_k_axis"] == 0
+    assert fc2["stored_shape"] == [48, 64] and fc2["reduction_axis"] == 1 and fc2["via"] == ["DequantizeLinear",
+                                                                                              "Transpose"]
+    check = json.loads(CliRunner().invoke(main, ["check", src, "--json", "-"]).output)
+    row = next(r for r in check["layers"] if r["layer"] == "fc2")
+    assert (row["shape"], row["axis"]) == (fc2["stored_shape"], fc2["reduction_axis"])
+    text = CliRunner().invoke(main, ["inspect", src, "--wide"]).output
+    line = next(ln for ln in text.splitlines() if ln.startswith("fc2 "))
+    assert "[64,48]" in line and "[48,64]" in line and "DequantizeLinear→Transpose" in line
