@@ -351,3 +351,31 @@ def test_schedule_summary_is_rendered_not_a_dict(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "validate 2:4: 3/3 layers sparse, coverage 100.0% (flops-weighted" in r.stdout
     assert "{" not in r.stdout and "[" not in r.stdout
+
+
+@pytest.mark.parametrize("clash", ["model", "model_data", "data", "teacher", "json_is_output"])
+def test_outputs_never_overwrite_inputs(encoder_files: dict[str, Path], tmp_path: Path, clash: str) -> None:
+    """Every path finetune writes (-o, its .data file, --json) differs from every input; checked before work."""
+    out, report = tmp_path / "ft.onnx", tmp_path / "r.json"
+    if clash == "model":
+        out = encoder_files["pruned"]
+    elif clash == "model_data":  # the external-data file the output model would be saved with
+        report = Path(str(out) + ".data")
+    elif clash == "data":
+        report = encoder_files["data"]
+    elif clash == "teacher":
+        out = encoder_files["dense"]
+    else:
+        report = out
+    before = {k: _sha(v) for k, v in encoder_files.items()}
+    r = CliRunner().invoke(
+        main,
+        [
+            *_encoder_args(encoder_files, out, "--data", str(encoder_files["data"]), "--steps", "2"),
+            "--json",
+            str(report),
+        ],
+    )
+    assert r.exit_code == 1, r.output
+    assert len(r.output.strip().splitlines()) == 1 and ("-o" in r.output or "--json" in r.output), r.output
+    assert {k: _sha(v) for k, v in encoder_files.items()} == before
