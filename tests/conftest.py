@@ -39,6 +39,13 @@ DEFAULT_DIMS: dict[str, int] = {"batch": 2, "seq": 8, "image_width": 128}
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | Model
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests leave the user's home alone: onnxsparse's cache (the training runtime) is project-local
+    (``.cache/onnxsparse``, git-ignored, kept between runs) unless ``ONNXSPARSE_CACHE`` is set already.
+    Subprocesses of the tests inherit it."""
+    os.environ.setdefault("ONNXSPARSE_CACHE", str(REPO_ROOT / ".cache" / "onnxsparse"))
+
+
 def fixture_path(name: str) -> Path:
     """Path of a committed fixture model; fails the test clearly if it is missing."""
     path = FIXTURES_DIR / (name if name.endswith(".onnx") else f"{name}.onnx")
