@@ -76,9 +76,7 @@ def input_specs(proto: onnx.ModelProto) -> dict[str, InputSpec]:
                 dtype = None
         shape: tuple[Dim, ...] | None = None
         if tt.HasField("shape"):
-            shape = tuple(
-                int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-            )
+            shape = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         specs[vi.name] = InputSpec(vi.name, dtype, shape, optional=vi.name in inits)
     return specs
 
@@ -100,8 +98,9 @@ def batch_layout(specs: Mapping[str, InputSpec]) -> tuple[frozenset[str], int | 
     return frozenset(), None
 
 
-def check_batch(batch: Any, specs: Mapping[str, InputSpec], where: str, regrouped: Collection[str] = ()
-                ) -> dict[str, np.ndarray]:
+def check_batch(
+    batch: Any, specs: Mapping[str, InputSpec], where: str, regrouped: Collection[str] = ()
+) -> dict[str, np.ndarray]:
     """One batch as the model takes it, or OnnxSparseError naming what does not fit and where.
 
     ``regrouped``: inputs whose sample axis is left unchecked (chunks that are regrouped into batches later).
@@ -170,8 +169,9 @@ def _slice(chunk: Chunk, batched: frozenset[str], sl: slice) -> Chunk:
     return {k: (v[sl] if k in batched else v) for k, v in chunk.items()}
 
 
-def _limit(chunks: Iterable[tuple[str, Chunk]], samples: int | None, batched: frozenset[str]
-           ) -> Iterator[tuple[str, Chunk]]:
+def _limit(
+    chunks: Iterable[tuple[str, Chunk]], samples: int | None, batched: frozenset[str]
+) -> Iterator[tuple[str, Chunk]]:
     """Stop after ``samples`` samples (cutting the last chunk)."""
     if samples is None:
         yield from chunks
@@ -188,8 +188,9 @@ def _limit(chunks: Iterable[tuple[str, Chunk]], samples: int | None, batched: fr
         yield where, chunk
 
 
-def _rebatch(chunks: Iterable[tuple[str, Chunk]], size: int, exact: bool, batched: frozenset[str]
-             ) -> Iterator[tuple[str, Chunk]]:
+def _rebatch(
+    chunks: Iterable[tuple[str, Chunk]], size: int, exact: bool, batched: frozenset[str]
+) -> Iterator[tuple[str, Chunk]]:
     """Regroup samples into batches of ``size`` (views where a chunk already holds whole batches).
 
     ``exact``: the model's batch axis is fixed, so a short last batch is dropped (and logged) instead of fed.
@@ -323,8 +324,9 @@ class CalibrationData:
             raise OnnxSparseError(f"calibration data {self.description} yielded no samples")
 
 
-def open_calibration(obj: Any, model: Model | onnx.ModelProto, samples: int | None = None,
-                     batch_size: int | None = None) -> CalibrationData:
+def open_calibration(
+    obj: Any, model: Model | onnx.ModelProto, samples: int | None = None, batch_size: int | None = None
+) -> CalibrationData:
     """Normalise every accepted form of calibration data into one validated stream of batches.
 
     ``obj``: a path (``.npz`` file or a folder of ``.npy``/``.npz`` files), an ORT ``CalibrationDataReader``
@@ -343,8 +345,10 @@ def open_calibration(obj: Any, model: Model | onnx.ModelProto, samples: int | No
         raise OnnxSparseError(f"--batch-size must be positive, got {batch_size}")
     batched, fixed = batch_layout(specs)
     if not batched and (batch_size is not None or samples is not None):
-        raise OnnxSparseError("the model's inputs have no common sample axis: --batch-size and --calib-samples "
-                              "cannot be used; give the batches as they are fed")
+        raise OnnxSparseError(
+            "the model's inputs have no common sample axis: --batch-size and --calib-samples "
+            "cannot be used; give the batches as they are fed"
+        )
     if fixed is not None and batch_size is not None and batch_size != fixed:
         raise OnnxSparseError(f"--batch-size {batch_size} conflicts with the model's fixed batch size {fixed}")
     size = batch_size if batch_size is not None else fixed
@@ -401,15 +405,22 @@ def open_calibration(obj: Any, model: Model | onnx.ModelProto, samples: int | No
     return CalibrationData(items, specs, samples, size, description, hint, fixed, batched)
 
 
-def _file_batches(path: Path, specs: Mapping[str, InputSpec], batched: frozenset[str], size: int | None,
-                  samples: int | None, exact: bool) -> int | None:
+def _file_batches(
+    path: Path,
+    specs: Mapping[str, InputSpec],
+    batched: frozenset[str],
+    size: int | None,
+    samples: int | None,
+    exact: bool,
+) -> int | None:
     """How many batches a calibration file or folder will give, from the arrays' headers (no data is read).
 
     For the progress line's total and ETA. None where it cannot be known cheaply (no common sample axis, an
     unreadable header): the count is only a hint, the data's own checks come later.
     """
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.is_file()) if path.is_dir() \
-        else [path]
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.is_file()) if path.is_dir() else [path]
+    )
     if size is None:  # items as stored: one batch per file, unless --calib-samples cuts them
         return len(files) if samples is None else None
     if not batched:
@@ -591,8 +602,15 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def collect(model: Model, tensors: Sequence[str], data: CalibrationData, method: str = "percentile",
-            percentile: float = 99.99, progress: bool = False, num_bins: int = NUM_BINS) -> CalibrationResult:
+def collect(
+    model: Model,
+    tensors: Sequence[str],
+    data: CalibrationData,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    progress: bool = False,
+    num_bins: int = NUM_BINS,
+) -> CalibrationResult:
     """Run the model on every batch and return each tensor's amax; memory stays flat in the batch count."""
     if method not in METHODS:
         raise OnnxSparseError(f"unknown calibration method '{method}' (choose {' or '.join(METHODS)})")
@@ -606,8 +624,9 @@ def collect(model: Model, tensors: Sequence[str], data: CalibrationData, method:
     hists = {t: AbsHistogram(num_bins) for t in dict.fromkeys(tensors)}
     dtypes: dict[str, np.dtype[Any]] = {}
     batches = 0
-    bar = Progress(data.batches_hint, desc="calibrate", unit="batch", enabled=progress,
-                   postfix=lambda: f"samples={data.seen}")
+    bar = Progress(
+        data.batches_hint, desc="calibrate", unit="batch", enabled=progress, postfix=lambda: f"samples={data.seen}"
+    )
     try:
         for batch in data:
             outs: list[Any] = []
@@ -615,8 +634,9 @@ def collect(model: Model, tensors: Sequence[str], data: CalibrationData, method:
                 try:
                     outs = session.run(fetch, batch)
                 except Exception as e:  # ORT's own exception types
-                    raise OnnxSparseError(f"onnxruntime failed on calibration batch {batches + 1}: "
-                                          f"{_first_line(e)}") from e
+                    raise OnnxSparseError(
+                        f"onnxruntime failed on calibration batch {batches + 1}: {_first_line(e)}"
+                    ) from e
             for name, value in [*zip(fetch, outs, strict=True), *((t, batch[t]) for t in from_feed)]:
                 arr = np.asarray(value)
                 if arr.dtype.kind != "f":

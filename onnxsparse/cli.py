@@ -57,9 +57,15 @@ def _set_wide(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 def _add_wide_option(command: click.Command) -> None:
     """Give every command ``--wide``: tables are not fitted to the terminal width (render.table)."""
     if not any(p.name == "wide" for p in command.params):
-        command.params.append(click.Option(
-            ["--wide"], is_flag=True, expose_value=False, callback=_set_wide,
-            help="Do not shorten table cells to fit the terminal (COLUMNS); the JSON is never shortened."))
+        command.params.append(
+            click.Option(
+                ["--wide"],
+                is_flag=True,
+                expose_value=False,
+                callback=_set_wide,
+                help="Do not shorten table cells to fit the terminal (COLUMNS); the JSON is never shortened.",
+            )
+        )
 
 
 class LazyGroup(click.Group):

@@ -160,8 +160,10 @@ def resolve_profiles(
                         f"{label} shape of '{name}': dim {i} is fixed to {want} in the model, got {got}"
                     )
         if not all(a <= b <= c for a, b, c in zip(lo, mid, hi, strict=True)):
-            raise OnnxSparseError(f"shapes of '{name}' must satisfy min <= opt <= max in every dim: "
-                                  f"{_dims(lo)}, {_dims(mid)}, {_dims(hi)}")
+            raise OnnxSparseError(
+                f"shapes of '{name}' must satisfy min <= opt <= max in every dim: "
+                f"{_dims(lo)}, {_dims(mid)}, {_dims(hi)}"
+            )
         if any(d is None for d in dims):
             profiles[name] = Profile(tuple(lo), tuple(mid), tuple(hi))
     return profiles

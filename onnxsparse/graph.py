@@ -140,8 +140,10 @@ def cleanup(model_graph: GraphProto) -> int:
         for g in iter_graphs(model_graph):
             keep = []
             for node in g.node:
-                dead = node.op_type not in _SIDE_EFFECT_OPS and node.domain in ("", "ai.onnx") and all(
-                    counts.get(o, 0) == 0 for o in node.output
+                dead = (
+                    node.op_type not in _SIDE_EFFECT_OPS
+                    and node.domain in ("", "ai.onnx")
+                    and all(counts.get(o, 0) == 0 for o in node.output)
                 )
                 if dead and node.output:
                     changed += 1

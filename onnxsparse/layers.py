@@ -200,8 +200,9 @@ def _axes_for(node: NodeProto, wshape: tuple[int, ...]) -> tuple[int | None, int
     return None, None, f"{op} is not a weighted op"
 
 
-def _map_axis_back(chain_node: NodeProto, axis: int, out_shape: tuple[int, ...] | None,
-                   in_shape: tuple[int, ...] | None) -> int | None:
+def _map_axis_back(
+    chain_node: NodeProto, axis: int, out_shape: tuple[int, ...] | None, in_shape: tuple[int, ...] | None
+) -> int | None:
     """The axis of the chain node's input that ``axis`` of its output comes from (None if lost)."""
     op = chain_node.op_type
     if op in ("DequantizeLinear", "Cast", "Identity"):
@@ -229,8 +230,9 @@ def _map_axis_back(chain_node: NodeProto, axis: int, out_shape: tuple[int, ...] 
     return None
 
 
-def _chain_out_shape(node: NodeProto, in_shape: tuple[int, ...], scopes: list[_Scope],
-                     shapes: dict[str, Shape] | None) -> tuple[int, ...] | None:
+def _chain_out_shape(
+    node: NodeProto, in_shape: tuple[int, ...], scopes: list[_Scope], shapes: dict[str, Shape] | None
+) -> tuple[int, ...] | None:
     op = node.op_type
     if op in ("DequantizeLinear", "Cast", "Identity"):
         return in_shape
@@ -308,8 +310,7 @@ def find_layers(model: onnx.ModelProto, shapes: dict[str, Shape] | None = None) 
     return layers
 
 
-def _walk(graph: GraphProto, path: str, outer: list[_Scope], out: list[Layer],
-          shapes: dict[str, Shape] | None) -> None:
+def _walk(graph: GraphProto, path: str, outer: list[_Scope], out: list[Layer], shapes: dict[str, Shape] | None) -> None:
     scopes = [_Scope(graph), *outer]
     for node in graph.node:
         if node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1:
@@ -318,8 +319,9 @@ def _walk(graph: GraphProto, path: str, outer: list[_Scope], out: list[Layer],
             _walk(sub, f"{path}/{node.name or node.op_type}.{attr_name}", scopes, out, shapes)
 
 
-def _describe(node: NodeProto, graph: GraphProto, path: str, scopes: list[_Scope],
-              shapes: dict[str, Shape] | None) -> Layer:
+def _describe(
+    node: NodeProto, graph: GraphProto, path: str, scopes: list[_Scope], shapes: dict[str, Shape] | None
+) -> Layer:
     layer = Layer(node=node, graph=graph, graph_path=path, scopes=scopes)
     name = node.input[1]
     inputs = _graph_inputs(scopes)

@@ -193,8 +193,12 @@ def _write_external(model: Model, data_path: Path, location: str) -> None:
     and are not copied again — and the remaining tensors are appended after it. Otherwise every tensor is
     copied, in initializer order.
     """
-    chosen = [t for graph in iter_graphs(model.proto.graph) for t in graph.initializer
-              if not (nbytes(t) < EXTERNAL_MIN_BYTES and external_info(t) is None)]
+    chosen = [
+        t
+        for graph in iter_graphs(model.proto.graph)
+        for t in graph.initializer
+        if not (nbytes(t) < EXTERNAL_MIN_BYTES and external_info(t) is None)
+    ]
     linked = link_spill_pack(chosen, data_path)
     placed, offset = linked if linked is not None else (set(), 0)
     with open(data_path, "r+b" if linked is not None else "wb") as f:
@@ -211,9 +215,11 @@ def _write_external(model: Model, data_path: Path, location: str) -> None:
             if external_info(t) is not None:
                 length = _copy_external(t, model.base_dir, f)
             else:
-                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.from_array(
-                    onnx.numpy_helper.to_array(t)
-                ).raw_data
+                raw = (
+                    t.raw_data
+                    if t.HasField("raw_data")
+                    else onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t)).raw_data
+                )
                 f.write(raw)
                 length = len(raw)
             _point_external(t, location, offset, length)
@@ -320,8 +326,10 @@ def ort_session(model: Model, options: Any = None, providers: Sequence[str] = ("
     return session
 
 
-_ORT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16,
-                                             np.uint16, np.int32, np.int64, np.bool_))
+_ORT_DTYPES = frozenset(
+    np.dtype(d)
+    for d in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.bool_)
+)
 
 
 def record_provenance(model: Model, pipeline_text: str) -> None:

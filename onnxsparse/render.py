@@ -48,7 +48,7 @@ def shorten_middle(text: str, width: int) -> str:
         return "…"[:width]
     keep = width - 1
     head = (keep + 1) // 2
-    return text[:head] + "…" + (text[len(text) - (keep - head):] if keep - head else "")
+    return text[:head] + "…" + (text[len(text) - (keep - head) :] if keep - head else "")
 
 
 def shorten_end(text: str, width: int) -> str:
@@ -56,8 +56,13 @@ def shorten_end(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"[: max(width, 0)]
 
 
-def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: str | None = None,
-          width: int | None = None, prose: Sequence[str] = ()) -> str:
+def table(
+    rows: Iterable[Sequence[Any]],
+    headers: Sequence[str],
+    align: str | None = None,
+    width: int | None = None,
+    prose: Sequence[str] = (),
+) -> str:
     """An aligned text table. ``align`` gives one of ``l``/``r`` per column (default: numbers right).
 
     Fits ``width`` characters (None: ``output_width()``, which may be no limit). Prose columns (headers in

@@ -169,8 +169,9 @@ def _symbolic_fill(model: ModelProto, stripped: set[str], shapes: dict[str, Shap
     moved = [t for t in graph.initializer if t.name in stripped]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                       for t in moved if t.name not in inputs)
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved if t.name not in inputs
+    )
     # Its warnings ("unsupported broadcast", "potential unsafe merge") are about a best-effort guess the report
     # can do without: they go to our debug log only.
     sym_log = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
@@ -205,8 +206,9 @@ def _symbolic_fill(model: ModelProto, stripped: set[str], shapes: dict[str, Shap
             if new is None:
                 continue
         else:  # dim by dim: only a concrete dim replaces an unknown or symbolic one
-            new = tuple(d if isinstance(d, int) and not isinstance(o, int) else o
-                        for o, d in zip(old, dims, strict=True))
+            new = tuple(
+                d if isinstance(d, int) and not isinstance(o, int) else o for o, d in zip(old, dims, strict=True)
+            )
         if new != old:
             shapes[name] = new
             filled += 1

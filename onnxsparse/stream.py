@@ -90,9 +90,15 @@ def _source(tensor: TensorProto, base_dir: Path | None, axis: int, m: int) -> _S
         raise ValueError(f"axis {axis} of shape {shape} is not divisible by {m}")
     pre = int(np.prod(shape[:axis], dtype=np.int64))
     post = int(np.prod(shape[axis + 1 :], dtype=np.int64))
-    return _Source(path=external_path(tensor, base_dir), offset=int(info.get("offset", 0)),
-                   dtype=_FLOAT_TYPES[tensor.data_type], shape=shape, rows=pre * (shape[axis] // m), m=m,
-                   post=post)
+    return _Source(
+        path=external_path(tensor, base_dir),
+        offset=int(info.get("offset", 0)),
+        dtype=_FLOAT_TYPES[tensor.data_type],
+        shape=shape,
+        rows=pre * (shape[axis] // m),
+        m=m,
+        post=post,
+    )
 
 
 def _slab_rows(src: _Source) -> int:
@@ -151,9 +157,11 @@ class _Workspace:
         """(magnitude [m, rows, post], rank [m, rows, post], scratch [rows, post]) — only pruning needs them."""
         if self._ranking is None:
             rows, m, post = self.shape
-            self._ranking = (np.empty((m, rows, post), dtype=self.x.dtype),
-                             np.empty((m, rows, post), dtype=self.count_type),
-                             np.empty((rows, post), dtype=bool))
+            self._ranking = (
+                np.empty((m, rows, post), dtype=self.x.dtype),
+                np.empty((m, rows, post), dtype=self.count_type),
+                np.empty((rows, post), dtype=bool),
+            )
         return self._ranking
 
 
@@ -168,8 +176,16 @@ def _group_counts(nonzero: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rank_keep(x: np.ndarray, n: int, keep: np.ndarray, mag: np.ndarray, rank: np.ndarray, tmp: np.ndarray,
-               prefer: np.ndarray | None = None, nonzero: np.ndarray | None = None) -> np.ndarray:
+def _rank_keep(
+    x: np.ndarray,
+    n: int,
+    keep: np.ndarray,
+    mag: np.ndarray,
+    rank: np.ndarray,
+    tmp: np.ndarray,
+    prefer: np.ndarray | None = None,
+    nonzero: np.ndarray | None = None,
+) -> np.ndarray:
     """The n:m keep-set of a [rows, m, post] slab ``x`` (values, not magnitudes) into ``keep`` (same layout).
 
     The magnitudes of each group position are first gathered into one contiguous block (``mag[j] = |x[:, j]|``,
@@ -207,8 +223,14 @@ def keep_pairwise(key: np.ndarray, n: int) -> np.ndarray:
     rows, m, post = key.shape
     keep = np.empty(key.shape, dtype=bool)
     rank_type = np.int8 if m < 128 else np.int32
-    return _rank_keep(key, n, keep, np.empty((m, rows, post), dtype=key.dtype),
-                      np.empty((m, rows, post), dtype=rank_type), np.empty((rows, post), dtype=bool))
+    return _rank_keep(
+        key,
+        n,
+        keep,
+        np.empty((m, rows, post), dtype=key.dtype),
+        np.empty((m, rows, post), dtype=rank_type),
+        np.empty((rows, post), dtype=bool),
+    )
 
 
 @dataclass
@@ -222,8 +244,15 @@ class PruneStats:
     mask: np.ndarray | None  # True = may be non-zero; a read-only memory map of a scratch file
 
 
-def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, m: int,
-                 prefer: np.ndarray | None = None, want_mask: bool = True) -> PruneStats:
+def prune_tensor(
+    tensor: TensorProto,
+    base_dir: Path | None,
+    axis: int,
+    n: int,
+    m: int,
+    prefer: np.ndarray | None = None,
+    want_mask: bool = True,
+) -> PruneStats:
     """n:m-prune a large external tensor in slabs; the tensor ends up spilled (unless it already was n:m,
     in which case it is left untouched and ``violations`` is 0)."""
     src = _source(tensor, base_dir, axis, m)
@@ -282,9 +311,18 @@ def prune_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
                     violations_after += bad_after
         committed = True
         if stats.violations:  # the tensor now points at a committed (hence never rewritten) spill region
-            _remember_check(tensor, axis, n, m, CheckStats(groups=stats.groups, violations=violations_after,
-                                                           nonzero=stats.nonzero_after,
-                                                           size=int(np.prod(src.shape, dtype=np.int64))))
+            _remember_check(
+                tensor,
+                axis,
+                n,
+                m,
+                CheckStats(
+                    groups=stats.groups,
+                    violations=violations_after,
+                    nonzero=stats.nonzero_after,
+                    size=int(np.prod(src.shape, dtype=np.int64)),
+                ),
+            )
     finally:
         if mask_out is not None and not committed:
             mask_out.discard()

@@ -165,8 +165,10 @@ def spill_path(location: str) -> Path | None:
         except OSError:
             st = None
         if st is None or (st.st_dev, st.st_ino) != ident:
-            raise OnnxSparseError(f"edited tensor data was saved into {dest}, which has since been removed or "
-                                  "replaced; reload the model from a saved file")
+            raise OnnxSparseError(
+                f"edited tensor data was saved into {dest}, which has since been removed or "
+                "replaced; reload the model from a saved file"
+            )
         return dest
     path = Path(location)
     if path.parent != _SPILL_DIR or not path.is_file():

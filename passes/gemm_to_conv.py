@@ -141,24 +141,42 @@ def _rewrite(layer: Layer, model: Model, names: NameGen, bias: np.ndarray | None
         conv_inputs.append(_const(graph, names, f"{base}_conv_B", np.ascontiguousarray(bias.astype(wt.dtype))))
     a = node.input[0]
     new: list[NodeProto] = []
-    new.append(helper.make_node(
-        "Reshape", [a, _const(graph, names, f"{base}_to4d", np.array([-1, k, 1, 1], np.int64))],
-        [conv_inputs[0]], name=names(f"{base}_reshape_in")))
+    new.append(
+        helper.make_node(
+            "Reshape",
+            [a, _const(graph, names, f"{base}_to4d", np.array([-1, k, 1, 1], np.int64))],
+            [conv_inputs[0]],
+            name=names(f"{base}_reshape_in"),
+        )
+    )
     conv_out = names(f"{base}_conv_out")
     conv = helper.make_node("Conv", conv_inputs, [conv_out], name=names(f"{base}_conv"), kernel_shape=[1, 1])
     new.append(conv)
     shape_a = names(f"{base}_shape")
     new.append(helper.make_node("Shape", [a], [shape_a], name=names(f"{base}_shape_op")))
     lead = names(f"{base}_lead_dims")
-    new.append(helper.make_node(
-        "Slice",
-        [shape_a, _const(graph, names, f"{base}_zero", np.array([0], np.int64)),
-         _const(graph, names, f"{base}_minus1", np.array([-1], np.int64))],
-        [lead], name=names(f"{base}_slice")))
+    new.append(
+        helper.make_node(
+            "Slice",
+            [
+                shape_a,
+                _const(graph, names, f"{base}_zero", np.array([0], np.int64)),
+                _const(graph, names, f"{base}_minus1", np.array([-1], np.int64)),
+            ],
+            [lead],
+            name=names(f"{base}_slice"),
+        )
+    )
     out_shape = names(f"{base}_out_shape")
-    new.append(helper.make_node(
-        "Concat", [lead, _const(graph, names, f"{base}_n", np.array([n_out], np.int64))], [out_shape],
-        name=names(f"{base}_concat"), axis=0))
+    new.append(
+        helper.make_node(
+            "Concat",
+            [lead, _const(graph, names, f"{base}_n", np.array([n_out], np.int64))],
+            [out_shape],
+            name=names(f"{base}_concat"),
+            axis=0,
+        )
+    )
     new.append(helper.make_node("Reshape", [conv_out, out_shape], [node.output[0]], name=names(f"{base}_reshape_out")))
     origin = f"onnxsparse gemm-to-conv: from {node.op_type} '{node.name}'"
     for n in new:
@@ -185,5 +203,3 @@ def _constant_array(name: str, layer: Layer, model: Model) -> np.ndarray | None:
     """The value of a constant input of the layer's node (bias), or None where it is computed at run time."""
     src = layer.constant(name)
     return None if src is None else np.asarray(to_array(src.tensor, model.base_dir))
-
-

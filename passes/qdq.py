@@ -42,8 +42,17 @@ _FLOAT_TYPES: dict[int, Any] = {
     TensorProto.DOUBLE: np.float64,
 }
 #: ops a layer's output passes through before TensorRT's epilogue ends (a single consumer each)
-_EPILOGUE_OPS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "BatchNormalization",
-                 "Identity")
+_EPILOGUE_OPS = (
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "BatchNormalization",
+    "Identity",
+)
 #: ops between a layer and a residual Add that still leave the Add fusable into the layer
 _BRANCH_OPS = ("BatchNormalization", "Identity")
 
@@ -57,8 +66,10 @@ class QdqConfig(PassConfig):
     per_channel: bool = option(True, "weights per output channel (false: one scale per weight tensor)")
     quantize_outputs: bool = option(False, "also Q/DQ each layer's output after its epilogue (int8 epilogue)")
     skip_residual: bool = option(True, "Q/DQ on the skip input of a residual Add fed by a quantized layer")
-    activation_matmuls: bool = option(False, "also Q/DQ both inputs of MatMuls of two activations (attention "
-                                      "QK^T and PV, for TensorRT's int8 attention)")
+    activation_matmuls: bool = option(
+        False,
+        "also Q/DQ both inputs of MatMuls of two activations (attention QK^T and PV, for TensorRT's int8 attention)",
+    )
     include: str | None = option(None, "only layers whose node or weight name matches this regex")
     exclude: str | None = option(None, "leave layers whose node or weight name matches this regex")
     batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
@@ -146,10 +157,16 @@ class QdqPass(Pass[QdqConfig]):
         rep = result.report
         lines = []
         if rep.changed:
-            rows = [(c["name"], c["op"],
-                     "-" if c["weight"] is None else ("tensor" if c["weight_axis"] is None else c["weight_axis"]),
-                     c["activation"], "-" if c["activation_scale"] is None else f"{c['activation_scale']:.4g}")
-                    for c in rep.changed]
+            rows = [
+                (
+                    c["name"],
+                    c["op"],
+                    "-" if c["weight"] is None else ("tensor" if c["weight_axis"] is None else c["weight_axis"]),
+                    c["activation"],
+                    "-" if c["activation_scale"] is None else f"{c['activation_scale']:.4g}",
+                )
+                for c in rep.changed
+            ]
             lines.append(table(rows, ["layer", "op", "weight axis", "activation", "act scale"]))
         residual = rep.details.get("residual_inputs") or []
         if residual:
@@ -206,13 +223,19 @@ class QdqPass(Pass[QdqConfig]):
 
     def _activation_matmul(self, layer: Layer, graph: GraphProto, constants: set[str]) -> bool:
         """A main-graph MatMul of two activations, selected, and ``activation-matmuls`` is on."""
-        return (self.config.activation_matmuls and layer.op_type == "MatMul" and layer.graph is graph
-                and layer.source is None and not any(i in constants for i in layer.node.input[:2])
-                and self._selected(layer) is None)
+        return (
+            self.config.activation_matmuls
+            and layer.op_type == "MatMul"
+            and layer.graph is graph
+            and layer.source is None
+            and not any(i in constants for i in layer.node.input[:2])
+            and self._selected(layer) is None
+        )
 
     @staticmethod
-    def _layer_skip_reason(layer: Layer, graph: GraphProto, producers: dict[str, NodeProto],
-                           constants: set[str]) -> str | None:
+    def _layer_skip_reason(
+        layer: Layer, graph: GraphProto, producers: dict[str, NodeProto], constants: set[str]
+    ) -> str | None:
         if layer.graph is not graph:
             return f"inside subgraph {layer.graph_path} (Q/DQ covers the main graph only)"
         if layer.dequantized:
@@ -229,8 +252,14 @@ class QdqPass(Pass[QdqConfig]):
             return "weight lives in another graph"
         return None
 
-    def _plan_residual(self, graph: GraphProto, plan: _Plan, producers: dict[str, NodeProto],
-                       constants: set[str], layer_nodes: set[int]) -> None:
+    def _plan_residual(
+        self,
+        graph: GraphProto,
+        plan: _Plan,
+        producers: dict[str, NodeProto],
+        constants: set[str],
+        layer_nodes: set[int],
+    ) -> None:
         """For each Add fed by a quantized layer's output, Q/DQ its other (skip) input.
 
         When both inputs come from quantized layers (a downsampling shortcut), the skip is the shallower one:
@@ -259,8 +288,9 @@ class QdqPass(Pass[QdqConfig]):
                 readers.append((node, skip_index))
             plan.residual.append({"add": node.name or node.output[0], "skip_input": skip})
 
-    def _plan_outputs(self, graph: GraphProto, plan: _Plan, producers: dict[str, NodeProto],
-                      constants: set[str]) -> None:
+    def _plan_outputs(
+        self, graph: GraphProto, plan: _Plan, producers: dict[str, NodeProto], constants: set[str]
+    ) -> None:
         """Q/DQ every consumer of each layer's output, after its single-consumer pointwise epilogue."""
         readers: dict[str, list[NodeProto]] = defaultdict(list)
         for n in graph.node:
@@ -305,16 +335,22 @@ class QdqPass(Pass[QdqConfig]):
             w = to_array(wp.source.tensor, model.base_dir)
             q, scale = quantize_weight(w, axis, _np_type(wp.source.tensor.data_type))
             del w
-            q_name, s_name, z_name = names(f"{src_name}_quantized"), names(f"{src_name}_scale"), names(
-                f"{src_name}_zero_point")
-            graph.initializer.extend([
-                _stored_like(wp.source.tensor, q, q_name),
-                numpy_helper.from_array(np.asarray(scale), s_name),
-                numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
-            ])
+            q_name, s_name, z_name = (
+                names(f"{src_name}_quantized"),
+                names(f"{src_name}_scale"),
+                names(f"{src_name}_zero_point"),
+            )
+            graph.initializer.extend(
+                [
+                    _stored_like(wp.source.tensor, q, q_name),
+                    numpy_helper.from_array(np.asarray(scale), s_name),
+                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
+                ]
+            )
             out = names(f"{src_name}_dequantized")
-            dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
-                                  name=names(f"{src_name}_DequantizeLinear"))
+            dq = helper.make_node(
+                "DequantizeLinear", [q_name, s_name, z_name], [out], name=names(f"{src_name}_DequantizeLinear")
+            )
             if axis is not None:
                 dq.attribute.append(helper.make_attribute("axis", axis))
             new_nodes.append(dq)
@@ -333,18 +369,28 @@ class QdqPass(Pass[QdqConfig]):
                 continue
             act_value = activation_scale(amax, dtype)
             s_name, z_name = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
-            graph.initializer.extend([
-                numpy_helper.from_array(np.asarray(act_value, dtype=dtype), s_name),
-                numpy_helper.from_array(np.asarray(0, dtype=np.int8), z_name),
-            ])
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.asarray(act_value, dtype=dtype), s_name),
+                    numpy_helper.from_array(np.asarray(0, dtype=np.int8), z_name),
+                ]
+            )
             q_out, dq_out = names(f"{tensor}_quantized"), names(f"{tensor}_dequantized")
-            new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out],
-                                              name=names(f"{tensor}_QuantizeLinear")))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
-                                              name=names(f"{tensor}_DequantizeLinear")))
-            targets = rewire if rewire is not None else [
-                (n, i) for n in graph.node for i, name in enumerate(n.input) if name == tensor
-            ]
+            new_nodes.append(
+                helper.make_node(
+                    "QuantizeLinear", [tensor, s_name, z_name], [q_out], name=names(f"{tensor}_QuantizeLinear")
+                )
+            )
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=names(f"{tensor}_DequantizeLinear")
+                )
+            )
+            targets = (
+                rewire
+                if rewire is not None
+                else [(n, i) for n in graph.node for i, name in enumerate(n.input) if name == tensor]
+            )
             for node, index in targets:
                 node.input[index] = dq_out
             act_scale[tensor] = act_value
@@ -364,9 +410,16 @@ class QdqPass(Pass[QdqConfig]):
             )
         for layer in plan.bmm:
             a, b = layer_acts[id(layer.node)], layer_bmm_b[id(layer.node)]
-            report.change(layer.name, op=layer.op_type, weight=None, weight_axis=None,
-                          weight_note="both inputs are activations", activation=f"{a}, {b}",
-                          activation_scale=act_scale.get(a), activation_scale_b=act_scale.get(b))
+            report.change(
+                layer.name,
+                op=layer.op_type,
+                weight=None,
+                weight_axis=None,
+                weight_note="both inputs are activations",
+                activation=f"{a}, {b}",
+                activation_scale=act_scale.get(a),
+                activation_scale_b=act_scale.get(b),
+            )
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:

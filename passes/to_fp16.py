@@ -481,19 +481,30 @@ class _Converter:
             assert ctensor is not None
             arr = to_array(ctensor, self.model.base_dir)  # a Constant's tensor is inline unless saved otherwise
             data = self._fp16(arr) if t == FLOAT16 else np.asarray(arr, dtype=np.float32)
-            graph.node.append(helper.make_node("Constant", [], [new], name=self.names(f"{name}_{self._type_name(t)}"),
-                                               value=numpy_helper.from_array(data)))
+            graph.node.append(
+                helper.make_node(
+                    "Constant",
+                    [],
+                    [new],
+                    name=self.names(f"{name}_{self._type_name(t)}"),
+                    value=numpy_helper.from_array(data),
+                )
+            )
             self.stats["constants"] += 1
         elif prod is not None and prod[0].op_type == "Cast" and len(prod[0].input) == 1:
             src = prod[0]  # a sibling Cast from the same input: no Cast feeds a Cast
-            graph.node.append(helper.make_node("Cast", [src.input[0]], [new], to=t,
-                                               name=self.names(f"{src.name or 'Cast'}_{self._type_name(t)}")))
+            graph.node.append(
+                helper.make_node(
+                    "Cast", [src.input[0]], [new], to=t, name=self.names(f"{src.name or 'Cast'}_{self._type_name(t)}")
+                )
+            )
             self.casts += 1
         else:
             native = self.native.get(name, FLOAT)
             src_name = self.versions.get((name, native), name)
-            graph.node.append(helper.make_node("Cast", [src_name], [new], to=t,
-                                               name=self.names(f"{name}_to_{self._type_name(t)}")))
+            graph.node.append(
+                helper.make_node("Cast", [src_name], [new], to=t, name=self.names(f"{name}_to_{self._type_name(t)}"))
+            )
             self.casts += 1
         self.versions[key] = new
         self.new_types[new] = t
@@ -658,8 +669,9 @@ class _Converter:
         if converted:
             self.report.change("nodes", count=converted, detail="compute in float16")
         if self.stats["clamped_high"]:
-            log.warning("to-fp16: %d weight values beyond ±%g were clamped", self.stats["clamped_high"],
-                        self.cfg.max_finite)
+            log.warning(
+                "to-fp16: %d weight values beyond ±%g were clamped", self.stats["clamped_high"], self.cfg.max_finite
+            )
         return bool(self.new_types)
 
     def _patch_value_info(self) -> None:

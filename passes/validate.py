@@ -50,8 +50,9 @@ class ValidateConfig(PassConfig):
     """Options of the ``validate`` pass (and of ``onnxsparse check``)."""
 
     pattern: str = option("2:4", "n:m pattern to check: at most n non-zeros in every group of m.")
-    min_coverage: float | None = option(None, "Fail (exit 2) when the FLOP-weighted n:m coverage is below this "
-                                        "fraction (0..1).")
+    min_coverage: float | None = option(
+        None, "Fail (exit 2) when the FLOP-weighted n:m coverage is below this fraction (0..1)."
+    )
     require_all: bool = option(False, "Fail (exit 2) when any eligible layer is not n:m.")
 
     def __post_init__(self) -> None:
@@ -94,8 +95,9 @@ class ValidatePass(Pass[ValidateConfig]):
         report.details["summary"] = _summary(rows, have_shapes=bool(shapes), basis=basis)
         summary = report.details["summary"]
         if self.config.min_coverage is not None and summary["coverage_basis"] == "params":
-            log.warning("the coverage gate weights layers by parameters, not FLOPs: %s",
-                        summary["coverage_basis_detail"])
+            log.warning(
+                "the coverage gate weights layers by parameters, not FLOPs: %s", summary["coverage_basis_detail"]
+            )
         gate = self._gate_failures(report)
         report.details["gate"] = {
             "min_coverage": self.config.min_coverage,
@@ -114,8 +116,10 @@ class ValidatePass(Pass[ValidateConfig]):
         failures = []
         pattern = report.details["pattern"]
         if cfg.min_coverage is not None and summary["coverage"] < cfg.min_coverage:
-            failures.append(f"{pattern} coverage {summary['coverage']:.1%} ({summary['coverage_basis']}-weighted) "
-                            f"is below min-coverage {cfg.min_coverage:.1%}")
+            failures.append(
+                f"{pattern} coverage {summary['coverage']:.1%} ({summary['coverage_basis']}-weighted) "
+                f"is below min-coverage {cfg.min_coverage:.1%}"
+            )
         if cfg.require_all:
             dense = [r["layer"] for r in report.details["layers"] if r["status"] == ELIGIBLE]
             if dense:
@@ -153,8 +157,10 @@ def _shapes(model: Model, ctx: PassContext) -> tuple[dict[str, Shape], dict[str,
 
 
 def _layer_flops(model: Model, shapes: dict[str, Shape]) -> list[tuple[str, int | None]]:
-    return [(layer.name, g.flops if (g := layer.gemm_shape(shapes) or _activation_gemm(layer, shapes)) else None)
-            for layer in find_layers(model.proto, shapes)]
+    return [
+        (layer.name, g.flops if (g := layer.gemm_shape(shapes) or _activation_gemm(layer, shapes)) else None)
+        for layer in find_layers(model.proto, shapes)
+    ]
 
 
 #: probe sizes for a symbolic dim: large enough that strided layers' ceil() rounding does not hide growth
@@ -209,8 +215,15 @@ def _scaling_dims(model: Model) -> tuple[dict[str, Shape], dict[str, Any]]:
     return shapes, {"dims": values, "scaling": sorted(dims)}
 
 
-def _row(layer: Layer, n: int, m: int, shapes: dict[str, Shape], consts: dict[str, Any], model: Model,
-         cache: dict[tuple[int, str], dict[str, Any]]) -> dict[str, Any]:
+def _row(
+    layer: Layer,
+    n: int,
+    m: int,
+    shapes: dict[str, Shape],
+    consts: dict[str, Any],
+    model: Model,
+    cache: dict[tuple[int, str], dict[str, Any]],
+) -> dict[str, Any]:
     src = layer.source
     row: dict[str, Any] = {
         "layer": layer.name,
@@ -262,8 +275,9 @@ def _activation_gemm(layer: Layer, shapes: dict[str, Shape]) -> GemmShape | None
     return GemmShape(m=int(np.prod(a[:-1], dtype=np.int64)), n=b[-1], k=a[-1])
 
 
-def _stats(layer: Layer, n: int, m: int, consts: dict[str, Any], model: Model,
-           cache: dict[tuple[int, str], dict[str, Any]]) -> dict[str, Any] | str:
+def _stats(
+    layer: Layer, n: int, m: int, consts: dict[str, Any], model: Model, cache: dict[tuple[int, str], dict[str, Any]]
+) -> dict[str, Any] | str:
     """Zeros and violating groups of the layer's stored weight (``m`` = 0: zeros only). Cached per tensor."""
     assert layer.source is not None
     key = (id(layer.source.tensor), f"{layer.source.name}/{layer.source_reduction_axis}/{m}")
@@ -296,8 +310,9 @@ def _hints(layer: Layer, gemm_m: int | None) -> list[str]:
     if layer.weight_shape is None or layer.channel_axis is None:
         return hints
     c_in, c_out = layer.reduction_size or 0, layer.weight_shape[layer.channel_axis]
-    in_name = "C_in/group" if layer.op_type == "Conv" and layer.group > 1 else ("C_in" if "Conv" in layer.op_type
-                                                                                 else "K")
+    in_name = (
+        "C_in/group" if layer.op_type == "Conv" and layer.group > 1 else ("C_in" if "Conv" in layer.op_type else "K")
+    )
     out_name = "C_out" if "Conv" in layer.op_type else "N"
     if c_in < SMALL_CHANNELS or c_out < SMALL_CHANNELS:
         hints.append(f"small: {in_name} {c_in}, {out_name} {c_out} (<{SMALL_CHANNELS})")
@@ -359,19 +374,28 @@ def render_report(report: PassReport) -> str:
     for r in d["layers"]:
         status = r["status"] if r["status"] != INELIGIBLE else f"ineligible: {r['reason']}"
         shape = "x".join(str(x) for x in r["shape"]) if r["shape"] else "-"
-        rows.append((
-            r["layer"], r["op"], r["weight"] or "-", shape, "-" if r["axis"] is None else r["axis"], status,
-            "-" if r["zeros"] is None else f"{r['zeros']:.1%}",
-            "-" if r["violations"] is None else f"{r['violations']}/{r['groups']}",
-            "-" if r["flops"] is None else human_count(r["flops"]),
-            "; ".join(r["hints"]),
-        ))
+        rows.append(
+            (
+                r["layer"],
+                r["op"],
+                r["weight"] or "-",
+                shape,
+                "-" if r["axis"] is None else r["axis"],
+                status,
+                "-" if r["zeros"] is None else f"{r['zeros']:.1%}",
+                "-" if r["violations"] is None else f"{r['violations']}/{r['groups']}",
+                "-" if r["flops"] is None else human_count(r["flops"]),
+                "; ".join(r["hints"]),
+            )
+        )
     headers = ["layer", "op", "weight", "shape", "axis", "status", "zeros", "bad groups", "FLOPs", "TensorRT hints"]
     s = d["summary"]
     pattern = d["pattern"]
     lines = [table(rows, headers, align="lllllllrrl", prose=("status", "TensorRT hints")), ""]
-    lines.append(f"{s['sparse']}/{s['eligible']} eligible layers are {pattern} ({s['layers']} weighted layers, "
-                 f"{s['ineligible']} ineligible)")
+    lines.append(
+        f"{s['sparse']}/{s['eligible']} eligible layers are {pattern} ({s['layers']} weighted layers, "
+        f"{s['ineligible']} ineligible)"
+    )
     basis = "FLOP-weighted" if s["coverage_basis"] == "flops" else "parameter-weighted"
     detail = f" ({s['coverage_basis_detail']})" if s.get("coverage_basis_detail") else ""
     lines.append(f"{pattern} coverage: {s['coverage']:.1%} {basis}{detail}; {s['eligible_coverage']:.1%} of eligible")

@@ -14,8 +14,13 @@ def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def make_model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
-               inits: list[onnx.TensorProto], opset: int = 17) -> onnx.ModelProto:
+def make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: list[onnx.TensorProto],
+    opset: int = 17,
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -71,14 +76,24 @@ def if_model(seed: int = 0) -> onnx.ModelProto:
     """An If whose branches hold MatMuls: one weight is a branch initializer, one an outer-scope initializer."""
     rng = np.random.default_rng(seed)
     then_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W_then"], ["t_out"], name="then_mm")], "then_g", [],
-        [helper.make_tensor_value_info("t_out", F, ["batch", 12])], [nh.from_array(rand(rng, 8, 12), "W_then")])
+        [helper.make_node("MatMul", ["x", "W_then"], ["t_out"], name="then_mm")],
+        "then_g",
+        [],
+        [helper.make_tensor_value_info("t_out", F, ["batch", 12])],
+        [nh.from_array(rand(rng, 8, 12), "W_then")],
+    )
     else_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W_outer"], ["e_out"], name="else_mm")], "else_g", [],
-        [helper.make_tensor_value_info("e_out", F, ["batch", 12])], [])
+        [helper.make_node("MatMul", ["x", "W_outer"], ["e_out"], name="else_mm")],
+        "else_g",
+        [],
+        [helper.make_tensor_value_info("e_out", F, ["batch", 12])],
+        [],
+    )
     nodes = [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
-    inputs = [helper.make_tensor_value_info("x", F, ["batch", 8]),
-              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    inputs = [
+        helper.make_tensor_value_info("x", F, ["batch", 8]),
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+    ]
     outputs = [helper.make_tensor_value_info("y", F, ["batch", 12])]
     return make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 12), "W_outer")])
 
@@ -87,15 +102,28 @@ def scan_model(seed: int = 0) -> onnx.ModelProto:
     """A Scan over the sequence axis whose body applies a MatMul with a body-local constant weight."""
     rng = np.random.default_rng(seed)
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["x_t", "W_scan"], ["mm"], name="scan_mm"),
-         helper.make_node("Add", ["mm", "acc_in"], ["acc_out"]),
-         helper.make_node("Identity", ["acc_out"], ["y_t"])],
+        [
+            helper.make_node("MatMul", ["x_t", "W_scan"], ["mm"], name="scan_mm"),
+            helper.make_node("Add", ["mm", "acc_in"], ["acc_out"]),
+            helper.make_node("Identity", ["acc_out"], ["y_t"]),
+        ],
         "scan_body",
         [helper.make_tensor_value_info("acc_in", F, [2, 12]), helper.make_tensor_value_info("x_t", F, [2, 8])],
         [helper.make_tensor_value_info("acc_out", F, [2, 12]), helper.make_tensor_value_info("y_t", F, [2, 12])],
-        [nh.from_array(rand(rng, 8, 12), "W_scan")])
-    nodes = [helper.make_node("Scan", ["acc0", "x"], ["acc", "ys"], name="scan", body=body, num_scan_inputs=1,
-                              scan_input_axes=[1], scan_output_axes=[1])]
+        [nh.from_array(rand(rng, 8, 12), "W_scan")],
+    )
+    nodes = [
+        helper.make_node(
+            "Scan",
+            ["acc0", "x"],
+            ["acc", "ys"],
+            name="scan",
+            body=body,
+            num_scan_inputs=1,
+            scan_input_axes=[1],
+            scan_output_axes=[1],
+        )
+    ]
     inputs = [helper.make_tensor_value_info("x", F, [2, "seq", 8])]
     outputs = [helper.make_tensor_value_info("acc", F, [2, 12]), helper.make_tensor_value_info("ys", F, [2, "seq", 12])]
     return make_model(nodes, inputs, outputs, [nh.from_array(np.zeros((2, 12), np.float32), "acc0")])
@@ -105,15 +133,22 @@ def loop_model(seed: int = 0) -> onnx.ModelProto:
     """A Loop whose body multiplies the carried state by a constant weight (outer-scope initializer)."""
     rng = np.random.default_rng(seed)
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("MatMul", ["h_in", "W_loop"], ["mm"], name="body_mm"),
-         helper.make_node("Tanh", ["mm"], ["h_out"])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "W_loop"], ["mm"], name="body_mm"),
+            helper.make_node("Tanh", ["mm"], ["h_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", F, ["batch", 16])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", F, ["batch", 16])])
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", F, ["batch", 16]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", F, ["batch", 16]),
+        ],
+    )
     nodes = [helper.make_node("Loop", ["trip", "", "x"], ["y"], name="loop", body=body)]
     inputs = [helper.make_tensor_value_info("x", F, ["batch", 16])]
     outputs = [helper.make_tensor_value_info("y", F, ["batch", 16])]

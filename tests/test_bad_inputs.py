@@ -34,10 +34,13 @@ OPSET = 17
 def _mlp(path: Path, w: np.ndarray | None = None, opset: int = OPSET, external: bool = False) -> Path:
     """x[b, 16] @ W[16, 8]: the smallest model every command accepts."""
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32) if w is None else w
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
-                              [onnx.numpy_helper.from_array(w, "W")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [onnx.numpy_helper.from_array(w, "W")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     if external:
@@ -109,9 +112,12 @@ def inf_weight_check(src: Path) -> list[str]:
 
 
 def duplicate_output_names(src: Path) -> list[str]:
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     return ["run", str(_save(src / "m.onnx", graph)), "-o", "{out}"]
 
 
@@ -208,7 +214,9 @@ CASES: dict[str, Case] = {
     "calib_wrong_dtype": Case(calib_wrong_dtype, r"input 'x' is int64, the model takes float32"),
     "calib_missing": Case(calib_missing, r"calibration data .*nope\.npz does not exist"),
     "output_is_input": Case(output_is_input, r"is the input model"),
-    "output_overwrites_input_data": Case(output_overwrites_input_data, r"would write x\.onnx\.data, which is the external-data file of the input"),
+    "output_overwrites_input_data": Case(
+        output_overwrites_input_data, r"would write x\.onnx\.data, which is the external-data file of the input"
+    ),
     "output_folder_missing": Case(output_folder_missing, r"folder .*missing does not exist"),
     "output_folder_is_a_file": Case(output_folder_is_a_file, r"folder .*m\.onnx is not a folder"),
     "output_unwritable": Case(output_unwritable, r"cannot write to output folder /proc"),
@@ -219,8 +227,11 @@ CASES: dict[str, Case] = {
 
 def _snapshot(folder: Path) -> dict[str, str]:
     """Relative path → sha256 of every file below ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _invoke(args: list[str], mode: str) -> tuple[int, str, str]:
@@ -229,8 +240,13 @@ def _invoke(args: list[str], mode: str) -> tuple[int, str, str]:
         if res.exception is not None and not isinstance(res.exception, SystemExit):
             raise res.exception  # a crash: show its traceback
         return res.exit_code, res.stdout, res.stderr
-    proc = subprocess.run([sys.executable, "-m", "onnxsparse", *args], capture_output=True, text=True,
-                          env={**os.environ, "NO_COLOR": "1"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxsparse", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+        timeout=120,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -261,13 +277,22 @@ def test_non_constant_weights_are_reported_not_failed(tmp_path: Path) -> None:
     coverage gate is how a user insists (exit 2)."""
     rng = np.random.default_rng(0)
     w = onnx.numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W0")
-    nodes = [helper.make_node("MatMul", ["x", "W_in"], ["h"], name="from_input"),
-             helper.make_node("Neg", ["W0"], ["W_neg"]),
-             helper.make_node("MatMul", ["x", "W_neg"], ["g"], name="computed"),
-             helper.make_node("Add", ["h", "g"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16]),
-                                           helper.make_tensor_value_info("W_in", TensorProto.FLOAT, [16, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], [w])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W_in"], ["h"], name="from_input"),
+        helper.make_node("Neg", ["W0"], ["W_neg"]),
+        helper.make_node("MatMul", ["x", "W_neg"], ["g"], name="computed"),
+        helper.make_node("Add", ["h", "g"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16]),
+            helper.make_tensor_value_info("W_in", TensorProto.FLOAT, [16, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [w],
+    )
     src = _save(tmp_path / "m.onnx", graph)
     before = _snapshot(tmp_path)
     out = tmp_path / "out" / "o.onnx"

@@ -31,14 +31,22 @@ def _mlp(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
         helper.make_node("ReduceSum", ["idsf"], ["s"], keepdims=1),
         helper.make_node("Add", ["g", "s"], ["y"]),
     ]
-    inits = [nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
-             nh.from_array(rng.standard_normal((8, 32)).astype(np.float32) * 0.2, "w2"),
-             nh.from_array(np.array([1], dtype=np.int64), "axes")]
+    inits = [
+        nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+        nh.from_array(rng.standard_normal((8, 32)).astype(np.float32) * 0.2, "w2"),
+        nh.from_array(np.array([1], dtype=np.int64), "axes"),
+    ]
     nodes[4].input.append("axes")
-    graph = helper.make_graph(nodes, "g",
-                              [helper.make_tensor_value_info("x", F, [batch, 16]),
-                               helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, 4])],
-                              [helper.make_tensor_value_info("y", F, [batch, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F, [batch, 16]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, 4]),
+        ],
+        [helper.make_tensor_value_info("y", F, [batch, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -47,12 +55,15 @@ def _mlp(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
 
 def _samples(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((n, 16)).astype(np.float32),
-            "ids": rng.integers(0, 5, size=(n, 4)).astype(np.int64)}
+    return {
+        "x": rng.standard_normal((n, 16)).astype(np.float32),
+        "ids": rng.integers(0, 5, size=(n, 4)).astype(np.int64),
+    }
 
 
-def _read_all(obj: object, model: onnx.ModelProto, samples: int | None = None,
-              batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+def _read_all(
+    obj: object, model: onnx.ModelProto, samples: int | None = None, batch_size: int | None = None
+) -> list[dict[str, np.ndarray]]:
     return list(open_calibration(obj, model, samples, batch_size))
 
 
@@ -71,7 +82,7 @@ def test_npz_is_cut_into_batches_in_order(tmp_path: Path) -> None:
 def test_calib_samples_caps_and_batches_regroup_across_files(tmp_path: Path) -> None:
     data = _samples(30)
     for i, start in enumerate(range(0, 30, 7)):  # files of 7 samples (last one 2)
-        np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[start:start + 7] for k, v in data.items()})
+        np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[start : start + 7] for k, v in data.items()})
     batches = _read_all(tmp_path, _mlp(), samples=25, batch_size=10)
     assert [b["x"].shape[0] for b in batches] == [10, 10, 5]
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), data["x"][:25])
@@ -136,8 +147,10 @@ def test_data_is_read_once() -> None:
     [
         ({"x": np.zeros((2, 16), np.float32)}, "lacks model input 'ids'"),
         ({**_samples(2), "z": np.zeros(2, np.float32)}, "has 'z', which is not a model input"),
-        ({"x": np.zeros((2, 16), np.float64), "ids": np.zeros((2, 4), np.int64)},
-         r"input 'x' is float64, the model takes float32 \(convert with .astype\(np.float32\)\)"),
+        (
+            {"x": np.zeros((2, 16), np.float64), "ids": np.zeros((2, 4), np.int64)},
+            r"input 'x' is float64, the model takes float32 \(convert with .astype\(np.float32\)\)",
+        ),
         ({"x": np.zeros((2, 16, 1), np.float32), "ids": np.zeros((2, 4), np.int64)}, "rank 3"),
         ({"x": np.zeros((2, 15), np.float32), "ids": np.zeros((2, 4), np.int64)}, "dim 1 must be 16"),
         ({"x": np.zeros((2, 16), np.float32), "ids": np.zeros((3, 4), np.int64)}, "disagree on the number"),
@@ -173,7 +186,7 @@ def test_bad_sources(tmp_path: Path) -> None:
 def test_histogram_grows_exactly_and_stays_bounded() -> None:
     rng = np.random.default_rng(0)
     h = AbsHistogram()
-    chunks = [rng.standard_normal(5000).astype(np.float32) * (1.5 ** i) for i in range(30)]
+    chunks = [rng.standard_normal(5000).astype(np.float32) * (1.5**i) for i in range(30)]
     for c in chunks:
         h.update(c)
         assert h.counts is not None and 2048 <= len(h.counts) <= 4096
@@ -189,10 +202,15 @@ def test_histogram_grows_exactly_and_stays_bounded() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(scales=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=12), sizes=st.integers(1, 3000),
-       p=st.sampled_from([50.0, 99.0, 99.9, 99.99]), seed=st.integers(0, 2**16))
-def test_histogram_threshold_is_the_left_edge_of_the_quantile_bin(scales: list[float], sizes: int, p: float,
-                                                                  seed: int) -> None:
+@given(
+    scales=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=12),
+    sizes=st.integers(1, 3000),
+    p=st.sampled_from([50.0, 99.0, 99.9, 99.99]),
+    seed=st.integers(0, 2**16),
+)
+def test_histogram_threshold_is_the_left_edge_of_the_quantile_bin(
+    scales: list[float], sizes: int, p: float, seed: int
+) -> None:
     """Whatever the order and growth of the chunks: q - width < threshold <= q for the exact quantile q."""
     rng = np.random.default_rng(seed)
     chunks = [(rng.standard_t(3, size=sizes) * s).astype(np.float32) for s in scales]
@@ -217,8 +235,9 @@ def test_histogram_zeros_and_nonfinite() -> None:
     assert empty.threshold() == 0.0
 
 
-def _ort_percentile(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
-                    tmp_path: Path, percentile: float) -> tuple[dict[str, float], dict[str, float]]:
+def _ort_percentile(
+    model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]], tmp_path: Path, percentile: float
+) -> tuple[dict[str, float], dict[str, float]]:
     """ORT's own PercentileCalibrater (symmetric, as quantize_static builds it) on the same batches."""
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
@@ -231,9 +250,13 @@ def _ort_percentile(model: onnx.ModelProto, tensors: list[str], batches: list[di
 
     path = tmp_path / "ort_in.onnx"
     onnx.save(model, str(path))
-    cal = create_calibrator(path, ["MatMul", "Gemm"], augmented_model_path=str(tmp_path / "aug.onnx"),
-                            calibrate_method=CalibrationMethod.Percentile,
-                            extra_options={"percentile": percentile, "symmetric": True})
+    cal = create_calibrator(
+        path,
+        ["MatMul", "Gemm"],
+        augmented_model_path=str(tmp_path / "aug.onnx"),
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"percentile": percentile, "symmetric": True},
+    )
     cal.collect_data(Reader())
     ranges = cal.compute_data()
     widths = {t: float(np.diff(cal.collector.histogram_dict[t][1][:2])[0]) for t in tensors}
@@ -245,8 +268,13 @@ def test_percentile_matches_ort_within_one_bin(tmp_path: Path, percentile: float
     model = _mlp()
     rng = np.random.default_rng(3)
     # later batches are larger so the streaming histogram has to grow (and merge) on the way
-    batches = [{"x": (rng.standard_normal((16, 16)) * (1 + 0.5 * i)).astype(np.float32),
-                "ids": rng.integers(0, 5, (16, 4)).astype(np.int64)} for i in range(12)]
+    batches = [
+        {
+            "x": (rng.standard_normal((16, 16)) * (1 + 0.5 * i)).astype(np.float32),
+            "ids": rng.integers(0, 5, (16, 4)).astype(np.int64),
+        }
+        for i in range(12)
+    ]
     tensors = ["x", "r"]
     ours = collect(Model(model), tensors, open_calibration(batches, model), "percentile", percentile)
     theirs, ort_width = _ort_percentile(model, tensors, batches, tmp_path, percentile)
@@ -306,16 +334,26 @@ def test_dict_of_arrays_and_single_npy_default_to_batches_of_32(tmp_path: Path) 
 # ---------------------------------------------------------------------------------------------- progress
 
 
-@pytest.mark.parametrize(("layout", "samples", "batch_size"),
-                         [("npz", None, None), ("npz", None, 16), ("npz", 50, 16), ("folder", None, None),
-                          ("folder", 25, 10), ("folder", None, 4), ("compressed", None, 8)])
-def test_batch_count_is_known_up_front(tmp_path: Path, layout: str, samples: int | None,
-                                       batch_size: int | None) -> None:
+@pytest.mark.parametrize(
+    ("layout", "samples", "batch_size"),
+    [
+        ("npz", None, None),
+        ("npz", None, 16),
+        ("npz", 50, 16),
+        ("folder", None, None),
+        ("folder", 25, 10),
+        ("folder", None, 4),
+        ("compressed", None, 8),
+    ],
+)
+def test_batch_count_is_known_up_front(
+    tmp_path: Path, layout: str, samples: int | None, batch_size: int | None
+) -> None:
     """The progress total: the batches a file or folder will give, from array headers, equals the real count."""
     data = _samples(70)
     if layout == "folder":
         for i, start in enumerate(range(0, 70, 7)):
-            np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[start:start + 7] for k, v in data.items()})
+            np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[start : start + 7] for k, v in data.items()})
         src: Path = tmp_path
     else:
         src = tmp_path / "c.npz"
@@ -324,8 +362,9 @@ def test_batch_count_is_known_up_front(tmp_path: Path, layout: str, samples: int
     assert opened.batches_hint == sum(1 for _ in opened)
 
 
-def test_calibration_progress_line_has_total_and_eta(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_progress_line_has_total_and_eta(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a TTY, collect() reports 'calibrate step/total (pct) rate ETA' on stderr (first line at once here)."""
     monkeypatch.setattr("onnxsparse.progress.FIRST_LINE_S", 0.0)
     np.savez(tmp_path / "c.npz", **_samples(40))

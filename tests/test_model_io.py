@@ -19,8 +19,14 @@ def _big_model(tmp_path: Path) -> Path:
     model = matmul_ranks()
     model.metadata_props.add(key="author", value="me")
     model.graph.value_info.add().CopyFrom(onnx.helper.make_tensor_value_info("q", onnx.TensorProto.FLOAT, None))
-    fn = onnx.helper.make_function("custom", "Twice", ["a"], ["b"], [onnx.helper.make_node("Add", ["a", "a"], ["b"])],
-                                   [onnx.helper.make_opsetid("", 17)])
+    fn = onnx.helper.make_function(
+        "custom",
+        "Twice",
+        ["a"],
+        ["b"],
+        [onnx.helper.make_node("Add", ["a", "a"], ["b"])],
+        [onnx.helper.make_opsetid("", 17)],
+    )
     model.functions.append(fn)
     model.opset_import.append(onnx.helper.make_opsetid("custom", 1))
     path = tmp_path / "in" / "m.onnx"

@@ -46,7 +46,10 @@ def test_model_files_lists_external_data(tmp_path: Path) -> None:
         ([("-o", "o.onnx"), ("--json", "o.onnx")], "--json 'o.onnx': is also -o o.onnx"),
         ([("-o", "o.onnx"), ("--json", "o.onnx.data")], "--json 'o.onnx.data': is also the external-data file"),
         ([("-o", "o.onnx"), ("prune{masks}", "calib.npz")], "prune{masks} 'calib.npz': is the input calib.npz"),
-        ([("-o", "o.onnx"), ("--json", "nowhere/r.json")], "--json 'nowhere/r.json': its folder nowhere does not exist"),
+        (
+            [("-o", "o.onnx"), ("--json", "nowhere/r.json")],
+            "--json 'nowhere/r.json': its folder nowhere does not exist",
+        ),
         ([("-o", "sub")], "-o 'sub': is a folder"),
     ],
 )

@@ -38,8 +38,9 @@ def test_main_job_command_runs(tmp_path: Path) -> None:
     assert argv[0] == ".venv/bin/onnxsparse"
     out = tmp_path / argv[argv.index("-o") + 1]
     argv[argv.index("-o") + 1] = str(out)
-    r = subprocess.run([sys.executable, "-m", "onnxsparse", *argv[1:]], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxsparse", *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "2:4 coverage" in r.stdout and "FLOP-weighted" in r.stdout
     onnx.checker.check_model(str(out), full_check=True)

@@ -43,13 +43,19 @@ def _position_ids_model(extra_op: str | None = None) -> onnx.ModelProto:
     if extra_op is not None:
         nodes.append(helper.make_node(extra_op, ["h"], ["y"], domain="example.unknown"))
         opsets.append(helper.make_opsetid("example.unknown", 1))
-    inits = [nh.from_array(np.arange(64, dtype=np.int64).reshape(1, 64), "buffer"),
-             nh.from_array(rng.standard_normal((100, 8)).astype(np.float32), "word"),
-             nh.from_array(rng.standard_normal((64, 8)).astype(np.float32), "position"),
-             nh.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w")]
-    graph = helper.make_graph(nodes, "embeddings",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    inits = [
+        nh.from_array(np.arange(64, dtype=np.int64).reshape(1, 64), "buffer"),
+        nh.from_array(rng.standard_normal((100, 8)).astype(np.float32), "word"),
+        nh.from_array(rng.standard_normal((64, 8)).astype(np.float32), "position"),
+        nh.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embeddings",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model
@@ -87,7 +93,8 @@ def test_without_concrete_inputs_the_fallback_is_not_run_and_dims_stay_symbolic(
 
 
 def test_a_failing_symbolic_inference_keeps_onnx_shapes_and_writes_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An op no inference knows stops ORT's symbolic inference (its own ``infer_shapes`` would then save a
     temporary model into the working directory and raise): the dims it found before the op are kept,
     nothing is written, nothing raises."""

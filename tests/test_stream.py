@@ -51,8 +51,9 @@ def small_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
     ties=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_keep_pairwise_equals_nm_keep(shape: tuple[int, ...], nm: tuple[int, int], axis_pick: int, ties: bool,
-                                      seed: int) -> None:
+def test_keep_pairwise_equals_nm_keep(
+    shape: tuple[int, ...], nm: tuple[int, int], axis_pick: int, ties: bool, seed: int
+) -> None:
     n, m = nm
     axes = [a for a in range(len(shape)) if shape[a] % m == 0]
     if not axes:
@@ -68,8 +69,9 @@ def test_keep_pairwise_equals_nm_keep(shape: tuple[int, ...], nm: tuple[int, int
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize(("shape", "axis"), [((64, 48), 0), ((48, 64), 1), ((32, 8, 3, 3), 1), ((6, 16, 40), 1)])
-def test_prune_tensor_equals_in_memory(tmp_path: Path, small_slabs: None, dtype: type, shape: tuple[int, ...],
-                                       axis: int) -> None:
+def test_prune_tensor_equals_in_memory(
+    tmp_path: Path, small_slabs: None, dtype: type, shape: tuple[int, ...], axis: int
+) -> None:
     rng = np.random.default_rng(0)
     w: np.ndarray = rng.standard_normal(shape).astype(dtype)
     w[rng.random(shape) < 0.1] = 0  # some existing zeros
@@ -120,14 +122,24 @@ def test_non_finite_weight_is_refused_by_name(tmp_path: Path, small_slabs: None,
 def test_passes_give_same_model_streamed_or_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """prune + validate through the pipeline: streamed (forced) and in-memory results are identical."""
     rng = np.random.default_rng(3)
-    inits = [onnx.numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w0"),
-             onnx.numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1")]
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w0"),
+        onnx.numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+    ]
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Gemm", ["h", "w1"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        inits,
+    )
     (tmp_path / "m").mkdir()
-    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])),
-               tmp_path / "m" / "m.onnx", external_data=True)
+    save_model(
+        Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])),
+        tmp_path / "m" / "m.onnx",
+        external_data=True,
+    )
     results = []
     for threshold in (2**40, 0):  # in memory, then streamed
         monkeypatch.setattr(stream, "STREAM_MIN_BYTES", threshold)
@@ -146,8 +158,7 @@ def test_passes_give_same_model_streamed_or_not(tmp_path: Path, monkeypatch: pyt
 
 
 @pytest.mark.parametrize(("n", "m", "axis"), [(2, 4, 0), (2, 4, 1), (1, 4, 1), (3, 4, 0)])
-def test_check_after_prune_equals_reading_it_back(tmp_path: Path, small_slabs: None, n: int, m: int,
-                                                  axis: int) -> None:
+def test_check_after_prune_equals_reading_it_back(tmp_path: Path, small_slabs: None, n: int, m: int, axis: int) -> None:
     """The check prune records while writing (``_VERIFIED``) equals a fresh read of the written bytes, for
     every pattern; another pattern or axis is not answered from it."""
     rng = np.random.default_rng(n * 10 + axis)

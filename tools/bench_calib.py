@@ -60,8 +60,16 @@ def build_cnn(path: Path, width: int = 32, size: int = 48, blocks: int = 3, seed
         w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
         b = (rng.standard_normal(cout) * 0.05).astype(np.float32)
         inits.extend([nh.from_array(w, f"{name}.weight"), nh.from_array(b, f"{name}.bias")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [f"{name}.out"], name=name,
-                                      pads=[k // 2] * 4, strides=[stride, stride]))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.weight", f"{name}.bias"],
+                [f"{name}.out"],
+                name=name,
+                pads=[k // 2] * 4,
+                strides=[stride, stride],
+            )
+        )
         if not relu:
             return f"{name}.out"
         nodes.append(helper.make_node("Relu", [f"{name}.out"], [f"{name}.relu"], name=f"{name}.relu"))
@@ -85,9 +93,13 @@ def build_cnn(path: Path, width: int = 32, size: int = 48, blocks: int = 3, seed
     inits.append(nh.from_array((rng.standard_normal((100, c)) * np.sqrt(1.0 / c)).astype(np.float32), "head.weight"))
     inits.append(nh.from_array(np.zeros(100, np.float32), "head.bias"))
     nodes.append(helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["logits"], name="head", transB=1))
-    graph = helper.make_graph(nodes, "resnetish",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 100])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "resnetish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 100])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -109,8 +121,9 @@ def input_shapes(model_path: Path, batch: int) -> dict[str, tuple[tuple[int, ...
             continue
         tt = vi.type.tensor_type
         named = dict(item.split("=") for item in os.environ.get("BENCH_DIMS", "").split(",") if item)
-        dims = tuple(int(d.dim_value) if d.HasField("dim_value") else int(named.get(d.dim_param, batch))
-                     for d in tt.shape.dim)
+        dims = tuple(
+            int(d.dim_value) if d.HasField("dim_value") else int(named.get(d.dim_param, batch)) for d in tt.shape.dim
+        )
         out[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return out
 
@@ -120,8 +133,14 @@ def batches(model_path: Path, count: int, batch: int, first_seed: int = 0) -> It
     shapes = input_shapes(model_path, batch)
     for i in range(count):
         rng = np.random.default_rng(first_seed + i)
-        yield {name: (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                      else rng.integers(0, 4, size=shape).astype(dtype)) for name, (shape, dtype) in shapes.items()}
+        yield {
+            name: (
+                rng.standard_normal(shape).astype(dtype)
+                if np.issubdtype(dtype, np.floating)
+                else rng.integers(0, 4, size=shape).astype(dtype)
+            )
+            for name, (shape, dtype) in shapes.items()
+        }
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -135,12 +154,17 @@ def run_ours(model_path: Path, out: Path, count: int, batch: int) -> dict[str, A
     start = time.perf_counter()
     model = load_model(model_path)
     result = Pipeline([QdqPass(percentile=PERCENTILE)]).run(
-        model, PassContext(calibration=batches(model_path, count, batch)))
+        model, PassContext(calibration=batches(model_path, count, batch))
+    )
     save_model(result.model, out)
     seconds = time.perf_counter() - start
     calib = result.results[0].report.details["calibration"]
-    return {"seconds": seconds, "calibration_seconds": calib["seconds"], "tensors": len(calib["tensors"]),
-            "batches": calib["batches"]}
+    return {
+        "seconds": seconds,
+        "calibration_seconds": calib["seconds"],
+        "tensors": len(calib["tensors"]),
+        "batches": calib["batches"],
+    }
 
 
 def run_ort(model_path: Path, out: Path, count: int, batch: int) -> dict[str, Any]:
@@ -161,10 +185,20 @@ def run_ort(model_path: Path, out: Path, count: int, batch: int) -> dict[str, An
 
     start = time.perf_counter()
     quantize_static(
-        str(model_path), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.Percentile,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": PERCENTILE,
-                       "CalibTensorRangeSymmetric": True},
+        str(model_path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "CalibPercentile": PERCENTILE,
+            "CalibTensorRangeSymmetric": True,
+        },
     )
     return {"seconds": time.perf_counter() - start}
 
@@ -184,8 +218,20 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(tool: str, model: Path, out: Path, count: int, batch: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", tool, "--model", str(model), "--out", str(out),
-           "--count", str(count), "--batch-size", str(batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--count",
+        str(count),
+        "--batch-size",
+        str(batch),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -202,8 +248,10 @@ def fidelity(float_model: Path, qdq_model: Path, batch: int, count: int = 8) -> 
     import onnxruntime as ort
 
     out: dict[str, float] = {}
-    for label, level in (("exact", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                         ("ort_fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
+    for label, level in (
+        ("exact", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+        ("ort_fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+    ):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = level
         opts.log_severity_level = 3
@@ -240,8 +288,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2, help="samples per batch for symbolic batch dims")
     ap.add_argument("--size", type=int, default=48, help="image size of the built-in CNN")
     ap.add_argument("--width", type=int, default=32, help="channels of the built-in CNN's first stage")
-    ap.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
-                    help="value of a symbolic input dim other than the batch (e.g. seq=128); repeatable")
+    ap.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="value of a symbolic input dim other than the batch (e.g. seq=128); repeatable",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per (tool, batch count); the fastest is kept")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", choices=["ours", "ort"], help=argparse.SUPPRESS)
@@ -275,8 +328,10 @@ def main() -> None:
                     info.update(fidelity(model, out, args.batch_size))
                     info.update(count_ops(out))
                 runs[tool][count] = info
-                print(f"{tool:5s} {count:4d} batches: {info['seconds']:.2f}s, peak RSS {info['peak_rss_mb']:.0f} MB",
-                      file=sys.stderr)
+                print(
+                    f"{tool:5s} {count:4d} batches: {info['seconds']:.2f}s, peak RSS {info['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                )
         lo, hi = min(counts), max(counts)
         summary = {
             "model": args.model or f"built-in ResNet-ish CNN (width {args.width}, {args.size}x{args.size})",
@@ -295,18 +350,47 @@ def main() -> None:
             for c in counts:
                 r = runs[tool][c]
                 nan = float("nan")
-                rows.append([tool, c, f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.2f}", f"{r['peak_rss_mb']:.0f}",
-                             f"{r.get('sqnr_db_exact', nan):.2f}", f"{r.get('cosine_exact', nan):.5f}",
-                             f"{r.get('sqnr_db_ort_fused', nan):.2f}", f"{r.get('cosine_ort_fused', nan):.5f}",
-                             r.get("QuantizeLinear", "")])
-        print(table(rows, ["tool", "batches", "seconds", "CPU s", "peak RSS MB", "SQNR dB", "cosine",
-                           "SQNR dB (ORT fused)", "cosine (ORT fused)", "Q nodes"]))
-        print("\nspeed-up (ORT time / onnxsparse time): "
-              + ", ".join(f"{c} batches {summary['speedup'][str(c)]:.2f}x" for c in counts)
-              + "; in CPU time: "
-              + ", ".join(f"{c} batches {summary['speedup_cpu'][str(c)]:.2f}x" for c in counts))
-        print(f"peak RSS {hi} vs {lo} batches: onnxsparse {summary['rss_growth']['ours']:.3f}x, "
-              f"ORT {summary['rss_growth']['ort']:.3f}x")
+                rows.append(
+                    [
+                        tool,
+                        c,
+                        f"{r['seconds']:.2f}",
+                        f"{r['cpu_seconds']:.2f}",
+                        f"{r['peak_rss_mb']:.0f}",
+                        f"{r.get('sqnr_db_exact', nan):.2f}",
+                        f"{r.get('cosine_exact', nan):.5f}",
+                        f"{r.get('sqnr_db_ort_fused', nan):.2f}",
+                        f"{r.get('cosine_ort_fused', nan):.5f}",
+                        r.get("QuantizeLinear", ""),
+                    ]
+                )
+        print(
+            table(
+                rows,
+                [
+                    "tool",
+                    "batches",
+                    "seconds",
+                    "CPU s",
+                    "peak RSS MB",
+                    "SQNR dB",
+                    "cosine",
+                    "SQNR dB (ORT fused)",
+                    "cosine (ORT fused)",
+                    "Q nodes",
+                ],
+            )
+        )
+        print(
+            "\nspeed-up (ORT time / onnxsparse time): "
+            + ", ".join(f"{c} batches {summary['speedup'][str(c)]:.2f}x" for c in counts)
+            + "; in CPU time: "
+            + ", ".join(f"{c} batches {summary['speedup_cpu'][str(c)]:.2f}x" for c in counts)
+        )
+        print(
+            f"peak RSS {hi} vs {lo} batches: onnxsparse {summary['rss_growth']['ours']:.3f}x, "
+            f"ORT {summary['rss_growth']['ort']:.3f}x"
+        )
         goals = {
             "memory_flat_10pct": abs(summary["rss_growth"]["ours"] - 1) <= 0.10,
             "speedup_2x": all(v >= 2.0 for v in summary["speedup"].values()),

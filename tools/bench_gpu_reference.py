@@ -66,16 +66,39 @@ def main() -> int:
         results: dict[str, dict] = {}
         with gpu.SparseLt() as lt:
             for name, m, n, k, _ in shapes:
-                t = gpu.time_gemm(lt, m, n, k, dtype=args.dtype, repeats=args.repeats, iters=args.iters,
-                                  mode=args.mode, seed=r, search_rounds=args.search_rounds)
+                t = gpu.time_gemm(
+                    lt,
+                    m,
+                    n,
+                    k,
+                    dtype=args.dtype,
+                    repeats=args.repeats,
+                    iters=args.iters,
+                    mode=args.mode,
+                    seed=r,
+                    search_rounds=args.search_rounds,
+                )
                 d = t.to_dict()
                 if args.single:
-                    s = gpu.time_gemm(lt, m, n, k, dtype=args.dtype, repeats=args.repeats, iters=1, mode="loop",
-                                      seed=r, search_rounds=1)
+                    s = gpu.time_gemm(
+                        lt,
+                        m,
+                        n,
+                        k,
+                        dtype=args.dtype,
+                        repeats=args.repeats,
+                        iters=1,
+                        mode="loop",
+                        seed=r,
+                        search_rounds=1,
+                    )
                     d["single_launch"] = s.to_dict()
                 results[name] = d
-                print(f"run {r + 1}: {name:32s} dense {t.dense_ms * 1e3:9.1f} us  sparse {t.sparse_ms * 1e3:9.1f} us"
-                      f"  {t.speedup:5.2f}x  err {t.error:.1e}  alg {t.alg_id}", flush=True)
+                print(
+                    f"run {r + 1}: {name:32s} dense {t.dense_ms * 1e3:9.1f} us  sparse {t.sparse_ms * 1e3:9.1f} us"
+                    f"  {t.speedup:5.2f}x  err {t.error:.1e}  alg {t.alg_id}",
+                    flush=True,
+                )
         runs.append(results)
 
     rows, summary = [], []
@@ -87,26 +110,66 @@ def main() -> int:
         spread = {key: max(v) / min(v) - 1 for key, v in (("dense", dense), ("sparse", sparse))}
         ok = within(med, ref) if args.dtype == "fp16" else None
         single = [run[name]["single_launch"]["speedup"] for run in runs if "single_launch" in run[name]]
-        entry = {"name": name, "m": m, "n": n, "k": k, "reference": ref, "speedups": speedups, "speedup": med,
-                 "dense_ms": statistics.median(dense), "sparse_ms": statistics.median(sparse),
-                 "run_spread": spread, "within_10pct": ok, "all_results_ok": all(run[name]["ok"] for run in runs),
-                 "max_error": max(run[name]["error"] for run in runs),
-                 "single_launch_speedup": statistics.median(single) if single else None}
+        entry = {
+            "name": name,
+            "m": m,
+            "n": n,
+            "k": k,
+            "reference": ref,
+            "speedups": speedups,
+            "speedup": med,
+            "dense_ms": statistics.median(dense),
+            "sparse_ms": statistics.median(sparse),
+            "run_spread": spread,
+            "within_10pct": ok,
+            "all_results_ok": all(run[name]["ok"] for run in runs),
+            "max_error": max(run[name]["error"] for run in runs),
+            "single_launch_speedup": statistics.median(single) if single else None,
+        }
         summary.append(entry)
         ref_text = "" if ref is None else (f"{ref[0]:.2f}" if ref[0] == ref[1] else f"{ref[0]:.1f}-{ref[1]:.1f}")
-        rows.append([name, f"{m}x{n}x{k}", f"{entry['dense_ms'] * 1e3:.1f}", f"{entry['sparse_ms'] * 1e3:.1f}",
-                     f"{med:.2f}x", " ".join(f"{s:.2f}" for s in speedups),
-                     f"{100 * max(spread.values()):.1f}%", ref_text, {True: "yes", False: "NO", None: ""}[ok],
-                     "" if entry["single_launch_speedup"] is None else f"{entry['single_launch_speedup']:.2f}x",
-                     f"{entry['max_error']:.1e}"])
+        rows.append(
+            [
+                name,
+                f"{m}x{n}x{k}",
+                f"{entry['dense_ms'] * 1e3:.1f}",
+                f"{entry['sparse_ms'] * 1e3:.1f}",
+                f"{med:.2f}x",
+                " ".join(f"{s:.2f}" for s in speedups),
+                f"{100 * max(spread.values()):.1f}%",
+                ref_text,
+                {True: "yes", False: "NO", None: ""}[ok],
+                "" if entry["single_launch_speedup"] is None else f"{entry['single_launch_speedup']:.2f}x",
+                f"{entry['max_error']:.1e}",
+            ]
+        )
     device = gpu.device_info()
-    print(f"\n{device.get('gpu')} torch {device.get('torch')} cuSPARSELt {device.get('cusparselt')}; {args.dtype}, "
-          f"{args.mode} of {args.iters} launches, median of {args.repeats}, {args.runs} runs")
-    print(table(rows, ["shape", "MxNxK", "dense µs", "2:4 µs", "speed-up", "per run", "run spread", "REFERENCE",
-                       "±10%", "single-launch", "error"]))
+    print(
+        f"\n{device.get('gpu')} torch {device.get('torch')} cuSPARSELt {device.get('cusparselt')}; {args.dtype}, "
+        f"{args.mode} of {args.iters} launches, median of {args.repeats}, {args.runs} runs"
+    )
+    print(
+        table(
+            rows,
+            [
+                "shape",
+                "MxNxK",
+                "dense µs",
+                "2:4 µs",
+                "speed-up",
+                "per run",
+                "run spread",
+                "REFERENCE",
+                "±10%",
+                "single-launch",
+                "error",
+            ],
+        )
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "settings": vars(args), "shapes": summary,
-                                               "runs": runs}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"device": device, "settings": vars(args), "shapes": summary, "runs": runs}, indent=2) + "\n"
+        )
     failed = [e["name"] for e in summary if e["within_10pct"] is False or not e["all_results_ok"]]
     if failed:
         print(f"outside ±10% of REFERENCE.md or wrong results: {', '.join(failed)}")

@@ -57,8 +57,17 @@ class _Net:
         self.inits.append(nh.from_array(w.astype(np.float32), f"{name}.weight"))
         self.inits.append(nh.from_array((0.01 * self.rng.standard_normal(c_out)).astype(np.float32), f"{name}.bias"))
         y = f"{name}.out"
-        self.nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [y], name=name,
-                                           kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.weight", f"{name}.bias"],
+                [y],
+                name=name,
+                kernel_shape=[k, k],
+                strides=[s, s],
+                pads=[k // 2] * 4,
+            )
+        )
         if not act:
             return y
         sig, out = f"{name}.sig", f"{name}.silu"
@@ -132,8 +141,9 @@ def make_yolo_like(seed: int = 0, size: int = 640) -> onnx.ModelProto:
         out = f"head{i}"
         net.nodes.append(helper.make_node("Concat", [box, cls], [out], axis=1))
         outputs.append(helper.make_tensor_value_info(out, F, None))
-    graph = helper.make_graph(net.nodes, "yolo_like", [helper.make_tensor_value_info("images", F, [1, 3, size, size])],
-                              outputs, net.inits)
+    graph = helper.make_graph(
+        net.nodes, "yolo_like", [helper.make_tensor_value_info("images", F, [1, 3, size, size])], outputs, net.inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench_prune")
     model.ir_version = 8
     model = onnx.shape_inference.infer_shapes(model)
@@ -194,10 +204,16 @@ def bench_passes(model: onnx.ModelProto, repeat: int) -> dict[str, float | int]:
     same = sum(np.array_equal(ours[n], theirs[n]) for n in both)
     summary = report.details["summary"]  # type: ignore[attr-defined]
     return {
-        "ours_prune_s": ours_prune, "poly_prune_s": poly_prune,
-        "ours_check_s": ours_check, "poly_check_s": poly_check,
-        "layers_sparse": summary["sparse"], "layers_eligible": summary["eligible"], "layers": summary["layers"],
-        "poly_sparse_tensors": len(checker.sparse_tensors), "identical_tensors": same, "compared_tensors": len(both),
+        "ours_prune_s": ours_prune,
+        "poly_prune_s": poly_prune,
+        "ours_check_s": ours_check,
+        "poly_check_s": poly_check,
+        "layers_sparse": summary["sparse"],
+        "layers_eligible": summary["eligible"],
+        "layers": summary["layers"],
+        "poly_sparse_tensors": len(checker.sparse_tensors),
+        "identical_tensors": same,
+        "compared_tensors": len(both),
     }
 
 
@@ -241,21 +257,29 @@ def main(argv: list[str] | None = None) -> int:
 
     p = bench_passes(model, args.repeat)
     print(f"\n(a) in-process pass time (model in memory; ours: median of {args.repeat})")
-    print(f"  prune: onnxsparse {p['ours_prune_s'] * 1e3:8.1f} ms   polygraphy {p['poly_prune_s'] * 1e3:9.1f} ms   "
-          f"ratio {p['poly_prune_s'] / p['ours_prune_s']:7.1f}x")
-    print(f"  check: onnxsparse {p['ours_check_s'] * 1e3:8.1f} ms   polygraphy {p['poly_check_s'] * 1e3:9.1f} ms   "
-          f"ratio {p['poly_check_s'] / p['ours_check_s']:7.1f}x")
-    print(f"  onnxsparse: {p['layers_sparse']}/{p['layers_eligible']} eligible layers 2:4 ({p['layers']} total); "
-          f"polygraphy finds {p['poly_sparse_tensors']} sparse tensors in its own result; "
-          f"identical pruned tensors: {p['identical_tensors']}/{p['compared_tensors']}")
+    print(
+        f"  prune: onnxsparse {p['ours_prune_s'] * 1e3:8.1f} ms   polygraphy {p['poly_prune_s'] * 1e3:9.1f} ms   "
+        f"ratio {p['poly_prune_s'] / p['ours_prune_s']:7.1f}x"
+    )
+    print(
+        f"  check: onnxsparse {p['ours_check_s'] * 1e3:8.1f} ms   polygraphy {p['poly_check_s'] * 1e3:9.1f} ms   "
+        f"ratio {p['poly_check_s'] / p['ours_check_s']:7.1f}x"
+    )
+    print(
+        f"  onnxsparse: {p['layers_sparse']}/{p['layers_eligible']} eligible layers 2:4 ({p['layers']} total); "
+        f"polygraphy finds {p['poly_sparse_tensors']} sparse tensors in its own result; "
+        f"identical pruned tensors: {p['identical_tensors']}/{p['compared_tensors']}"
+    )
     out: dict[str, object] = {"model": {"convs": convs, "conv_params": params}, "passes": p}
     if not args.skip_cli:
         c = bench_cli(path, work)
         ours, theirs = c["ours_run_s"] + c["ours_check_s"], c["poly_prune_s"] + c["poly_inspect_s"]
         print("\n(b) whole CLI wall time (fresh processes, model on disk)")
         print(f"  onnxsparse run -p prune {c['ours_run_s']:6.2f} s + check {c['ours_check_s']:6.2f} s = {ours:6.2f} s")
-        print(f"  polygraphy surgeon prune {c['poly_prune_s']:6.2f} s + inspect sparsity {c['poly_inspect_s']:6.2f} s "
-              f"= {theirs:6.2f} s")
+        print(
+            f"  polygraphy surgeon prune {c['poly_prune_s']:6.2f} s + inspect sparsity {c['poly_inspect_s']:6.2f} s "
+            f"= {theirs:6.2f} s"
+        )
         print(f"  ratio {theirs / ours:.1f}x")
         out["cli"] = {**c, "ratio": theirs / ours}
     out["pass_ratio"] = p["poly_prune_s"] / p["ours_prune_s"]

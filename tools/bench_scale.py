@@ -83,8 +83,13 @@ def make_model(folder: Path, total_gb: float, tensor_mb: float, seed: int = 0) -
                 nodes.append(helper.make_node("Gemm", [src, t.name], [dst], name=f"gemm{i}", transB=1))
             else:
                 nodes.append(helper.make_node("MatMul", [src, t.name], [dst], name=f"matmul{i}"))
-    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -223,11 +228,16 @@ def run(total_gb: float, tensor_mb: float, folder: Path | None = None, check: bo
         out_dir = root / "out"
         out_dir.mkdir()
         out_path = out_dir / "scale_sparse.onnx"
-        code = ("import json, sys; sys.path.insert(0, sys.argv[3]); import bench_scale; "
-                "print(json.dumps(bench_scale.measure(__import__('pathlib').Path(sys.argv[1]), "
-                "__import__('pathlib').Path(sys.argv[2]))))")
-        proc = subprocess.run([sys.executable, "-c", code, str(model_path), str(out_path), str(Path(__file__).parent)],
-                              capture_output=True, text=True)
+        code = (
+            "import json, sys; sys.path.insert(0, sys.argv[3]); import bench_scale; "
+            "print(json.dumps(bench_scale.measure(__import__('pathlib').Path(sys.argv[1]), "
+            "__import__('pathlib').Path(sys.argv[2]))))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(model_path), str(out_path), str(Path(__file__).parent)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise SystemExit(f"measurement failed:\n{proc.stderr[-3000:]}")
         info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

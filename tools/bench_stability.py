@@ -39,10 +39,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen.add(shape)
         count = sum(1 for r in result["layers"] if tuple(r["shape"]) == shape)
-        rows.append(["x".join(map(str, shape)), count,
-                     " ".join(f"{v * 1000:.2f}" for v in row["dense_ms"]), f"±{row['dense_ms_deviation']:.1%}",
-                     " ".join(f"{v * 1000:.2f}" for v in row["sparse_ms"]), f"±{row['sparse_ms_deviation']:.1%}",
-                     " ".join(f"{v:.3f}" for v in row["speedup"]), f"±{row['speedup_deviation']:.1%}"])
+        rows.append(
+            [
+                "x".join(map(str, shape)),
+                count,
+                " ".join(f"{v * 1000:.2f}" for v in row["dense_ms"]),
+                f"±{row['dense_ms_deviation']:.1%}",
+                " ".join(f"{v * 1000:.2f}" for v in row["sparse_ms"]),
+                f"±{row['sparse_ms_deviation']:.1%}",
+                " ".join(f"{v:.3f}" for v in row["speedup"]),
+                f"±{row['speedup_deviation']:.1%}",
+            ]
+        )
     print(table(rows, ("MxNxK", "layers", "dense µs", "spread", "2:4 µs", "spread", "speed-up", "spread")))
     for metric, w in result["worst"].items():
         verdict = "within" if result["within_limit"][metric] else "OUTSIDE"

@@ -122,8 +122,10 @@ def generate(t: TensorProto, roles: list[tuple[str, int]], seed: int) -> np.ndar
     role = dict(roles)
     if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
         return rng.integers(-8, 8, size=shape).astype(dtype)
-    if role.get("BatchNormalization") in (1, 4) or role.get("LayerNormalization") == 1 or (
-        role.get("InstanceNormalization") == 1
+    if (
+        role.get("BatchNormalization") in (1, 4)
+        or role.get("LayerNormalization") == 1
+        or (role.get("InstanceNormalization") == 1)
     ):
         values: np.ndarray = rng.uniform(0.5, 1.5, size=shape)  # scales and variances: positive
     elif ops & {"Conv", "ConvTranspose", "Gemm", "MatMul"} and len(shape) >= 2 and _is_weight(roles):

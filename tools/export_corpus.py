@@ -46,8 +46,7 @@ def layer_facts(module: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     """Count Conv2d/Linear modules and their MACs at ``args`` with forward hooks."""
     torch = _torch()
     nn = torch.nn
-    facts = {"weighted_layers": 0, "eligible_2_4": 0, "params": 0, "eligible_params": 0, "macs": 0,
-             "eligible_macs": 0}
+    facts = {"weighted_layers": 0, "eligible_2_4": 0, "params": 0, "eligible_params": 0, "macs": 0, "eligible_macs": 0}
     hooks = []
 
     def hook(mod: Any, inp: Any, out: Any) -> None:
@@ -76,12 +75,27 @@ def layer_facts(module: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     return facts
 
 
-def export(module: Any, args: tuple[Any, ...], input_names: list[str], output_names: list[str],
-           dynamic_axes: dict[str, dict[int, str]] | None, opset: int) -> onnx.ModelProto:
+def export(
+    module: Any,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None,
+    opset: int,
+) -> onnx.ModelProto:
     torch = _torch()
     buf = io.BytesIO()
-    torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
-                      output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    torch.onnx.export(
+        module,
+        args,
+        buf,
+        dynamo=False,
+        opset_version=opset,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        do_constant_folding=True,
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -105,8 +119,18 @@ def torchvision_models() -> list[dict[str, Any]]:
         m = getattr(torchvision.models, name)(weights=None).eval()
         x = torch.randn(1, 3, 96, 96)
         axes = {"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
-        out.append(dict(name=name, module=m, args=(x,), inputs=[_input_spec("input", x)],
-                        input_names=["input"], output_names=["logits"], axes=axes, opset=17))
+        out.append(
+            dict(
+                name=name,
+                module=m,
+                args=(x,),
+                inputs=[_input_spec("input", x)],
+                input_names=["input"],
+                output_names=["logits"],
+                axes=axes,
+                opset=17,
+            )
+        )
     return out
 
 
@@ -138,25 +162,48 @@ def transformer_models() -> list[dict[str, Any]]:
     types = torch.zeros(1, 32, dtype=torch.int64)
     seq = {0: "batch", 1: "sequence"}
     bert_entry = dict(
-        name="bert_base", module=_kwargs_wrapper(bert, ["input_ids", "attention_mask", "token_type_ids"]),
+        name="bert_base",
+        module=_kwargs_wrapper(bert, ["input_ids", "attention_mask", "token_type_ids"]),
         args=(ids, mask, types),
-        inputs=[_input_spec("input_ids", ids, (0, bert.config.vocab_size)),
-                _input_spec("attention_mask", mask, (1, 2)), _input_spec("token_type_ids", types, (0, 2))],
+        inputs=[
+            _input_spec("input_ids", ids, (0, bert.config.vocab_size)),
+            _input_spec("attention_mask", mask, (1, 2)),
+            _input_spec("token_type_ids", types, (0, 2)),
+        ],
         input_names=["input_ids", "attention_mask", "token_type_ids"],
         output_names=["last_hidden_state", "pooler_output"],
-        axes={"input_ids": seq, "attention_mask": seq, "token_type_ids": seq,
-              "last_hidden_state": seq, "pooler_output": {0: "batch"}},
-        opset=17)
+        axes={
+            "input_ids": seq,
+            "attention_mask": seq,
+            "token_type_ids": seq,
+            "last_hidden_state": seq,
+            "pooler_output": {0: "batch"},
+        },
+        opset=17,
+    )
     torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                             image_size=224, patch_size=16, attn_implementation="eager")).eval()
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=192,
+            num_hidden_layers=12,
+            num_attention_heads=3,
+            intermediate_size=768,
+            image_size=224,
+            patch_size=16,
+            attn_implementation="eager",
+        )
+    ).eval()
     px = torch.randn(1, 3, 224, 224)
     vit_entry = dict(
-        name="vit_tiny", module=_kwargs_wrapper(vit, ["pixel_values"]), args=(px,),
+        name="vit_tiny",
+        module=_kwargs_wrapper(vit, ["pixel_values"]),
+        args=(px,),
         inputs=[_input_spec("pixel_values", px)],
-        input_names=["pixel_values"], output_names=["last_hidden_state", "pooler_output"],
+        input_names=["pixel_values"],
+        output_names=["last_hidden_state", "pooler_output"],
         axes={"pixel_values": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
-        opset=17)
+        opset=17,
+    )
     return [bert_entry, vit_entry]
 
 
@@ -200,13 +247,28 @@ def control_flow_models() -> list[dict[str, Any]]:
     loopnet = LoopNet().eval()
     steps = torch.tensor(3, dtype=torch.int64)
     return [
-        dict(name="if_branches", module=torch.jit.script(ifnet), facts_module=ifnet, args=(x,),
-             inputs=[_input_spec("x", x)], input_names=["x"], output_names=["y"],
-             axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset=17),
-        dict(name="loop_recurrence", module=torch.jit.script(loopnet), facts_module=loopnet, args=(x, steps),
-             inputs=[_input_spec("x", x), {"name": "steps", "shape": [], "dtype": "int64", "range": [1, 5]}],
-             input_names=["x", "steps"], output_names=["y"], axes={"x": {0: "batch"}, "y": {0: "batch"}},
-             opset=17),
+        dict(
+            name="if_branches",
+            module=torch.jit.script(ifnet),
+            facts_module=ifnet,
+            args=(x,),
+            inputs=[_input_spec("x", x)],
+            input_names=["x"],
+            output_names=["y"],
+            axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            opset=17,
+        ),
+        dict(
+            name="loop_recurrence",
+            module=torch.jit.script(loopnet),
+            facts_module=loopnet,
+            args=(x, steps),
+            inputs=[_input_spec("x", x), {"name": "steps", "shape": [], "dtype": "int64", "range": [1, 5]}],
+            input_names=["x", "steps"],
+            output_names=["y"],
+            axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            opset=17,
+        ),
     ]
 
 
@@ -216,17 +278,34 @@ def opset_series() -> list[dict[str, Any]]:
     nn = torch.nn
     torch.manual_seed(0)
     m = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     ).eval()
     x = torch.randn(1, 3, 32, 32)
     out = []
     for opset in range(11, 22):
-        out.append(dict(name=f"small_cnn_opset{opset}", module=m, args=(x,), inputs=[_input_spec("input", x)],
-                        input_names=["input"], output_names=["logits"],
-                        axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset=opset))
+        out.append(
+            dict(
+                name=f"small_cnn_opset{opset}",
+                module=m,
+                args=(x,),
+                inputs=[_input_spec("input", x)],
+                input_names=["input"],
+                output_names=["logits"],
+                axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset=opset,
+            )
+        )
     return out
 
 
@@ -256,8 +335,14 @@ def build(entry: dict[str, Any]) -> dict[str, Any]:
     perturb(entry.get("facts_module", entry["module"]))
     opset = entry["opset"]
     max_torch = 20
-    proto = export(entry["module"], entry["args"], entry["input_names"], entry["output_names"], entry["axes"],
-                   min(opset, max_torch))
+    proto = export(
+        entry["module"],
+        entry["args"],
+        entry["input_names"],
+        entry["output_names"],
+        entry["axes"],
+        min(opset, max_torch),
+    )
     if opset > max_torch:
         proto = onnx.version_converter.convert_version(proto, opset)
     file = entry["name"] + ".onnx"
@@ -299,8 +384,10 @@ def main() -> None:
             continue
         info = build(entry)
         size = (CORPUS_DIR / info["file"]).stat().st_size
-        print(f"{info['name']:24s} graph {size / 1024:7.1f} KB  weights {info['weight_bytes'] / 2**20:7.1f} MB  "
-              f"{info['facts']}")
+        print(
+            f"{info['name']:24s} graph {size / 1024:7.1f} KB  weights {info['weight_bytes'] / 2**20:7.1f} MB  "
+            f"{info['facts']}"
+        )
         models.append(info)
     MANIFEST.write_text(json.dumps({"generator": "tools/export_corpus.py", "models": models}, indent=1) + "\n")
     (CORPUS_DIR / ".gitignore").write_text("*.data\n")

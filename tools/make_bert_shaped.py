@@ -19,15 +19,25 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def build(layers: int = 12, hidden: int = 768, heads: int = 12, ffn: int = 3072, vocab: int = 30522,
-          classes: int = 2, seed: int = 0) -> onnx.ModelProto:
+def build(
+    layers: int = 12,
+    hidden: int = 768,
+    heads: int = 12,
+    ffn: int = 3072,
+    vocab: int = 30522,
+    classes: int = 2,
+    seed: int = 0,
+) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
     def weight(name: str, *shape: int) -> str:
-        inits.append(numpy_helper.from_array(
-            (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])).astype(np.float32), name))
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[0])).astype(np.float32), name
+            )
+        )
         return name
 
     def const(name: str, value: np.ndarray) -> str:
@@ -43,15 +53,24 @@ def build(layers: int = 12, hidden: int = 768, heads: int = 12, ffn: int = 3072,
         return node("Add", [y, const(f"{name}.bias", np.zeros(n, np.float32))], f"{name}.add")
 
     def layer_norm(x: str, name: str) -> str:
-        return node("LayerNormalization", [x, const(f"{name}.gamma", np.ones(hidden, np.float32)),
-                                           const(f"{name}.beta", np.zeros(hidden, np.float32))], name, axis=-1)
+        return node(
+            "LayerNormalization",
+            [
+                x,
+                const(f"{name}.gamma", np.ones(hidden, np.float32)),
+                const(f"{name}.beta", np.zeros(hidden, np.float32)),
+            ],
+            name,
+            axis=-1,
+        )
 
     head_dim = hidden // heads
     split_shape = const("split_shape", np.array([0, 0, heads, head_dim], np.int64))
     merge_shape = const("merge_shape", np.array([0, 0, hidden], np.int64))
     scale = const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
-    half, one, sqrt2 = (const(n, np.array(v, np.float32)) for n, v in
-                        (("half", 0.5), ("one", 1.0), ("sqrt2", np.sqrt(2.0))))
+    half, one, sqrt2 = (
+        const(n, np.array(v, np.float32)) for n, v in (("half", 0.5), ("one", 1.0), ("sqrt2", np.sqrt(2.0)))
+    )
 
     x = node("Gather", [weight("embeddings.word", vocab, hidden), "input_ids"], "embed")
     x = layer_norm(x, "embed.ln")
@@ -69,18 +88,33 @@ def build(layers: int = 12, hidden: int = 768, heads: int = 12, ffn: int = 3072,
         x = layer_norm(node("Add", [a, x], f"{p}.attn.residual"), f"{p}.attn.ln")
         h = linear(x, f"{p}.ffn1", hidden, ffn)
         erf = node("Erf", [node("Div", [h, sqrt2], f"{p}.gelu.div")], f"{p}.gelu.erf")
-        h = node("Mul", [node("Mul", [h, half], f"{p}.gelu.half"), node("Add", [erf, one], f"{p}.gelu.add")],
-                 f"{p}.gelu")
+        h = node(
+            "Mul", [node("Mul", [h, half], f"{p}.gelu.half"), node("Add", [erf, one], f"{p}.gelu.add")], f"{p}.gelu"
+        )
         h = linear(h, f"{p}.ffn2", ffn, hidden)
         x = layer_norm(node("Add", [h, x], f"{p}.ffn.residual"), f"{p}.ffn.ln")
     first = node("Gather", [x, const("zero", np.array(0, np.int64))], "cls", axis=1)
-    pooled = node("Tanh", [node("Gemm", [first, weight("pooler.weight", hidden, hidden),
-                                         const("pooler.bias", np.zeros(hidden, np.float32))], "pooler",
-                                transB=1)], "pooler.tanh")
-    node("Gemm", [pooled, weight("classifier.weight", classes, hidden),
-                  const("classifier.bias", np.zeros(classes, np.float32))], "logits", transB=1)
+    pooled = node(
+        "Tanh",
+        [
+            node(
+                "Gemm",
+                [first, weight("pooler.weight", hidden, hidden), const("pooler.bias", np.zeros(hidden, np.float32))],
+                "pooler",
+                transB=1,
+            )
+        ],
+        "pooler.tanh",
+    )
+    node(
+        "Gemm",
+        [pooled, weight("classifier.weight", classes, hidden), const("classifier.bias", np.zeros(classes, np.float32))],
+        "logits",
+        transB=1,
+    )
     graph = helper.make_graph(
-        nodes, "bert_shaped",
+        nodes,
+        "bert_shaped",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,

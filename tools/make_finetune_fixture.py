@@ -63,14 +63,16 @@ def build_untrained(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Add", ["fc1.mm", "fc1.bias"], ["fc1.out"], name="fc1.add"),
         helper.make_node("Relu", ["fc1.out"], ["act1"], name="act1"),
         helper.make_node("Gemm", ["act1", "fc2.weight", "fc2.bias"], ["fc2.out"], name="fc2", transB=1),
-        helper.make_node("LayerNormalization", ["fc2.out", "ln.weight", "ln.bias"], ["ln.out"], name="ln",
-                         axis=-1, epsilon=1e-5),
+        helper.make_node(
+            "LayerNormalization", ["fc2.out", "ln.weight", "ln.bias"], ["ln.out"], name="ln", axis=-1, epsilon=1e-5
+        ),
         helper.make_node("Relu", ["ln.out"], ["act2"], name="act2"),
         helper.make_node("MatMul", ["act2", "head.weight"], ["head.mm"], name="head"),
         helper.make_node("Add", ["head.mm", "head.bias"], ["y"], name="head.add"),
     ]
     graph = helper.make_graph(
-        nodes, "finetune_mlp",
+        nodes,
+        "finetune_mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", D_IN])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", D_OUT])],
         inits,
@@ -86,14 +88,18 @@ def train_dense(model: onnx.ModelProto, steps: int, samples: int) -> onnx.ModelP
     from onnxsparse.model_io import Model
     from onnxsparse.training import FinetuneOptions, finetune
 
-    masks = {t.name: np.ones(tuple(t.dims), bool) for t in model.graph.initializer if t.name.endswith(".weight")
-             and len(t.dims) == 2}
+    masks = {
+        t.name: np.ones(tuple(t.dims), bool)
+        for t in model.graph.initializer
+        if t.name.endswith(".weight") and len(t.dims) == 2
+    }
     with tempfile.TemporaryDirectory() as tmp:
         x = example_inputs(samples, seed=7)
         data = Path(tmp) / "train.npz"
         np.savez(data, x=x, y=target_function(x))
-        opts = FinetuneOptions(steps=steps, lr=3e-3, batch_size=64, loss="mse", labels="y",
-                               train=("weights", "biases", "norms"))
+        opts = FinetuneOptions(
+            steps=steps, lr=3e-3, batch_size=64, loss="mse", labels="y", train=("weights", "biases", "norms")
+        )
         result = finetune(Model(proto=model), masks, data, opts, progress=True)
     print(f"dense training: loss {result.first_loss:.4f} -> {result.last_loss:.5f} in {result.seconds:.1f}s")
     return result.model.proto

@@ -85,11 +85,18 @@ def mlp_gemm() -> onnx.ModelProto:
     """Gemms covering every attribute case gemm-to-conv and prune must rewrite or skip."""
     b = GraphBuilder(np.random.default_rng(1001))
     # main path: x [batch, 32] -> y [batch, 16]
-    h = b.node("Gemm", ["x", b.weight("fc0.weight", [64, 32]), b.bias("fc0.bias", [64])], ["fc0.out"],
-               "fc0", transB=1)  # transB=1, bias [N]
+    h = b.node(
+        "Gemm", ["x", b.weight("fc0.weight", [64, 32]), b.bias("fc0.bias", [64])], ["fc0.out"], "fc0", transB=1
+    )  # transB=1, bias [N]
     h = b.node("Relu", [h], ["fc0.relu"], "fc0.act")
-    h = b.node("Gemm", [h, b.weight("fc1.weight", [64, 36], fan_in=64), b.bias("fc1.bias", [1, 36])], ["fc1.out"],
-               "fc1", alpha=0.5, beta=2.0)  # transB=0, bias [1, N], alpha/beta != 1, N % 16 != 0
+    h = b.node(
+        "Gemm",
+        [h, b.weight("fc1.weight", [64, 36], fan_in=64), b.bias("fc1.bias", [1, 36])],
+        ["fc1.out"],
+        "fc1",
+        alpha=0.5,
+        beta=2.0,
+    )  # transB=0, bias [1, N], alpha/beta != 1, N % 16 != 0
     h = b.node("Relu", [h], ["fc1.relu"], "fc1.act")
     h = b.node("Gemm", [h, b.weight("fc2.weight", [36, 64], fan_in=36)], ["fc2.out"], "fc2")  # no bias, K=36
     shared = b.weight("shared.weight", [64, 64])
@@ -103,17 +110,27 @@ def mlp_gemm() -> onnx.ModelProto:
     b.node("Mul", [b.weight("dyn.base", [64, 16], fan_in=64), "dyn.gate"], ["dyn.weight"], "dyn.weight")
     b.node("Gemm", [h, "dyn.weight", b.bias("head.bias", [16])], ["y"], "head")  # B is not constant
     # aux path (static M): aux [8, 16] -> aux_out [32, 16]
-    b.node("Gemm", ["aux", b.weight("aux0.weight", [16, 32], fan_in=16), b.bias("aux0.bias", [8, 32])],
-           ["aux0.out"], "aux0", beta=0.5)  # C is [M, N]: not a per-channel bias
-    b.node("Gemm", ["aux0.out", b.weight("aux1.weight", [8, 16], fan_in=8)], ["aux_out"], "aux1",
-           transA=1)  # transA=1: [32, 8] @ [8, 16]
+    b.node(
+        "Gemm",
+        ["aux", b.weight("aux0.weight", [16, 32], fan_in=16), b.bias("aux0.bias", [8, 32])],
+        ["aux0.out"],
+        "aux0",
+        beta=0.5,
+    )  # C is [M, N]: not a per-channel bias
+    b.node(
+        "Gemm", ["aux0.out", b.weight("aux1.weight", [8, 16], fan_in=8)], ["aux_out"], "aux1", transA=1
+    )  # transA=1: [32, 8] @ [8, 16]
     g = b.graph(
         "mlp_gemm",
         [tensor("x", ["batch", 32]), tensor("aux", [8, 16])],
         [tensor("y", ["batch", 16]), tensor("aux_out", [32, 16])],
     )
-    return make_model(g, 17, "MLP of Gemms: transA/transB, alpha/beta, bias [N]/[1,N]/[M,N]/none, shared and "
-                             "run-time weights; dynamic batch.")
+    return make_model(
+        g,
+        17,
+        "MLP of Gemms: transA/transB, alpha/beta, bias [N]/[1,N]/[M,N]/none, shared and "
+        "run-time weights; dynamic batch.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- transformer_block
@@ -144,8 +161,14 @@ def transformer_block(hidden: int = 64, ffn: int = 256, heads: int = 4) -> onnx.
     ctx = b.node("Reshape", [ctx, merge_shape], ["attn.ctx.merged"], "attn.merge")
     attn = linear("attn.out_proj", ctx, hidden, hidden)
     h = b.node("Add", ["x", attn], ["attn.residual"], "attn.residual")
-    h = b.node("LayerNormalization", [h, b.const("ln1.weight", np.ones(hidden, np.float32)),
-                                      b.bias("ln1.bias", [hidden])], ["ln1.out"], "ln1", axis=-1, epsilon=1e-5)
+    h = b.node(
+        "LayerNormalization",
+        [h, b.const("ln1.weight", np.ones(hidden, np.float32)), b.bias("ln1.bias", [hidden])],
+        ["ln1.out"],
+        "ln1",
+        axis=-1,
+        epsilon=1e-5,
+    )
     f = linear("ffn.fc1", h, hidden, ffn)
     # GELU (erf form; the Gelu op needs opset 20)
     inv_sqrt2 = b.const("ffn.inv_sqrt2", np.array(1.0 / np.sqrt(2.0), dtype=np.float32))
@@ -158,15 +181,22 @@ def transformer_block(hidden: int = 64, ffn: int = 256, heads: int = 4) -> onnx.
     g = b.node("Mul", [e, half], ["ffn.gelu.out"], "ffn.gelu.half")
     f = linear("ffn.fc2", g, ffn, hidden)
     h = b.node("Add", [h, f], ["ffn.residual"], "ffn.residual")
-    b.node("LayerNormalization", [h, b.const("ln2.weight", np.ones(hidden, np.float32)),
-                                  b.bias("ln2.bias", [hidden])], ["y"], "ln2", axis=-1, epsilon=1e-5)
+    b.node(
+        "LayerNormalization",
+        [h, b.const("ln2.weight", np.ones(hidden, np.float32)), b.bias("ln2.bias", [hidden])],
+        ["y"],
+        "ln2",
+        axis=-1,
+        epsilon=1e-5,
+    )
     graph = b.graph(
         "transformer_block",
         [tensor("x", ["batch", "seq", hidden])],
         [tensor("y", ["batch", "seq", hidden])],
     )
-    return make_model(graph, 17, f"Post-norm encoder block: hidden={hidden}, heads={heads}, ffn={ffn}; dynamic "
-                                 "batch and seq.")
+    return make_model(
+        graph, 17, f"Post-norm encoder block: hidden={hidden}, heads={heads}, ffn={ffn}; dynamic batch and seq."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- cnn
@@ -176,21 +206,38 @@ def cnn() -> onnx.ModelProto:
     """A small CNN with every Conv flavour the passes distinguish."""
     b = GraphBuilder(np.random.default_rng(3003))
 
-    def conv(name: str, x: str, c_in: int, c_out: int, k: int, group: int = 1, stride: int = 1,
-             relu: bool = True) -> str:
+    def conv(
+        name: str, x: str, c_in: int, c_out: int, k: int, group: int = 1, stride: int = 1, relu: bool = True
+    ) -> str:
         pad = k // 2
         w = b.weight(f"{name}.weight", [c_out, c_in // group, k, k])
-        y = b.node("Conv", [x, w, b.bias(f"{name}.bias", [c_out])], [f"{name}.out"], name,
-                   kernel_shape=[k, k], pads=[pad] * 4, strides=[stride, stride], group=group)
+        y = b.node(
+            "Conv",
+            [x, w, b.bias(f"{name}.bias", [c_out])],
+            [f"{name}.out"],
+            name,
+            kernel_shape=[k, k],
+            pads=[pad] * 4,
+            strides=[stride, stride],
+            group=group,
+        )
         return b.node("Relu", [y], [f"{name}.relu"], f"{name}.act") if relu else y
 
     # stem: C_in=3 (not divisible by 4 -> ineligible for 2:4), no bias, then BatchNorm
-    stem = b.node("Conv", ["x", b.weight("stem.weight", [16, 3, 3, 3])], ["stem.out"], "stem",
-                  kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-    bn = [b.const("stem.bn.scale", (1.0 + 0.1 * b.rng.standard_normal(16)).astype(np.float32)),
-          b.bias("stem.bn.bias", [16]),
-          b.bias("stem.bn.mean", [16]),
-          b.const("stem.bn.var", (1.0 + 0.1 * np.abs(b.rng.standard_normal(16))).astype(np.float32))]
+    stem = b.node(
+        "Conv",
+        ["x", b.weight("stem.weight", [16, 3, 3, 3])],
+        ["stem.out"],
+        "stem",
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+    )
+    bn = [
+        b.const("stem.bn.scale", (1.0 + 0.1 * b.rng.standard_normal(16)).astype(np.float32)),
+        b.bias("stem.bn.bias", [16]),
+        b.bias("stem.bn.mean", [16]),
+        b.const("stem.bn.var", (1.0 + 0.1 * np.abs(b.rng.standard_normal(16))).astype(np.float32)),
+    ]
     h = b.node("BatchNormalization", [stem, *bn], ["stem.bn.out"], "stem.bn", epsilon=1e-5)
     h = b.node("Relu", [h], ["stem.relu"], "stem.act")  # [N, 16, 32, 32]
     # residual block
@@ -203,16 +250,21 @@ def cnn() -> onnx.ModelProto:
     h = conv("grouped", h, 32, 32, 3, group=4)  # C_in/group = 8
     # ConvTranspose: weight [C_in, C_out/group, kH, kW]; upsample 16 -> 32
     up_w = b.weight("up.weight", [32, 16, 2, 2], fan_in=32)
-    h = b.node("ConvTranspose", [h, up_w, b.bias("up.bias", [16])], ["up.out"], "up",
-               kernel_shape=[2, 2], strides=[2, 2])
+    h = b.node(
+        "ConvTranspose", [h, up_w, b.bias("up.bias", [16])], ["up.out"], "up", kernel_shape=[2, 2], strides=[2, 2]
+    )
     h = b.node("Relu", [h], ["up.relu"], "up.act")  # [N, 16, 32, 32]
     h = conv("down", h, 16, 32, 3, stride=2)  # [N, 32, 16, 16]
     h = b.node("GlobalAveragePool", [h], ["pool.out"], "pool")
     h = b.node("Flatten", [h], ["pool.flat"], "flatten", axis=1)
     b.node("Gemm", [h, b.weight("head.weight", [12, 32]), b.bias("head.bias", [12])], ["logits"], "head", transB=1)
     graph = b.graph("cnn", [tensor("x", ["batch", 3, 32, 32])], [tensor("logits", ["batch", 12])])
-    return make_model(graph, 17, "Small CNN: stem Conv (C_in=3) + BatchNorm, residual block, depthwise, pointwise, "
-                                 "grouped Conv, ConvTranspose, GlobalAveragePool + Gemm head; dynamic batch.")
+    return make_model(
+        graph,
+        17,
+        "Small CNN: stem Conv (C_in=3) + BatchNorm, residual block, depthwise, pointwise, "
+        "grouped Conv, ConvTranspose, GlobalAveragePool + Gemm head; dynamic batch.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- If and Loop
@@ -228,12 +280,12 @@ def if_model() -> onnx.ModelProto:
     # then: relu(x0 @ outer_w) @ W + b
     t = then_b.node("MatMul", ["x0", outer_w], ["then.fc1.out"], "then.fc1")
     t = then_b.node("Relu", [t], ["then.fc1.relu"], "then.act")
-    t = then_b.node("MatMul", [t, then_b.weight("then.fc2.weight", [64, 16], fan_in=64)], ["then.fc2.out"],
-                    "then.fc2")
+    t = then_b.node("MatMul", [t, then_b.weight("then.fc2.weight", [64, 16], fan_in=64)], ["then.fc2.out"], "then.fc2")
     then_b.node("Add", [t, then_b.bias("then.fc2.bias", [16])], ["then_y"], "then.fc2.add")
     # else: tanh(x0 @ W1) @ W2 (both branch initializers)
-    e = else_b.node("MatMul", ["x0", else_b.weight("else.fc1.weight", [32, 32], fan_in=32)], ["else.fc1.out"],
-                    "else.fc1")
+    e = else_b.node(
+        "MatMul", ["x0", else_b.weight("else.fc1.weight", [32, 32], fan_in=32)], ["else.fc1.out"], "else.fc1"
+    )
     e = else_b.node("Tanh", [e], ["else.fc1.tanh"], "else.act")
     else_b.node("MatMul", [e, else_b.weight("else.fc2.weight", [32, 16], fan_in=32)], ["else_y"], "else.fc2")
     then_g = then_b.graph("then_branch", [], [tensor("then_y", ["batch", 16])])
@@ -247,8 +299,12 @@ def if_model() -> onnx.ModelProto:
         [tensor("x", ["batch", 32]), tensor("cond", [], TensorProto.BOOL)],
         [tensor("y", ["batch", 16])],
     )
-    return make_model(graph, 17, "If with MatMuls in both branches: branch initializers and one outer-scope "
-                                 "initializer used inside then_branch; dynamic batch.")
+    return make_model(
+        graph,
+        17,
+        "If with MatMuls in both branches: branch initializers and one outer-scope "
+        "initializer used inside then_branch; dynamic batch.",
+    )
 
 
 def loop_model(trips: int = 3) -> onnx.ModelProto:
@@ -271,8 +327,12 @@ def loop_model(trips: int = 3) -> onnx.ModelProto:
     outer.node("Loop", [trip, cond, "x"], ["loop.out"], "loop", body=body_g)
     outer.node("MatMul", ["loop.out", outer.weight("head.weight", [32, 8], fan_in=32)], ["y"], "head")
     graph = outer.graph("loop_model", [tensor("x", ["batch", 32])], [tensor("y", ["batch", 8])])
-    return make_model(graph, 17, f"Loop ({trips} trips) whose body holds a MatMul with a body-initializer weight "
-                                 "and reads an outer-scope bias; MatMul head after it; dynamic batch.")
+    return make_model(
+        graph,
+        17,
+        f"Loop ({trips} trips) whose body holds a MatMul with a body-initializer weight "
+        "and reads an outer-scope bias; MatMul head after it; dynamic batch.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ Q/DQ
@@ -314,15 +374,23 @@ def qdq_model() -> onnx.ModelProto:
     # conv1: int8 weight [Cout, Cin, kh, kw], per-channel axis 0
     x = qdq_act("conv1.in", "x", 4.0)
     w = dq_weight("conv1.weight", he([32, 16, 3, 3], 16 * 9), axis=0)
-    h = b.node("Conv", [x, w, b.bias("conv1.bias", [32])], ["conv1.out"], "conv1", kernel_shape=[3, 3],
-               pads=[1, 1, 1, 1])
+    h = b.node(
+        "Conv", [x, w, b.bias("conv1.bias", [32])], ["conv1.out"], "conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+    )
     h = b.node("Relu", [h], ["conv1.relu"], "conv1.act")
     # conv2: int8 weight stored [kh, kw, Cin, Cout] (per-channel axis 3) -> Transpose(3, 2, 0, 1) -> [Cout, Cin, kh, kw]
     x = qdq_act("conv2.in", h, 6.0)
     w = dq_weight("conv2.weight_hwio", he([3, 3, 32, 32], 32 * 9), axis=3)
     w = b.node("Transpose", [w], ["conv2.weight"], "conv2.weight.t", perm=[3, 2, 0, 1])
-    h = b.node("Conv", [x, w, b.bias("conv2.bias", [32])], ["conv2.out"], "conv2", kernel_shape=[3, 3],
-               pads=[1, 1, 1, 1], strides=[2, 2])
+    h = b.node(
+        "Conv",
+        [x, w, b.bias("conv2.bias", [32])],
+        ["conv2.out"],
+        "conv2",
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        strides=[2, 2],
+    )
     h = b.node("Relu", [h], ["conv2.relu"], "conv2.act")
     h = b.node("GlobalAveragePool", [h], ["pool.out"], "pool")
     h = b.node("Flatten", [h], ["pool.flat"], "flatten", axis=1)  # [N, 32]
@@ -345,20 +413,26 @@ def qdq_model() -> onnx.ModelProto:
     # fc4: int8 weight stored [K, 4, 4], per-tensor DequantizeLinear -> Reshape [K, N] (the K axis survives)
     x = qdq_act("fc4.in", h, 6.0)
     w = dq_weight("fc4.weight_k44", he([32, 4, 4], 32), axis=None)
-    w = b.node("Reshape", [w, b.const("fc4.shape", np.array([32, 16], dtype=np.int64))], ["fc4.weight"],
-               "fc4.weight.reshape")
+    w = b.node(
+        "Reshape", [w, b.const("fc4.shape", np.array([32, 16], dtype=np.int64))], ["fc4.weight"], "fc4.weight.reshape"
+    )
     h = b.node("MatMul", [x, w], ["fc4.out"], "fc4")
     h = b.node("Relu", [h], ["fc4.relu"], "fc4.act")
     # fc5: int8 weight stored flat [K*N] -> Reshape [K, N]: K groups are not contiguous in storage (ineligible)
     x = qdq_act("fc5.in", h, 6.0)
     w = dq_weight("fc5.weight_flat", he([16 * 16], 16), axis=None)
-    w = b.node("Reshape", [w, b.const("fc5.shape", np.array([16, 16], dtype=np.int64))], ["fc5.weight"],
-               "fc5.weight.reshape")
+    w = b.node(
+        "Reshape", [w, b.const("fc5.shape", np.array([16, 16], dtype=np.int64))], ["fc5.weight"], "fc5.weight.reshape"
+    )
     b.node("MatMul", [x, w], ["y"], "fc5")
     graph = b.graph("qdq_model", [tensor("x", ["batch", 16, 8, 8])], [tensor("y", ["batch", 16])])
-    return make_model(graph, 19, "Q/DQ model (int8, symmetric, zero point 0): per-channel DequantizeLinear weights "
-                                 "feeding Conv and MatMul, reached directly and through Transpose (rank 2 and "
-                                 "rank 4 perm 3,2,0,1), Cast (fp16) and Reshape (axis kept / lost); dynamic batch.")
+    return make_model(
+        graph,
+        19,
+        "Q/DQ model (int8, symmetric, zero point 0): per-channel DequantizeLinear weights "
+        "feeding Conv and MatMul, reached directly and through Transpose (rank 2 and "
+        "rank 4 perm 3,2,0,1), Cast (fp16) and Reshape (axis kept / lost); dynamic batch.",
+    )
 
 
 #: file name -> builder; the order is the README's.
@@ -410,8 +484,12 @@ def _run_check(paths: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "fixtures",
-                        help="output folder (default: the repository's fixtures/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "fixtures",
+        help="output folder (default: the repository's fixtures/)",
+    )
     parser.add_argument("--check", action="store_true", help="also run each model in ONNX Runtime")
     args = parser.parse_args(argv)
     try:

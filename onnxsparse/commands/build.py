@@ -28,25 +28,58 @@ _SHAPES_HELP = "trtexec-style NAME:DxD,... for the optimization profile ({})."
 
 @click.command("build")
 @MODEL_ARG
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Engine file to write (atomically, only when the build succeeds).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
-              help="fp16; int8 (needs Q/DQ nodes: run the qdq pass first); best (fp16 + int8); fp32.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Engine file to write (atomically, only when the build succeeds).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp16",
+    show_default=True,
+    help="fp16; int8 (needs Q/DQ nodes: run the qdq pass first); best (fp16 + int8); fp32.",
+)
 @shapes_option
 @click.option("--min-shapes", metavar="NAME:DxD,...", help=_SHAPES_HELP.format("smallest shapes"))
 @click.option("--opt-shapes", metavar="NAME:DxD,...", help=_SHAPES_HELP.format("shapes TensorRT tunes for"))
 @click.option("--max-shapes", metavar="NAME:DxD,...", help=_SHAPES_HELP.format("largest shapes"))
 @click.option("--workspace", metavar="SIZE", help="Workspace memory-pool limit, e.g. 4G, 512M (bare number: MiB).")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
-              help="Timing cache file: read if it exists, written back after the build.")
-@click.option("--trtexec-script", "script_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the equivalent trtexec build as an executable bash script.")
-@click.option("--trt-version", type=click.Choice(["auto", "10", "11"]), default="auto", show_default=True,
-              help="TensorRT major version the trtexec command targets (auto: the installed one, else 10).")
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Timing cache file: read if it exists, written back after the build.",
+)
+@click.option(
+    "--trtexec-script",
+    "script_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the equivalent trtexec build as an executable bash script.",
+)
+@click.option(
+    "--trt-version",
+    type=click.Choice(["auto", "10", "11"]),
+    default="auto",
+    show_default=True,
+    help="TensorRT major version the trtexec command targets (auto: the installed one, else 10).",
+)
 @json_option
-def command(model: str, output: Path, precision: str, shapes: str | None, min_shapes: str | None,
-            opt_shapes: str | None, max_shapes: str | None, workspace: str | None, timing_cache: Path | None,
-            script_path: Path | None, trt_version: str, json_path: str | None) -> None:
+def command(
+    model: str,
+    output: Path,
+    precision: str,
+    shapes: str | None,
+    min_shapes: str | None,
+    opt_shapes: str | None,
+    max_shapes: str | None,
+    workspace: str | None,
+    timing_cache: Path | None,
+    script_path: Path | None,
+    trt_version: str,
+    json_path: str | None,
+) -> None:
     """Build a TensorRT engine from MODEL with 2:4 sparse weights enabled.
 
     \b
@@ -89,24 +122,36 @@ def command(model: str, output: Path, precision: str, shapes: str | None, min_sh
         trt, missing = None, e
     major = trt_major(trt) if trt is not None else (10 if trt_version == "auto" else int(trt_version))
     outputs: list[tuple[str, Path | str | None]] = [
-        ("-o", output), ("--trtexec-script", script_path), ("--json", json_path), ("--timing-cache", timing_cache)]
+        ("-o", output),
+        ("--trtexec-script", script_path),
+        ("--json", json_path),
+        ("--timing-cache", timing_cache),
+    ]
     if script_path is not None:  # what the script will write when it runs: its log, the float16 model for TRT 11
         outputs.append(("the build log of --trtexec-script", engine_path.with_name(engine_path.name + ".build.log")))
         if make_plan(m.proto, precision, major).to_fp16:
             fp16 = fp16_model_path(engine_path)
-            outputs += [("the float16 model of --trtexec-script", fp16),
-                        ("the float16 model's data of --trtexec-script", data_file(fp16))]
+            outputs += [
+                ("the float16 model of --trtexec-script", fp16),
+                ("the float16 model's data of --trtexec-script", data_file(fp16)),
+            ]
     check_outputs([model], outputs)
-    profiles = resolve_profiles(m.proto, parse_shapes(min_shapes), parse_shapes(opt_shapes), parse_shapes(max_shapes),
-                                parse_shapes(shapes))
-    options = BuildOptions(precision=precision, profiles=profiles,
-                           workspace=parse_size(workspace) if workspace else None,
-                           timing_cache=timing_cache.resolve() if timing_cache else None)
+    profiles = resolve_profiles(
+        m.proto, parse_shapes(min_shapes), parse_shapes(opt_shapes), parse_shapes(max_shapes), parse_shapes(shapes)
+    )
+    options = BuildOptions(
+        precision=precision,
+        profiles=profiles,
+        workspace=parse_size(workspace) if workspace else None,
+        timing_cache=timing_cache.resolve() if timing_cache else None,
+    )
     if trt is None or missing is not None:
         plan = make_plan(m.proto, precision, major)
         _without_tensorrt(model_path, engine_path, plan, options, script_path, json_path, m, str(missing))
-        raise TensorRTMissing(f"{missing}; no engine was built. Install TensorRT 10+ on a machine with an NVIDIA "
-                              "GPU, or run the trtexec command above there") from None
+        raise TensorRTMissing(
+            f"{missing}; no engine was built. Install TensorRT 10+ on a machine with an NVIDIA "
+            "GPU, or run the trtexec command above there"
+        ) from None
     installed = trt_major(trt)
     if trt_version != "auto" and int(trt_version) != installed:
         raise OnnxSparseError(f"--trt-version {trt_version} but TensorRT {installed} is installed")
@@ -117,16 +162,30 @@ def command(model: str, output: Path, precision: str, shapes: str | None, min_sh
     _report(result, two_four_layers(m), json_path)
 
 
-def _without_tensorrt(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions,
-                      script: Path | None, json_path: str | None, m: Model, reason: str) -> None:
+def _without_tensorrt(
+    model_path: Path,
+    engine_path: Path,
+    plan: BuildPlan,
+    options: BuildOptions,
+    script: Path | None,
+    json_path: str | None,
+    m: Model,
+    reason: str,
+) -> None:
     from onnxsparse.engine import render_steps, trtexec_script, trtexec_steps, two_four_layers, write_script
     from onnxsparse.render import write_json
 
     steps = trtexec_steps(model_path, engine_path, plan, options)
     if script is not None:
         write_script(script, trtexec_script(model_path, engine_path, plan, options))
-    data = {"built": False, "reason": reason, **plan.to_dict(), "commands": steps,
-            "trtexec_script": str(script) if script else None, "two_four_layers": len(two_four_layers(m))}
+    data = {
+        "built": False,
+        "reason": reason,
+        **plan.to_dict(),
+        "commands": steps,
+        "trtexec_script": str(script) if script else None,
+        "two_four_layers": len(two_four_layers(m)),
+    }
     if json_path:
         write_json(data, json_path)
     if json_path == "-":
@@ -150,17 +209,21 @@ def _report(result: BuildResult, expected: list[str], json_path: str | None) -> 
     if json_path == "-":
         return
     plan = result.plan
-    click.echo(f"engine: {result.engine} ({human_bytes(result.engine_bytes)}), TensorRT {result.trt_version}, "
-               f"{plan.precision}, flags {'+'.join(plan.flags)}{', strongly typed' if plan.strongly_typed else ''}, "
-               f"{result.seconds:.1f}s")
+    click.echo(
+        f"engine: {result.engine} ({human_bytes(result.engine_bytes)}), TensorRT {result.trt_version}, "
+        f"{plan.precision}, flags {'+'.join(plan.flags)}{', strongly typed' if plan.strongly_typed else ''}, "
+        f"{result.seconds:.1f}s"
+    )
     for note in plan.notes:
         click.echo(f"note: {note}")
     s = result.sparsity
     if not s.seen:
         click.echo("sparsity: the builder logged no (Sparsity) lines")
     else:
-        click.echo(f"sparsity: {len(expected)} layer(s) have 2:4 weights; TensorRT found {s.eligible} eligible "
-                   f"and chose sparse tactics for {s.chosen}")
+        click.echo(
+            f"sparsity: {len(expected)} layer(s) have 2:4 weights; TensorRT found {s.eligible} eligible "
+            f"and chose sparse tactics for {s.chosen}"
+        )
         if s.chosen_layers:
             click.echo("  sparse: " + ", ".join(s.chosen_layers))
         if s.dense_layers:

@@ -15,12 +15,17 @@ from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option, s
 @MODEL_ARG
 @shapes_option
 @json_option
-@click.option("--min-coverage", type=float, metavar="X",
-              help="Fail (exit 2) when the FLOP-weighted n:m coverage is below X (a fraction, e.g. 0.9).")
+@click.option(
+    "--min-coverage",
+    type=float,
+    metavar="X",
+    help="Fail (exit 2) when the FLOP-weighted n:m coverage is below X (a fraction, e.g. 0.9).",
+)
 @click.option("--require-all", is_flag=True, help="Fail (exit 2) when any eligible layer is not n:m.")
 @click.option("--pattern", default="2:4", show_default=True, help="n:m pattern to check.")
-def command(model: str, shapes: str | None, json_path: str | None, min_coverage: float | None, require_all: bool,
-            pattern: str) -> None:
+def command(
+    model: str, shapes: str | None, json_path: str | None, min_coverage: float | None, require_all: bool, pattern: str
+) -> None:
     """Report per-layer n:m sparsity of MODEL and gate on it (no model is written).
 
     \b

@@ -31,18 +31,24 @@ def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None
     layers = []
     for layer in find_layers(proto, inferred):
         gemm = layer.gemm_shape(inferred)
-        layers.append({
-            "name": layer.name, "op": layer.op_type, "graph": layer.graph_path, "weight": layer.weight_name,
-            # the weight as the op sees it (after the Transpose/Reshape/DequantizeLinear chain) and as stored:
-            # 2:4 groups run along the stored tensor's K axis, which is what validate reports too
-            "weight_shape": list(layer.weight_shape) if layer.weight_shape else None,
-            "weight_k_axis": layer.reduction_axis,
-            "stored_shape": list(layer.source.shape) if layer.source is not None else None,
-            "via": [n.op_type for n in reversed(layer.chain)],
-            "reduction_axis": layer.source_reduction_axis, "reduction_size": layer.reduction_size,
-            "gemm": None if gemm is None else {"m": gemm.m, "n": gemm.n, "k": gemm.k, "flops": gemm.flops},
-            "ineligible": layer.reason,
-        })
+        layers.append(
+            {
+                "name": layer.name,
+                "op": layer.op_type,
+                "graph": layer.graph_path,
+                "weight": layer.weight_name,
+                # the weight as the op sees it (after the Transpose/Reshape/DequantizeLinear chain) and as stored:
+                # 2:4 groups run along the stored tensor's K axis, which is what validate reports too
+                "weight_shape": list(layer.weight_shape) if layer.weight_shape else None,
+                "weight_k_axis": layer.reduction_axis,
+                "stored_shape": list(layer.source.shape) if layer.source is not None else None,
+                "via": [n.op_type for n in reversed(layer.chain)],
+                "reduction_axis": layer.source_reduction_axis,
+                "reduction_size": layer.reduction_size,
+                "gemm": None if gemm is None else {"m": gemm.m, "n": gemm.n, "k": gemm.k, "flops": gemm.flops},
+                "ineligible": layer.reason,
+            }
+        )
     return {
         "path": str(model.source) if model.source else None,
         "ir_version": proto.ir_version,
@@ -51,8 +57,11 @@ def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None
         "weights_bytes": model_nbytes(model),
         "external_data": model.has_external_data(),
         "subgraphs": sum(1 for _ in iter_graphs(proto.graph)) - 1,
-        "inputs": [{"name": i.name, "shape": _fmt_shape(inferred.get(i.name))} for i in proto.graph.input
-                   if i.name not in {t.name for t in proto.graph.initializer}],
+        "inputs": [
+            {"name": i.name, "shape": _fmt_shape(inferred.get(i.name))}
+            for i in proto.graph.input
+            if i.name not in {t.name for t in proto.graph.initializer}
+        ],
         "outputs": [{"name": o.name, "shape": _fmt_shape(inferred.get(o.name))} for o in proto.graph.output],
         "op_counts": op_counts(proto.graph),
         "layers": layers,
@@ -83,22 +92,35 @@ def command(model: str, shapes: str | None, json_path: str | None) -> None:
             return
     opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
     click.echo(f"{info['path']}\n  IR {info['ir_version']}, opsets: {opsets}, producer: {info['producer'] or '-'}")
-    click.echo(f"  weights: {human_bytes(info['weights_bytes'])}" + (" (external data)" if info["external_data"]
-                                                                     else "") + f", subgraphs: {info['subgraphs']}")
+    click.echo(
+        f"  weights: {human_bytes(info['weights_bytes'])}"
+        + (" (external data)" if info["external_data"] else "")
+        + f", subgraphs: {info['subgraphs']}"
+    )
     for kind in ("inputs", "outputs"):
         click.echo(f"  {kind}: " + ", ".join(f"{v['name']} {v['shape']}" for v in info[kind]))
     click.echo("\n" + table(sorted(info["op_counts"].items(), key=lambda kv: -kv[1]), ["op", "count"]))
     rows = []
     for L in info["layers"]:
         gemm = L["gemm"]
-        rows.append((L["name"], L["op"], L["weight"] or "-", _fmt_shape(L["weight_shape"]),
-                     "-" if L["stored_shape"] is None else _fmt_shape(L["stored_shape"]),
-                     "→".join(L["via"]) or "-",
-                     "" if L["reduction_axis"] is None else L["reduction_axis"],
-                     "-" if gemm is None else f"{gemm['m']}x{gemm['n']}x{gemm['k']}",
-                     "-" if gemm is None else human_count(gemm["flops"]), L["ineligible"] or "eligible"))
+        rows.append(
+            (
+                L["name"],
+                L["op"],
+                L["weight"] or "-",
+                _fmt_shape(L["weight_shape"]),
+                "-" if L["stored_shape"] is None else _fmt_shape(L["stored_shape"]),
+                "→".join(L["via"]) or "-",
+                "" if L["reduction_axis"] is None else L["reduction_axis"],
+                "-" if gemm is None else f"{gemm['m']}x{gemm['n']}x{gemm['k']}",
+                "-" if gemm is None else human_count(gemm["flops"]),
+                L["ineligible"] or "eligible",
+            )
+        )
     if rows:
         headers = ["layer", "op", "weight", "op shape", "stored", "via", "K axis", "MxNxK", "FLOPs", "status"]
         click.echo("\n" + table(rows, headers, align="llllllrlrl"))
-        click.echo("op shape: the weight as the op reads it; stored, K axis: the initializer and the axis of it that "
-                   "2:4 groups run along (as 'check' reports them); via: the ops from stored to op")
+        click.echo(
+            "op shape: the weight as the op reads it; stored, K axis: the initializer and the axis of it that "
+            "2:4 groups run along (as 'check' reports them); via: the ops from stored to op"
+        )

@@ -26,8 +26,9 @@ def describe_passes() -> list[dict[str, Any]]:
                 default = f.default_factory()
             else:
                 default = None
-            options.append({"name": opt, "type": _type_name(hints[f.name]), "default": default,
-                            "doc": f.metadata.get("doc", "")})
+            options.append(
+                {"name": opt, "type": _type_name(hints[f.name]), "default": default, "doc": f.metadata.get("doc", "")}
+            )
         out.append({"name": name, "summary": cls.summary, "options": options})
     return out
 

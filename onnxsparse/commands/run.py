@@ -17,24 +17,50 @@ if TYPE_CHECKING:
 
 @click.command("run")
 @MODEL_ARG
-@click.option("-p", "--pipeline", "pipeline_text", default=None,
-              help="Passes to apply, e.g. 'gemm-to-conv,prune{pattern=2:4;exclude=head.*},validate'. "
-              f"See 'onnxsparse passes' for every pass and option. [default: {DEFAULT_PIPELINE}]")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)),
-              help="A named pipeline instead of -p: " + "; ".join(f"{k} = {v}" for k, v in sorted(PRESETS.items())))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the result (never the input; written atomically, only on success).")
+@click.option(
+    "-p",
+    "--pipeline",
+    "pipeline_text",
+    default=None,
+    help="Passes to apply, e.g. 'gemm-to-conv,prune{pattern=2:4;exclude=head.*},validate'. "
+    f"See 'onnxsparse passes' for every pass and option. [default: {DEFAULT_PIPELINE}]",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    help="A named pipeline instead of -p: " + "; ".join(f"{k} = {v}" for k, v in sorted(PRESETS.items())),
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the result (never the input; written atomically, only on success).",
+)
 @json_option
 @shapes_option
 @click.option("--calib", metavar="DATA", help="Calibration data for qdq: .npz, a folder of .npy/.npz files.")
 @click.option("--calib-samples", type=int, help="Use at most this many calibration samples.")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in OUTPUT.data (default: when the input did or the model exceeds 2 GB).")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Run onnx.checker (full_check) on the result.")
-def command(model: str, pipeline_text: str | None, preset: str | None, output: Path, json_path: str | None,
-            shapes: str | None, calib: str | None, calib_samples: int | None, external_data: bool | None,
-            check: bool) -> None:
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Store weights in OUTPUT.data (default: when the input did or the model exceeds 2 GB).",
+)
+@click.option(
+    "--check/--no-check", default=True, show_default=True, help="Run onnx.checker (full_check) on the result."
+)
+def command(
+    model: str,
+    pipeline_text: str | None,
+    preset: str | None,
+    output: Path,
+    json_path: str | None,
+    shapes: str | None,
+    calib: str | None,
+    calib_samples: int | None,
+    external_data: bool | None,
+    check: bool,
+) -> None:
     """Apply a pipeline of passes to MODEL and write the result to OUTPUT.
 
     \b
@@ -56,14 +82,24 @@ def command(model: str, pipeline_text: str | None, preset: str | None, output: P
         raise OnnxSparseError("give either -p/--pipeline or --preset, not both")
     pipeline = Pipeline(PRESETS[preset] if preset else (pipeline_text or DEFAULT_PIPELINE))
     pass_inputs, pass_outputs = pass_paths(pipeline)
-    check_outputs([model, calib, *pass_inputs], [("-o", output), ("--json", json_path), *pass_outputs],
-                  output_model=output)
+    check_outputs(
+        [model, calib, *pass_inputs], [("-o", output), ("--json", json_path), *pass_outputs], output_model=output
+    )
     if calib is not None and all(p.reads_calibration() is False for p in pipeline):
-        click.secho(f"warning: --calib is given but no pass of '{pipeline.text()}' reads calibration data "
-                    "(qdq, finetune and prune{method=...} do); ignoring it", fg="yellow", err=True)
+        click.secho(
+            f"warning: --calib is given but no pass of '{pipeline.text()}' reads calibration data "
+            "(qdq, finetune and prune{method=...} do); ignoring it",
+            fg="yellow",
+            err=True,
+        )
     m = load_model(model)
-    ctx = PassContext(shapes=parse_shapes(shapes), calibration=calib, calib_samples=calib_samples,
-                      progress=show_progress(), workdir=output.parent)
+    ctx = PassContext(
+        shapes=parse_shapes(shapes),
+        calibration=calib,
+        calib_samples=calib_samples,
+        progress=show_progress(),
+        workdir=output.parent,
+    )
     size_before = _size(Path(model))
     try:
         result = pipeline.run(m, ctx, check=check)
@@ -86,8 +122,9 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in model_files(path) if f.is_file())
 
 
-def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | None, size_before: int,
-                  json_path: str | None) -> None:
+def _print_report(
+    pipeline: Pipeline, result: PipelineResult, output: Path | None, size_before: int, json_path: str | None
+) -> None:
     from onnxsparse.render import grouped_reasons, human_bytes, table, write_json
 
     data: dict[str, Any] = result.to_dict()
@@ -106,12 +143,16 @@ def _print_report(pipeline: Pipeline, result: PipelineResult, output: Path | Non
             for line in grouped_reasons(r.report.skipped):
                 click.echo(line)
     ops = sorted(set(result.ops_before) | set(result.ops_after))
-    rows = [(op, result.ops_before.get(op, 0), result.ops_after.get(op, 0)) for op in ops
-            if result.ops_before.get(op, 0) != result.ops_after.get(op, 0)]
+    rows = [
+        (op, result.ops_before.get(op, 0), result.ops_after.get(op, 0))
+        for op in ops
+        if result.ops_before.get(op, 0) != result.ops_after.get(op, 0)
+    ]
     if rows:
         click.echo("\n" + table(rows, ["op", "before", "after"]))
     if output is not None:
-        click.echo(f"\nwrote {output} ({human_bytes(size_before)} -> {human_bytes(_size(output))}) "
-                   f"in {result.seconds:.2f}s")
+        click.echo(
+            f"\nwrote {output} ({human_bytes(size_before)} -> {human_bytes(_size(output))}) in {result.seconds:.2f}s"
+        )
     if json_path:
         write_json(data, json_path)

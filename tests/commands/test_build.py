@@ -53,15 +53,22 @@ def test_without_tensorrt_prints_trtexec_and_exits_1(tmp_path: Path, no_tensorrt
         (["--workspace", "4G"], ["--memPoolSize=workspace:4096M"], []),
         (["--workspace", "1536"], ["--memPoolSize=workspace:1536M"], []),
         (["--timing-cache", "{tmp}/t.cache"], ["--timingCacheFile={tmp}/t.cache"], []),
-        (["--min-shapes", "x:1x3x32x32", "--opt-shapes", "x:8x3x32x32", "--max-shapes", "x:32x3x32x32"],
-         ["--minShapes=x:1x3x32x32", "--optShapes=x:8x3x32x32", "--maxShapes=x:32x3x32x32"], []),
-        (["--trt-version", "11"], ["--stronglyTyped", "onnxsparse run", "-p to-fp16", "cnn.fp16.onnx"],
-         ["--fp16", "--best"]),
+        (
+            ["--min-shapes", "x:1x3x32x32", "--opt-shapes", "x:8x3x32x32", "--max-shapes", "x:32x3x32x32"],
+            ["--minShapes=x:1x3x32x32", "--optShapes=x:8x3x32x32", "--maxShapes=x:32x3x32x32"],
+            [],
+        ),
+        (
+            ["--trt-version", "11"],
+            ["--stronglyTyped", "onnxsparse run", "-p to-fp16", "cnn.fp16.onnx"],
+            ["--fp16", "--best"],
+        ),
         (["--trt-version", "11", "--precision", "fp32"], ["--stronglyTyped"], ["to-fp16"]),
     ],
 )
-def test_trtexec_command_for_each_option(tmp_path: Path, no_tensorrt: None, args: list[str], present: list[str],
-                                         absent: list[str]) -> None:
+def test_trtexec_command_for_each_option(
+    tmp_path: Path, no_tensorrt: None, args: list[str], present: list[str], absent: list[str]
+) -> None:
     fmt = [a.replace("{tmp}", str(tmp_path.resolve())) for a in args]
     if not any(a.startswith("--min-shapes") for a in fmt):
         fmt += ["--shapes", "x:2x3x32x32"]
@@ -82,8 +89,17 @@ def test_int8_commands_need_qdq(tmp_path: Path, no_tensorrt: None) -> None:
 
 def test_trtexec_script_is_written_executable(tmp_path: Path, no_tensorrt: None) -> None:
     script = tmp_path / "build.sh"
-    res = build(str(CNN), "-o", str(tmp_path / "cnn.engine"), "--shapes", "x:1x3x32x32", "--workspace", "2G",
-                "--trtexec-script", str(script))
+    res = build(
+        str(CNN),
+        "-o",
+        str(tmp_path / "cnn.engine"),
+        "--shapes",
+        "x:1x3x32x32",
+        "--workspace",
+        "2G",
+        "--trtexec-script",
+        str(script),
+    )
     assert res.exit_code == 1
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
@@ -135,9 +151,23 @@ def test_mock_trt10_cli_build_reports_sparsity(tmp_path: Path, monkeypatch: pyte
     assert CliRunner().invoke(main, ["run", str(CNN), "-p", "prune", "-o", str(pruned)]).exit_code == 0
     engine = tmp_path / "cnn.engine"
     script = tmp_path / "b.sh"
-    res = build(str(pruned), "-o", str(engine), "--min-shapes", "x:1x3x32x32", "--opt-shapes", "x:4x3x32x32",
-                "--max-shapes", "x:16x3x32x32", "--workspace", "1G", "--trtexec-script", str(script),
-                "--json", str(tmp_path / "r.json"))
+    res = build(
+        str(pruned),
+        "-o",
+        str(engine),
+        "--min-shapes",
+        "x:1x3x32x32",
+        "--opt-shapes",
+        "x:4x3x32x32",
+        "--max-shapes",
+        "x:16x3x32x32",
+        "--workspace",
+        "1G",
+        "--trtexec-script",
+        str(script),
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert res.exit_code == 0, res.output
     assert engine.read_bytes() == MOCK_ENGINE_BYTES
     assert "TensorRT found 3 eligible and chose sparse tactics for 2" in res.stdout
@@ -178,7 +208,6 @@ def test_mock_version_mismatch_and_failed_build(tmp_path: Path, monkeypatch: pyt
     res = build(str(CNN), "-o", str(tmp_path / "e"), "--shapes", "x:1x3x32x32")
     assert res.exit_code == 1 and "did not build an engine" in res.stderr
     assert list(tmp_path.iterdir()) == []
-
 
 
 def test_precision_choices_match_the_engine() -> None:

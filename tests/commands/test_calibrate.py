@@ -29,8 +29,21 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_calibrate_writes_a_qdq_model_and_a_table(calib_npz: Path, tmp_path: Path) -> None:
     src, out = fixture_path("cnn"), tmp_path / "int8.onnx"
-    res = CliRunner().invoke(main, ["calibrate", str(src), "--calib", str(calib_npz), "-o", str(out),
-                                    "--batch-size", "8", "--calib-samples", "20"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(src),
+            "--calib",
+            str(calib_npz),
+            "-o",
+            str(out),
+            "--batch-size",
+            "8",
+            "--calib-samples",
+            "20",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "calibrated 9 tensors on 20 samples in 3 batches (percentile 99.99" in res.output
     assert "wrote" in res.output and "9 layers quantized" in res.output
@@ -44,8 +57,24 @@ def test_calibrate_writes_a_qdq_model_and_a_table(calib_npz: Path, tmp_path: Pat
 
 def test_calibrate_json_and_options(calib_npz: Path, tmp_path: Path) -> None:
     out = tmp_path / "int8.onnx"
-    res = CliRunner().invoke(main, ["calibrate", str(fixture_path("cnn")), "--calib", str(calib_npz), "-o", str(out),
-                                    "--method", "max", "--per-tensor", "--exclude", "^head$", "--json", "-"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(fixture_path("cnn")),
+            "--calib",
+            str(calib_npz),
+            "-o",
+            str(out),
+            "--method",
+            "max",
+            "--per-tensor",
+            "--exclude",
+            "^head$",
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     (qdq,) = data["passes"]
@@ -76,9 +105,23 @@ def test_calibrate_needs_calib_and_refuses_the_input_as_output(calib_npz: Path) 
 
 def test_run_command_feeds_calib_to_the_qdq_pass(calib_npz: Path, tmp_path: Path) -> None:
     out = tmp_path / "sparse_int8.onnx"
-    res = CliRunner().invoke(main, ["run", str(fixture_path("cnn")), "-p", "prune,qdq{percentile=99.9},validate",
-                                    "--calib", str(calib_npz), "--calib-samples", "16", "-o", str(out),
-                                    "--json", "-"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(fixture_path("cnn")),
+            "-p",
+            "prune,qdq{percentile=99.9},validate",
+            "--calib",
+            str(calib_npz),
+            "--calib-samples",
+            "16",
+            "-o",
+            str(out),
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     qdq = next(p for p in data["passes"] if p["pass"] == "qdq")
@@ -94,8 +137,21 @@ def test_calibrate_attention_and_residual_flags(tmp_path: Path) -> None:
     calib = tmp_path / "tr.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 8, 64)).astype(np.float32))
     out = tmp_path / "tr_int8.onnx"
-    res = CliRunner().invoke(main, ["calibrate", str(src), "--calib", str(calib), "-o", str(out),
-                                    "--activation-matmuls", "--no-skip-residual", "--json", "-"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(src),
+            "--calib",
+            str(calib),
+            "-o",
+            str(out),
+            "--activation-matmuls",
+            "--no-skip-residual",
+            "--json",
+            "-",
+        ],
+    )
     assert res.exit_code == 0, res.output
     (qdq,) = json.loads(res.output)["passes"]
     assert {c["name"] for c in qdq["changed"]} >= {"attn.qk", "attn.pv"}

@@ -110,14 +110,17 @@ def test_pattern_option(tmp_path: Path) -> None:
     assert _invoke("check", out, "--pattern", "2:4", "--require-all").exit_code == 2
 
 
-@pytest.mark.parametrize("args", [
-    ["missing.onnx"],
-    ["{cnn}", "--pattern", "4:2"],
-    ["{cnn}", "--min-coverage", "1.5"],
-    ["{cnn}", "--shapes", "nope:1x2"],
-    ["{cnn}", "--shapes", "x:1x3"],
-    ["{notonnx}"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["missing.onnx"],
+        ["{cnn}", "--pattern", "4:2"],
+        ["{cnn}", "--min-coverage", "1.5"],
+        ["{cnn}", "--shapes", "nope:1x2"],
+        ["{cnn}", "--shapes", "x:1x3"],
+        ["{notonnx}"],
+    ],
+)
 def test_errors_exit_1(args: list[str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")

@@ -98,8 +98,10 @@ def test_preset_and_gate_table(tmp_path: Path) -> None:
 def test_calib_read_by_no_pass_warns(model_path: Path, tmp_path: Path) -> None:
     calib = tmp_path / "c.npz"
     calib.write_bytes(b"unused")
-    res = CliRunner().invoke(main, ["run", str(model_path), "-p", "gemm-to-conv,validate", "--calib", str(calib),
-                                    "-o", str(tmp_path / "o.onnx")])
+    res = CliRunner().invoke(
+        main,
+        ["run", str(model_path), "-p", "gemm-to-conv,validate", "--calib", str(calib), "-o", str(tmp_path / "o.onnx")],
+    )
     assert res.exit_code == 0, res.output
     assert "--calib is given but no pass of 'gemm-to-conv,validate' reads calibration data" in res.output
     res = CliRunner().invoke(main, ["run", str(model_path), "-p", "gemm-to-conv", "-o", str(tmp_path / "p.onnx")])
@@ -115,8 +117,11 @@ def test_inspect_shows_op_shape_and_stored_k_axis_like_check() -> None:
     info = json.loads(CliRunner().invoke(main, ["inspect", src, "--json", "-"]).output)
     fc2 = next(L for L in info["layers"] if L["name"] == "fc2")
     assert fc2["weight_shape"] == [64, 48] and fc2["weight_k_axis"] == 0
-    assert fc2["stored_shape"] == [48, 64] and fc2["reduction_axis"] == 1 and fc2["via"] == ["DequantizeLinear",
-                                                                                              "Transpose"]
+    assert (
+        fc2["stored_shape"] == [48, 64]
+        and fc2["reduction_axis"] == 1
+        and fc2["via"] == ["DequantizeLinear", "Transpose"]
+    )
     check = json.loads(CliRunner().invoke(main, ["check", src, "--json", "-"]).output)
     row = next(r for r in check["layers"] if r["layer"] == "fc2")
     assert (row["shape"], row["axis"]) == (fc2["stored_shape"], fc2["reduction_axis"])

@@ -120,10 +120,14 @@ def test_transA_and_runtime_bias_are_skipped_with_reason() -> None:
     from onnx import TensorProto, helper
     from onnx import numpy_helper as nh
 
-    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], name="ta", transA=1),
-             helper.make_node("Gemm", ["h", "W2", "c"], ["y"], name="rb")]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4]),
-              helper.make_tensor_value_info("c", TensorProto.FLOAT, [8])]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W"], ["h"], name="ta", transA=1),
+        helper.make_node("Gemm", ["h", "W2", "c"], ["y"], name="rb"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4]),
+        helper.make_tensor_value_info("c", TensorProto.FLOAT, [8]),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])]
     inits = [nh.from_array(rand(rng, 8, 8), "W"), nh.from_array(rand(rng, 8, 8), "W2")]
     model = make_model(nodes, inputs, outputs, inits)

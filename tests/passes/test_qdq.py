@@ -29,9 +29,15 @@ def _init(rng: np.random.Generator, name: str, *shape: int, scale: float = 0.3) 
 def op_zoo(opset: int = 17, dtype: int = F) -> onnx.ModelProto:
     """One of each weighted op: Conv (+bias), ConvTranspose, Gemm transB=0, Gemm transB=1 (+bias), MatMul."""
     rng = np.random.default_rng(0)
-    inits = [_init(rng, "conv.w", 16, 8, 3, 3), _init(rng, "conv.b", 16), _init(rng, "deconv.w", 16, 8, 2, 2),
-             _init(rng, "gemm0.w", 8, 12), _init(rng, "gemm1.w", 20, 12), _init(rng, "gemm1.b", 20),
-             _init(rng, "mm.w", 20, 6)]
+    inits = [
+        _init(rng, "conv.w", 16, 8, 3, 3),
+        _init(rng, "conv.b", 16),
+        _init(rng, "deconv.w", 16, 8, 2, 2),
+        _init(rng, "gemm0.w", 8, 12),
+        _init(rng, "gemm1.w", 20, 12),
+        _init(rng, "gemm1.b", 20),
+        _init(rng, "mm.w", 20, 6),
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["c.relu"], name="conv.relu"),
@@ -45,8 +51,13 @@ def op_zoo(opset: int = 17, dtype: int = F) -> onnx.ModelProto:
     if dtype != F:
         for t in inits:
             t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
-    graph = helper.make_graph(nodes, "zoo", [helper.make_tensor_value_info("x", dtype, ["N", 8, 8, 8])],
-                              [helper.make_tensor_value_info("y", dtype, ["N", 6])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "zoo",
+        [helper.make_tensor_value_info("x", dtype, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", dtype, ["N", 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -64,7 +75,6 @@ def _run(model: onnx.ModelProto | Model, calib: object = None, **options: object
     m = model if isinstance(model, Model) else Model(proto=copy_proto(model))
     ctx = PassContext(calibration=calib if calib is not None else _calib(m))
     return Pipeline([QdqPass(**options)]).run(m, ctx)  # the pipeline ends with the full checker
-
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -172,8 +182,11 @@ def test_prune_then_qdq_then_validate_pipeline_on_the_cnn_fixture() -> None:
     model = load_model(fixture_path("cnn"))
     calib = [make_feeds(model, seed=i) for i in range(4)]
     pruned = Pipeline(parse_pipeline("prune")).run(model, PassContext()).model
-    sparse_before = {r["layer"] for r in Pipeline(parse_pipeline("validate")).run(pruned, PassContext())
-                     .results[0].report.details["layers"] if r["status"] == "sparse"}
+    sparse_before = {
+        r["layer"]
+        for r in Pipeline(parse_pipeline("validate")).run(pruned, PassContext()).results[0].report.details["layers"]
+        if r["status"] == "sparse"
+    }
     result = Pipeline(parse_pipeline("qdq,validate")).run(pruned, PassContext(calibration=calib))
     rows = result.results[1].report.details["layers"]
     assert sparse_before and {r["layer"] for r in rows if r["status"] == "sparse"} == sparse_before
@@ -182,12 +195,18 @@ def test_prune_then_qdq_then_validate_pipeline_on_the_cnn_fixture() -> None:
 
 def test_shared_activation_gets_one_qdq_pair() -> None:
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
-             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
-             helper.make_node("Add", ["q", "k"], ["y"], name="sum")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 16])],
-                              [helper.make_tensor_value_info("y", F, ["N", 8])],
-                              [_init(rng, "wq", 16, 8), _init(rng, "wk", 16, 8)])
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("Add", ["q", "k"], ["y"], name="sum"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F, ["N", 16])],
+        [helper.make_tensor_value_info("y", F, ["N", 8])],
+        [_init(rng, "wq", 16, 8), _init(rng, "wk", 16, 8)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = _run(model)
     g = _Graph(result.model.proto)
@@ -204,22 +223,34 @@ def test_shared_activation_gets_one_qdq_pair() -> None:
 
 def _resnet_block(downsample: bool) -> onnx.ModelProto:
     rng = np.random.default_rng(2)
-    inits = [_init(rng, "stem.w", 8, 4, 3, 3), _init(rng, "c1.w", 8, 8, 3, 3), _init(rng, "c2.w", 8, 8, 3, 3),
-             _init(rng, "ds.w", 8, 8, 1, 1)]
-    nodes = [helper.make_node("Conv", ["x", "stem.w"], ["s"], name="stem", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["s"], ["s.relu"], name="stem.relu"),
-             helper.make_node("Conv", ["s.relu", "c1.w"], ["a"], name="c1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a"], ["a.relu"], name="c1.relu"),
-             helper.make_node("Conv", ["a.relu", "c2.w"], ["b"], name="c2", pads=[1, 1, 1, 1])]
+    inits = [
+        _init(rng, "stem.w", 8, 4, 3, 3),
+        _init(rng, "c1.w", 8, 8, 3, 3),
+        _init(rng, "c2.w", 8, 8, 3, 3),
+        _init(rng, "ds.w", 8, 8, 1, 1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem.w"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["s.relu"], name="stem.relu"),
+        helper.make_node("Conv", ["s.relu", "c1.w"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["a.relu"], name="c1.relu"),
+        helper.make_node("Conv", ["a.relu", "c2.w"], ["b"], name="c2", pads=[1, 1, 1, 1]),
+    ]
     skip = "s.relu"
     if downsample:
         nodes.append(helper.make_node("Conv", ["s.relu", "ds.w"], ["ds"], name="ds"))
         skip = "ds"
-    nodes += [helper.make_node("Add", ["b", skip], ["sum"], name="residual"),
-              helper.make_node("Relu", ["sum"], ["y"], name="out.relu")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", F, ["N", 8, 8, 8])],
-                              inits if downsample else inits[:3])
+    nodes += [
+        helper.make_node("Add", ["b", skip], ["sum"], name="residual"),
+        helper.make_node("Relu", ["sum"], ["y"], name="out.relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", F, ["N", 8, 8, 8])],
+        inits if downsample else inits[:3],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -328,8 +359,11 @@ def test_upgrade_failure_says_why() -> None:
     # an op without a schema (an old experimental op here) stops onnx's version converter
     model.graph.node.append(helper.make_node("DynamicSlice", ["y", "s", "e"], ["z"]))
     model.graph.input.extend([helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in ("s", "e")])
-    with pytest.raises(OnnxSparseError, match=r"qdq needs opset >= 13 .* cannot upgrade this model from opset 11: "
-                       r"Op .* has no registered schema") as err:
+    with pytest.raises(
+        OnnxSparseError,
+        match=r"qdq needs opset >= 13 .* cannot upgrade this model from opset 11: "
+        r"Op .* has no registered schema",
+    ) as err:
         QdqPass().run(Model(model), PassContext(calibration=_calib(op_zoo(opset=11))))
     assert "\n" not in str(err.value)
 
@@ -370,9 +404,12 @@ def test_subgraph_layers_and_prequantized_weights_are_skipped_with_reasons() -> 
 
 
 def test_nothing_to_quantize_leaves_the_model_alone() -> None:
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", F, [2])],
-                              [helper.make_tensor_value_info("y", F, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", F, [2])],
+        [helper.make_tensor_value_info("y", F, [2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     before = model.SerializeToString()
     result = QdqPass().run(Model(model), PassContext(calibration=[{"x": np.ones(2, np.float32)}]))
@@ -405,16 +442,27 @@ def test_model_with_external_data_is_calibrated_and_quantized(tmp_path: Path) ->
 def _wide_mlp() -> onnx.ModelProto:
     """Four MatMuls with 21 MB of float weights: their int8 copies stored inline would add 5 MB to the proto."""
     rng = np.random.default_rng(1)
-    inits = [_init(rng, "fc0.w", 64, 1024), _init(rng, "fc1.w", 1024, 2048, scale=0.03),
-             _init(rng, "fc2.w", 2048, 1024, scale=0.03), _init(rng, "fc3.w", 1024, 1024, scale=0.03)]
-    nodes = [helper.make_node("MatMul", ["x", "fc0.w"], ["h0"], name="fc0"),
-             helper.make_node("Relu", ["h0"], ["a0"], name="relu0"),
-             helper.make_node("MatMul", ["a0", "fc1.w"], ["h1"], name="fc1"),
-             helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
-             helper.make_node("MatMul", ["a1", "fc2.w"], ["h2"], name="fc2"),
-             helper.make_node("MatMul", ["h2", "fc3.w"], ["y"], name="fc3")]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", F, ["N", 64])],
-                              [helper.make_tensor_value_info("y", F, ["N", 1024])], inits)
+    inits = [
+        _init(rng, "fc0.w", 64, 1024),
+        _init(rng, "fc1.w", 1024, 2048, scale=0.03),
+        _init(rng, "fc2.w", 2048, 1024, scale=0.03),
+        _init(rng, "fc3.w", 1024, 1024, scale=0.03),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "fc0.w"], ["h0"], name="fc0"),
+        helper.make_node("Relu", ["h0"], ["a0"], name="relu0"),
+        helper.make_node("MatMul", ["a0", "fc1.w"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("MatMul", ["a1", "fc2.w"], ["h2"], name="fc2"),
+        helper.make_node("MatMul", ["h2", "fc3.w"], ["y"], name="fc3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", F, ["N", 64])],
+        [helper.make_tensor_value_info("y", F, ["N", 1024])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -468,8 +516,9 @@ def test_real_ddddocr_models(real_models: dict[str, Path], name: str) -> None:
     path = real_models[name]
     model = load_model(path)
     dims = {"batch": 1, "image_width": 128}
-    result = Pipeline([QdqPass()]).run(model, PassContext(calibration=[make_feeds(model, dims, seed=i)
-                                                                       for i in range(4)]))
+    result = Pipeline([QdqPass()]).run(
+        model, PassContext(calibration=[make_feeds(model, dims, seed=i) for i in range(4)])
+    )
     report = result.results[0].report
     if name == "common_old":  # already dynamically quantized (ConvInteger/MatMulInteger): nothing to do
         assert not result.modified and report.details["note"] == "no layer to quantize"
@@ -484,15 +533,19 @@ def test_real_ddddocr_models(real_models: dict[str, Path], name: str) -> None:
 def test_double_weights_are_skipped_with_a_reason() -> None:
     rng = np.random.default_rng(4)
     D = TensorProto.DOUBLE
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm64")], "g",
-                              [helper.make_tensor_value_info("x", D, ["N", 8])],
-                              [helper.make_tensor_value_info("y", D, ["N", 4])],
-                              [nh.from_array(rng.standard_normal((8, 4)), "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm64")],
+        "g",
+        [helper.make_tensor_value_info("x", D, ["N", 8])],
+        [helper.make_tensor_value_info("y", D, ["N", 4])],
+        [nh.from_array(rng.standard_normal((8, 4)), "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = QdqPass().run(Model(model), PassContext(calibration=[{"x": np.ones((2, 8))}]))
     assert not result.modified
     assert result.report.skipped == [
-        {"name": "mm64", "reason": "weight 'w' is double: Q/DQ here handles float32 and float16 weights"}]
+        {"name": "mm64", "reason": "weight 'w' is double: Q/DQ here handles float32 and float16 weights"}
+    ]
 
 
 @pytest.mark.parametrize("name", ["cnn", "transformer_block"])
@@ -509,10 +562,21 @@ def test_after_to_fp16_the_qdq_is_float16_at_opset_19(name: str) -> None:
         assert _cosine(a, b) >= 0.99
 
 
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "bert_base", "vit_tiny",
-                                  "if_branches", "loop_recurrence", "small_cnn_opset11", "small_cnn_opset21"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+        "bert_base",
+        "vit_tiny",
+        "if_branches",
+        "loop_recurrence",
+        "small_cnn_opset11",
+        "small_cnn_opset21",
+    ],
+)
 def test_corpus_models_quantize_and_stay_close(name: str, tmp_path: Path) -> None:
     """Real architectures (exported graphs, seeded weights). Measured cosines: 0.998 (BERT-base, ViT-tiny:
     attention MatMuls of two activations are left float and reported) to 0.9999+ (CNNs)."""

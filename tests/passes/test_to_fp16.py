@@ -91,8 +91,14 @@ def cnn(opset: int = 17, w1: np.ndarray | None = None) -> onnx.ModelProto:
         "cnn",
         [h.make_tensor_value_info("x", FLOAT, ["N", 8, 16, 16])],
         [h.make_tensor_value_info("p", FLOAT, ["N", 10]), h.make_tensor_value_info("c2", FLOAT, ["N", 16, 16, 16])],
-        [w1_t, _init(rng, "b1", (16,)), _init(rng, "w2", (16, 16, 3, 3)), _init(rng, "b2", (16,)),
-         _init(rng, "wf", (10, 16)), _init(rng, "bf", (10,))],
+        [
+            w1_t,
+            _init(rng, "b1", (16,)),
+            _init(rng, "w2", (16, 16, 3, 3)),
+            _init(rng, "b2", (16,)),
+            _init(rng, "wf", (10, 16)),
+            _init(rng, "bf", (10,)),
+        ],
     )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
 
@@ -101,17 +107,26 @@ def control_flow() -> onnx.ModelProto:
     """If (branches read an outer weight), Loop (carried float state), Casts from int64, a blocked Pow."""
     rng = _rng(2)
     then_g = h.make_graph(
-        [h.make_node("MatMul", ["x", "W"], ["t1"]), h.make_node("Relu", ["t1"], ["t_out"])], "then", [],
+        [h.make_node("MatMul", ["x", "W"], ["t1"]), h.make_node("Relu", ["t1"], ["t_out"])],
+        "then",
+        [],
         [h.make_tensor_value_info("t_out", FLOAT, None)],
     )
-    else_g = h.make_graph([h.make_node("Mul", ["x", "s"], ["e_out"])], "else", [],
-                         [h.make_tensor_value_info("e_out", FLOAT, None)])
+    else_g = h.make_graph(
+        [h.make_node("Mul", ["x", "s"], ["e_out"])], "else", [], [h.make_tensor_value_info("e_out", FLOAT, None)]
+    )
     body = h.make_graph(
-        [h.make_node("MatMul", ["acc_in", "W"], ["mm"]), h.make_node("Tanh", ["mm"], ["acc_out"]),
-         h.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [
+            h.make_node("MatMul", ["acc_in", "W"], ["mm"]),
+            h.make_node("Tanh", ["mm"], ["acc_out"]),
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
         "body",
-        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
-         h.make_tensor_value_info("acc_in", FLOAT, None)],
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("acc_in", FLOAT, None),
+        ],
         [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", FLOAT, None)],
     )
     nodes = [
@@ -134,9 +149,13 @@ def control_flow() -> onnx.ModelProto:
         "cf",
         [h.make_tensor_value_info("x", FLOAT, [4, 8]), h.make_tensor_value_info("idx", T.INT64, [4, 8])],
         [h.make_tensor_value_info("out", FLOAT, [4, 8])],
-        [_init(rng, "W", (8, 8), 0.3), nh.from_array(np.array(0.0, np.float32), "zero"),
-         nh.from_array(np.array(1.5, np.float32), "s"), nh.from_array(np.array(3, np.int64), "trip"),
-         nh.from_array(np.array(True), "true")],
+        [
+            _init(rng, "W", (8, 8), 0.3),
+            nh.from_array(np.array(0.0, np.float32), "zero"),
+            nh.from_array(np.array(1.5, np.float32), "s"),
+            nh.from_array(np.array(3, np.int64), "trip"),
+            nh.from_array(np.array(True), "true"),
+        ],
     )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
@@ -155,11 +174,18 @@ def qdq_conv(opset: int) -> onnx.ModelProto:
         h.make_node("Relu", ["c"], ["y"], name="relu"),
     ]
     graph = h.make_graph(
-        nodes, "qdq", [h.make_tensor_value_info("x", FLOAT, [1, 8, 8, 8])],
+        nodes,
+        "qdq",
+        [h.make_tensor_value_info("x", FLOAT, [1, 8, 8, 8])],
         [h.make_tensor_value_info("y", FLOAT, [1, 16, 8, 8])],
-        [nh.from_array(np.array(0.03, np.float32), "xs"), nh.from_array(np.array(0, np.int8), "xz"),
-         nh.from_array(wq, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.zeros(16, np.int8), "wz"),
-         _init(rng, "b", (16,))],
+        [
+            nh.from_array(np.array(0.03, np.float32), "xs"),
+            nh.from_array(np.array(0, np.int8), "xz"),
+            nh.from_array(wq, "wq"),
+            nh.from_array(ws, "ws"),
+            nh.from_array(np.zeros(16, np.int8), "wz"),
+            _init(rng, "b", (16,)),
+        ],
     )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
 
@@ -282,7 +308,9 @@ def test_fixed_float32_inputs_stay_float32_resize_scales() -> None:
         h.make_node("Relu", ["r"], ["y"]),
     ]
     graph = h.make_graph(
-        nodes, "rs", [h.make_tensor_value_info("x", FLOAT, [1, 4, 5, 5])],
+        nodes,
+        "rs",
+        [h.make_tensor_value_info("x", FLOAT, [1, 4, 5, 5])],
         [h.make_tensor_value_info("y", FLOAT, [1, 4, 10, 10])],
         [_init(rng, "w", (4, 4, 1, 1)), nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
     )
@@ -367,8 +395,12 @@ def test_custom_domain_node_is_kept_float32() -> None:
         h.make_node("Relu", ["b"], ["y"], name="relu"),
     ]
     graph = h.make_graph(
-        nodes, "cd", [h.make_tensor_value_info("x", FLOAT, [2, 8])], [h.make_tensor_value_info("y", FLOAT, [2, 8])],
-        [_init(rng, "w", (8, 8))], value_info=[h.make_tensor_value_info("b", FLOAT, [2, 8])],
+        nodes,
+        "cd",
+        [h.make_tensor_value_info("x", FLOAT, [2, 8])],
+        [h.make_tensor_value_info("y", FLOAT, [2, 8])],
+        [_init(rng, "w", (8, 8))],
+        value_info=[h.make_tensor_value_info("b", FLOAT, [2, 8])],
     )
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
     ref = copy_proto(m)
@@ -388,7 +420,8 @@ def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
         h.make_node("Add", ["f", "x"], ["s"], name="add"),
     ]
     graph = h.make_graph(
-        nodes, "co",
+        nodes,
+        "co",
         [h.make_tensor_value_info("x", FLOAT, [3]), h.make_tensor_value_info("idx", T.INT64, [3])],
         [h.make_tensor_value_info("f", FLOAT, [3]), h.make_tensor_value_info("s", FLOAT, [3])],
     )
@@ -401,8 +434,10 @@ def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
     sibling = next(n for n in casts.values() if n.output[0] == "f")
     assert sibling.input[0] == "idx" and sibling.attribute[0].i == FLOAT
     _assert_no_cast_chains(out)
-    feeds: dict[str, np.ndarray] = {"x": np.array([0.5, -1.25, 3.0], np.float32),
-                                    "idx": np.array([1, 2, 2049], np.int64)}
+    feeds: dict[str, np.ndarray] = {
+        "x": np.array([0.5, -1.25, 3.0], np.float32),
+        "idx": np.array([1, 2, 2049], np.int64),
+    }
     want, got = run_ort(ref, feeds), run_ort(out, feeds)
     np.testing.assert_array_equal(want[0], got[0])  # exact: 2049 does not pass through float16
     assert _rel(want[1], got[1]) < REL_TOL
@@ -418,8 +453,10 @@ def _sensitivity(model: object, feeds: dict[str, np.ndarray], run_ort, draws: in
     base = run_ort(model, feeds)
     worst = 0.0
     for _ in range(draws):
-        moved = {k: (v * (1 + 2.0**-11 * rng.choice([-1.0, 1.0], v.shape))).astype(v.dtype)
-                 if v.dtype == np.float32 else v for k, v in feeds.items()}
+        moved = {
+            k: (v * (1 + 2.0**-11 * rng.choice([-1.0, 1.0], v.shape))).astype(v.dtype) if v.dtype == np.float32 else v
+            for k, v in feeds.items()
+        }
         worst = max(worst, *(_rel(a, b) for a, b in zip(base, run_ort(model, moved), strict=True)))
     return worst
 
@@ -475,9 +512,17 @@ def test_external_data_model_converts_and_saves(tmp_path) -> None:  # type: igno
         assert _rel(a, b) < REL_TOL
 
 
-
-CORPUS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "bert_base", "vit_tiny", "if_branches",
-          "loop_recurrence", "small_cnn_opset11", "small_cnn_opset21")
+CORPUS = (
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "bert_base",
+    "vit_tiny",
+    "if_branches",
+    "loop_recurrence",
+    "small_cnn_opset11",
+    "small_cnn_opset21",
+)
 
 
 @pytest.mark.slow
@@ -536,7 +581,8 @@ def test_cli_run_prints_summary(tmp_path) -> None:  # type: ignore[no-untyped-de
 
 
 def test_constant_attributes_stored_as_external_data_are_read_through_the_model_folder(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A Constant's and a ConstantOfShape's tensors saved as external data (``convert_attribute=True``) are read
     relative to the model, not the working directory; the fp16 result matches the float model."""
     from onnx.external_data_helper import convert_model_to_external_data
@@ -544,13 +590,16 @@ def test_constant_attributes_stored_as_external_data_are_read_through_the_model_
     from onnxsparse.model_io import load_model, save_model
 
     rng = _rng(4)
-    nodes = [h.make_node("Constant", [], ["w"], value=nh.from_array(rng.standard_normal((16, 8)).astype(np.float32))),
-             h.make_node("MatMul", ["x", "w"], ["m"]),
-             h.make_node("Shape", ["m"], ["m_shape"]),
-             h.make_node("ConstantOfShape", ["m_shape"], ["half"], value=nh.from_array(np.array([0.5], np.float32))),
-             h.make_node("Add", ["m", "half"], ["y"])]
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 16])],
-                         [h.make_tensor_value_info("y", T.FLOAT, [2, 8])])
+    nodes = [
+        h.make_node("Constant", [], ["w"], value=nh.from_array(rng.standard_normal((16, 8)).astype(np.float32))),
+        h.make_node("MatMul", ["x", "w"], ["m"]),
+        h.make_node("Shape", ["m"], ["m_shape"]),
+        h.make_node("ConstantOfShape", ["m_shape"], ["half"], value=nh.from_array(np.array([0.5], np.float32))),
+        h.make_node("Add", ["m", "half"], ["y"]),
+    ]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 16])], [h.make_tensor_value_info("y", T.FLOAT, [2, 8])]
+    )
     ref = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     ref.ir_version = 8
     proto = onnx.ModelProto()
@@ -559,7 +608,9 @@ def test_constant_attributes_stored_as_external_data_are_read_through_the_model_
     (tmp_path / "model").mkdir()
     onnx.save(proto, str(tmp_path / "model" / "m.onnx"))
     assert [a.t.data_location for n in proto.graph.node for a in n.attribute if a.type == a.TENSOR] == [
-        T.EXTERNAL, T.EXTERNAL]
+        T.EXTERNAL,
+        T.EXTERNAL,
+    ]
     monkeypatch.chdir(tmp_path)  # not the model's folder
     model = load_model(tmp_path / "model" / "m.onnx")
     result = Pipeline([ToFp16Pass()]).run(model, PassContext())

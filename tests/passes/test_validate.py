@@ -24,7 +24,6 @@ F = TensorProto.FLOAT
 POLY_WARNING = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 
 
-
 def _pruned(name: str, **options: object) -> onnx.ModelProto:
     return Pipeline([PrunePass(**options)]).run(Model(onnx.load(fixture_path(name))), PassContext()).model.proto
 
@@ -202,9 +201,11 @@ def _poly_sparse(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     pruner = SparsityPruner(copy_proto(model))
     pruner.check()
     inits = {t.name: t for t in model.graph.initializer}
-    examined = {p.name for p in pruner.prune_infos.values()
-                if inits[p.name].data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
-                and inits[p.name].dims[p.axis] % 4 == 0}
+    examined = {
+        p.name
+        for p in pruner.prune_infos.values()
+        if inits[p.name].data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and inits[p.name].dims[p.axis] % 4 == 0
+    }
     return examined, set(pruner.sparse_tensors)
 
 
@@ -248,8 +249,12 @@ def test_polygraphy_cli_agrees(tmp_path):
     model = _pruned("cnn", exclude="^pw$|^head$")
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    poly = subprocess.run([sys.executable, "-m", "polygraphy", "inspect", "sparsity", str(path)],
-                          capture_output=True, text=True, timeout=300)
+    poly = subprocess.run(
+        [sys.executable, "-m", "polygraphy", "inspect", "sparsity", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if poly.returncode != 0 and "No module named polygraphy.__main__" in poly.stderr:
         exe = sys.executable.rsplit("/", 1)[0] + "/polygraphy"
         poly = subprocess.run([exe, "inspect", "sparsity", str(path)], capture_output=True, text=True, timeout=300)
