@@ -317,8 +317,10 @@ def trtexec_script(model_path: Path, engine_path: Path, plan: BuildPlan, options
 
 
 def write_script(path: Path, text: str) -> None:
-    """Write ``text`` atomically and make it executable."""
-    _atomic_write(path, text.encode(), mode=0o777)
+    """Write ``text`` atomically and make it executable (errors name ``path``, never the temporary file)."""
+    from onnxsparse.paths import write_text
+
+    write_text(path, text, flag="--trtexec-script", executable=True)
 
 
 # ---------------------------------------------------------------------------------------------- builder log
