@@ -23,7 +23,6 @@ Masks (True = may be non-zero) go to ``ctx.artifacts["masks"]`` for the fine-tun
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -41,6 +40,7 @@ from onnxsparse.model_io import Model
 from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.pruning import METHODS, LayerOutcome
 from onnxsparse.pruning.layout import problems
+from onnxsparse.pruning.plan import Plan, check_plan, read_plan
 from onnxsparse.pruning.runner import Item, RunReport, data_source, prune_calibrated
 from onnxsparse.render import grouped_reasons
 from onnxsparse.sparsity import (
@@ -122,26 +122,24 @@ class _Target:
 
 
 class PrunePass(Pass[PruneConfig]):
-    """n:m magnitude pruning along each layer's reduction axis."""
+    """n:m pruning along each layer's reduction axis: magnitude, or calibrated wanda / sparsegpt."""
 
     name = "prune"
     config_cls = PruneConfig
-    summary = "n:m magnitude pruning (default 2:4) along each layer's reduction axis"
+    summary = "n:m pruning (default 2:4) along each layer's reduction axis: magnitude, wanda or sparsegpt"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         n, m = parse_pattern(cfg.pattern)
-        plan = _read_plan(cfg.plan, cfg.pattern) if cfg.plan else None
-        method = cfg.method or (plan or {}).get("method") or "magnitude"
-        if method not in METHODS:
-            raise OnnxSparseError(f"prune: plan '{cfg.plan}' names unknown method '{method}'")
+        plan = read_plan(cfg.plan, cfg.pattern) if cfg.plan else None
+        method = cfg.method or (plan.method if plan else None) or "magnitude"
         if method != "magnitude" and ctx.calibration is None:
             raise OnnxSparseError(f"prune: method={method} needs calibration data: pass --calib DATA "
                                   "(.npz or a folder of .npy/.npz, as for qdq)")
         report = PassReport()
         layers = _find_layers(model.proto, ctx)
         if plan is not None:
-            _check_plan(plan, layers, cfg.plan or "")
+            check_plan(plan, {layer.name for layer in layers}, cfg.plan or "")
         consts = constants_by_name(model.proto)
         readers = _readers(model.proto)
         prior: dict[str, np.ndarray] = ctx.artifacts.get("masks") or {}
@@ -183,25 +181,8 @@ class PrunePass(Pass[PruneConfig]):
                 continue
             if note != "magnitude":
                 report.details.setdefault("fallbacks", {})[target.layers[0].name] = note
-            if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
-                # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.stream).
-                st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
-                bad, groups, mask = st.violations, st.groups, st.mask
-                nz_before, nz_after = st.nonzero_before, st.nonzero_after
-            else:
-                check_finite(sw)
-                nonzero = sw.nonzero()
-                bad, groups = count_violations(nonzero, sw.axis, n, m)
-                mask = np.ascontiguousarray(nonzero)
-                nz_before = nz_after = int(np.count_nonzero(nonzero))
-                if bad:
-                    prefer = nonzero if old is None else nonzero & old
-                    keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
-                    set_array(sw.tensor, sw.pruned(keep))
-                    mask = keep & nonzero
-                    nz_after = int(np.count_nonzero(mask))
+            bad, groups, mask, nz_before, nz_after = _magnitude(sw, model, n, m, old)
             total += sw.values.size
-            assert mask is not None
             masks[sw.name] = mask
             if bad == 0:
                 # Already n:m: the tensor bytes were left alone so `modified` stays honest.
@@ -264,19 +245,32 @@ class PrunePass(Pass[PruneConfig]):
         lines = [f"  {d.get('pruned', 0)} tensor(s) pruned to {d.get('pattern')}: {d.get('params_zeroed', 0):,} of "
                  f"{d.get('params_in_pruned_layers', 0):,} weights zeroed; "
                  f"{len(d.get('already_sparse') or [])} already {d.get('pattern')}"]
+        cal = d.get("calibration")
+        if cal:
+            errors = [c["error"] for c in result.report.changed if c.get("error") is not None]
+            mean = f"; mean layer output error {sum(errors) / len(errors):.4f}" if errors else ""
+            lines.append(f"  {d.get('method')}: {cal['stages']} stage(s), {cal['ort_passes']} ORT pass(es) over "
+                         f"{cal['rows']:,} rows, statistics {cal['stats_seconds']:.1f}s + solve "
+                         f"{cal['solve_seconds']:.1f}s, largest statistics {cal['stats_bytes_max'] / 2**20:.1f} MiB"
+                         + mean)
+            for c in result.report.changed:
+                for note in c.get("notes") or ():
+                    lines.append(f"  {c['layers'][0]}: {note}")
+        for layer, note in (d.get("fallbacks") or {}).items():
+            lines.append(f"  {layer}: {note}")
         lines.extend(grouped_reasons(result.report.skipped))
         if d.get("masks"):
             lines.append(f"  masks written to {d['masks']}")
         return "\n".join(lines)
 
     def _skip_reason(self, target: _Target, m: int, readers: dict[str, list[onnx.NodeProto]],
-                     plan: dict[str, object] | None = None) -> str | None:
+                     plan: Plan | None = None) -> str | None:
         """Why this stored tensor must not be pruned (None: prune it)."""
         cfg = self.config
         for layer in target.layers:
             if layer.reason:
                 return layer.reason
-        if plan is not None and not all(layer.name in plan["layers"] for layer in target.layers):  # type: ignore[operator]
+        if plan is not None and not all(layer.name in plan.layers for layer in target.layers):
             return "not in the plan"
         for layer in target.layers:
             why = layer.check_pattern(m)
@@ -312,6 +306,28 @@ def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
     return layers
 
 
+def _magnitude(sw: StoredWeight, model: Model, n: int, m: int, old: np.ndarray | None
+               ) -> tuple[int, int, np.ndarray, int, int]:
+    """Magnitude n:m of one stored tensor: (violating groups before, groups, mask, non-zeros before, after)."""
+    if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
+        # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.stream).
+        st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
+        assert st.mask is not None
+        return st.violations, st.groups, st.mask, st.nonzero_before, st.nonzero_after
+    check_finite(sw)
+    nonzero = sw.nonzero()
+    bad, groups = count_violations(nonzero, sw.axis, n, m)
+    mask = np.ascontiguousarray(nonzero)
+    nz_before = nz_after = int(np.count_nonzero(nonzero))
+    if bad:
+        prefer = nonzero if old is None else nonzero & old
+        keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
+        set_array(sw.tensor, sw.pruned(keep))
+        mask = keep & nonzero
+        nz_after = int(np.count_nonzero(mask))
+    return bad, groups, mask, nz_before, nz_after
+
+
 def _calibration_note(target: _Target, method: str) -> str | None:
     """Why a layer cannot get ``method`` (it gets magnitude instead); None when it can."""
     if len(target.layers) > 1:
@@ -327,29 +343,6 @@ def _in_order(run: RunReport, items: list[tuple[Item, StoredWeight, int, int]]) 
     """The run's outcomes in the order of ``items`` (stages may reorder them)."""
     by_name = {o.layer: o for o in run.outcomes}
     return [by_name[item.layer.name] for item, *_ in items]
-
-
-def _read_plan(path: str, pattern: str) -> dict[str, object]:
-    """A ``sensitivity`` plan: ``{"version": 1, "method": ..., "pattern": "2:4", "layers": [node names]}``."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            plan = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OnnxSparseError(f"prune: cannot read plan '{path}': {str(e).splitlines()[0][:160]}") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
-        raise OnnxSparseError(f"prune: plan '{path}' has no 'layers' list")
-    if plan.get("pattern") and parse_pattern(str(plan["pattern"])) != parse_pattern(pattern):
-        raise OnnxSparseError(f"prune: plan '{path}' was made for pattern {plan['pattern']}, not {pattern}")
-    plan["layers"] = set(map(str, plan["layers"]))
-    return plan
-
-
-def _check_plan(plan: dict[str, object], layers: list[Layer], path: str) -> None:
-    known = {layer.name for layer in layers}
-    unknown = sorted(plan["layers"] - known)  # type: ignore[operator]
-    if unknown:
-        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
-        raise OnnxSparseError(f"prune: plan '{path}' names unknown layer(s) {', '.join(unknown[:3])}{more}")
 
 
 def _targets(layers: list[Layer], report: PassReport) -> list[_Target]:

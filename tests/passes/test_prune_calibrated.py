@@ -25,6 +25,7 @@ from onnxsparse.layers import find_layers
 from onnxsparse.model_io import Model, load_model, save_model
 from onnxsparse.pipeline import PassContext, Pipeline
 from onnxsparse.pruning import collect_stats, prune_layer
+from onnxsparse.pruning.plan import Plan, read_plan, write_plan
 from onnxsparse.pruning.runner import stages
 from onnxsparse.sparsity import constants_by_name, is_nm, stored_weight
 from onnxsparse.tensors import to_array
@@ -264,8 +265,8 @@ def test_if_body_layers_are_skipped_with_a_reason() -> None:
 def test_plan_prunes_exactly_its_layers_and_rejects_unknown_ones(tmp_path: Path) -> None:
     proto = _mlp()
     calib = {"x": _correlated(200)}
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "method": "sparsegpt", "pattern": "2:4", "layers": ["fc2"]}))
+    plan = write_plan(tmp_path / "plan.json", ["fc2"], "sparsegpt", "2:4", estimate={"fc2": 0.01})
+    assert read_plan(plan) == Plan(frozenset({"fc2"}), "sparsegpt", "2:4")
     _, rep = _prune(proto, f"prune{{plan={plan}}}", calib)
     assert [c["layers"] for c in rep["changed"]] == [["fc2"]] and rep["changed"][0]["method"] == "sparsegpt"
     assert {s["name"]: s["reason"] for s in rep["skipped"]}["fc1"] == "not in the plan"
@@ -274,6 +275,9 @@ def test_plan_prunes_exactly_its_layers_and_rejects_unknown_ones(tmp_path: Path)
         _prune(proto, f"prune{{plan={plan}}}", calib)
     plan.write_text(json.dumps({"version": 1, "pattern": "1:4", "layers": ["fc2"]}))
     with pytest.raises(OnnxSparseError, match="pattern 1:4"):
+        _prune(proto, f"prune{{plan={plan}}}", calib)
+    plan.write_text(json.dumps({"version": 1, "method": "obs", "layers": ["fc2"]}))
+    with pytest.raises(OnnxSparseError, match="unknown method 'obs'"):
         _prune(proto, f"prune{{plan={plan}}}", calib)
 
 
