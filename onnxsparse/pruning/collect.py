@@ -24,6 +24,7 @@ from onnxsparse.calibration import CalibrationData, _first_line, _session, open_
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.layers import Layer
 from onnxsparse.model_io import Model
+from onnxsparse.progress import progress as show_progress
 from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import activation_rows, stats_shape
 
@@ -76,6 +77,7 @@ def collect(
     diag_only: Iterable[str] = (),
     progress: bool = False,
     reference: Any = None,
+    desc: str = "statistics",
 ) -> Collection:
     """Run ``model`` once over ``data`` (anything ``open_calibration`` accepts) and fold each layer's input into
     its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda).
@@ -97,45 +99,39 @@ def collect(
     start = time.perf_counter()
     session = _session(model, fetch) if fetch else None
     out = Collection(stats)
-    bar = _bar(progress, cal.batches_hint)
-    try:
-        for batch in cal:
-            values: dict[str, np.ndarray] = {a: batch[a] for a in acts if a in cal.specs}
-            if session is not None:
-                try:
-                    got = session.run(fetch, batch)
-                except Exception as e:  # ORT's own exception types
-                    raise OnnxSparseError(
-                        f"onnxruntime failed on calibration batch {out.batches + 1}: {_first_line(e)}"
-                    ) from e
-                values.update(zip(fetch, got, strict=True))
-            ref: dict[str, np.ndarray] = {}
-            if reference is not None and fetch:
-                try:
-                    ref = dict(zip(fetch, reference.run(fetch, batch), strict=True))
-                except Exception as e:  # ORT's own exception types
-                    raise OnnxSparseError(
-                        f"onnxruntime failed on calibration batch {out.batches + 1} (dense reference): {_first_line(e)}"
-                    ) from e
-            weights = row_weights(batch[mask_input], mask_input) if mask_input is not None else None
-            for name, value in values.items():
-                if value.dtype.kind != "f":
-                    raise OnnxSparseError(f"layer input '{name}' is {value.dtype}, not floating point")
-                if not np.isfinite(value).all():
-                    raise OnnxSparseError(
-                        f"layer input '{name}' has NaN/Inf values on calibration batch "
-                        f"{out.batches + 1}; check the model and the data"
-                    )
-            for layer in layers:
-                name = layer.node.input[0]
-                _fold(layer, values[name], stats[layer.name], weights, out, ref.get(name, values[name]))
-            del values, ref
-            out.batches += 1
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    batches = show_progress(cal, total=cal.batches_hint, desc=desc, unit="batch", enabled=progress)
+    for batch in batches:
+        values: dict[str, np.ndarray] = {a: batch[a] for a in acts if a in cal.specs}
+        if session is not None:
+            try:
+                got = session.run(fetch, batch)
+            except Exception as e:  # ORT's own exception types
+                raise OnnxSparseError(
+                    f"onnxruntime failed on calibration batch {out.batches + 1}: {_first_line(e)}"
+                ) from e
+            values.update(zip(fetch, got, strict=True))
+        ref: dict[str, np.ndarray] = {}
+        if reference is not None and fetch:
+            try:
+                ref = dict(zip(fetch, reference.run(fetch, batch), strict=True))
+            except Exception as e:  # ORT's own exception types
+                raise OnnxSparseError(
+                    f"onnxruntime failed on calibration batch {out.batches + 1} (dense reference): {_first_line(e)}"
+                ) from e
+        weights = row_weights(batch[mask_input], mask_input) if mask_input is not None else None
+        for name, value in values.items():
+            if value.dtype.kind != "f":
+                raise OnnxSparseError(f"layer input '{name}' is {value.dtype}, not floating point")
+            if not np.isfinite(value).all():
+                raise OnnxSparseError(
+                    f"layer input '{name}' has NaN/Inf values on calibration batch "
+                    f"{out.batches + 1}; check the model and the data"
+                )
+        for layer in layers:
+            name = layer.node.input[0]
+            _fold(layer, values[name], stats[layer.name], weights, out, ref.get(name, values[name]))
+        del values, ref
+        out.batches += 1
     out.rows = int(next(iter(stats.values())).samples) if stats else 0
     out.seconds = time.perf_counter() - start
     return out
@@ -167,16 +163,6 @@ def collect_stats(
 ) -> dict[str, GramStats]:
     """Public API: one ORT pass over ``data`` for all ``layers`` (the model as it is now), stats by layer name."""
     return collect(model, layers, data, mask_input=mask_input, progress=progress).stats
-
-
-def _bar(enabled: bool, total: int | None) -> Any:
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="statistics", unit="batch", file=sys.stderr, leave=False)
 
 
 def replayable(obj: Any) -> bool:

@@ -142,7 +142,16 @@ def prune_calibrated(
     for index, stage in enumerate(groups):
         start = time.perf_counter()
         ref = reference if index > 0 else None  # the first stage's inputs are the dense ones anyway
-        got = collect(model, stage, data(), mask_input=mask_input, diag_only=thin, progress=progress, reference=ref)
+        got = collect(
+            model,
+            stage,
+            data(),
+            mask_input=mask_input,
+            diag_only=thin,
+            progress=progress,
+            reference=ref,
+            desc=f"statistics, stage {index + 1}/{len(groups)}",
+        )
         report.stats_seconds += time.perf_counter() - start
         report.ort_passes += 1 if ref is None else 2
         report.batches, report.rows = got.batches, got.rows
