@@ -87,7 +87,7 @@ class PruneConfig(PassConfig):
                                     "left out of the statistics")
     max_k: int = option(8192, "layers with a larger reduction size K use wanda (H would take K^2*8 bytes)")
     bias_correction: bool = option(True, "re-fit each calibrated layer's bias so its mean output stays the same")
-    refit: int = option(0, "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
+    refit: int = option(20, "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
                         "with the mask fixed (0 = off)")
     dense_target: bool = option(False, "sparsegpt, sequential: fit each layer to the dense model's output (its "
                                 "statistics pair the pruned and the dense model's inputs; one more ORT run per "
