@@ -40,6 +40,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.layers import Layer, check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.plan import PLAN_VERSION, PlanResult, bench_gains, choose_plan, error_of, flop_gains
+from onnxsparse.progress import Progress
 from onnxsparse.sparsity import parse_pattern
 
 log = logging.getLogger("onnxsparse.sensitivity")
@@ -55,7 +56,8 @@ class SensitivityOptions:
     pattern: str = "2:4"
     #: held-out samples taken from the front of the calibration data (or from ``eval_data``)
     eval_samples: int = 32
-    #: worker processes (1: score in this process)
+    #: worker processes (1: score in this process). They are spawned, so a script that calls this with jobs > 1
+    #: needs the usual ``if __name__ == "__main__":`` guard (and cannot be read from stdin)
     jobs: int = 1
     mask_input: str | None = None
     include: str | None = None
@@ -273,8 +275,6 @@ def _score_in_worker(name: str, stats: Any) -> dict[str, Any]:
 
 def _scores(setup: _Setup, tasks: Sequence[tuple[str, Any]], jobs: int, progress: bool) -> Iterator[dict[str, Any]]:
     """Layer scores in completion order, from ``jobs`` processes (or this one)."""
-    from onnxsparse.progress import Progress
-
     last = {"layer": ""}
     with Progress(
         len(tasks), desc="sensitivity", unit="layer", enabled=progress, postfix=lambda: {"last": last["layer"]}
@@ -331,7 +331,7 @@ class SensitivityReport:
 
 
 def _measure_plan(
-    model: Model, layers: list[str], options: SensitivityOptions, data: HeldOut, scorer: _Scorer
+    model: Model, layers: list[str], options: SensitivityOptions, data: HeldOut, scorer: _Scorer, progress: bool
 ) -> dict[str, Any]:
     """Apply the plan as ``prune{plan=...}`` does (on a copy) and compare on the held-out samples."""
     from onnxsparse.passes.prune import PrunePass
@@ -354,7 +354,7 @@ def _measure_plan(
             plan=str(path),
             **({"mask_input": options.mask_input} if calibrated and options.mask_input else {}),
         )
-        ctx = PassContext(calibration=data.stats_batches if calibrated else None, workdir=Path(tmp))
+        ctx = PassContext(calibration=data.stats_batches if calibrated else None, workdir=Path(tmp), progress=progress)
         prune.run(copy, ctx)
         saved = scorer.model
         scorer.model = copy
@@ -484,14 +484,28 @@ def run_sensitivity(
         chosen = choose_plan(errors, gains.by_layer, budget)
         scorer = _Scorer(setup)
         dropped: list[str] = []
-        measured = _measure_plan(model, chosen, options, data, scorer) if chosen else {"rel_l2": 0.0, "cosine": 1.0}
-        count = 1 if chosen else 0
-        while chosen and error_of(measured, use_cos) > budget:
-            worst = min(chosen, key=lambda nm: (gains.by_layer.get(nm, 0.0) / max(errors[nm], 1e-300), nm))
-            chosen.remove(worst)
-            dropped.append(worst)
-            measured = _measure_plan(model, chosen, options, data, scorer) if chosen else {"rel_l2": 0.0, "cosine": 1.0}
-            count += 1 if chosen else 0
+        count = 0
+        measured: dict[str, Any] = {"rel_l2": 0.0, "cosine": 1.0}
+        with Progress(None, desc="plan measurement", unit="plan", enabled=progress) as bar:
+            while chosen:
+                measured = _measure_plan(model, chosen, options, data, scorer, progress)
+                count += 1
+                bar.update()
+                got = error_of(measured, use_cos)
+                if got <= budget:
+                    break
+                # errors did not add up as assumed: scale the estimate by what was measured, then drop the
+                # layers with the least gain per error until the scaled estimate fits (at least one)
+                est = sum(errors[nm] for nm in chosen)
+                target = budget * est / got if got > 0 and np.isfinite(got) else 0.0
+                while True:
+                    worst = min(chosen, key=lambda nm: (gains.by_layer.get(nm, 0.0) / max(errors[nm], 1e-300), nm))
+                    chosen.remove(worst)
+                    dropped.append(worst)
+                    if not chosen or sum(errors[nm] for nm in chosen) <= target:
+                        break
+            if not chosen:
+                measured = {"rel_l2": 0.0, "cosine": 1.0}
         kind = "cosine" if use_cos else "rel_l2"
         est_err = sum(errors[nm] for nm in chosen)
         estimated: dict[str, Any] = {"error_sum": est_err, "basis": gains.basis, "layers": len(chosen)}

@@ -282,3 +282,39 @@ def test_bad_input_one_line_no_output(
     assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
     assert "Traceback" not in res.output
     assert not plan.exists() and not rep.exists()
+
+
+def test_plan_over_budget_when_measured_drops_layers(setup: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
+    """Here 1 - cosine does not add up (all three together measure worse than the sum): the plan fitted on the
+    estimate is measured over budget, so the layer with the least gain per error is dropped and it is measured
+    again, within budget."""
+    model, calib, x = setup
+    res = _invoke("sensitivity", model, "--calib", calib, "--eval-samples", HELD, "--json", "-")
+    scores = {r["layer"]: 1 - r["cosine"] for r in json.loads(res.stdout)["layers"]}
+    dense = run_ort(model, {"x": x[:HELD]})[0]
+    everything = run_ort(_pruned(model, "prune", tmp_path / "all.onnx"), {"x": x[:HELD]})[0]
+    min_cos = 1 - sum(scores.values()) - 1e-4  # the estimate for all three fits ...
+    assert _cosine(dense, everything) < min_cos  # ... the measurement does not
+    plan_path = tmp_path / "plan.json"
+    res = _invoke(
+        "sensitivity",
+        model,
+        "--calib",
+        calib,
+        "--eval-samples",
+        HELD,
+        "--min-cosine",
+        f"{min_cos:.6f}",
+        "--plan-out",
+        plan_path,
+        "--json",
+        "-",
+    )
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)["plan"]
+    assert plan["measurements"] == 2 and len(plan["dropped"]) == 1 and len(plan["layers"]) == 2
+    flops = {"fc1": 16 * 32, "fc2": 32 * 32, "fc3": 32 * 8}
+    assert plan["dropped"] == [min(("fc1", "fc3"), key=lambda n: flops[n] / scores[n])]
+    applied = _pruned(model, f"prune{{plan={plan_path}}}", tmp_path / "planned.onnx")
+    measured = _cosine(dense, run_ort(applied, {"x": x[:HELD]})[0])
+    assert plan["measured"]["cosine"] == pytest.approx(measured, rel=1e-6) and measured >= min_cos
