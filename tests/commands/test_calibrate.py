@@ -156,3 +156,15 @@ def test_calibrate_attention_and_residual_flags(tmp_path: Path) -> None:
     (qdq,) = json.loads(res.output)["passes"]
     assert {c["name"] for c in qdq["changed"]} >= {"attn.qk", "attn.pv"}
     assert qdq["details"]["residual_inputs"] == []
+
+
+def test_include_matching_nothing_is_an_error(calib_npz: Path, tmp_path: Path) -> None:
+    """Issue 12: a filter that leaves nothing to quantize used to write a model with 0 layers quantized."""
+    out = tmp_path / "int8.onnx"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = CliRunner().invoke(
+        main, ["calibrate", str(fixture_path("cnn")), "--calib", str(calib_npz), "-o", str(out), "--include", "nomatch"]
+    )
+    assert res.exit_code == 1
+    assert res.output.startswith("error: no layer matched --include 'nomatch': nothing to quantize, no model written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
