@@ -73,6 +73,8 @@ def test_item1_output_is_the_inputs_data_file(work: Path) -> None:
         (["run", "m.onnx", "-o", "o.onnx", "-p", "prune{masks=o.onnx}"], "prune{masks} 'o.onnx': is also -o"),
         (["run", "m.onnx", "-o", "o.onnx", "--calib", "c.npz", "--json", "c.npz"], "--json 'c.npz': is the input"),
         (["run", "m.onnx", "-o", "c.npz", "--calib", "c.npz", "-p", "prune"], "-o 'c.npz': is the input c.npz"),
+        (["run", "m.onnx", "-o", "c.npz", "-p", "prune,finetune{data=c.npz}"], "-o 'c.npz': is the input c.npz"),
+        (["run", "m.onnx", "-o", "o.onnx", "-p", "prune{masks=k.npz},finetune{masks=k.npz}"], "prune{masks} 'k.npz'"),
         (["check", "m.onnx", "--json", "m.onnx"], "--json 'm.onnx': is the input model"),
         (["check", "m.onnx", "--json", "m.onnx.data"], "--json 'm.onnx.data': is the external-data file"),
         (["inspect", "m.onnx", "--json", "m.onnx"], "--json 'm.onnx': is the input model"),
