@@ -162,7 +162,8 @@ def test_gram_stats_sum_merge_and_row_weights() -> None:
 def test_dense_target_is_w_on_unperturbed_inputs_and_fits_the_dense_output() -> None:
     w, x = _problem(8, k=32)
     h = x.T @ x
-    np.testing.assert_allclose(solvers.dense_target(w, h, h, damp=0.0), w, rtol=1e-8, atol=1e-10)
+    for damp in (0.0, 0.1):
+        np.testing.assert_allclose(solvers.dense_target(w, h, h, damp=damp), w, rtol=1e-8, atol=1e-10)
     rng = np.random.default_rng(1)
     x_pert = x + 0.3 * rng.standard_normal(x.shape) * x.std(axis=0)  # upstream pruning moved the input
     hp, cross = x_pert.T @ x_pert, x_pert.T @ x
