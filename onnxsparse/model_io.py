@@ -105,11 +105,6 @@ def model_nbytes(model: Model) -> int:
     return sum(nbytes(t) for g in iter_graphs(model.proto.graph) for t in g.initializer)
 
 
-def same_file(a: Path, b: Path) -> bool:
-    """One file under two names (symlinks, ``..``, hard links); see ``paths.same_file``."""
-    return paths.same_file(a, b)
-
-
 def input_files(model: Model) -> list[Path]:
     """The model's own file and every data file its external tensors are read from (as loaded or edited)."""
     files = [model.source] if model.source is not None else []

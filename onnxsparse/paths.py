@@ -123,11 +123,11 @@ def check_outputs(
     """Refuse unsafe outputs before any work starts; see the module docstring for the rules.
 
     ``inputs``: every file (or folder) the command reads; ``.onnx`` files among them bring their
-    external-data files (``model_files``), folders the files directly in them. (Only by suffix: sniffing
-    content could parse a multi-GB data file as a protobuf; pass ``model_files(p)`` for a model named
-    otherwise.) ``outputs``: ``(flag, path)`` pairs; ``None`` and ``-``
-    (stdout) are skipped. ``output_model``: the output that is a model, whose external-data file
-    (``data_file``) is reserved too — whether or not this save ends up writing one.
+    external-data files (``model_files``), folders the files directly in them. (Models are recognised by
+    suffix only: sniffing content could parse a multi-GB data file as a protobuf; pass ``model_files(p)``
+    for a model named otherwise.) ``outputs``: ``(flag, path)`` pairs; ``None`` and ``-`` (stdout) are
+    skipped. ``output_model``: the output that is a model, whose external-data file (``data_file``) is
+    reserved too — whether or not this save ends up writing one.
     """
     outs: list[_Out] = []
     for flag, raw in outputs:
