@@ -41,7 +41,18 @@ def test_help_imports_no_onnx_numpy_or_onnxruntime(args: list[str]) -> None:
     assert got["import"] == [] and got["help"] == [], got
     assert got["code"] == 0
     out = str(got["out"])
-    for name in ("run", "check", "calibrate", "inspect", "build", "passes", "finetune", "bench", "compare"):
+    for name in (
+        "run",
+        "check",
+        "calibrate",
+        "inspect",
+        "build",
+        "passes",
+        "finetune",
+        "bench",
+        "compare",
+        "sensitivity",
+    ):
         assert f"\n  {name} " in out, out  # every command listed, with its short help, none imported
 
 
