@@ -81,3 +81,25 @@ def test_bare_command_shows_help_and_usage_errors_are_one_line() -> None:
         lines = res.output.strip().splitlines()
         assert res.exit_code == 1, (args, res.output)
         assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(f"(see '{where} --help')")
+
+
+_COMMAND_HELP = """
+import sys
+from click.testing import CliRunner
+import onnxsparse.cli as cli
+r = CliRunner().invoke(cli.main, [{name!r}, "--help"])
+print(r.exit_code, sorted(m for m in {heavy} if m in sys.modules))
+"""
+
+#: commands whose module still imports onnx/numpy at module level (owner: see the module)
+_HEAVY_AT_IMPORT = {"finetune"}
+
+
+@pytest.mark.parametrize("name", sorted(main._lazy))  # type: ignore[attr-defined]
+def test_command_help_imports_no_onnx(name: str) -> None:
+    """``onnxsparse CMD --help`` imports the command's module only: no onnx, numpy or onnxruntime either."""
+    if name in _HEAVY_AT_IMPORT:
+        pytest.xfail(f"commands/{name}.py imports onnx/numpy at module level")
+    code = _COMMAND_HELP.format(name=name, heavy=HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split(None, 1) == ["0", "[]\n"], out.stdout + out.stderr
