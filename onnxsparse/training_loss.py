@@ -92,6 +92,29 @@ def _loss_block(onnxblock: Any, job: dict[str, Any]) -> Any:
     return _Loss()
 
 
+#: AdamW's epsilon, PyTorch's default. Distillation gradients are small (a weight's is ~1e-5 on MiniLM-L3),
+#: and onnxblock's default of 1e-6 damped updates measurably (0.969 vs 0.971 cosine after 300 steps).
+ADAM_EPS = 1e-8
+
+
+def _adamw(onnxblock: Any, weight_decay: float, eps: float) -> Any:
+    """onnxblock's AdamW in PyTorch's formulation (``adam_mode=0``: ε added after the bias correction).
+
+    onnxblock hard-codes ``adam_mode=1`` (Hugging Face's AdamW: ε added to √v before the step is rescaled by
+    √(1−β₂ᵗ)), which makes ε ~30× larger in the first steps than ``torch.optim.AdamW``'s; the ORT kernel
+    implements both, so this subclass only changes the attribute.
+    """
+
+    class _TorchAdamW(onnxblock.optim.AdamW):  # type: ignore[misc, name-defined]
+        def _build_optimizer_node(
+            self, input_names: Any, output_name: str, node_name: str, node_attributes: dict[str, Any]
+        ) -> str:
+            attrs = {**node_attributes, "adam_mode": 0}
+            return str(super()._build_optimizer_node(input_names, output_name, node_name, attrs))
+
+    return _TorchAdamW(eps=eps, weight_decay=weight_decay)
+
+
 def target_name(i: int) -> str:
     return f"onnxsparse_target_{i}"
 
@@ -108,7 +131,7 @@ def build_artifacts(job: dict[str, Any], artifacts_mod: Any, out_dir: Path, requ
     out_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(job["train_model"])
     loss = _loss_block(onnxblock, job)
-    optimizer = onnxblock.optim.AdamW(weight_decay=float(job.get("weight_decay", 0.0)))
+    optimizer = _adamw(onnxblock, float(job.get("weight_decay", 0.0)), float(job.get("adam_eps", ADAM_EPS)))
     artifacts_mod.generate_artifacts(
         model,
         requires_grad=requires_grad,

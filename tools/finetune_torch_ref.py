@@ -15,7 +15,7 @@ LayerNorms), with the graph's attention bias ((1 − mask)·−30), tanh-GELU an
 ONNX Runtime's within float32 rounding (``--check``). The recipe is the one ``onnxsparse finetune`` runs: W ⊙ M
 in the forward pass (so pruned weights get no gradient), MSE to the teacher averaged over real tokens only,
 batches from ``onnxsparse/training_batches.py`` with the same seed (the same samples, trimmed to the same
-lengths), AdamW with ONNX Runtime's defaults (β 0.9/0.999, ε 1e-6, bias correction, weight decay 0), and the
+lengths), AdamW as onnxsparse runs it (PyTorch's formulation, β 0.9/0.999, ε 1e-8, weight decay 0), and the
 same warm-up + cosine-to-10% schedule (``training_worker._lr_at``). Written by hand rather than through
 onnx2torch or transformers: neither is installed, and a 60-line module keeps the mapping visible.
 """
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data, args.batch_size, args.seed, drop_last=False, lengths=lengths, trim_axes=trim, bucket=args.bucket
     )
     opt = torch.optim.AdamW(
-        student.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, fused=args.fused or None
+        student.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=args.fused or None
     )
     evaluate = _evaluator(args, teacher) if args.eval_data else None
     curve = [{"step": 0, **evaluate(student)}] if evaluate else []
