@@ -105,14 +105,19 @@ def _adamw(onnxblock: Any, weight_decay: float, eps: float) -> Any:
     implements both, so this subclass only changes the attribute.
     """
 
-    class _TorchAdamW(onnxblock.optim.AdamW):  # type: ignore[misc, name-defined]
+    from onnxruntime.training.onnxblock.optim import optim as optim_blocks
+
+    class _TorchAdamWNode(optim_blocks.AdamWOptimizer):  # type: ignore[misc, name-defined]
         def _build_optimizer_node(
             self, input_names: Any, output_name: str, node_name: str, node_attributes: dict[str, Any]
         ) -> str:
             attrs = {**node_attributes, "adam_mode": 0}
             return str(super()._build_optimizer_node(input_names, output_name, node_name, attrs))
 
-    return _TorchAdamW(eps=eps, weight_decay=weight_decay)
+    optimizer = onnxblock.optim.AdamW(eps=eps, weight_decay=weight_decay)
+    # onnxblock.optim.AdamW builds its node through this block; swap in the one that writes adam_mode=0
+    optimizer._adamw = _TorchAdamWNode(bias_correction=True, betas=(0.9, 0.999), eps=eps, weight_decay=weight_decay)
+    return optimizer
 
 
 def target_name(i: int) -> str:

@@ -259,3 +259,45 @@ def test_bad_mask_input_and_data_are_one_line_errors(
     other = tiny_encoder(tmp_path / "wide.onnx", hidden=20)
     with pytest.raises(OnnxSparseError, match=r"teacher .*output hidden: float32\[batchxseqx20\] does not match"):
         training.finetune(pruned, masks, data, _opts(), teacher=other)
+
+
+@needs_runtime
+def test_adamw_is_pytorchs_formulation(tmp_path: Path) -> None:
+    """One AdamW step on y = x @ W with MSE to labels, checked against the update written out in numpy.
+
+    Gradients of ~1e-7 make the two AdamW formulations differ 4x: PyTorch's (ε after the bias correction)
+    moves each weight by lr·g/(|g| + ε); Hugging Face's (onnxblock's default) by lr·g/(|g| + ε/√(1−β₂)).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [nh.from_array(w, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    x = (1e-5 * rng.standard_normal((16, 8))).astype(np.float32)  # small inputs, well-resolved residuals
+    y = x @ w
+    labels = (y + 0.1 * rng.standard_normal(y.shape)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=labels)
+    mask = np.ones_like(w, bool)
+    mask[::2, 0] = False
+    lr = 1e-3
+    opts = training.FinetuneOptions(steps=1, lr=lr, batch_size=16, loss="mse", labels="y", train=("weights",))
+    result = training.finetune(load_model(tmp_path / "m.onnx"), {"w": mask}, tmp_path / "d.npz", opts)
+    w1 = np.array(to_array(result.model.proto.graph.initializer[0]))
+    g = (2.0 / y.size) * x.T.astype(np.float64) @ ((x @ (w * mask)).astype(np.float64) - labels) * mask
+    assert 1e-8 < np.median(np.abs(g[mask])) < 1e-6, "the gradients this test needs"
+    torch_step = w - lr * g / (np.abs(g) + 1e-8)
+    np.testing.assert_allclose(w1[mask], torch_step[mask], rtol=0, atol=lr * 0.02)
+    hf_step = w - lr * g / (np.abs(g) + 1e-8 / np.sqrt(1 - 0.999))
+    assert np.abs(w1 - hf_step)[mask].max() > lr * 0.2, "not Hugging Face's formulation"
+    assert not w1[~mask].any()
