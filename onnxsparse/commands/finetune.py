@@ -155,6 +155,8 @@ def command(
       onnxsparse finetune pruned.onnx --masks masks.npz --teacher dense.onnx --data train.npz --steps 2000 -o ft.onnx
       onnxsparse finetune dense.onnx --schedule 3:4,2:4 --data train.npz --epochs 2 -o sparse.onnx
       onnxsparse finetune pruned.onnx --masks masks.npz --data train.npz --loss ce --labels label -o ft.onnx
+      onnxsparse finetune pruned.onnx --masks masks.npz --teacher dense.onnx --data train.npz \\
+          --mask-input attention_mask --bucket-by-length --eval-data eval.npz --eval-every 50 -o ft.onnx
 
     The output has MODEL's nodes, initializer names, opset and IR version; masked entries are exactly zero.
     """
