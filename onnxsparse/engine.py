@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shlex
 import tempfile
@@ -445,20 +444,13 @@ def _capture_logger(trt: ModuleType, records: list[tuple[Any, str]]) -> Any:
     return _Capture()
 
 
-def _atomic_write(path: Path, data: bytes | memoryview, mode: int = 0o666) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path`` (permissions as by umask)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, mode & ~umask)  # mkstemp makes 0600 files; an engine is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path`` (permissions as by umask; an
+    error names ``path``, not the temporary file)."""
+    from onnxsparse.paths import atomic_writer
+
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

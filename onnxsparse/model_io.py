@@ -169,6 +169,11 @@ def _atomic_dir_writes(out: Path) -> Iterator[Path]:
         names = sorted(os.listdir(tmp), key=lambda n: n == out.name)  # the model file last
         for name in names:
             os.replace(tmp / name, out.parent / name)
+    except OSError as e:
+        if e.filename is not None and not str(e.filename).startswith(str(tmp)):
+            raise  # about another file (an input's data): its own message says which
+        # a full disk, a quota: name the user's path, not the temporary folder
+        raise OnnxSparseError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         for name in os.listdir(tmp) if tmp.exists() else []:
             with contextlib.suppress(OSError):

@@ -81,8 +81,9 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         raise OSError("disk full")
 
     monkeypatch.setattr("onnxsparse.model_io._write_external", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OnnxSparseError) as e:  # one line naming the user's path, not the temporary folder
         save_model(model, out, external_data=True)
+    assert str(e.value) == f"cannot write {out}: disk full"
     assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
