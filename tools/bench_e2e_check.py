@@ -164,8 +164,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- bench (the thing checked)
-def run_bench(onnx_path: Path, shapes: str, total_ms: float | None, exclude: str | None, out_json: Path,
-              quick: bool) -> dict[str, Any]:
+def run_bench(
+    onnx_path: Path, shapes: str, total_ms: float | None, exclude: str | None, out_json: Path, quick: bool
+) -> dict[str, Any]:
     from onnxsparse.commands.bench import command
 
     args = [str(onnx_path), "--shapes", shapes, "--json", str(out_json)]
@@ -186,7 +187,7 @@ def onnx_to_module(name: str, model: nn.Module) -> str | None:
     attrs: list[str] = []
     prev = ""
     for seg in segs:
-        attrs.append(seg[len(prev) + 1:] if prev and seg.startswith(prev + ".") else seg)
+        attrs.append(seg[len(prev) + 1 :] if prev and seg.startswith(prev + ".") else seg)
         prev = seg
     for i in range(len(attrs)):
         path = ".".join(attrs[i:])
@@ -210,19 +211,34 @@ def sparse_gemm(lt: Any, wp: torch.Tensor, m_plan: int, bias: torch.Tensor | Non
     return SparseGemm(plan, wp.shape[0], separate)
 
 
-def compare(report: dict[str, Any], timings: dict[str, dict[str, Any]], errors: dict[str, float],
-            layers_dense: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+def compare(
+    report: dict[str, Any],
+    timings: dict[str, dict[str, Any]],
+    errors: dict[str, float],
+    layers_dense: list[str],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     e2e = report["e2e"]["e2e"]
     meas = timings["sparse"]["ms"]
     pred = e2e["total_sparse_ms"]
-    row = {"dense_stock_ms": timings["dense_stock"]["ms"], "dense_ms": timings["dense"]["ms"], "sparse_ms": meas,
-           "measured_speedup": timings["dense"]["ms"] / meas,
-           "measured_speedup_vs_stock": timings["dense_stock"]["ms"] / meas,
-           "predicted_sparse_ms": pred, "predicted_speedup": e2e["speedup"], "gemm_share": e2e["gemm_share"],
-           "gemm_only_speedup": report["e2e"]["gemm_speedup"], "prediction_error": (pred - meas) / meas,
-           "within_5pct": abs(pred - meas) <= TOLERANCE * meas, "output_rel_error": errors,
-           "sparse_layers": report["summary"]["sparse_layers"], "keep_dense": report["summary"]["keep_dense"],
-           "stay_dense_runtime": layers_dense, "timings": timings}
+    row = {
+        "dense_stock_ms": timings["dense_stock"]["ms"],
+        "dense_ms": timings["dense"]["ms"],
+        "sparse_ms": meas,
+        "measured_speedup": timings["dense"]["ms"] / meas,
+        "measured_speedup_vs_stock": timings["dense_stock"]["ms"] / meas,
+        "predicted_sparse_ms": pred,
+        "predicted_speedup": e2e["speedup"],
+        "gemm_share": e2e["gemm_share"],
+        "gemm_only_speedup": report["e2e"]["gemm_speedup"],
+        "prediction_error": (pred - meas) / meas,
+        "within_5pct": abs(pred - meas) <= TOLERANCE * meas,
+        "output_rel_error": errors,
+        "sparse_layers": report["summary"]["sparse_layers"],
+        "keep_dense": report["summary"]["keep_dense"],
+        "stay_dense_runtime": layers_dense,
+        "timings": timings,
+    }
     row.update(extra)
     # the same estimate fed the dense total measured beside the sparse run (the one above was measured first)
     from onnxsparse.bench.e2e import amdahl
@@ -289,17 +305,32 @@ def check_bert(batch: int, seq: int, onnx_path: Path, out_dir: Path, lt: Any, qu
             setattr(parent, attr, mod)
         timings_graphs["sparse"], outs["sparse"] = graphed(fwd)
     timings = time_graphs(timings_graphs)
-    errors = {"sparse_vs_pruned_dense": rel_err(outs["sparse"], ref),
-              "dense_vs_stock": rel_err(outs["dense"], outs["dense_stock"])}
-    return compare(report, timings, errors, [], {"model": "bert-base", "shape": f"{batch}x{seq}",
-                                                   "dense_total_fed_to_bench_ms": pre["dense"]["ms"]})
+    errors = {
+        "sparse_vs_pruned_dense": rel_err(outs["sparse"], ref),
+        "dense_vs_stock": rel_err(outs["dense"], outs["dense_stock"]),
+    }
+    return compare(
+        report,
+        timings,
+        errors,
+        [],
+        {"model": "bert-base", "shape": f"{batch}x{seq}", "dense_total_fed_to_bench_ms": pre["dense"]["ms"]},
+    )
 
 
 # ---------------------------------------------------------------- ResNet-50
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+    )
     fused.weight.data = conv.weight.data * scale.reshape(-1, 1, 1, 1)
     b = conv.bias.data if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.data = (b - bn.running_mean) * scale + bn.bias
@@ -372,18 +403,32 @@ def export_resnet(model: ResNet, path: Path) -> list[str]:
 
     x = torch.randn(1, 3, 224, 224)
     try:
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}},
+        )
     except Exception as e:  # fall back, and say why
         print(f"TorchScript ONNX export failed ({e}); using the dynamo exporter", flush=True)
-        torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )
     proto = onnx.load(str(path), load_external_data=False)
     return [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
 
 
-def check_resnet(batch: int, onnx_path: Path, names: list[str], out_dir: Path, lt: Any,
-                 quick: bool) -> dict[str, Any]:
+def check_resnet(batch: int, onnx_path: Path, names: list[str], out_dir: Path, lt: Any, quick: bool) -> dict[str, Any]:
     model = resnet50_folded().half().cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").half().contiguous(memory_format=torch.channels_last)
     convs = gemm_convs(model)
@@ -405,8 +450,14 @@ def check_resnet(batch: int, onnx_path: Path, names: list[str], out_dir: Path, l
                 blk.fuse1 = True
         graphs["dense"], outs["dense"] = graphed(lambda: model(x))
     pre = time_graphs(dict(graphs))
-    report = run_bench(onnx_path, f"input:{batch}x3x224x224", pre["dense"]["ms"], exclude,
-                       out_dir / f"bench_resnet50_{batch}.json", quick)
+    report = run_bench(
+        onnx_path,
+        f"input:{batch}x3x224x224",
+        pre["dense"]["ms"],
+        exclude,
+        out_dir / f"bench_resnet50_{batch}.json",
+        quick,
+    )
     choice = {mods[r["name"]]: r for r in report["layers"] if r["name"] in mods}
     with torch.inference_mode():
         swaps = []
@@ -426,32 +477,47 @@ def check_resnet(batch: int, onnx_path: Path, names: list[str], out_dir: Path, l
             setattr(blk, attr, sparse_mod)
         graphs["sparse"], outs["sparse"] = graphed(lambda: model(x))
     timings = time_graphs(graphs)
-    errors = {"sparse_vs_pruned_dense": rel_err(outs["sparse"], ref),
-              "dense_vs_stock": rel_err(outs["dense"], outs["dense_stock"])}
-    return compare(report, timings, errors, stay, {"model": "resnet50", "shape": f"{batch}x3x224x224",
-                                                    "dense_total_fed_to_bench_ms": pre["dense"]["ms"]})
+    errors = {
+        "sparse_vs_pruned_dense": rel_err(outs["sparse"], ref),
+        "dense_vs_stock": rel_err(outs["dense"], outs["dense_stock"]),
+    }
+    return compare(
+        report,
+        timings,
+        errors,
+        stay,
+        {"model": "resnet50", "shape": f"{batch}x3x224x224", "dense_total_fed_to_bench_ms": pre["dense"]["ms"]},
+    )
 
 
 # ---------------------------------------------------------------- main
 def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
-    lines = [f"# `bench`'s end-to-end estimate against measured whole-model runs ({device.get('gpu', '?')})", "",
-             f"torch {device.get('torch')}, CUDA {device.get('cuda')}, cuSPARSELt {device.get('cusparselt')}, "
-             f"nvmath {device.get('nvmath')}; fp16, random weights, CUDA-graph replay, median of {REPEATS} "
-             f"blocks of {REPLAYS} forwards. Produced by `tools/bench_e2e_check.py`.", "",
-             "| model | shape | dense stock ms | dense (fused epilogues) ms | 2:4 sparse ms | measured | bench "
-             "predicted ms | predicted | error | ≤5% | GEMMs only | GEMM share | sparse layers | output rel. err |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# `bench`'s end-to-end estimate against measured whole-model runs ({device.get('gpu', '?')})",
+        "",
+        f"torch {device.get('torch')}, CUDA {device.get('cuda')}, cuSPARSELt {device.get('cusparselt')}, "
+        f"nvmath {device.get('nvmath')}; fp16, random weights, CUDA-graph replay, median of {REPEATS} "
+        f"blocks of {REPLAYS} forwards. Produced by `tools/bench_e2e_check.py`.",
+        "",
+        "| model | shape | dense stock ms | dense (fused epilogues) ms | 2:4 sparse ms | measured | bench "
+        "predicted ms | predicted | error | ≤5% | GEMMs only | GEMM share | sparse layers | output rel. err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['shape']} | {r['dense_stock_ms']:.3f} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f}"
             f" | {r['measured_speedup']:.3f}× | {r['predicted_sparse_ms']:.3f} | {r['predicted_speedup']:.3f}× | "
             f"{100 * r['prediction_error']:+.1f}% | {'yes' if r['within_5pct'] else '**no**'} | "
             f"{r['gemm_only_speedup']:.2f}× | {100 * r['gemm_share']:.0f}% | {r['sparse_layers']} | "
-            f"{r['output_rel_error']['sparse_vs_pruned_dense']:.1e} |")
+            f"{r['output_rel_error']['sparse_vs_pruned_dense']:.1e} |"
+        )
     stay = {r["model"]: r["stay_dense_runtime"] for r in rows if r["stay_dense_runtime"]}
     for model, names in stay.items():
-        lines += ["", f"{model}: {len(names)} layers stay dense in this runtime (passed to `bench --exclude`): "
-                  + ", ".join(f"`{n}`" for n in names)]
+        lines += [
+            "",
+            f"{model}: {len(names)} layers stay dense in this runtime (passed to `bench --exclude`): "
+            + ", ".join(f"`{n}`" for n in names),
+        ]
     return "\n".join(lines) + "\n"
 
 

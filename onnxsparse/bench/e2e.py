@@ -46,10 +46,15 @@ def amdahl(total_ms: float, dense_gemm_ms: float, best_gemm_ms: float) -> dict[s
     if dense_gemm_ms > total_ms:
         raise OnnxSparseError(
             f"the weighted GEMMs alone take {dense_gemm_ms:.3f} ms, more than the dense total {total_ms:.3f} ms: "
-            "the total must be measured at the same shapes and precision as the bench")
+            "the total must be measured at the same shapes and precision as the bench"
+        )
     sparse_total = total_ms - dense_gemm_ms + best_gemm_ms
-    return {"total_dense_ms": total_ms, "gemm_share": dense_gemm_ms / total_ms, "total_sparse_ms": sparse_total,
-            "speedup": total_ms / sparse_total}
+    return {
+        "total_dense_ms": total_ms,
+        "gemm_share": dense_gemm_ms / total_ms,
+        "total_sparse_ms": sparse_total,
+        "speedup": total_ms / sparse_total,
+    }
 
 
 def by_share(gemm_speedup: float, shares: Sequence[float] = SHARES) -> list[dict[str, float]]:
@@ -92,8 +97,10 @@ def parse_trt_profile(path: str | Path) -> TrtProfile:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise OnnxSparseError(f"--trt-profile {path}: not a JSON file ({e})") from None
     if not isinstance(data, list) or not data or not isinstance(data[0], dict) or "count" not in data[0]:
-        raise OnnxSparseError(f"--trt-profile {path}: not a trtexec profile (expected a list starting with "
-                              '{"count": N}, as `trtexec --exportProfile` writes)')
+        raise OnnxSparseError(
+            f"--trt-profile {path}: not a trtexec profile (expected a list starting with "
+            '{"count": N}, as `trtexec --exportProfile` writes)'
+        )
     entries = []
     for i, row in enumerate(data[1:], start=1):
         if not isinstance(row, dict) or "name" not in row or ("averageMs" not in row and "timeMs" not in row):
@@ -136,12 +143,15 @@ def profile_estimate(profile: TrtProfile, layers: Sequence[LayerTime]) -> dict[s
     part of the profile's total."""
     by_token: dict[str, list[int]] = {}
     for i, entry in enumerate(profile.entries):
+        if entry.name.startswith("Reformatting CopyNode"):  # a layout copy named after its consumer
+            continue
         for t in _tokens(entry.name):
             by_token.setdefault(t, []).append(i)
     owners: dict[int, list[LayerTime]] = {}
     unmatched: list[LayerTime] = []
     for lt in layers:
-        hits = sorted({i for n in lt.names for i in by_token.get(n, [])})
+        # the GEMM node's own name first; the epilogue's nodes only where TensorRT named the layer after them
+        hits = sorted(set(by_token.get(lt.name, []))) or sorted({i for n in lt.names for i in by_token.get(n, [])})
         if len(hits) == 1:
             owners.setdefault(hits[0], []).append(lt)
         else:  # not found, or spread over several entries: keep our own times
@@ -162,19 +172,33 @@ def profile_estimate(profile: TrtProfile, layers: Sequence[LayerTime]) -> dict[s
         dense_gemm += g.dense_ms
         best_gemm += g.best_ms
     result = amdahl(total, dense_gemm, best_gemm)
-    result.update(source="trt-profile", profile_count=profile.count, profile_layers=len(profile.entries),
-                  matched_layers=len(matched), unmatched_layers=[g.name for g in unmatched], matched=matched)
+    result.update(
+        source="trt-profile",
+        profile_count=profile.count,
+        profile_layers=len(profile.entries),
+        matched_layers=len(matched),
+        unmatched_layers=[g.name for g in unmatched],
+        matched=matched,
+    )
     return result
 
 
-def estimate(layers: Sequence[LayerTime], total_ms: float | None = None, profile: TrtProfile | None = None,
-             shares: Sequence[float] = SHARES) -> dict[str, Any]:
+def estimate(
+    layers: Sequence[LayerTime],
+    total_ms: float | None = None,
+    profile: TrtProfile | None = None,
+    shares: Sequence[float] = SHARES,
+) -> dict[str, Any]:
     """The end-to-end section of the report: Amdahl from a total or a profile, else the gain by GEMM share."""
     dense = sum(lt.dense_ms for lt in layers)
     best = sum(lt.best_ms for lt in layers)
     gemm_speedup = dense / best if best > 0 else None
-    out: dict[str, Any] = {"gemm_dense_ms": dense, "gemm_best_ms": best, "gemm_speedup": gemm_speedup,
-                           "assumptions": assumptions(total_ms is not None, profile is not None)}
+    out: dict[str, Any] = {
+        "gemm_dense_ms": dense,
+        "gemm_best_ms": best,
+        "gemm_speedup": gemm_speedup,
+        "assumptions": assumptions(total_ms is not None, profile is not None),
+    }
     if profile is not None:
         out["e2e"] = profile_estimate(profile, layers)
     elif total_ms is not None:
@@ -194,14 +218,18 @@ def assumptions(total: bool, profile: bool) -> list[str]:
         "(same GPU, same shapes, one tuned plan per shape)",
     ]
     if profile:
-        lines.append("TensorRT profile: the total is the sum of the layers' average times (per-layer profiling "
-                     "adds a little to each); layers matched by name take TensorRT's time scaled by our speed-up, "
-                     "the others keep our times and are assumed to be inside the total")
+        lines.append(
+            "TensorRT profile: the total is the sum of the layers' average times (per-layer profiling "
+            "adds a little to each); layers matched by name take TensorRT's time scaled by our speed-up, "
+            "the others keep our times and are assumed to be inside the total"
+        )
     elif total:
         lines.append("--total-ms is the dense model's latency measured at the same shapes and precision")
     else:
-        lines.append("no measured total (--total-ms or --trt-profile): the gain is shown for a GEMM share of "
-                     f"{', '.join(f'{p:.0%}' for p in SHARES)} of the dense total")
+        lines.append(
+            "no measured total (--total-ms or --trt-profile): the gain is shown for a GEMM share of "
+            f"{', '.join(f'{p:.0%}' for p in SHARES)} of the dense total"
+        )
     return lines
 
 
@@ -209,18 +237,26 @@ def summary_lines(section: dict[str, Any]) -> list[str]:
     """Text for the end of the bench report."""
     lines = []
     if section.get("gemm_speedup") is not None:
-        lines.append(f"weighted GEMMs only: dense {section['gemm_dense_ms']:.3f} ms -> "
-                     f"{section['gemm_best_ms']:.3f} ms = {section['gemm_speedup']:.2f}x (not the model's gain)")
+        lines.append(
+            f"weighted GEMMs only: dense {section['gemm_dense_ms']:.3f} ms -> "
+            f"{section['gemm_best_ms']:.3f} ms = {section['gemm_speedup']:.2f}x (not the model's gain)"
+        )
     e2e = section.get("e2e")
     if e2e:
         src = "TensorRT profile" if e2e["source"] == "trt-profile" else "--total-ms"
-        lines.append(f"end to end ({src}): dense {e2e['total_dense_ms']:.3f} ms, GEMM share "
-                     f"{e2e['gemm_share']:.0%} -> sparse {e2e['total_sparse_ms']:.3f} ms = {e2e['speedup']:.2f}x")
+        lines.append(
+            f"end to end ({src}): dense {e2e['total_dense_ms']:.3f} ms, GEMM share "
+            f"{e2e['gemm_share']:.0%} -> sparse {e2e['total_sparse_ms']:.3f} ms = {e2e['speedup']:.2f}x"
+        )
         if e2e["source"] == "trt-profile":
-            lines.append(f"  {e2e['matched_layers']} layers matched to TensorRT layers by name, "
-                         f"{len(e2e['unmatched_layers'])} kept our times")
+            lines.append(
+                f"  {e2e['matched_layers']} layers matched to TensorRT layers by name, "
+                f"{len(e2e['unmatched_layers'])} kept our times"
+            )
     elif section.get("by_share"):
-        lines.append("end to end, by the weighted GEMMs' share of the dense total: " + ", ".join(
-            f"{s['gemm_share']:.0%} -> {s['speedup']:.2f}x" for s in section["by_share"]))
+        lines.append(
+            "end to end, by the weighted GEMMs' share of the dense total: "
+            + ", ".join(f"{s['gemm_share']:.0%} -> {s['speedup']:.2f}x" for s in section["by_share"])
+        )
     lines.extend(f"assumption: {a}" for a in section.get("assumptions", []))
     return lines

@@ -75,9 +75,13 @@ class EpilogueTiming:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         flops = 2 * self.m_dense * self.n * self.k
-        d.update(speedup=self.speedup, unfused_speedup=self.unfused_speedup, launch_bound=False,
-                 dense_tflops=flops / (self.dense_ms * 1e9) if self.dense_ms > 0 else None,
-                 sparse_tflops=flops / (self.sparse_ms * 1e9) if self.sparse_ms > 0 else None)
+        d.update(
+            speedup=self.speedup,
+            unfused_speedup=self.unfused_speedup,
+            launch_bound=False,
+            dense_tflops=flops / (self.dense_ms * 1e9) if self.dense_ms > 0 else None,
+            sparse_tflops=flops / (self.sparse_ms * 1e9) if self.sparse_ms > 0 else None,
+        )
         return d
 
 
@@ -136,8 +140,9 @@ def unfused_fn(launch: Callable[[], None], bias: Any, act: str | None, y: Any) -
     return run
 
 
-def epilogue_plan(lt: gpu.SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any,
-                  act: str | None) -> tuple[gpu.SparsePlan, list[dict[str, Any]], str | None]:
+def epilogue_plan(
+    lt: gpu.SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any, act: str | None
+) -> tuple[gpu.SparsePlan, list[dict[str, Any]], str | None]:
     """A tuned plan with the bias and activation fused; where cuSPARSELt rejects the activation (seen on the
     H200 with cuSPARSELt 0.8.0: ``ACTIVATION_GELU`` with fp16 in/out, status 3, in both layouts), the plan
     fuses the bias only. Returns (plan, search rounds, the activation left to a separate kernel or None)."""
@@ -147,8 +152,15 @@ def epilogue_plan(lt: gpu.SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds:
     except OnnxSparseError as e:
         if act is None:
             raise
-        log.warning("cuSPARSELt rejected the fused %s epilogue for %dx%dx%d (%s): bias fused, %s as a "
-                    "separate kernel", act, x.shape[0], wp.shape[0], wp.shape[1], e, act)
+        log.warning(
+            "cuSPARSELt rejected the fused %s epilogue for %dx%dx%d (%s): bias fused, %s as a separate kernel",
+            act,
+            x.shape[0],
+            wp.shape[0],
+            wp.shape[1],
+            e,
+            act,
+        )
     plan, tried = gpu.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias)
     return plan, tried, act
 
@@ -169,10 +181,23 @@ def activation_fn(act: str | None, y: Any) -> Callable[[], None]:
     return {"relu": relu, "gelu": gelu}.get(act or "", none)
 
 
-def time_gemm_epilogue(lt: gpu.SparseLt, m: int, n: int, k: int, epilogue: str = "bias", m_dense: int | None = None,
-                       dtype: str = "fp16", gelu_form: str = "gelu", repeats: int = 7, iters: int = 50,
-                       warmup: int = 3, mode: str = "graph", seed: int = 0, search_rounds: int = 2,
-                       warmup_s: float = 0.3) -> EpilogueTiming:
+def time_gemm_epilogue(
+    lt: gpu.SparseLt,
+    m: int,
+    n: int,
+    k: int,
+    epilogue: str = "bias",
+    m_dense: int | None = None,
+    dtype: str = "fp16",
+    gelu_form: str = "gelu",
+    repeats: int = 7,
+    iters: int = 50,
+    warmup: int = 3,
+    mode: str = "graph",
+    seed: int = 0,
+    search_rounds: int = 2,
+    warmup_s: float = 0.3,
+) -> EpilogueTiming:
     """Time act(x·Wᵀ + b) dense (cuBLASLt epilogue) vs 2:4 sparse with the epilogue fused and unfused."""
     import torch
 
@@ -210,27 +235,50 @@ def time_gemm_epilogue(lt: gpu.SparseLt, m: int, n: int, k: int, epilogue: str =
             plain_launch()
 
         unfused = unfused_fn(plain_on_stream, bias, act, y_unfused)
-        errors = _check(dense, sparse, unfused, (xd, w, x, wp, bias, act, gelu_form),
-                        (y_dense, y_sparse, y_unfused))
+        errors = _check(dense, sparse, unfused, (xd, w, x, wp, bias, act, gelu_form), (y_dense, y_sparse, y_unfused))
         ok = all(e <= gpu.FP16_TOLERANCE for e in errors)
-        runs, _, settled = gpu.time_loops({"dense": dense, "sparse": sparse, "unfused": unfused}, iters, repeats,
-                                          warmup, mode, warmup_s=warmup_s)
+        runs, _, settled = gpu.time_loops(
+            {"dense": dense, "sparse": sparse, "unfused": unfused}, iters, repeats, warmup, mode, warmup_s=warmup_s
+        )
         state = gpu.gpu_state()
         return EpilogueTiming(
-            m=m, n=n, k=k, dtype=dtype, epilogue=epilogue, m_dense=m_dense,
-            dense_ms=statistics.median(runs["dense"]), sparse_ms=statistics.median(runs["sparse"]),
-            sparse_unfused_ms=statistics.median(runs["unfused"]), dense_runs=runs["dense"],
-            sparse_runs=runs["sparse"], unfused_runs=runs["unfused"], dense_error=errors[0], error=errors[1],
-            unfused_error=errors[2], ok=ok, alg_id=plan.alg_id, search=tried, activation_fused=separate is None,
-            mode=mode, iters=iters,
-            warmup_s=settled.seconds, settled=settled.settled, gpu_state=state)
+            m=m,
+            n=n,
+            k=k,
+            dtype=dtype,
+            epilogue=epilogue,
+            m_dense=m_dense,
+            dense_ms=statistics.median(runs["dense"]),
+            sparse_ms=statistics.median(runs["sparse"]),
+            sparse_unfused_ms=statistics.median(runs["unfused"]),
+            dense_runs=runs["dense"],
+            sparse_runs=runs["sparse"],
+            unfused_runs=runs["unfused"],
+            dense_error=errors[0],
+            error=errors[1],
+            unfused_error=errors[2],
+            ok=ok,
+            alg_id=plan.alg_id,
+            search=tried,
+            activation_fused=separate is None,
+            mode=mode,
+            iters=iters,
+            warmup_s=settled.seconds,
+            settled=settled.settled,
+            gpu_state=state,
+        )
     finally:
         plan.close()
         plain.close()
 
 
-def _check(dense: Callable[[], None], sparse: Callable[[], None], unfused: Callable[[], None],
-           data: tuple[Any, ...], outs: tuple[Any, Any, Any]) -> list[float]:
+def _check(
+    dense: Callable[[], None],
+    sparse: Callable[[], None],
+    unfused: Callable[[], None],
+    data: tuple[Any, ...],
+    outs: tuple[Any, Any, Any],
+) -> list[float]:
     """Run each path once into a NaN-poisoned output; relative errors against the fp32 references."""
     import torch
 

@@ -93,8 +93,15 @@ class UniqueGemm:
         return (self.m, self.n, self.k, self.epilogue, self.m_real)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"m": self.m, "n": self.n, "k": self.k, "epilogue": self.epilogue, "m_real": self.m_real,
-                "count": self.count, "layers": list(self.layers)}
+        return {
+            "m": self.m,
+            "n": self.n,
+            "k": self.k,
+            "epilogue": self.epilogue,
+            "m_real": self.m_real,
+            "count": self.count,
+            "layers": list(self.layers),
+        }
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -111,13 +118,20 @@ def plan_m(m: int, dtype: str, bucket: int | None = None) -> int:
 
 def with_m_bucket(layers: Iterable[LayerGemm], bucket: int, dtype: str) -> list[LayerGemm]:
     """The same layers with plans built for M rounded up to ``bucket`` (untimed layers unchanged)."""
-    return [replace(lg, m_padded=plan_m(lg.m, dtype, bucket)) if lg.key is not None and lg.m is not None else lg
-            for lg in layers]
+    return [
+        replace(lg, m_padded=plan_m(lg.m, dtype, bucket)) if lg.key is not None and lg.m is not None else lg
+        for lg in layers
+    ]
 
 
-def extract_gemms(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None,
-                  dtype: str = "fp16", shapes: dict[str, Shape] | None = None, epilogues: bool = False,
-                  exclude: str | None = None) -> list[LayerGemm]:
+def extract_gemms(
+    proto: onnx.ModelProto,
+    overrides: dict[str, tuple[int, ...]] | None = None,
+    dtype: str = "fp16",
+    shapes: dict[str, Shape] | None = None,
+    epilogues: bool = False,
+    exclude: str | None = None,
+) -> list[LayerGemm]:
     """Every weighted layer of ``proto`` (graph order) as a ``LayerGemm`` for ``dtype`` (fp16 | int8).
 
     ``epilogues``: record the bias/activation the graph applies after each GEMM (``epilogue.find_epilogues``).
@@ -137,8 +151,13 @@ def extract_gemms(proto: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] 
     out: list[LayerGemm] = []
     for layer in found:
         ep = eps.get(layer.name)
-        base = LayerGemm(name=layer.name, op_type=layer.op_type, epilogue=ep.kind if ep else "",
-                         activation=ep.activation if ep else None, epilogue_nodes=ep.nodes if ep else ())
+        base = LayerGemm(
+            name=layer.name,
+            op_type=layer.op_type,
+            epilogue=ep.kind if ep else "",
+            activation=ep.activation if ep else None,
+            epilogue_nodes=ep.nodes if ep else (),
+        )
         skip = select_reason(layer, None, exclude)
         if skip is not None:
             out.append(replace(base, reason=f"{skip}: stays dense"))

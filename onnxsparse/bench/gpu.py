@@ -86,8 +86,9 @@ class GemmTiming:
         d = asdict(self)
         d["speedup"] = self.speedup
         # in a loop, a launch that takes the host about as long as the GPU means the GPU waited for Python
-        d["launch_bound"] = self.mode == "loop" and (self.dense_host_ms >= 0.9 * self.dense_ms
-                                                     or self.sparse_host_ms >= 0.9 * self.sparse_ms)
+        d["launch_bound"] = self.mode == "loop" and (
+            self.dense_host_ms >= 0.9 * self.dense_ms or self.sparse_host_ms >= 0.9 * self.sparse_ms
+        )
         d["dense_tflops"] = self.flops / (self.dense_ms * 1e9) if self.dense_ms > 0 else None
         d["sparse_tflops"] = self.flops / (self.sparse_ms * 1e9) if self.sparse_ms > 0 else None
         return d
@@ -138,10 +139,28 @@ class SparseLt:
 # of (m, n, k). Both describe the same memory: W[N, K], x[M, K], y[M, N] all row-major; the second is the
 # all-column-major spelling, tried if a library build rejects the first.
 _LAYOUTS = (
-    ("A=row,B=row^T,D=col", "ROW", "NON_TRANSPOSE", lambda m, n, k: (n, k, k),
-     "ROW", "TRANSPOSE", lambda m, n, k: (m, k, k), "COL", lambda m, n, k: (n, m, n)),
-    ("A=col^T,B=col,D=col", "COL", "TRANSPOSE", lambda m, n, k: (k, n, k),
-     "COL", "NON_TRANSPOSE", lambda m, n, k: (k, m, k), "COL", lambda m, n, k: (n, m, n)),
+    (
+        "A=row,B=row^T,D=col",
+        "ROW",
+        "NON_TRANSPOSE",
+        lambda m, n, k: (n, k, k),
+        "ROW",
+        "TRANSPOSE",
+        lambda m, n, k: (m, k, k),
+        "COL",
+        lambda m, n, k: (n, m, n),
+    ),
+    (
+        "A=col^T,B=col,D=col",
+        "COL",
+        "TRANSPOSE",
+        lambda m, n, k: (k, n, k),
+        "COL",
+        "NON_TRANSPOSE",
+        lambda m, n, k: (k, m, k),
+        "COL",
+        lambda m, n, k: (n, m, n),
+    ),
 )
 
 
@@ -156,8 +175,9 @@ class SparsePlan:
     ``ACTIVATION_GELU``): y = act(x·Wᵀ + b) in one kernel, as dense cuBLASLt does it.
     """
 
-    def __init__(self, lt: SparseLt, weight: Any, m: int, dtype: str, bias: Any = None,
-                 activation: str | None = None) -> None:
+    def __init__(
+        self, lt: SparseLt, weight: Any, m: int, dtype: str, bias: Any = None, activation: str | None = None
+    ) -> None:
         import numpy as np
         import torch
         from nvmath import CudaDataType
@@ -167,8 +187,11 @@ class SparsePlan:
         self.lt, self.m = lt, m
         self.n, self.k = (int(d) for d in weight.shape)
         if dtype == "fp16":
-            in_type, outs, compute = CudaDataType.CUDA_R_16F, [("fp16", CudaDataType.CUDA_R_16F)], \
-                cl.ComputeType.COMPUTE_32F
+            in_type, outs, compute = (
+                CudaDataType.CUDA_R_16F,
+                [("fp16", CudaDataType.CUDA_R_16F)],
+                cl.ComputeType.COMPUTE_32F,
+            )
         elif dtype == "int8":
             in_type, compute = CudaDataType.CUDA_R_8I, cl.ComputeType.COMPUTE_32I
             outs = [("int32", CudaDataType.CUDA_R_32I), ("int8", CudaDataType.CUDA_R_8I)]
@@ -218,10 +241,12 @@ class SparsePlan:
         size, buffer_size = cl.sp_mma_compressed_size(lt.handle, self._plan)
         self.compressed = torch.empty(int(size), dtype=torch.uint8, device=weight.device)
         buffer = torch.empty(max(int(buffer_size), 1), dtype=torch.uint8, device=weight.device)
-        cl.sp_mma_compress(lt.handle, self._plan, weight.data_ptr(), self.compressed.data_ptr(),
-                           buffer.data_ptr(), stream)
-        self.workspace = torch.empty(max(int(cl.matmul_get_workspace(lt.handle, self._plan)), 1),
-                                     dtype=torch.uint8, device=weight.device)
+        cl.sp_mma_compress(
+            lt.handle, self._plan, weight.data_ptr(), self.compressed.data_ptr(), buffer.data_ptr(), stream
+        )
+        self.workspace = torch.empty(
+            max(int(cl.matmul_get_workspace(lt.handle, self._plan)), 1), dtype=torch.uint8, device=weight.device
+        )
         torch.cuda.synchronize()
         self.alg_id: int | None = None
 
@@ -231,15 +256,17 @@ class SparsePlan:
         cl = _lt()
         h, (m, n, k) = self.lt.handle, (self.m, self.n, self.k)
         _, a_ord, a_op, a_dims, b_ord, b_op, b_dims, d_ord, d_dims = layout
-        a = cl.structured_descriptor_init(h, *a_dims(m, n, k), 16, in_type, int(getattr(cusparse.Order, a_ord)),
-                                          int(cl.Sparsity.SPARSITY_50_PERCENT))
+        a = cl.structured_descriptor_init(
+            h, *a_dims(m, n, k), 16, in_type, int(getattr(cusparse.Order, a_ord)), int(cl.Sparsity.SPARSITY_50_PERCENT)
+        )
         self._descs.append(a)
         b = cl.dense_descriptor_init(h, *b_dims(m, n, k), 16, in_type, int(getattr(cusparse.Order, b_ord)))
         self._descs.append(b)
         d = cl.dense_descriptor_init(h, *d_dims(m, n, k), 16, out_type, int(getattr(cusparse.Order, d_ord)))
         self._descs.append(d)
-        self._mm = cl.matmul_descriptor_init(h, int(getattr(cusparse.Operation, a_op)),
-                                             int(getattr(cusparse.Operation, b_op)), a, b, d, d, compute)
+        self._mm = cl.matmul_descriptor_init(
+            h, int(getattr(cusparse.Operation, a_op)), int(getattr(cusparse.Operation, b_op)), a, b, d, d, compute
+        )
         self._set_epilogue()
         self._alg = cl.matmul_alg_selection_init(h, self._mm, int(cl.MatmulAlg.DEFAULT))
         value = np.array([self.search_iterations], dtype=np.int32)
@@ -265,9 +292,19 @@ class SparsePlan:
         self.streams[0] = stream
 
     def _args(self, x: Any, y: Any) -> tuple[Any, ...]:
-        return (self.lt.handle, self._plan, self.alpha.ctypes.data, self.compressed.data_ptr(), x.data_ptr(),
-                self.beta.ctypes.data, y.data_ptr(), y.data_ptr(), self.workspace.data_ptr(),
-                self.streams.ctypes.data, 1)
+        return (
+            self.lt.handle,
+            self._plan,
+            self.alpha.ctypes.data,
+            self.compressed.data_ptr(),
+            x.data_ptr(),
+            self.beta.ctypes.data,
+            y.data_ptr(),
+            y.data_ptr(),
+            self.workspace.data_ptr(),
+            self.streams.ctypes.data,
+            1,
+        )
 
     def search(self, x: Any, y: Any) -> int:
         """Tune the plan with ``matmul_search`` (times every kernel config and split-K); returns the config id."""
@@ -276,8 +313,9 @@ class SparsePlan:
         cl = _lt()
         cl.matmul_search(*self._args(x, y))
         alg_id = np.zeros(1, dtype=np.int32)
-        cl.matmul_alg_get_attribute(self.lt.handle, self._alg, int(cl.MatmulAlgAttribute.CONFIG_ID),
-                                    alg_id.ctypes.data, 4)
+        cl.matmul_alg_get_attribute(
+            self.lt.handle, self._alg, int(cl.MatmulAlgAttribute.CONFIG_ID), alg_id.ctypes.data, 4
+        )
         self.alg_id = int(alg_id[0])
         return self.alg_id
 
@@ -290,8 +328,9 @@ class SparsePlan:
         cl, out = _lt(), {}
         for name in self._ALG_ATTRS:
             value = np.zeros(1, dtype=np.int32)
-            cl.matmul_alg_get_attribute(self.lt.handle, self._alg, int(getattr(cl.MatmulAlgAttribute, name)),
-                                        value.ctypes.data, 4)
+            cl.matmul_alg_get_attribute(
+                self.lt.handle, self._alg, int(getattr(cl.MatmulAlgAttribute, name)), value.ctypes.data, 4
+            )
             out[name] = int(value[0])
         return out
 
@@ -311,8 +350,11 @@ class SparsePlan:
 
     def _destroy(self) -> None:
         cl = _lt()
-        steps = [(cl.matmul_plan_destroy, self._plan), (cl.matmul_alg_selection_destroy, self._alg),
-                 (cl.matmul_descriptor_destroy, self._mm)] + [(cl.mat_descriptor_destroy, d) for d in self._descs]
+        steps = [
+            (cl.matmul_plan_destroy, self._plan),
+            (cl.matmul_alg_selection_destroy, self._alg),
+            (cl.matmul_descriptor_destroy, self._mm),
+        ] + [(cl.mat_descriptor_destroy, d) for d in self._descs]
         self._descs, self._mm, self._alg, self._plan = [], 0, 0, 0
         for destroy, ptr in steps:
             if ptr:
@@ -342,7 +384,7 @@ def _inputs(m: int, n: int, k: int, dtype: str, gen: Any) -> tuple[Any, Any]:
     dev = "cuda"
     if dtype == "fp16":
         x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.float32).half()
-        w = (torch.randn(n, k, device=dev, generator=gen, dtype=torch.float32) / (k ** 0.5)).half()
+        w = (torch.randn(n, k, device=dev, generator=gen, dtype=torch.float32) / (k**0.5)).half()
     else:
         x = torch.randint(-127, 128, (m, k), device=dev, generator=gen, dtype=torch.int8)
         w = torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8)
@@ -384,9 +426,16 @@ def _check(plan: SparsePlan, x: Any, wp: Any, y: Any) -> tuple[float, bool]:
     return float(bad), bad == 0
 
 
-def time_loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode: str, warmup_s: float = 0.3,
-           settle_max_s: float = 2.0, block_s: float = 0.05,
-           ) -> tuple[dict[str, list[float]], dict[str, float], Settled]:
+def time_loops(
+    fns: dict[str, Any],
+    iters: int,
+    repeats: int,
+    warmup: int,
+    mode: str,
+    warmup_s: float = 0.3,
+    settle_max_s: float = 2.0,
+    block_s: float = 0.05,
+) -> tuple[dict[str, list[float]], dict[str, float], Settled]:
     """Per-launch GPU ms of each function, once per repetition (the functions alternate within a repetition),
     the median host ms per launch spent enqueuing them, and how the warm-up ended."""
     import torch
@@ -403,9 +452,11 @@ def time_loops(fns: dict[str, Any], iters: int, repeats: int, warmup: int, mode:
             runners[name] = graph.replay
     else:
         for name, fn in fns.items():
+
             def loop(fn: Any = fn) -> None:
                 for _ in range(iters):
                     fn()
+
             runners[name] = loop
 
     def one_round() -> None:
@@ -482,8 +533,12 @@ def warm_up_gpu(min_s: float = 2.0, max_s: float = 10.0, tol: float = 0.01, size
         torch.cuda.synchronize()
 
     settled = settle(_event_block(step, 0.1), min_s, max_s, tol)
-    log.info("GPU warm-up: %.2f s, last blocks %s ms per 10 products, settled=%s", settled.seconds,
-             [round(v, 4) for v in settled.blocks[-2:]], settled.settled)
+    log.info(
+        "GPU warm-up: %.2f s, last blocks %s ms per 10 products, settled=%s",
+        settled.seconds,
+        [round(v, 4) for v in settled.blocks[-2:]],
+        settled.settled,
+    )
     return settled
 
 
@@ -503,8 +558,9 @@ def gpu_state() -> dict[str, Any]:
             "temperature_c": int(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
             "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
         }
-        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+        )
         if reasons is not None:
             state["clock_event_reasons"] = int(reasons(h))
         return state
@@ -519,8 +575,9 @@ def _graph_ms(fn: Callable[[], None], iters: int = 20, repeats: int = 3) -> floa
     return statistics.median(runs["fn"])
 
 
-def tuned_plan(lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any = None,
-                activation: str | None = None) -> tuple[SparsePlan, list[dict[str, Any]]]:
+def tuned_plan(
+    lt: SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any = None, activation: str | None = None
+) -> tuple[SparsePlan, list[dict[str, Any]]]:
     """The fastest of ``rounds`` independently built and searched plans, and what each round picked.
 
     Why: one ``matmul_search`` sometimes settles on a config 5-60% slower than another search's pick (seen
@@ -576,9 +633,20 @@ def rounds_for(m: int, n: int, k: int, rounds: int) -> int:
     return rounds * 3 if est_us < TINY_PRODUCT_US else rounds
 
 
-def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats: int = 7, iters: int = 50,
-              warmup: int = 3, mode: str = "graph", seed: int = 0, search_rounds: int = 2,
-              warmup_s: float = 0.3) -> GemmTiming:
+def time_gemm(
+    lt: SparseLt,
+    m: int,
+    n: int,
+    k: int,
+    dtype: str = "fp16",
+    repeats: int = 7,
+    iters: int = 50,
+    warmup: int = 3,
+    mode: str = "graph",
+    seed: int = 0,
+    search_rounds: int = 2,
+    warmup_s: float = 0.3,
+) -> GemmTiming:
     """Time y[M,N] = x[M,K]·W[N,K]ᵀ dense (cuBLAS) and 2:4-sparse (cuSPARSELt, tuned plan) in steady state.
 
     Before the timed repetitions both products run alternately for at least ``warmup_s`` seconds and until
@@ -612,16 +680,35 @@ def time_gemm(lt: SparseLt, m: int, n: int, k: int, dtype: str = "fp16", repeats
                 plan.set_stream(torch.cuda.current_stream().cuda_stream)
                 launch()
 
-        runs, host, settled = time_loops({"dense": dense_fn, "sparse": sparse_fn}, iters, repeats, warmup, mode,
-                                     warmup_s=warmup_s)
+        runs, host, settled = time_loops(
+            {"dense": dense_fn, "sparse": sparse_fn}, iters, repeats, warmup, mode, warmup_s=warmup_s
+        )
         state = gpu_state()
         torch.cuda.synchronize()
-        return GemmTiming(m=m, n=n, k=k, dtype=dtype, dense_ms=statistics.median(runs["dense"]),
-                          sparse_ms=statistics.median(runs["sparse"]), dense_runs=runs["dense"],
-                          sparse_runs=runs["sparse"], dense_host_ms=host["dense"], sparse_host_ms=host["sparse"],
-                          error=error, ok=ok, alg_id=alg_id, search_iterations=plan.search_iterations,
-                          layout=plan.layout, out_dtype=plan.out_dtype, mode=mode, iters=iters,
-                          search=tried, warmup_s=settled.seconds, settled=settled.settled, gpu_state=state)
+        return GemmTiming(
+            m=m,
+            n=n,
+            k=k,
+            dtype=dtype,
+            dense_ms=statistics.median(runs["dense"]),
+            sparse_ms=statistics.median(runs["sparse"]),
+            dense_runs=runs["dense"],
+            sparse_runs=runs["sparse"],
+            dense_host_ms=host["dense"],
+            sparse_host_ms=host["sparse"],
+            error=error,
+            ok=ok,
+            alg_id=alg_id,
+            search_iterations=plan.search_iterations,
+            layout=plan.layout,
+            out_dtype=plan.out_dtype,
+            mode=mode,
+            iters=iters,
+            search=tried,
+            warmup_s=settled.seconds,
+            settled=settled.settled,
+            gpu_state=state,
+        )
     finally:
         plan.close()
 
@@ -631,9 +718,13 @@ def device_info() -> dict[str, Any]:
     import torch
 
     props = torch.cuda.get_device_properties(0)
-    info: dict[str, Any] = {"gpu": props.name, "sm": f"{props.major}.{props.minor}",
-                            "multiprocessors": props.multi_processor_count, "torch": torch.__version__,
-                            "cuda": torch.version.cuda}
+    info: dict[str, Any] = {
+        "gpu": props.name,
+        "sm": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     try:
         import nvmath
 

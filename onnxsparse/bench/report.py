@@ -50,9 +50,16 @@ class LayerResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.layer.to_dict()
-        d.update(dense_ms=self.dense_ms, sparse_ms=self.sparse_ms, speedup=self.speedup, ok=self.ok,
-                 choice=self.choice, sparse_unfused_ms=self.unfused_ms, activation_fused=self.activation_fused,
-                 unfused_speedup=(self.dense_ms / self.unfused_ms) if self.dense_ms and self.unfused_ms else None)
+        d.update(
+            dense_ms=self.dense_ms,
+            sparse_ms=self.sparse_ms,
+            speedup=self.speedup,
+            ok=self.ok,
+            choice=self.choice,
+            sparse_unfused_ms=self.unfused_ms,
+            activation_fused=self.activation_fused,
+            unfused_speedup=(self.dense_ms / self.unfused_ms) if self.dense_ms and self.unfused_ms else None,
+        )
         return d
 
     @property
@@ -98,24 +105,40 @@ class BenchReport:
             "flop_weighted_speedup": weighted,
             "timed_flops_fraction": flops_timed / flops_all if flops_all else None,
             #: every timed layer sparse with its epilogue as separate kernels (None without epilogue timing)
-            "sparse_unfused_ms": (sum(r.unfused_ms for r in timed if r.unfused_ms is not None)
-                                  if timed and all(r.unfused_ms is not None for r in timed) else None),
+            "sparse_unfused_ms": (
+                sum(r.unfused_ms for r in timed if r.unfused_ms is not None)
+                if timed and all(r.unfused_ms is not None for r in timed)
+                else None
+            ),
         }
 
     def layer_times(self) -> list[LayerTime]:
         """The timed layers for the end-to-end estimate (``e2e.estimate``)."""
-        return [LayerTime(r.layer.name, (r.layer.name, *r.layer.epilogue_nodes), r.dense_ms or 0.0,
-                          r.best_ms or 0.0) for r in self.timed]
+        return [
+            LayerTime(r.layer.name, (r.layer.name, *r.layer.epilogue_nodes), r.dense_ms or 0.0, r.best_ms or 0.0)
+            for r in self.timed
+        ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "device": self.device, "settings": self.settings,
-                "min_speedup": self.min_speedup, "summary": self.summary(), "shapes": self.shapes,
-                "layers": [r.to_dict() for r in self.layers]}
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "settings": self.settings,
+            "min_speedup": self.min_speedup,
+            "summary": self.summary(),
+            "shapes": self.shapes,
+            "layers": [r.to_dict() for r in self.layers],
+        }
 
 
-def build_report(layers: Sequence[LayerGemm], timings: Mapping[GemmKey, Timing], dtype: str,
-                 min_speedup: float = 1.0, device: dict[str, Any] | None = None,
-                 settings: dict[str, Any] | None = None) -> BenchReport:
+def build_report(
+    layers: Sequence[LayerGemm],
+    timings: Mapping[GemmKey, Timing],
+    dtype: str,
+    min_speedup: float = 1.0,
+    device: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> BenchReport:
     """Attach each layer's shape timing; a layer whose sparse speed-up is below ``min_speedup`` stays dense."""
     results: list[LayerResult] = []
     for layer in layers:
@@ -124,9 +147,14 @@ def build_report(layers: Sequence[LayerGemm], timings: Mapping[GemmKey, Timing],
         if t is None:
             results.append(LayerResult(layer))
             continue
-        res = LayerResult(layer, dense_ms=t.dense_ms, sparse_ms=t.sparse_ms, ok=t.ok,
-                          unfused_ms=getattr(t, "sparse_unfused_ms", None),
-                          activation_fused=bool(getattr(t, "activation_fused", True)))
+        res = LayerResult(
+            layer,
+            dense_ms=t.dense_ms,
+            sparse_ms=t.sparse_ms,
+            ok=t.ok,
+            unfused_ms=getattr(t, "sparse_unfused_ms", None),
+            activation_fused=bool(getattr(t, "activation_fused", True)),
+        )
         fast = res.speedup is not None and res.speedup >= min_speedup
         res.choice = "sparse" if (fast and t.ok) else "dense"
         results.append(res)
@@ -135,8 +163,14 @@ def build_report(layers: Sequence[LayerGemm], timings: Mapping[GemmKey, Timing],
         d = t.to_dict()
         d["count"] = sum(1 for layer in layers if layer.key == key)
         shapes.append(d)
-    return BenchReport(dtype=dtype, layers=results, shapes=shapes, device=device or {}, settings=settings or {},
-                       min_speedup=min_speedup)
+    return BenchReport(
+        dtype=dtype,
+        layers=results,
+        shapes=shapes,
+        device=device or {},
+        settings=settings or {},
+        min_speedup=min_speedup,
+    )
 
 
 def _fmt_ms(v: float | None) -> str:
@@ -158,12 +192,23 @@ def layer_rows(report: BenchReport) -> list[list[Any]]:
         else:
             note = ""
         if r.choice != "skip" and not r.activation_fused:
-            note = "; ".join(p for p in (note, "2:4 activation as its own kernel (cuSPARSELt rejected fusing it)")
-                             if p)
+            note = "; ".join(p for p in (note, "2:4 activation as its own kernel (cuSPARSELt rejected fusing it)") if p)
         speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
         unfused = "" if r.unfused_ms is None or not r.dense_ms else f"{r.dense_ms / r.unfused_ms:.2f}x"
-        rows.append([lg.name, lg.op_type, shape, lg.epilogue or "-", _fmt_ms(r.dense_ms), _fmt_ms(r.sparse_ms), speed,
-                     unfused, r.choice, note])
+        rows.append(
+            [
+                lg.name,
+                lg.op_type,
+                shape,
+                lg.epilogue or "-",
+                _fmt_ms(r.dense_ms),
+                _fmt_ms(r.sparse_ms),
+                speed,
+                unfused,
+                r.choice,
+                note,
+            ]
+        )
     return rows
 
 
@@ -174,30 +219,58 @@ def shape_rows(report: BenchReport) -> list[list[Any]]:
     rows = []
     for s in report.shapes:
         unfused = s.get("sparse_unfused_ms")
-        rows.append([f"{s['m']}x{s['n']}x{s['k']}", s.get("epilogue") or "-", s["count"], _fmt_ms(s["dense_ms"]),
-                     _fmt_ms(s["sparse_ms"]), f"{s['speedup']:.2f}x", _fmt_ms(unfused),
-                     f"{s.get('dense_tflops') or 0:.0f}", f"{s.get('sparse_tflops') or 0:.0f}",
-                     f"{s.get('error', 0):.1e}", "LAUNCH-BOUND (try --mode graph)" if s.get("launch_bound") else ""])
+        rows.append(
+            [
+                f"{s['m']}x{s['n']}x{s['k']}",
+                s.get("epilogue") or "-",
+                s["count"],
+                _fmt_ms(s["dense_ms"]),
+                _fmt_ms(s["sparse_ms"]),
+                f"{s['speedup']:.2f}x",
+                _fmt_ms(unfused),
+                f"{s.get('dense_tflops') or 0:.0f}",
+                f"{s.get('sparse_tflops') or 0:.0f}",
+                f"{s.get('error', 0):.1e}",
+                "LAUNCH-BOUND (try --mode graph)" if s.get("launch_bound") else "",
+            ]
+        )
     return rows
 
 
-SHAPE_HEADERS = ("MxNxK (plan M)", "epilogue", "layers", "dense µs", "2:4 µs", "speed-up", "2:4 unfused µs",
-                 "dense TFLOP/s", "2:4 TFLOP/s", "error", "note")
+SHAPE_HEADERS = (
+    "MxNxK (plan M)",
+    "epilogue",
+    "layers",
+    "dense µs",
+    "2:4 µs",
+    "speed-up",
+    "2:4 unfused µs",
+    "dense TFLOP/s",
+    "2:4 TFLOP/s",
+    "error",
+    "note",
+)
 
 
 def summary_lines(report: BenchReport) -> list[str]:
     s = report.summary()
-    lines = [f"{s['timed_layers']} of {s['layers']} weighted layers timed ({report.dtype}); "
-             f"{s['sparse_layers']} faster sparse, {len(s['keep_dense'])} should stay dense"]
+    lines = [
+        f"{s['timed_layers']} of {s['layers']} weighted layers timed ({report.dtype}); "
+        f"{s['sparse_layers']} faster sparse, {len(s['keep_dense'])} should stay dense"
+    ]
     if s["speedup_estimate"] is not None:
-        lines.append(f"GEMM time (weighted GEMMs only): dense {s['dense_ms']:.3f} ms, "
-                     f"all 2:4 {s['sparse_all_ms']:.3f} ms, "
-                     f"best mix {s['best_ms']:.3f} ms → estimate {s['speedup_estimate']:.2f}x "
-                     f"(FLOP-weighted mean {s['flop_weighted_speedup']:.2f}x) over "
-                     f"{100 * (s['timed_flops_fraction'] or 0):.0f}% of the weighted layers' FLOPs")
+        lines.append(
+            f"GEMM time (weighted GEMMs only): dense {s['dense_ms']:.3f} ms, "
+            f"all 2:4 {s['sparse_all_ms']:.3f} ms, "
+            f"best mix {s['best_ms']:.3f} ms → estimate {s['speedup_estimate']:.2f}x "
+            f"(FLOP-weighted mean {s['flop_weighted_speedup']:.2f}x) over "
+            f"{100 * (s['timed_flops_fraction'] or 0):.0f}% of the weighted layers' FLOPs"
+        )
     if s["sparse_unfused_ms"] is not None and s["sparse_unfused_ms"] > 0:
-        lines.append(f"without sparse epilogue fusion (bias/activation as separate kernels): all 2:4 "
-                     f"{s['sparse_unfused_ms']:.3f} ms = {s['dense_ms'] / s['sparse_unfused_ms']:.2f}x")
+        lines.append(
+            f"without sparse epilogue fusion (bias/activation as separate kernels): all 2:4 "
+            f"{s['sparse_unfused_ms']:.3f} ms = {s['dense_ms'] / s['sparse_unfused_ms']:.2f}x"
+        )
     if s["wrong_results"]:
         lines.append(f"WRONG sparse results (kept dense): {', '.join(s['wrong_results'])}")
     return lines

@@ -34,8 +34,13 @@ def agree(a: float, b: float, tol: float) -> bool:
     return hi > 0 and abs(a - b) <= tol * hi
 
 
-def settle(measure: Callable[[], float], min_s: float, max_s: float, tol: float = 0.01,
-           clock: Callable[[], float] = time.perf_counter) -> Settled:
+def settle(
+    measure: Callable[[], float],
+    min_s: float,
+    max_s: float,
+    tol: float = 0.01,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Settled:
     """Call ``measure`` (one block of load, returning its time per unit) until at least ``min_s`` seconds
     have passed and the last two blocks agree within ``tol``, or until ``max_s`` seconds have passed.
 
@@ -77,8 +82,11 @@ def compare_runs(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         raise ValueError("need at least two reports to compare")
     per_run = []
     for report in reports:
-        layers = {lg["name"]: lg for lg in report["layers"] if lg.get("dense_ms") is not None
-                  and lg.get("sparse_ms") is not None}
+        layers = {
+            lg["name"]: lg
+            for lg in report["layers"]
+            if lg.get("dense_ms") is not None and lg.get("sparse_ms") is not None
+        }
         per_run.append(layers)
     names = list(per_run[0])
     for i, layers in enumerate(per_run[1:], start=2):

@@ -21,8 +21,13 @@ class FakeTiming:
     ok: bool = True
 
     def to_dict(self):
-        return {"dense_ms": self.dense_ms, "sparse_ms": self.sparse_ms, "ok": self.ok,
-                "speedup": self.dense_ms / self.sparse_ms, "error": 0.0}
+        return {
+            "dense_ms": self.dense_ms,
+            "sparse_ms": self.sparse_ms,
+            "ok": self.ok,
+            "speedup": self.dense_ms / self.sparse_ms,
+            "error": 0.0,
+        }
 
 
 def _layer(name, m, n, k, reason=None):
@@ -30,8 +35,10 @@ def _layer(name, m, n, k, reason=None):
 
 
 LAYERS = [
-    _layer("q", 4096, 768, 768), _layer("k", 4096, 768, 768),
-    _layer("ffn1", 4096, 3072, 768), _layer("small", 32, 768, 768),
+    _layer("q", 4096, 768, 768),
+    _layer("k", 4096, 768, 768),
+    _layer("ffn1", 4096, 3072, 768),
+    _layer("small", 32, 768, 768),
     _layer("head", 32, 2, 768, reason="N=2 not a multiple of 16 (fp16 cuSPARSELt)"),
 ]
 TIMINGS = {

@@ -87,8 +87,10 @@ def test_onnx_names_map_to_modules():
             self.encoder = Enc()
 
     model = Bert()
-    assert e2e.onnx_to_module("/model/encoder/layer.1/attention/self/query/MatMul", model) == \
-        "encoder.layer.1.attention.self.query"
+    assert (
+        e2e.onnx_to_module("/model/encoder/layer.1/attention/self/query/MatMul", model)
+        == "encoder.layer.1.attention.self.query"
+    )
     res = nn.Module()
     res.layer1 = nn.Sequential(nn.Module())
     res.layer1[0].conv1 = nn.Conv2d(2, 2, 1)

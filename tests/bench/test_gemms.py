@@ -35,19 +35,26 @@ def _run(model, feeds):
 
 def _mlp():
     """x[batch, seq, 64] → MatMul 64→128 → Relu → Gemm-free MatMul 128→48 (N=48: fp16 ok, int8 not)."""
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 48])],
-                  [_w("w1", 64, 128), _w("w2", 128, 48, seed=1)])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 48])],
+        [_w("w1", 64, 128), _w("w2", 128, 48, seed=1)],
+    )
 
 
 def test_matmul_m_is_batch_times_positions_and_matches_ort():
     model = _mlp()
     layers = extract_gemms(model, parse_shapes("x:3x5x64"))
     assert [(lg.name, lg.m, lg.n, lg.k, lg.reason) for lg in layers] == [
-        ("fc1", 15, 128, 64, None), ("fc2", 15, 48, 128, None)]
+        ("fc1", 15, 128, 64, None),
+        ("fc2", 15, 48, 128, None),
+    ]
     (y,) = _run(model, {"x": np.random.default_rng(2).standard_normal((3, 5, 64)).astype(np.float32)})
     # the real output: M rows of N values for the last layer
     assert int(np.prod(y.shape[:-1])) == layers[1].m and y.shape[-1] == layers[1].n
@@ -80,13 +87,20 @@ def test_bad_dtype_is_a_user_error():
 
 
 def test_conv_is_an_implicit_gemm_and_matches_ort():
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                              strides=[2, 2]),
-             helper.make_node("Conv", ["y", "wd"], ["z"], name="depthwise", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                              group=64)]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 16, 16])],
-                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64, 8, 8])],
-                   [_w("w", 64, 32, 3, 3), _w("b", 64), _w("wd", 64, 1, 3, 3)])
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
+        helper.make_node(
+            "Conv", ["y", "wd"], ["z"], name="depthwise", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=64
+        ),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 16, 16])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64, 8, 8])],
+        [_w("w", 64, 32, 3, 3), _w("b", 64), _w("wd", 64, 1, 3, 3)],
+    )
     conv, dw = extract_gemms(model)
     (z,) = _run(model, {"x": np.random.default_rng(0).standard_normal((2, 32, 16, 16)).astype(np.float32)})
     # M = N_batch · H_out · W_out of the real output, N = output channels, K = C_in · kh · kw
@@ -96,11 +110,16 @@ def test_conv_is_an_implicit_gemm_and_matches_ort():
 
 
 def test_gemm_trans_b_and_non_multiple_n():
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="proj", transB=1),
-             helper.make_node("Gemm", ["h", "wc"], ["y"], name="head")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
-                   [_w("w", 128, 256), _w("b", 128), _w("wc", 128, 10)])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="proj", transB=1),
+        helper.make_node("Gemm", ["h", "wc"], ["y"], name="head"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+        [_w("w", 128, 256), _w("b", 128), _w("wc", 128, 10)],
+    )
     proj, head = extract_gemms(model, parse_shapes("x:64x256"))
     assert (proj.m, proj.n, proj.k, proj.reason) == (64, 128, 256, None)
     (y,) = _run(model, {"x": np.ones((64, 256), np.float32)})
@@ -109,11 +128,19 @@ def test_gemm_trans_b_and_non_multiple_n():
 
 
 def test_runtime_weight_and_pattern_reasons_are_kept():
-    nodes = [helper.make_node("MatMul", ["x", "x2"], ["y"], name="act_act"),
-             helper.make_node("MatMul", ["y", "w"], ["z"], name="k6")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16]),
-                           helper.make_tensor_value_info("x2", TensorProto.FLOAT, [16, 6])],
-                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, 32])], [_w("w", 6, 32)])
+    nodes = [
+        helper.make_node("MatMul", ["x", "x2"], ["y"], name="act_act"),
+        helper.make_node("MatMul", ["y", "w"], ["z"], name="k6"),
+    ]
+    model = _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, [16, 6]),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, 32])],
+        [_w("w", 6, 32)],
+    )
     act, k6 = extract_gemms(model)
     assert act.key is None and "graph input" in (act.reason or "")
     assert k6.key is None and "K=6" in (k6.reason or "")
@@ -127,12 +154,18 @@ def test_identical_shapes_are_deduplicated_with_counts():
         inits.append(_w(f"w{i}", k, n, seed=i))
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
         prev = f"h{i}"
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
-                   [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 32])], inits)
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 32])],
+        inits,
+    )
     layers = extract_gemms(model, parse_shapes("x:128x32"))
     unique = unique_gemms(layers)
     assert [(u.key, u.count, u.layers) for u in unique] == [
-        ((128, 64, 32, "", 128), 2, ["fc0", "fc2"]), ((128, 32, 64, "", 128), 2, ["fc1", "fc3"])]
+        ((128, 64, 32, "", 128), 2, ["fc0", "fc2"]),
+        ((128, 32, 64, "", 128), 2, ["fc1", "fc3"]),
+    ]
     assert unique[0].to_dict()["count"] == 2
 
 

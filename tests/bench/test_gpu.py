@@ -13,8 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxsparse.bench import gpu
 from onnxsparse.errors import OnnxSparseError
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu.gpu_available() is not None,
-                                                  reason=f"no GPU bench: {gpu.gpu_available()}")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(gpu.gpu_available() is not None, reason=f"no GPU bench: {gpu.gpu_available()}"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +58,26 @@ def test_cli_end_to_end(tmp_path):
     from onnxsparse.commands.bench import command
 
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 256])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 256])],
-        [numpy_helper.from_array(rng.standard_normal((256, 512)).astype(np.float32), "w1"),
-         numpy_helper.from_array(rng.standard_normal((512, 256)).astype(np.float32), "w2")])
+        [
+            numpy_helper.from_array(rng.standard_normal((256, 512)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal((512, 256)).astype(np.float32), "w2"),
+        ],
+    )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(command, [str(path), "--shapes", "x:1000x256", "--repeats", "3", "--iters", "5",
-                                       "--json", str(out)])
+    res = CliRunner().invoke(
+        command, [str(path), "--shapes", "x:1000x256", "--repeats", "3", "--iters", "5", "--json", str(out)]
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert [(s["m"], s["n"], s["k"]) for s in data["shapes"]] == [(1008, 512, 256), (1008, 256, 512)]
@@ -119,22 +129,46 @@ def test_cli_epilogues_e2e_and_buckets(tmp_path):
     from onnxsparse.commands.bench import command
 
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
-             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 256])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 256])],
-        [numpy_helper.from_array(rng.standard_normal((256, 512)).astype(np.float32), "w1"),
-         numpy_helper.from_array(rng.standard_normal(512).astype(np.float32), "b1"),
-         numpy_helper.from_array(rng.standard_normal((512, 256)).astype(np.float32), "w2")])
+        [
+            numpy_helper.from_array(rng.standard_normal((256, 512)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal(512).astype(np.float32), "b1"),
+            numpy_helper.from_array(rng.standard_normal((512, 256)).astype(np.float32), "w2"),
+        ],
+    )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(command, [str(path), "--shapes", "x:1000x256", "--repeats", "3", "--iters", "5",
-                                       "--total-ms", "1.0", "--m-buckets", "64", "--json", str(out),
-                                       "--gpu-warmup", "0.2"])
+    res = CliRunner().invoke(
+        command,
+        [
+            str(path),
+            "--shapes",
+            "x:1000x256",
+            "--repeats",
+            "3",
+            "--iters",
+            "5",
+            "--total-ms",
+            "1.0",
+            "--m-buckets",
+            "64",
+            "--json",
+            str(out),
+            "--gpu-warmup",
+            "0.2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     by_name = {row["name"]: row for row in data["layers"]}

@@ -81,17 +81,23 @@ def test_max_deviation():
 
 
 def _report(times: dict[str, tuple[float, float]], untimed: tuple[str, ...] = ()) -> dict:
-    layers = [{"name": n, "m": 4096, "n": 768, "k": 768, "dense_ms": d, "sparse_ms": s, "speedup": d / s}
-              for n, (d, s) in times.items()]
-    layers += [{"name": n, "m": None, "n": None, "k": None, "dense_ms": None, "sparse_ms": None, "speedup": None}
-               for n in untimed]
+    layers = [
+        {"name": n, "m": 4096, "n": 768, "k": 768, "dense_ms": d, "sparse_ms": s, "speedup": d / s}
+        for n, (d, s) in times.items()
+    ]
+    layers += [
+        {"name": n, "m": None, "n": None, "k": None, "dense_ms": None, "sparse_ms": None, "speedup": None}
+        for n in untimed
+    ]
     return {"layers": layers}
 
 
 def test_compare_runs_finds_the_worst_layer_per_metric():
-    runs = [_report({"a": (10.0, 8.0), "b": (20.0, 10.0)}, untimed=("attn",)),
-            _report({"a": (10.0, 8.0), "b": (22.0, 11.0)}),  # b: both times +10%, speed-up unchanged
-            _report({"a": (10.6, 8.0), "b": (21.0, 10.5)})]
+    runs = [
+        _report({"a": (10.0, 8.0), "b": (20.0, 10.0)}, untimed=("attn",)),
+        _report({"a": (10.0, 8.0), "b": (22.0, 11.0)}),  # b: both times +10%, speed-up unchanged
+        _report({"a": (10.6, 8.0), "b": (21.0, 10.5)}),
+    ]
     res = compare_runs(runs)
     assert res["runs"] == 3 and [r["name"] for r in res["layers"]] == ["a", "b"]
     b = res["layers"][1]
@@ -127,8 +133,12 @@ def test_tool_on_the_committed_h100_runs(tmp_path, capsys):
     timed = {lg["name"] for lg in reports[0]["layers"] if lg["dense_ms"] is not None}
     assert {r["name"] for r in data["layers"]} == timed
     for metric, worst in data["worst"].items():
-        expect = max(max_deviation([r[metric] for r in (next(lg for lg in rep["layers"] if lg["name"] == name)
-                                                        for rep in reports)]) for name in timed)
+        expect = max(
+            max_deviation(
+                [r[metric] for r in (next(lg for lg in rep["layers"] if lg["name"] == name) for rep in reports)]
+            )
+            for name in timed
+        )
         assert worst["deviation"] == pytest.approx(expect)
         assert data["within_limit"][metric] == (expect <= 0.05)
     assert "MxNxK" in capsys.readouterr().out
