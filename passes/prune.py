@@ -92,6 +92,8 @@ class PruneConfig(PassConfig):
     dense_target: bool = option(False, "sparsegpt, sequential: fit each layer to the dense model's output (its "
                                 "statistics pair the pruned and the dense model's inputs; one more ORT run per "
                                 "batch)")
+    target_damp: float = option(0.1, "dense-target: ridge weight (fraction of mean diag H) pulling the fitted "
+                                "dense target towards the layer's own weight")
     plan: str | None = option(None, "prune exactly the layers named in this plan JSON (from 'sensitivity')",
                               input=True)
     batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
@@ -102,8 +104,8 @@ class PruneConfig(PassConfig):
             raise OnnxSparseError(f"prune: method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if self.block_size <= 0 or self.max_k <= 0 or self.refit < 0:
             raise OnnxSparseError("prune: block-size and max-k must be > 0, refit >= 0")
-        if self.damp < 0.0:
-            raise OnnxSparseError(f"prune: damp must be >= 0, got {self.damp}")
+        if self.damp < 0.0 or self.target_damp < 0.0:
+            raise OnnxSparseError(f"prune: damp and target-damp must be >= 0, got {self.damp}, {self.target_damp}")
         check_regex("prune", "include", self.include)
         check_regex("prune", "exclude", self.exclude)
         unknown = [t for t in self.op_types if t not in WEIGHTED_OPS]
@@ -218,6 +220,7 @@ class PrunePass(Pass[PruneConfig]):
         data = data_source(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
         return prune_calibrated(model, items, data, n, m, sequential=sequential, mask_input=cfg.mask_input,
                                 max_k=cfg.max_k, block_size=cfg.block_size, damp=cfg.damp,
+                                target_damp=cfg.target_damp,
                                 bias_correction=cfg.bias_correction, refit_iters=cfg.refit,
                                 dense_target=cfg.dense_target and sequential, progress=ctx.progress)
 

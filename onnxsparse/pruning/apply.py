@@ -112,6 +112,7 @@ def prune_layer(
     *,
     block_size: int = 128,
     damp: float = 0.01,
+    target_damp: float = 0.1,
     prefer: np.ndarray | None = None,
     bias_correction: bool = False,
     refit_iters: int = 0,
@@ -167,7 +168,7 @@ def prune_layer(
             target = w
             if stats.paired:  # fit the dense model's output, not this layer's output on its perturbed input
                 assert stats.cross is not None
-                target = solvers.dense_target(w, h, stats.cross[p.group], damp)
+                target = solvers.dense_target(w, h, stats.cross[p.group], target_damp)
             w_new, keep, _info = solvers.sparsegpt(target, h, n, m, block_size=block_size, damp=damp, prefer=pref)
             if refit_iters:
                 w_new = solvers.refit(target, h, keep, w_new, damp=damp, iters=refit_iters)
