@@ -148,3 +148,26 @@ def test_report_json_with_total_and_buckets(tmp_path):
     text = "\n".join(lines)
     assert "weighted GEMMs only" in text and "end to end (--total-ms)" in text and "M buckets of 64 rows" in text
     assert "without sparse epilogue fusion" in text and "assumption:" in text
+
+
+def test_tables_fit_columns_and_wide_keeps_full_names(tmp_path):
+    """Long node names (as exporters write them) are shortened in the table to fit COLUMNS, kept in --wide."""
+    rng = np.random.default_rng(0)
+    names = [f"/model/encoder/layer.{i}/attention/output/dense/MatMul" for i in range(3)]
+    nodes, prev, inits = [], "x", []
+    for i, name in enumerate(names):
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=name))
+        inits.append(numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}"))
+        prev = f"h{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 64])], inits)
+    path = tmp_path / "long.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    args = ["bench", str(path), "--shapes", "x:8x64", "--shapes-only"]
+    res = CliRunner().invoke(main, args, env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert max(len(line) for line in res.output.splitlines()) <= 80
+    assert names[0] not in res.output  # shortened in the middle
+    res = CliRunner().invoke(main, [*args, "--wide"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert all(name in res.output for name in names)
