@@ -159,8 +159,13 @@ def test_tables_fit_columns_and_wide_keeps_full_names(tmp_path):
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=name))
         inits.append(numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}"))
         prev = f"h{i}"
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 64])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 64])],
+        inits,
+    )
     path = tmp_path / "long.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     args = ["bench", str(path), "--shapes", "x:8x64", "--shapes-only"]
