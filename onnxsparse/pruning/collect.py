@@ -22,6 +22,7 @@ import numpy as np
 
 from onnxsparse.calibration import CalibrationData, _first_line, _session, open_calibration
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer
 from onnxsparse.model_io import Model
 from onnxsparse.progress import progress as show_progress
@@ -63,6 +64,40 @@ def row_weights(value: np.ndarray, name: str) -> np.ndarray:
     raise OnnxSparseError(f"mask-input '{name}' holds values other than 0/1 and is not an additive (<= 0) mask")
 
 
+def stage_session(model: Model, fetch: list[str]) -> Any:
+    """An ORT session computing just ``fetch`` (as outputs) from the model's inputs.
+
+    Only the nodes the fetched tensors depend on are kept, so an early stage of a sequential run does not pay
+    for the rest of the network (stage k of a 12-stage encoder runs about k/12 of it). The model is unchanged:
+    the reduced graph is a new proto holding the kept nodes and the initializers they read.
+    """
+    import onnx
+
+    graph = model.proto.graph
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    keep: set[int] = set()
+    todo = list(fetch)
+    while todo:
+        i = producer.get(todo.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            todo.extend(node_reads(graph.node[i]))
+    nodes = [graph.node[i] for i in sorted(keep)]
+    reads = {name for node in nodes for name in node_reads(node)}
+    sub = onnx.ModelProto()
+    sub.ir_version = model.proto.ir_version
+    sub.opset_import.extend(model.proto.opset_import)
+    sub.functions.extend(model.proto.functions)
+    sub.graph.name = graph.name
+    sub.graph.input.extend(graph.input)
+    sub.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
+    sub.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in reads)
+    sub.graph.node.extend(nodes)
+    for name in fetch:
+        sub.graph.output.add().name = name
+    return _session(Model(sub, base_dir=model.base_dir, source=model.source), [])
+
+
 def reference_session(model: Model, layers: Iterable[Layer]) -> Any:
     """An ORT session of ``model`` as it is now exposing every layer's input: the dense reference that paired
     statistics (``collect(reference=...)``) compare later stages against."""
@@ -97,7 +132,7 @@ def collect(
     acts = list(dict.fromkeys(layer.node.input[0] for layer in layers))
     fetch = [a for a in acts if a not in cal.specs]
     start = time.perf_counter()
-    session = _session(model, fetch) if fetch else None
+    session = stage_session(model, fetch) if fetch else None
     out = Collection(stats)
     batches = show_progress(cal, total=cal.batches_hint, desc=desc, unit="batch", enabled=progress)
     for batch in batches:

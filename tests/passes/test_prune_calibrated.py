@@ -358,3 +358,19 @@ def test_dense_target_fits_later_layers_to_the_dense_output() -> None:
     _assert_nm(fitted)
     _, one = _prune(proto, "prune{method=sparsegpt;sequential=false;dense-target=true}", calib)
     assert not one["details"]["calibration"]["dense_target"]  # one pass: the inputs are the dense ones anyway
+
+
+def test_stage_session_computes_the_fetched_tensors_like_the_whole_model() -> None:
+    from onnxsparse.pruning.collect import stage_session
+
+    model = load_model(fixture_path("transformer_block"))
+    names = [lay.node.input[0] for lay in find_layers(model.proto) if lay.source is not None]
+    feeds = make_feeds(model.proto, {"batch": 3, "seq": 5})
+    full = copy_proto(model.proto)
+    for name in names:
+        full.graph.output.add().name = name
+    want = run_ort(full, feeds)[len(model.proto.graph.output) :]
+    for name, value in zip(names, want, strict=True):
+        (got,) = stage_session(model, [name]).run([name], feeds)
+        np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-5)  # ORT's fusions differ by rounding
+    assert len(model.proto.graph.output) == 1  # the model itself is unchanged
