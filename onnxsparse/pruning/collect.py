@@ -98,10 +98,17 @@ def stage_session(model: Model, fetch: list[str]) -> Any:
     return _session(Model(sub, base_dir=model.base_dir, source=model.source), [])
 
 
-def reference_session(model: Model, layers: Iterable[Layer]) -> Any:
-    """An ORT session of ``model`` as it is now exposing every layer's input: the dense reference that paired
-    statistics (``collect(reference=...)``) compare later stages against."""
-    return _session(model, list(dict.fromkeys(layer.node.input[0] for layer in layers)))
+def dense_copy(model: Model) -> Model:
+    """A copy of the model as it is now, the dense reference for paired statistics (``collect(reference=...)``).
+
+    Inline weights are copied; external ones are shared, which is safe because an edited tensor is always
+    written to a new (spill) region and never over the bytes it was read from (``tensors.set_array``).
+    """
+    import onnx
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    return Model(proto, base_dir=model.base_dir, source=model.source)
 
 
 def collect(
@@ -111,14 +118,14 @@ def collect(
     mask_input: str | None = None,
     diag_only: Iterable[str] = (),
     progress: bool = False,
-    reference: Any = None,
+    reference: Model | None = None,
     desc: str = "statistics",
 ) -> Collection:
     """Run ``model`` once over ``data`` (anything ``open_calibration`` accepts) and fold each layer's input into
     its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda).
 
-    ``reference``: a ``reference_session`` of the dense model, run on the same batches; then the statistics are
-    paired (``GramStats.cross``) for every layer not in ``diag_only``."""
+    ``reference``: the dense model (``dense_copy``), run on the same batches; then the statistics are paired
+    (``GramStats.cross``) for every layer not in ``diag_only``."""
     layers = list(layers)
     thin = set(diag_only)
     cal = data if isinstance(data, CalibrationData) else open_calibration(data, model)
@@ -133,6 +140,7 @@ def collect(
     fetch = [a for a in acts if a not in cal.specs]
     start = time.perf_counter()
     session = stage_session(model, fetch) if fetch else None
+    ref_session = stage_session(reference, fetch) if reference is not None and fetch else None
     out = Collection(stats)
     batches = show_progress(cal, total=cal.batches_hint, desc=desc, unit="batch", enabled=progress)
     for batch in batches:
@@ -146,9 +154,9 @@ def collect(
                 ) from e
             values.update(zip(fetch, got, strict=True))
         ref: dict[str, np.ndarray] = {}
-        if reference is not None and fetch:
+        if ref_session is not None:
             try:
-                ref = dict(zip(fetch, reference.run(fetch, batch), strict=True))
+                ref = dict(zip(fetch, ref_session.run(fetch, batch), strict=True))
             except Exception as e:  # ORT's own exception types
                 raise OnnxSparseError(
                     f"onnxruntime failed on calibration batch {out.batches + 1} (dense reference): {_first_line(e)}"

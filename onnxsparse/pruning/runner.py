@@ -26,7 +26,7 @@ from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer
 from onnxsparse.model_io import Model
 from onnxsparse.pruning.apply import LayerOutcome, prune_layer
-from onnxsparse.pruning.collect import collect, reference_session, replayable
+from onnxsparse.pruning.collect import collect, dense_copy, replayable
 from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import stats_shape
 
@@ -137,8 +137,7 @@ def prune_calibrated(
         if it.method == "wanda" or k > max_k:
             thin.append(it.layer.name)
     report.stages = len(groups)
-    # Built before anything is pruned: the session keeps its own copy of the dense weights.
-    reference = reference_session(model, [it.layer for it in items]) if dense_target and len(groups) > 1 else None
+    reference = dense_copy(model) if dense_target and len(groups) > 1 else None  # before anything is pruned
     report.dense_target = reference is not None
     for index, stage in enumerate(groups):
         start = time.perf_counter()
