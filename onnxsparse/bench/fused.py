@@ -2,7 +2,7 @@
 
 Why: an inference engine runs y = act(x·Wᵀ + b) as one kernel. Dense, torch reaches cuBLASLt's fused
 epilogues through ``torch.addmm`` (bias) and ``torch._addmm_activation`` (bias + Relu / Gelu); sparse, the
-cuSPARSELt plan gets ``BIAS_POINTER`` and ``ACTIVATION_RELU`` / ``ACTIVATION_GELU`` (``gpu.SparsePlan``).
+cuSPARSELt plan gets ``BIAS_POINTER`` and ``ACTIVATION_RELU`` / ``ACTIVATION_GELU`` (``cusparselt.SparsePlan``).
 Also timed: the *unfused* sparse path (plain sparse GEMM, then a bias-add kernel and an activation
 kernel), which is what a runtime without sparse epilogue fusion costs; measured on the H200 end to end, that
 path loses the whole 2:4 gain on BERT-base (0.89× at 32×128 against 1.05× fused).
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from onnxsparse.bench import gpu
+from onnxsparse.bench import cusparselt, gpu, timing
 from onnxsparse.errors import OnnxSparseError
 
 log = logging.getLogger("onnxsparse.bench.fused")
@@ -141,13 +141,13 @@ def unfused_fn(launch: Callable[[], None], bias: Any, act: str | None, y: Any) -
 
 
 def epilogue_plan(
-    lt: gpu.SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any, act: str | None
-) -> tuple[gpu.SparsePlan, list[dict[str, Any]], str | None]:
+    lt: cusparselt.SparseLt, wp: Any, x: Any, y: Any, dtype: str, rounds: int, bias: Any, act: str | None
+) -> tuple[cusparselt.SparsePlan, list[dict[str, Any]], str | None]:
     """A tuned plan with the bias and activation fused; where cuSPARSELt rejects the activation (seen on the
     H200 with cuSPARSELt 0.8.0: ``ACTIVATION_GELU`` with fp16 in/out, status 3, in both layouts), the plan
     fuses the bias only. Returns (plan, search rounds, the activation left to a separate kernel or None)."""
     try:
-        plan, tried = gpu.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias, activation=act)
+        plan, tried = cusparselt.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias, activation=act)
         return plan, tried, None
     except OnnxSparseError as e:
         if act is None:
@@ -161,7 +161,7 @@ def epilogue_plan(
             e,
             act,
         )
-    plan, tried = gpu.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias)
+    plan, tried = cusparselt.tuned_plan(lt, wp, x, y, dtype, rounds, bias=bias)
     return plan, tried, act
 
 
@@ -182,7 +182,7 @@ def activation_fn(act: str | None, y: Any) -> Callable[[], None]:
 
 
 def time_gemm_epilogue(
-    lt: gpu.SparseLt,
+    lt: cusparselt.SparseLt,
     m: int,
     n: int,
     k: int,
@@ -215,9 +215,9 @@ def time_gemm_epilogue(
     y_dense = torch.empty(m_dense, n, device="cuda", dtype=torch.float16)
     y_sparse = torch.empty(m, n, device="cuda", dtype=torch.float16)
     y_unfused = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    rounds = gpu.rounds_for(m, n, k, search_rounds)
+    rounds = cusparselt.rounds_for(m, n, k, search_rounds)
     plan, tried, separate = epilogue_plan(lt, wp, x, y_sparse, dtype, rounds, bias, act)
-    plain, _ = gpu.tuned_plan(lt, wp, x, y_unfused, dtype, rounds)
+    plain, _ = cusparselt.tuned_plan(lt, wp, x, y_unfused, dtype, rounds)
     try:
         dense = dense_epilogue_fn(xd, w, bias, act, y_dense)
         sparse_launch = plan.launcher(x, y_sparse)
@@ -237,10 +237,10 @@ def time_gemm_epilogue(
         unfused = unfused_fn(plain_on_stream, bias, act, y_unfused)
         errors = _check(dense, sparse, unfused, (xd, w, x, wp, bias, act, gelu_form), (y_dense, y_sparse, y_unfused))
         ok = all(e <= gpu.FP16_TOLERANCE for e in errors)
-        runs, _, settled = gpu.time_loops(
+        runs, _, settled = timing.time_loops(
             {"dense": dense, "sparse": sparse, "unfused": unfused}, iters, repeats, warmup, mode, warmup_s=warmup_s
         )
-        state = gpu.gpu_state()
+        state = timing.gpu_state()
         return EpilogueTiming(
             m=m,
             n=n,
