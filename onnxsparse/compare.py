@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsparse.calibration import CalibrationData, InputSpec, input_specs, open_calibration
+from onnxsparse.calibration import CalibrationData, InputSpec, check_batch, input_specs, open_calibration
 from onnxsparse.errors import GateFailure, OnnxSparseError
 from onnxsparse.model_io import Model, ort_session
+from onnxsparse.progress import Progress
 
 log = logging.getLogger("onnxsparse.compare")
 
@@ -361,9 +362,6 @@ def compare_models(
     cand_sess = session(candidate, "candidate")
     names = [o.name for o in ref_sess.get_outputs()]
     comparison = Comparison(names, top1)
-    from onnxsparse.calibration import check_batch
-    from onnxsparse.progress import Progress
-
     batches = 0
     with Progress(stream.batches_hint, desc="compare", unit="batch", enabled=progress) as bar:
         for batch in stream:
