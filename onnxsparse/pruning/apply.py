@@ -6,6 +6,8 @@ written back with ``tensors.set_array`` (a large external weight is spilled, as 
 int8 weight is re-quantized with the same scale, q = round(w/scale) + zp clipped to the type's range, pruned
 entries exactly the zero point. With ``bias_correction`` the layer's constant bias (Gemm C, Conv B, or the
 constant operand of the Add right after a MatMul) absorbs (W_old − W_new)·E[x], so the mean output is kept.
+Paired statistics (``GramStats.paired``, the dense-target correction) make SparseGPT and the re-fit aim at
+``solvers.dense_target`` and the bias at the dense model's mean output.
 
 The returned ``LayerOutcome`` keeps copies of the tensor protos it replaced; ``undo()`` puts them back (for
 sensitivity scans that prune one layer at a time).
@@ -165,7 +167,6 @@ def prune_layer(
         else:
             assert stats is not None
             h = stats.gram(p.group)
-            target = w
             if stats.paired:  # fit the dense model's output, not this layer's output on its perturbed input
                 assert stats.cross is not None
                 target = solvers.dense_target(w, h, stats.cross[p.group], target_damp)
@@ -173,7 +174,7 @@ def prune_layer(
             if refit_iters:
                 w_new = solvers.refit(target, h, keep, w_new, damp=damp, iters=refit_iters)
         if stats is not None:
-            e, r = solvers.output_error(target if stats.paired else w, w_new, stats.gram(p.group))
+            e, r = solvers.output_error(target, w_new, stats.gram(p.group))  # against what was fitted
             err, ref = err + e, ref + r
             if bias_correction and p.channels is not None:
                 if stats.paired:  # E[dense output] − E[new output on the perturbed input]
