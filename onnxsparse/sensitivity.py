@@ -216,6 +216,8 @@ class _Setup:
     dense: list[list[np.ndarray]]
     batched: frozenset[str]
     threads: int
+    #: inferred shapes (Reshape-chained weights need them to be found, as ``candidates`` found them)
+    shapes: dict[str, Any]
     #: ``prune_layer`` keywords: the ``prune`` pass's own defaults, so a layer is scored as the pass prunes it
     prune_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -228,7 +230,7 @@ class _Scorer:
         proto.ParseFromString(setup.proto)
         self.setup = setup
         self.model = Model(proto, Path(setup.base_dir) if setup.base_dir else None)
-        self.layers: dict[str, Layer] = {layer.name: layer for layer in find_layers(proto)}
+        self.layers: dict[str, Layer] = {layer.name: layer for layer in find_layers(proto, setup.shapes)}
         self.names = [o.name for o in proto.graph.output]
 
     def outputs(self, what: str) -> list[OutputMetrics]:
@@ -439,6 +441,7 @@ def run_sensitivity(
         dense,
         data.batched,
         max(1, cores // jobs),
+        dict(shapes),
         {
             "block_size": defaults.block_size,
             "damp": defaults.damp,
