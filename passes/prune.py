@@ -89,7 +89,7 @@ class PruneConfig(PassConfig):
     bias_correction: bool = option(True, "re-fit each calibrated layer's bias so its mean output stays the same")
     refit: int = option(20, "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
                         "with the mask fixed (0 = off)")
-    dense_target: bool = option(False, "sparsegpt, sequential: fit each layer to the dense model's output (its "
+    dense_target: bool = option(True, "sparsegpt, sequential: fit each layer to the dense model's output (its "
                                 "statistics pair the pruned and the dense model's inputs; one more ORT run per "
                                 "batch)")
     target_damp: float = option(0.1, "dense-target: ridge weight (fraction of mean diag H) pulling the fitted "

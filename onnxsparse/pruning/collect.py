@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.calibration import CalibrationData, _first_line, _session, open_calibration
+from onnxsparse.calibration import CalibrationData, _first_line, open_calibration
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer
@@ -28,6 +28,7 @@ from onnxsparse.model_io import Model
 from onnxsparse.progress import progress as show_progress
 from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import activation_rows, stats_shape
+from onnxsparse.tensors import to_array
 
 log = logging.getLogger("onnxsparse.pruning")
 
@@ -72,6 +73,7 @@ def stage_session(model: Model, fetch: list[str]) -> Any:
     the reduced graph is a new proto holding the kept nodes and the initializers they read.
     """
     import onnx
+    import onnxruntime as ort
 
     graph = model.proto.graph
     producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
@@ -90,12 +92,65 @@ def stage_session(model: Model, fetch: list[str]) -> Any:
     sub.functions.extend(model.proto.functions)
     sub.graph.name = graph.name
     sub.graph.input.extend(graph.input)
-    sub.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
     sub.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in reads)
     sub.graph.node.extend(nodes)
     for name in fetch:
         sub.graph.output.add().name = name
-    return _session(Model(sub, base_dir=model.base_dir, source=model.source), [])
+    names, values = _hand_over(graph, reads, sub.graph, model.base_dir)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # Pre-packing would keep a second, re-laid-out copy of every MatMul/Gemm weight for a few batches' runs.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    if names:
+        opts.add_external_initializers(names, values)
+    try:
+        session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise OnnxSparseError(f"onnxruntime cannot load the model for pruning statistics: {_first_line(e)}") from e
+    session._onnxsparse_buffers = values  # ORT reads the weights from these buffers: they must outlive it
+    return session
+
+
+#: initializers at least this large are handed to ORT as buffers (the weights); smaller ones stay inline
+_HANDOFF_MIN_BYTES = 4096
+#: dtypes ORT takes as OrtValues over numpy buffers
+_HANDOFF_DTYPES = frozenset(
+    np.dtype(d)
+    for d in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.bool_)
+)
+
+
+def _hand_over(graph: Any, reads: set[str], sub: Any, base_dir: Any) -> tuple[list[str], list[Any]]:
+    """Put the initializers ``reads`` needs into ``sub`` as data-less stubs and return them as OrtValues.
+
+    Why: serialising the weights into the session's bytes and letting ORT copy them again costs two extra
+    copies of the model while statistics are collected; OrtValues over the arrays (memory maps for external
+    weights) give ORT the one copy there is (the way ``model_io.ort_session`` hands over external weights).
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, numpy_helper
+
+    names: list[str] = []
+    values: list[Any] = []
+    for t in graph.initializer:
+        if t.name not in reads:
+            continue
+        arr = np.require(to_array(t, base_dir), requirements="C")
+        # Small tensors (shapes, scales, axes) stay inline: ORT's shape inference reads their values.
+        if arr.dtype not in _HANDOFF_DTYPES or arr.nbytes < _HANDOFF_MIN_BYTES or arr.dtype.kind not in "fiu":
+            if t.data_location == TensorProto.EXTERNAL:  # ORT would look for (or refuse) its data file
+                sub.initializer.append(numpy_helper.from_array(np.array(arr), t.name))
+            else:
+                sub.initializer.append(t)
+            continue
+        stub = sub.initializer.add()
+        stub.name, stub.data_type, stub.data_location = t.name, t.data_type, TensorProto.EXTERNAL
+        stub.dims.extend(t.dims)
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "onnxsparse-handoff"
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+    return names, values
 
 
 def dense_copy(model: Model) -> Model:

@@ -110,9 +110,11 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_held_out_correlated_inputs() -
 def test_sequential_uses_the_pruned_upstream_and_one_pass_the_dense_model() -> None:
     proto = _mlp(seed=3)
     calib = {"x": _correlated(400)}
-    seq, rep_seq = _prune(proto, "prune{method=sparsegpt}", calib)
+    seq, rep_seq = _prune(proto, "prune{method=sparsegpt;dense-target=false}", calib)
     one, rep_one = _prune(proto, "prune{method=sparsegpt;sequential=false}", calib)
     assert (rep_seq["details"]["calibration"]["stages"], rep_seq["details"]["calibration"]["ort_passes"]) == (3, 3)
+    _, rep_default = _prune(proto, "prune{method=sparsegpt}", calib)
+    assert rep_default["details"]["calibration"]["dense_target"]  # on by default
     assert (rep_one["details"]["calibration"]["stages"], rep_one["details"]["calibration"]["ort_passes"]) == (1, 1)
     ws, wo = _weights(seq), _weights(one)
     np.testing.assert_array_equal(ws["W1"], wo["W1"])  # the first layer sees the same inputs either way
@@ -137,7 +139,7 @@ def test_q_k_v_of_the_transformer_block_share_one_stage() -> None:
     assert len(groups) == 4 and len(names[0]) == 3, names
     x = make_feeds(model.proto, {"batch": 8, "seq": 8})
     pruned, rep = _prune(model.proto, "prune{method=sparsegpt},validate{require-all=true}", x, model.base_dir)
-    assert rep["details"]["calibration"]["ort_passes"] == 4
+    assert rep["details"]["calibration"]["ort_passes"] == 7  # 4 stages; stages 2-4 also run the dense model
     assert np.isfinite(run_ort(pruned, make_feeds(pruned.proto, seed=4))[0]).all()
 
 
@@ -349,7 +351,7 @@ def test_dense_target_fits_later_layers_to_the_dense_output() -> None:
         r1 = np.maximum(x @ w["W1"] + w["b1"], 0)
         return float(np.linalg.norm(r1_dense @ dense["W2"].T + dense["b2"] - (r1 @ w["W2"].T + w["b2"])))
 
-    plain, _ = _prune(proto, "prune{method=sparsegpt;refit=50}", calib)
+    plain, _ = _prune(proto, "prune{method=sparsegpt;refit=50;dense-target=false}", calib)
     fitted, rep = _prune(proto, "prune{method=sparsegpt;refit=50;dense-target=true}", calib)
     cal = rep["details"]["calibration"]
     assert cal["dense_target"] and (cal["stages"], cal["ort_passes"]) == (3, 5)  # stages 2 and 3 run both models
