@@ -325,14 +325,18 @@ def test_cli_end_to_end_and_bad_data_is_one_line_exit_1(tmp_path: Path) -> None:
     bad = _correlated(8)
     bad[3, 5] = np.nan
     np.savez(nan, x=bad)
+    few = tmp_path / "few.npz"
+    np.savez(few, x=_correlated(6))  # 6 rows for K = 32: H has rank 6
     cases = [
         ([], "needs calibration data"),
         (["--calib", str(wrong_name)], "not a model input"),
         (["--calib", str(wrong_shape)], "dim 1 must be 32"),
         (["--calib", str(nan)], "NaN/Inf"),
+        (["--calib", str(few)], "singular"),
     ]
     for extra, message in cases:
-        code, text, out = _cli(tmp_path, "-p", "prune{method=sparsegpt}", *extra)
+        pipeline = "prune{method=sparsegpt;damp=0}" if message == "singular" else "prune{method=sparsegpt}"
+        code, text, out = _cli(tmp_path, "-p", pipeline, *extra)
         assert code == 1, text
         assert message in text and len(text.strip().splitlines()) == 1, text
         assert not out.exists()
