@@ -318,6 +318,7 @@ def finetune_curves(work: Path, steps: int, every: int) -> dict[str, Any]:
                 str(steps),
                 "--mask-input",
                 "attention_mask",
+                "--install-runtime",
                 "-o",
                 str(ft),
                 "--json",
@@ -539,14 +540,16 @@ def _merge(previous: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, A
 
 
 def _commit() -> str:
-    """The commit benchmarked: git's HEAD, or $BENCH_COMMIT for an exported tree (``git archive``)."""
+    """The commit benchmarked: $BENCH_COMMIT (set it when the library comes from an exported tree), else HEAD."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_COMMIT", "unknown")
+        return "unknown"
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:
