@@ -54,6 +54,10 @@ class LayerOutcome:
     notes: list[str] = field(default_factory=list)
     _saved: list[tuple[TensorProto, TensorProto]] = field(default_factory=list, repr=False)
 
+    def originals(self) -> list[TensorProto]:
+        """Copies of the tensor protos as they were before ``prune_layer`` (weight first, then bias)."""
+        return [saved for _, saved in self._saved]
+
     def undo(self) -> None:
         """Put back the weight (and bias) protos exactly as they were before ``prune_layer``."""
         for tensor, saved in reversed(self._saved):

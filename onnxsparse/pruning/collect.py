@@ -65,12 +65,21 @@ def row_weights(value: np.ndarray, name: str) -> np.ndarray:
     raise OnnxSparseError(f"mask-input '{name}' holds values other than 0/1 and is not an additive (<= 0) mask")
 
 
-def stage_session(model: Model, fetch: list[str]) -> Any:
+def stage_session(
+    model: Model,
+    fetch: list[str],
+    overrides: Mapping[str, np.ndarray] | None = None,
+    cache: dict[str, np.ndarray] | None = None,
+) -> Any:
     """An ORT session computing just ``fetch`` (as outputs) from the model's inputs.
 
     Only the nodes the fetched tensors depend on are kept, so an early stage of a sequential run does not pay
     for the rest of the network (stage k of a 12-stage encoder runs about k/12 of it). The model is unchanged:
     the reduced graph is a new proto holding the kept nodes and the initializers they read.
+
+    ``overrides``: initializer values to use instead of the model's (the dense originals of the tensors pruned so
+    far: the dense reference session). ``cache``: weight arrays shared between sessions built from one model
+    (the stage's own and its reference), so the weights both read are in memory once.
     """
     import onnx
     import onnxruntime as ort
@@ -96,11 +105,12 @@ def stage_session(model: Model, fetch: list[str]) -> Any:
     sub.graph.node.extend(nodes)
     for name in fetch:
         sub.graph.output.add().name = name
-    names, values = _hand_over(graph, reads, sub.graph, model.base_dir)
+    names, values = _hand_over(graph, reads, sub.graph, model.base_dir, overrides or {}, {} if cache is None else cache)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # Pre-packing would keep a second, re-laid-out copy of every MatMul/Gemm weight for a few batches' runs.
     opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = False  # an arena keeps its peak (every intermediate of a batch) for the session
     if names:
         opts.add_external_initializers(names, values)
     try:
@@ -120,7 +130,14 @@ _HANDOFF_DTYPES = frozenset(
 )
 
 
-def _hand_over(graph: Any, reads: set[str], sub: Any, base_dir: Any) -> tuple[list[str], list[Any]]:
+def _hand_over(
+    graph: Any,
+    reads: set[str],
+    sub: Any,
+    base_dir: Any,
+    overrides: Mapping[str, np.ndarray],
+    cache: dict[str, np.ndarray],
+) -> tuple[list[str], list[Any]]:
     """Put the initializers ``reads`` needs into ``sub`` as data-less stubs and return them as OrtValues.
 
     Why: serialising the weights into the session's bytes and letting ORT copy them again costs two extra
@@ -135,11 +152,16 @@ def _hand_over(graph: Any, reads: set[str], sub: Any, base_dir: Any) -> tuple[li
     for t in graph.initializer:
         if t.name not in reads:
             continue
-        arr = np.require(to_array(t, base_dir), requirements="C")
+        if t.name in overrides:
+            arr = np.require(overrides[t.name], requirements="C")
+        else:
+            if t.name not in cache:
+                cache[t.name] = np.require(to_array(t, base_dir), requirements="C")
+            arr = cache[t.name]
         # Small tensors (shapes, scales, axes) stay inline: ORT's shape inference reads their values.
         if arr.dtype not in _HANDOFF_DTYPES or arr.nbytes < _HANDOFF_MIN_BYTES or arr.dtype.kind not in "fiu":
-            if t.data_location == TensorProto.EXTERNAL:  # ORT would look for (or refuse) its data file
-                sub.initializer.append(numpy_helper.from_array(np.array(arr), t.name))
+            if t.data_location == TensorProto.EXTERNAL or t.name in overrides:  # external: ORT would look for
+                sub.initializer.append(numpy_helper.from_array(np.array(arr), t.name))  # (or refuse) its file
             else:
                 sub.initializer.append(t)
             continue
@@ -153,19 +175,6 @@ def _hand_over(graph: Any, reads: set[str], sub: Any, base_dir: Any) -> tuple[li
     return names, values
 
 
-def dense_copy(model: Model) -> Model:
-    """A copy of the model as it is now, the dense reference for paired statistics (``collect(reference=...)``).
-
-    Inline weights are copied; external ones are shared, which is safe because an edited tensor is always
-    written to a new (spill) region and never over the bytes it was read from (``tensors.set_array``).
-    """
-    import onnx
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    return Model(proto, base_dir=model.base_dir, source=model.source)
-
-
 def collect(
     model: Model,
     layers: Iterable[Layer],
@@ -173,14 +182,15 @@ def collect(
     mask_input: str | None = None,
     diag_only: Iterable[str] = (),
     progress: bool = False,
-    reference: Model | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
     desc: str = "statistics",
 ) -> Collection:
     """Run ``model`` once over ``data`` (anything ``open_calibration`` accepts) and fold each layer's input into
     its statistics (keyed by layer name). ``diag_only``: layer names that need only Σx² (Wanda).
 
-    ``reference``: the dense model (``dense_copy``), run on the same batches; then the statistics are paired
-    (``GramStats.cross``) for every layer not in ``diag_only``."""
+    ``reference``: the dense values of the initializers changed so far; the model with them put back (the dense
+    model) runs on the same batches and the statistics are paired (``GramStats.cross``) for every layer not in
+    ``diag_only``."""
     layers = list(layers)
     thin = set(diag_only)
     cal = data if isinstance(data, CalibrationData) else open_calibration(data, model)
@@ -194,8 +204,10 @@ def collect(
     acts = list(dict.fromkeys(layer.node.input[0] for layer in layers))
     fetch = [a for a in acts if a not in cal.specs]
     start = time.perf_counter()
-    session = stage_session(model, fetch) if fetch else None
-    ref_session = stage_session(reference, fetch) if reference is not None and fetch else None
+    cache: dict[str, np.ndarray] = {}
+    session = stage_session(model, fetch, cache=cache) if fetch else None
+    ref_session = stage_session(model, fetch, reference, cache) if reference is not None and fetch else None
+    del cache  # the sessions keep what they use
     out = Collection(stats)
     batches = show_progress(cal, total=cal.batches_hint, desc=desc, unit="batch", enabled=progress)
     for batch in batches:

@@ -73,12 +73,15 @@ class GramStats:
             raise ValueError(f"expected rows of {self.k} values, got shape {x.shape}")
         if x.shape[0] == 0:
             return
-        x64 = x.astype(np.float64)
-        if weights is not None:
-            wt = np.asarray(weights, dtype=np.float64).reshape(-1)
+        wt = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if wt is not None:
             keep = wt != 0
-            if not keep.all():
-                x64, wt = x64[keep], wt[keep]
+            if not keep.all():  # drop padded rows before widening to float64
+                x, wt = x[keep], wt[keep]
+            if (wt == 1).all():  # a 0/1 mask: the kept rows count once each
+                wt = None
+        x64 = x.astype(np.float64)
+        if wt is not None:
             self.rows[group] += float(wt.sum())
             self.colsum[group] += wt @ x64
             xw = x64 * np.sqrt(wt)[:, None]
@@ -96,15 +99,20 @@ class GramStats:
     ) -> None:
         """Fold the dense model's rows ``x_ref`` next to the same rows ``x`` of the model being pruned (paired)."""
         assert self.cross is not None and self.ref_colsum is not None
-        a, b = np.asarray(x, dtype=np.float64), np.asarray(x_ref, dtype=np.float64)
-        if a.shape != b.shape:
-            raise ValueError(f"paired rows differ in shape: {a.shape} vs {b.shape}")
-        if weights is not None:
-            wt = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if np.shape(x) != np.shape(x_ref):
+            raise ValueError(f"paired rows differ in shape: {np.shape(x)} vs {np.shape(x_ref)}")
+        x, x_ref = np.asarray(x), np.asarray(x_ref)
+        wt = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if wt is not None:
             keep = wt != 0
-            a, b, wt = a[keep], b[keep], wt[keep]
+            if not keep.all():
+                x, x_ref, wt = x[keep], x_ref[keep], wt[keep]
+            if (wt == 1).all():
+                wt = None
+        a, b = x.astype(np.float64), x_ref.astype(np.float64)
+        if wt is not None:
             self.ref_colsum[group] += wt @ b
-            a = a * wt[:, None]
+            a *= wt[:, None]
         else:
             self.ref_colsum[group] += b.sum(axis=0)
         self.cross[group] += a.T @ b

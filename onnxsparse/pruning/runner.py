@@ -26,9 +26,10 @@ from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer
 from onnxsparse.model_io import Model
 from onnxsparse.pruning.apply import LayerOutcome, prune_layer
-from onnxsparse.pruning.collect import collect, dense_copy, replayable
+from onnxsparse.pruning.collect import collect, replayable
 from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import stats_shape
+from onnxsparse.tensors import to_array
 
 log = logging.getLogger("onnxsparse.pruning")
 
@@ -137,7 +138,9 @@ def prune_calibrated(
         if it.method == "wanda" or k > max_k:
             thin.append(it.layer.name)
     report.stages = len(groups)
-    reference = dense_copy(model) if dense_target and len(groups) > 1 else None  # before anything is pruned
+    # The dense reference is the model with the originals of every tensor changed so far put back: external
+    # originals are memory maps of the input's data file, inline ones the weights (and biases) pruned so far.
+    reference: dict[str, np.ndarray] | None = {} if dense_target and len(groups) > 1 else None
     report.dense_target = reference is not None
     for index, stage in enumerate(groups):
         start = time.perf_counter()
@@ -178,6 +181,9 @@ def prune_calibrated(
             if item.note:
                 outcome.notes.insert(0, item.note)
             report.outcomes.append(outcome)
+            if reference is not None:
+                for original in outcome.originals():
+                    reference.setdefault(original.name, to_array(original, model.base_dir))
             log.info("%s: %s, relative output error %.4g", layer.name, outcome.method, outcome.error)
             del st
         report.solve_seconds += time.perf_counter() - start
