@@ -380,3 +380,35 @@ def test_stage_session_computes_the_fetched_tensors_like_the_whole_model() -> No
         (got,) = stage_session(model, [name]).run([name], feeds)
         np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-5)  # ORT's fusions differ by rounding
     assert len(model.proto.graph.output) == 1  # the model itself is unchanged
+
+
+def test_grouped_conv_and_conv_transpose_are_pruned_along_their_reduction_axes() -> None:
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Conv", ["x", "Wg", "bg"], ["c1"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("ConvTranspose", ["r1", "Wt"], ["y"], name="up", strides=[2, 2]),
+    ]
+    inits = [
+        nh.from_array(rand(rng, 16, 8, 3, 3) * 0.2, "Wg"),
+        nh.from_array(rand(rng, 16) * 0.1, "bg"),
+        nh.from_array(rand(rng, 16, 4, 2, 2) * 0.2, "Wt"),
+    ]
+    proto = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["n", 16, 6, 6])],
+        [helper.make_tensor_value_info("y", F, ["n", 4, 12, 12])],
+        inits,
+    )
+    calib = {"x": rand(rng, 8, 16, 6, 6)}
+    pruned, rep = _prune(proto, "prune{method=sparsegpt},validate{require-all=true}", calib)
+    by_name = {c["name"]: c for c in rep["changed"]}
+    assert by_name["Wg"]["axis"] == 1 and by_name["Wt"]["axis"] == 0
+    assert by_name["Wg"]["bias_corrected"] == "bg"
+    assert any("ConvTranspose" in note for note in by_name["Wt"]["notes"])
+    w = _weights(pruned)
+    assert is_nm(w["Wg"], 1) and is_nm(w["Wt"], 0)
+    dense = run_ort(proto, {"x": calib["x"][:2]})[0]
+    out = run_ort(pruned, {"x": calib["x"][:2]})[0]
+    assert np.isfinite(out).all() and _rel(out, dense) < 1.0
+    onnx.checker.check_model(pruned.proto, full_check=True)
