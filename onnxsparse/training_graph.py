@@ -156,6 +156,7 @@ def training_copy(
         graph.node.insert(i, node)
     _batchnorm_as_affine(proto)
     _hard_activations_as_relu(proto)
+    _cubes_as_products(proto)
     # ORT's LayerNormalization gradient reads the forward pass's Mean and InvStdDev outputs (optional in ONNX
     # and usually absent in exported models): without them gradient building fails with "i < OutputDefs().size()".
     for node in graph.node:
@@ -274,6 +275,44 @@ def _hard_activations_as_relu(proto: onnx.ModelProto) -> None:
         ]
         if swish:
             nodes.append(helper.make_node("Mul", [x, sig], [node.output[0]]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _cubes_as_products(proto: onnx.ModelProto) -> None:
+    """``Pow(x, 3)`` as ``x·x·x``, so that ORT's training graph does not fuse tanh-GELU into FastGelu.
+
+    The exported tanh-GELU (``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``) is matched by ORT's pre-training
+    GELU fusion through its ``Pow``; the CPU ``FastGeluGrad`` kernel that comes with it took 16% of a MiniLM-L3
+    training step (87 ms of 548 ms, ORT profile). Spelled with ``Mul`` the pattern does not match and the
+    gradient runs as plain element-wise kernels: the same function, about 10% less time per step. Only the
+    training copy is rewritten; the exported model keeps its ``Pow``.
+    """
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+    consts.update(
+        {
+            n.output[0]: n.attribute[0].t
+            for n in graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        }
+    )
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        e = consts.get(node.input[1]) if node.op_type == "Pow" and len(node.input) == 2 else None
+        if (
+            e is None
+            or e.data_location == TensorProto.EXTERNAL
+            or int(np.prod(e.dims)) != 1
+            or float(onnx.numpy_helper.to_array(e).reshape(())) != 3.0
+        ):
+            nodes.append(node)
+            continue
+        x, sq = node.input[0], f"{node.name or node.output[0]}__onnxsparse_sq"
+        nodes += [
+            helper.make_node("Mul", [x, x], [sq]),
+            helper.make_node("Mul", [sq, x], [node.output[0]], name=node.name),
+        ]
     del graph.node[:]
     graph.node.extend(nodes)
 

@@ -301,3 +301,43 @@ def test_adamw_is_pytorchs_formulation(tmp_path: Path) -> None:
     hf_step = w - lr * g / (np.abs(g) + 1e-8 / np.sqrt(1 - 0.999))
     assert np.abs(w1 - hf_step)[mask].max() > lr * 0.2, "not Hugging Face's formulation"
     assert not w1[~mask].any()
+
+
+def test_tanh_gelu_cube_is_spelled_with_mul_in_the_training_copy() -> None:
+    """ORT would fuse Pow(x, 3)-GELU into FastGelu, whose CPU gradient is slow; the copy spells x³ as x·x·x."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    c = {
+        k: nh.from_array(np.array(v, np.float32), k)
+        for k, v in (("three", 3.0), ("k", 0.044715), ("s", np.sqrt(2 / np.pi)), ("half", 0.5), ("one", 1.0))
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Pow", ["h", "three"], ["h3"]),
+        helper.make_node("Mul", ["h3", "k"], ["kh3"]),
+        helper.make_node("Add", ["h", "kh3"], ["inner"]),
+        helper.make_node("Mul", ["inner", "s"], ["si"]),
+        helper.make_node("Tanh", ["si"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["t1"]),
+        helper.make_node("Mul", ["h", "half"], ["hh"]),
+        helper.make_node("Mul", ["hh", "t1"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [nh.from_array(w, "w"), *c.values()],
+    )
+    model = Model(proto=helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    copy = training.training_copy(model, {"w": np.ones_like(w, bool)})
+    assert not [n for n in copy.graph.node if n.op_type == "Pow"]
+    assert [n.op_type for n in model.proto.graph.node].count("Pow") == 1, "the model itself keeps its Pow"
+    onnx.checker.check_model(copy, full_check=True)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    got = ort.InferenceSession(copy.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _run(model, {"x": x}), rtol=1e-6, atol=1e-6)
