@@ -288,7 +288,7 @@ def finetune(
             "mask": mask_job,
             "bucket": opts.bucket_by_length,
             "steps": opts.steps,
-            "epochs": opts.epochs if opts.steps is None else (None if opts.steps else 1),
+            "epochs": opts.epochs if opts.steps is None else None,
             "batch_size": batch_size,
             "lr": opts.lr,
             "weight_decay": opts.weight_decay,

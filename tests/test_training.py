@@ -70,9 +70,12 @@ def test_training_copy_masks_every_consumer_and_lowers_versions() -> None:
 def test_lower_for_training_converts_a_newer_opset() -> None:
     w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [nh.from_array(w, "w")])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [nh.from_array(w, "w")],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     proto.ir_version = 11
     lowered = onnx.ModelProto()
@@ -174,16 +177,19 @@ def test_distillation_recovers_the_pruning_gap(tmp_path: Path) -> None:
     x = example_inputs(2048, seed=11)
     y_dense, y_pruned = outputs(dense, x), outputs(pruned, x)
     start = time.perf_counter()
-    result = training.finetune(pruned, masks, data, training.FinetuneOptions(steps=300, lr=3e-3, batch_size=64),
-                               teacher=dense)
+    result = training.finetune(
+        pruned, masks, data, training.FinetuneOptions(steps=300, lr=3e-3, batch_size=64), teacher=dense
+    )
     seconds = time.perf_counter() - start
     y_ft = outputs(result.model, x)
     gap, left = mse(y_pruned, y_dense), mse(y_ft, y_dense)
     recovered = 1 - left / gap
     truth = target_function(x)
     task = (mse(y_dense, truth), mse(y_pruned, truth), mse(y_ft, truth))
-    print(f"output MSE to dense: pruned {gap:.4f} -> fine-tuned {left:.4f} ({recovered:.1%} recovered); "
-          f"task MSE dense/pruned/fine-tuned {task[0]:.4f}/{task[1]:.4f}/{task[2]:.4f}; {seconds:.1f}s")
+    print(
+        f"output MSE to dense: pruned {gap:.4f} -> fine-tuned {left:.4f} ({recovered:.1%} recovered); "
+        f"task MSE dense/pruned/fine-tuned {task[0]:.4f}/{task[1]:.4f}/{task[2]:.4f}; {seconds:.1f}s"
+    )
     assert gap > 0.1, "pruning must hurt this fixture, or recovery means nothing"
     assert recovered >= 0.5
     assert task[2] < task[1] / 2
@@ -204,12 +210,18 @@ def test_export_keeps_the_input_structure(tmp_path: Path) -> None:
     dense = load_model(FINETUNE_FIXTURE)
     pruned, masks = prune_masks(dense)
     before = pruned.proto.SerializeToString()
-    result = training.finetune(pruned, masks, write_data(tmp_path / "d.npz", n=256),
-                               training.FinetuneOptions(steps=5, train=("weights", "biases", "norms")), teacher=dense)
+    result = training.finetune(
+        pruned,
+        masks,
+        write_data(tmp_path / "d.npz", n=256),
+        training.FinetuneOptions(steps=5, train=("weights", "biases", "norms")),
+        teacher=dense,
+    )
     out = result.model.proto
     assert pruned.proto.SerializeToString() == before, "the input model must not change"
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in out.graph.node] == [
-        (n.op_type, n.name, list(n.input), list(n.output)) for n in pruned.proto.graph.node]
+        (n.op_type, n.name, list(n.input), list(n.output)) for n in pruned.proto.graph.node
+    ]
     assert [t.name for t in out.graph.initializer] == [t.name for t in pruned.proto.graph.initializer]
     assert out.ir_version == pruned.proto.ir_version and list(out.opset_import) == list(pruned.proto.opset_import)
     assert not any(n.op_type == "Mul" for n in out.graph.node)
@@ -231,8 +243,9 @@ def test_label_losses_mse_and_cross_entropy(tmp_path: Path) -> None:
     data = write_data(tmp_path / "labels.npz", n=2048, labels=True)
     x = example_inputs(1024, seed=12)
     truth = target_function(x)
-    res = training.finetune(pruned, masks, data, training.FinetuneOptions(steps=200, lr=3e-3, batch_size=64,
-                                                                         loss="mse", labels="y"))
+    res = training.finetune(
+        pruned, masks, data, training.FinetuneOptions(steps=200, lr=3e-3, batch_size=64, loss="mse", labels="y")
+    )
     assert mse(outputs(res.model, x), truth) < mse(outputs(pruned, x), truth) / 2
 
     # Cross-entropy on a 4-class problem: the class is the argmax of a fixed linear map.
@@ -242,14 +255,21 @@ def test_label_losses_mse_and_cross_entropy(tmp_path: Path) -> None:
     labels = np.argmax(xs @ proj, axis=1).astype(np.int64)
     w = (rng.standard_normal((16, 4)) * 0.3).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["logits"])], "clf",
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])],
+        "clf",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])], [nh.from_array(w, "w")])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])],
+        [nh.from_array(w, "w")],
+    )
     clf = Model(proto=helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     clf_pruned, clf_masks = prune_masks(clf)
     np.savez(tmp_path / "clf.npz", x=xs, label=labels)
-    res = training.finetune(clf_pruned, clf_masks, tmp_path / "clf.npz",
-                            training.FinetuneOptions(epochs=3, lr=0.05, batch_size=64, loss="ce", labels="label"))
+    res = training.finetune(
+        clf_pruned,
+        clf_masks,
+        tmp_path / "clf.npz",
+        training.FinetuneOptions(epochs=3, lr=0.05, batch_size=64, loss="ce", labels="label"),
+    )
 
     def accuracy(m: Model) -> float:
         logits = ort.InferenceSession(m.proto.SerializeToString()).run(None, {"x": xs})[0]
@@ -338,8 +358,9 @@ def test_qat_training_copy_replaces_qdq_by_fake_quant(tmp_path: Path) -> None:
     assert not {q.name for q in qweights.values()} & {t.name for t in copy.graph.initializer}
     # Re-quantizing the untouched masters gives back the stored integers exactly.
     for q in qweights.values():
-        np.testing.assert_array_equal(q.quantize(q.master), to_array(next(
-            t for t in qdq.proto.graph.initializer if t.name == q.name)))
+        np.testing.assert_array_equal(
+            q.quantize(q.master), to_array(next(t for t in qdq.proto.graph.initializer if t.name == q.name))
+        )
 
 
 def _all_external(model: Model, path: Path) -> Model:
@@ -351,8 +372,7 @@ def _all_external(model: Model, path: Path) -> Model:
     proto.CopyFrom(model.proto)
     for t in proto.graph.initializer:  # inline copies of the values, so that onnx can write them out
         t.CopyFrom(nh.from_array(np.array(to_array(t, model.base_dir)), t.name))
-    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=path.name + ".data",
-                                   size_threshold=0)
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)
     onnx.save(proto, str(path))
     loaded = load_model(path)
     assert all(t.data_location == TensorProto.EXTERNAL for t in loaded.proto.graph.initializer)
@@ -397,8 +417,9 @@ def test_sparse_qat_lowers_the_error_of_a_pruned_int8_model(tmp_path: Path) -> N
     y_dense = outputs(dense, x)
     before_err = mse(outputs(qdq, x), y_dense)
     before = _inits(qdq)
-    result = training.finetune(qdq, {}, data, training.FinetuneOptions(steps=300, lr=1e-3, batch_size=64),
-                               teacher=dense)
+    result = training.finetune(
+        qdq, {}, data, training.FinetuneOptions(steps=300, lr=1e-3, batch_size=64), teacher=dense
+    )
     after_err = mse(outputs(result.model, x), y_dense)
     print(f"QAT: int8 output MSE to dense {before_err:.4f} -> {after_err:.4f}")
     assert after_err < 0.7 * before_err
@@ -410,8 +431,9 @@ def test_sparse_qat_lowers_the_error_of_a_pruned_int8_model(tmp_path: Path) -> N
     for name in ("act1_scale", "act2_scale", "fc1.weight_scale"):
         np.testing.assert_array_equal(after[name], before[name])
     assert [n.op_type for n in result.model.proto.graph.node] == [n.op_type for n in qdq.proto.graph.node]
-    assert get_pass("validate")(require_all=True).run(result.model, PassContext()).report.details["summary"][
-        "sparse"] == 3
+    assert (
+        get_pass("validate")(require_all=True).run(result.model, PassContext()).report.details["summary"]["sparse"] == 3
+    )
 
 
 @needs_runtime
@@ -424,8 +446,9 @@ def test_external_data_model_with_edited_tensors(tmp_path: Path) -> None:
     pruned, masks = prune_masks(dense)
     before = _inits(pruned)
     data = write_data(tmp_path / "d.npz", n=512)
-    result = training.finetune(pruned, masks, data, training.FinetuneOptions(steps=100, lr=3e-3),
-                               teacher=tmp_path / "dense.onnx")
+    result = training.finetune(
+        pruned, masks, data, training.FinetuneOptions(steps=100, lr=3e-3), teacher=tmp_path / "dense.onnx"
+    )
     after_input = _inits(pruned)
     for name in before:
         np.testing.assert_array_equal(before[name], after_input[name])
@@ -439,7 +462,8 @@ def test_external_data_model_with_edited_tensors(tmp_path: Path) -> None:
     assert not np.array_equal(got["fc1.weight"], before["fc1.weight"])
     assert _inits(pruned)["fc1.weight"].shape == before["fc1.weight"].shape  # still readable after the save
     assert training.output_error(saved, load_model(FINETUNE_FIXTURE), data) < 0.5 * training.output_error(
-        pruned, load_model(FINETUNE_FIXTURE), data)
+        pruned, load_model(FINETUNE_FIXTURE), data
+    )
 
 
 def test_training_copy_keeps_batchnorm_in_inference_mode(cnn_path: Path) -> None:
@@ -479,12 +503,16 @@ def test_weights_behind_an_op_without_cpu_gradient_stay_fixed(cnn_path: Path, tm
 def test_ort_cpp_errors_become_one_readable_line() -> None:
     from onnxsparse.training_worker import clean_error
 
-    raw = ("/onnxruntime_src/orttraining/orttraining/core/graph/gradient_builder_base.h:123 onnxruntime::training::"
-           "ArgDef onnxruntime::training::GradientBuilderBase::O(size_t, bool) const i < node_->OutputDefs().size() "
-           "was false.")
+    raw = (
+        "/onnxruntime_src/orttraining/orttraining/core/graph/gradient_builder_base.h:123 onnxruntime::training::"
+        "ArgDef onnxruntime::training::GradientBuilderBase::O(size_t, bool) const i < node_->OutputDefs().size() "
+        "was false."
+    )
     assert clean_error(raw) == "i < node_->OutputDefs().size() was false."
-    raw = ("/onnxruntime_src/a/module.cc:312 onnxruntime::Module::Module(const X&, gsl::span<Y* const>) "
-           "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for\nFooGrad(1) node")
+    raw = (
+        "/onnxruntime_src/a/module.cc:312 onnxruntime::Module::Module(const X&, gsl::span<Y* const>) "
+        "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for\nFooGrad(1) node"
+    )
     assert clean_error(raw) == "NOT_IMPLEMENTED : Could not find an implementation for FooGrad(1) node"
     assert clean_error("loss became nan at step 3") == "loss became nan at step 3"
 
@@ -495,17 +523,24 @@ def _chain_model(middle: list[onnx.NodeProto], seed: int = 0) -> Model:
     w1, w2 = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]), *middle, helper.make_node("MatMul", ["r", "w2"], ["y"])],
-        "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-        [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+        [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")],
+    )
     return Model(proto=helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_hard_activations_are_spelled_with_relu() -> None:
     """HardSigmoid/HardSwish have no ORT gradient builder; the training copy computes the same function."""
-    model = _chain_model([helper.make_node("HardSigmoid", ["h"], ["s"], alpha=0.3, beta=0.4),
-                          helper.make_node("HardSwish", ["s"], ["t"]), helper.make_node("HardSwish", ["h"], ["u"]),
-                          helper.make_node("Add", ["t", "u"], ["r"])])
+    model = _chain_model(
+        [
+            helper.make_node("HardSigmoid", ["h"], ["s"], alpha=0.3, beta=0.4),
+            helper.make_node("HardSwish", ["s"], ["t"]),
+            helper.make_node("HardSwish", ["h"], ["u"]),
+            helper.make_node("Add", ["t", "u"], ["r"]),
+        ]
+    )
     copy = training.training_copy(model, {})
     ops = [n.op_type for n in copy.graph.node]
     assert "HardSigmoid" not in ops and "HardSwish" not in ops
@@ -519,11 +554,15 @@ def test_hard_activations_are_spelled_with_relu() -> None:
 def test_weights_before_an_op_without_gradient_builder_stay_fixed(tmp_path: Path) -> None:
     model = _chain_model([helper.make_node("Round", ["h"], ["r"])])
     rng = np.random.default_rng(1)
-    np.savez(tmp_path / "d.npz", x=rng.standard_normal((64, 8)).astype(np.float32),
-             y=rng.standard_normal((64, 4)).astype(np.float32))
+    np.savez(
+        tmp_path / "d.npz",
+        x=rng.standard_normal((64, 8)).astype(np.float32),
+        y=rng.standard_normal((64, 4)).astype(np.float32),
+    )
     masks = {"w1": np.ones((8, 8), bool), "w2": np.ones((8, 4), bool)}
-    result = training.finetune(model, masks, tmp_path / "d.npz",
-                               training.FinetuneOptions(steps=5, loss="mse", labels="y"))
+    result = training.finetune(
+        model, masks, tmp_path / "d.npz", training.FinetuneOptions(steps=5, loss="mse", labels="y")
+    )
     assert result.trained == ["w2"] and list(result.frozen) == ["w1"] and "Round" in result.frozen["w1"]
     assert result.changed == ["w2"]
 

@@ -15,8 +15,11 @@ import click
 
 
 @click.command("setup-training")
-@click.option("--target", type=click.Path(file_okay=False, path_type=Path),
-              help="Install into this folder (then set ONNXSPARSE_TRAINING_RUNTIME to it).")
+@click.option(
+    "--target",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Install into this folder (then set ONNXSPARSE_TRAINING_RUNTIME to it).",
+)
 @click.option("--force", is_flag=True, help="Reinstall even where a runtime is already there.")
 @click.option("--print-command", is_flag=True, help="Only print the pip command (for an offline or manual install).")
 def command(target: Path | None, force: bool, print_command: bool) -> None:

@@ -30,11 +30,20 @@ def _weights(model: object) -> dict[str, np.ndarray]:
 
 
 def test_options_parse_from_pipeline_text() -> None:
-    (p,) = parse_pipeline("finetune{steps=7;lr=0.01;batch-size=16;loss=mse;labels=y;outputs=a,b;train=weights,norms;"
-                          "mask-input=attention_mask;bucket-by-length=true;eval-every=5}")
+    (p,) = parse_pipeline(
+        "finetune{steps=7;lr=0.01;batch-size=16;loss=mse;labels=y;outputs=a,b;train=weights,norms;"
+        "mask-input=attention_mask;bucket-by-length=true;eval-every=5}"
+    )
     cfg = p.config
     assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.loss, cfg.labels, cfg.outputs, cfg.train) == (
-        7, 0.01, 16, "mse", "y", ("a", "b"), ("weights", "norms"))
+        7,
+        0.01,
+        16,
+        "mse",
+        "y",
+        ("a", "b"),
+        ("weights", "norms"),
+    )
     assert (cfg.mask_input, cfg.bucket_by_length, cfg.eval_every) == ("attention_mask", True, 5)
     with pytest.raises(OnnxSparseError, match="unknown trainable set 'heads'"):
         parse_pipeline("finetune{train=weights,heads}")
@@ -51,8 +60,9 @@ def test_prune_then_finetune_distils_to_the_pipeline_input(tmp_path: Path) -> No
     x = example_inputs(1024, seed=21)
     y_dense = outputs(dense, x)
     pruned_only = Pipeline("prune").run(load_model(FINETUNE_FIXTURE)).model
-    result = Pipeline(f"prune,finetune{{data={data};steps=300;lr=0.003;batch-size=64}},validate{{require-all=true}}"
-                      ).run(load_model(FINETUNE_FIXTURE), PassContext())
+    result = Pipeline(
+        f"prune,finetune{{data={data};steps=300;lr=0.003;batch-size=64}},validate{{require-all=true}}"
+    ).run(load_model(FINETUNE_FIXTURE), PassContext())
     _, ft_r, _ = result.results
     assert ft_r.modified and {c["name"] for c in ft_r.report.changed} >= {"fc1.weight", "fc2.weight", "head.weight"}
     assert ft_r.report.details["teacher"] == str(FINETUNE_FIXTURE.resolve())
@@ -91,8 +101,9 @@ def test_masks_from_a_file_need_a_teacher(tmp_path: Path) -> None:
     data = write_data(tmp_path / "d.npz", n=64)
     with pytest.raises(OnnxSparseError, match="teacher"):
         Pipeline(f"finetune{{masks={tmp_path / 'm.npz'};data={data};steps=2}}").run(pruned)
-    result = Pipeline(f"finetune{{masks={tmp_path / 'm.npz'};data={data};steps=20;teacher={FINETUNE_FIXTURE}}}"
-                      ).run(pruned)
+    result = Pipeline(f"finetune{{masks={tmp_path / 'm.npz'};data={data};steps=20;teacher={FINETUNE_FIXTURE}}}").run(
+        pruned
+    )
     assert result.results[0].modified
 
 
@@ -119,8 +130,9 @@ def test_qdq_model_fine_tunes_quantization_aware(qdq_model_path: Path, tmp_path:
         if getattr(p, "name", "") == "prune":
             after_prune.update(_weights(r.model))  # type: ignore[attr-defined]
 
-    result = Pipeline("prune,finetune{steps=30;loss=mse;labels=y;batch-size=16},validate").run(model, ctx,
-                                                                                                 on_pass=snapshot)
+    result = Pipeline("prune,finetune{steps=30;loss=mse;labels=y;batch-size=16},validate").run(
+        model, ctx, on_pass=snapshot
+    )
     prune_r, ft, val = result.results
     assert ft.modified and ft.report.details["last_loss"] < ft.report.details["first_loss"]
     pruned_int8 = {c["name"] for c in prune_r.report.changed if c["dtype"] == "int8"}
