@@ -235,7 +235,12 @@ def run_model(
         if only is not None and label not in only:
             continue
         print(f"[{name}] {label} ...", file=sys.stderr, flush=True)
-        row: dict[str, Any] = {"method": label, "recipe": recipe, **measured(cmd, work / f"{out.stem}.log")}
+        row: dict[str, Any] = {
+            "method": label,
+            "recipe": recipe,
+            "commit": _commit(),
+            **measured(cmd, work / f"{out.stem}.log"),
+        }
         if row["ok"]:
             row["accuracy"] = evaluate(out)
             row["sparsity"] = sparsity_check(out)
@@ -405,8 +410,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"weights {f['weights_mb']:.1f} MB, largest K {f['largest_k']}, RSS target "
             f"{f['rss_target_mb']:.0f} MB (weights + 2·K²·8 + 200 MB)",
             "",
-            "| method | " + " | ".join(cols) + " | 2:4 layers | seconds | peak RSS MB |",
-            "|---|" + "---:|" * (len(cols) + 3),
+            "| method | " + " | ".join(cols) + " | 2:4 layers | seconds | peak RSS MB | commit |",
+            "|---|" + "---:|" * (len(cols) + 3) + "---|",
         ]
         for r in part["rows"]:
             if not r.get("ok"):
@@ -418,9 +423,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['method']} | "
                 + " | ".join(f"{acc[c]:.4f}" for c in cols)
                 + f" | {sp.get('sparse_layers')}/{sp.get('eligible_layers')} | {r['seconds']:.1f} | "
-                f"{r['peak_rss_mb']:.0f} |"
+                f"{r['peak_rss_mb']:.0f} | {r.get('commit', '')} |"
             )
-        rat = part.get("ratios") or {}
+        rat = _ratios(part["rows"], OURS)
         if rat:
             lines += [
                 "",
