@@ -205,6 +205,7 @@ def finetune(
     on_step: Callable[[int, float], None] | None = None,
     inplace: bool = False,
     eval_data: str | os.PathLike[str] | None = None,
+    profile: str | os.PathLike[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` with ``masks`` fixed; returns a new model (the input is not modified unless
     ``inplace``, which the pass uses: a pipeline edits one model in place).
@@ -214,6 +215,7 @@ def finetune(
     learns to match (``distill`` loss); it is run batch by batch, never on the whole data at once.
     ``eval_data``: the same layout; evaluated at the start, every ``options.eval_every`` steps and at the end
     (``FinetuneResult.curve``). Everything is checked before training starts (one-line errors).
+    ``profile``: a path prefix; ORT writes its per-node profile of the training session there (JSON).
     """
     from onnxsparse import training_qat
 
@@ -298,6 +300,7 @@ def finetune(
             "threads": opts.threads,
             "params_out": str(work / "params.npz"),
             "ir_version": MAX_IR,
+            "profile": str(Path(profile).resolve()) if profile is not None else None,
         }
         if job["steps"] is None and job["epochs"] is None:
             job["epochs"] = 1

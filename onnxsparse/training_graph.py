@@ -286,8 +286,7 @@ def _cubes_as_products(proto: onnx.ModelProto) -> None:
     GELU fusion through its ``Pow``; the CPU ``FastGeluGrad`` kernel that comes with it took 16% of a MiniLM-L3
     training step (87 ms of 548 ms, ORT profile). Spelled with ``Mul`` the pattern does not match and the
     gradient runs as plain element-wise kernels: the same function, 5-6% less time per step (A/B in one run,
-    1 thread, batch 16). Only the
-    training copy is rewritten; the exported model keeps its ``Pow``.
+    1 thread, batch 16). Only the training copy is rewritten; the exported model keeps its ``Pow``.
     """
     graph = proto.graph
     consts = {t.name: t for t in graph.initializer}

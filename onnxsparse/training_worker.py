@@ -114,7 +114,11 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
     art = work / "artifacts"
     t0 = time.perf_counter()
     threads = int(job.get("threads", 0))
-    state, module, optimizer, frozen = _session(job, artifacts_mod, api, art, _session_options(ort, threads))
+    train_options = _session_options(ort, threads)
+    if job.get("profile"):  # ORT's per-node profile of the training session, written when the session ends
+        train_options.enable_profiling = True
+        train_options.profile_file_prefix = str(job["profile"])
+    state, module, optimizer, frozen = _session(job, artifacts_mod, api, art, train_options)
     if frozen:
         emit({"event": "frozen", "params": frozen})
     module.train()
@@ -215,6 +219,7 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
 
     params = {name: np.asarray(state.parameters[name].data) for name in job["requires_grad"] if name not in frozen}
     np.savez(job["params_out"], **params)  # type: ignore[arg-type]
+    optimizer = module = None  # ends the sessions (and writes the profile, when one was asked for)
     summary = {
         "steps": steps,
         "first_loss": losses[0] if losses else None,

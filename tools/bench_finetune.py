@@ -13,6 +13,7 @@ on the eval sentences.
 
     python tools/bench_finetune.py --steps 20 --rounds 2 --threads 1
     python tools/bench_finetune.py --quality --steps 300 --eval-every 50 --json tools/results/finetune_quality.json
+    python tools/bench_finetune.py --profile --steps 15          # where an ORT step goes, by op type
 
 PyTorch runs in its own venv (``--torch-python``, default ``.venv-torch/bin/python``; CPU build, never a
 dependency of onnxsparse) through ``tools/finetune_torch_ref.py``. Without ``--model`` the dense dynamic
@@ -56,6 +57,7 @@ def run_ort(
     steps: int,
     eval_data: Path | None = None,
     out: Path | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     from onnxsparse.model_io import load_model, save_model
     from onnxsparse.training import FinetuneOptions, finetune, load_masks
@@ -73,7 +75,15 @@ def run_ort(
         bucket_by_length=args.bucket,
     )
     start = time.perf_counter()
-    result = finetune(load_model(model), load_masks(masks), args.data, opts, teacher=args.teacher, eval_data=eval_data)
+    result = finetune(
+        load_model(model),
+        load_masks(masks),
+        args.data,
+        opts,
+        teacher=args.teacher,
+        eval_data=eval_data,
+        profile=profile,
+    )
     if out is not None:
         save_model(result.model, out)
     return {
@@ -183,6 +193,33 @@ def speed(args: argparse.Namespace, model: Path, masks: Path) -> dict[str, Any]:
     return {"rounds": rounds, "best": best, "ratio_wall": ratio, "ratio_cpu": cpu_ratio, "torch_side": torch_best}
 
 
+def profile(args: argparse.Namespace, model: Path, masks: Path, work: Path) -> dict[str, Any]:
+    """ORT's per-node profile of the training session (forward + backward + gradient accumulation), by op type;
+    the teacher and the optimizer run in sessions of their own, timed by the worker."""
+    import collections
+    import glob
+
+    res = run_ort(args, model, masks, args.steps, profile=work / "ort_profile")
+    files = sorted(glob.glob(str(work / "ort_profile*.json")))
+    if not files:
+        raise SystemExit("ORT wrote no profile")
+    by_op: collections.Counter[str] = collections.Counter()
+    for event in json.loads(Path(files[-1]).read_text()):
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            by_op[event["args"].get("op_name", "?")] += event["dur"]
+    total = sum(by_op.values())
+    steps = max(1, args.steps)
+    parts = per_step(res)
+    print(
+        f"per step: teacher {parts['teacher']:.3f} s, forward+backward {parts['forward_backward']:.3f} s, "
+        f"optimizer {parts['optimizer']:.3f} s (of {parts['s_step']:.3f} s)"
+    )
+    print(f"training-session kernels, {total / 1e3 / steps:.1f} ms per step:")
+    for op, us in by_op.most_common(12):
+        print(f"  {op:28s} {us / 1e3 / steps:8.2f} ms  {us / total:6.1%}")
+    return {"per_step": parts, "ops_ms_per_step": {k: v / 1e3 / steps for k, v in by_op.items()}}
+
+
 def quality(args: argparse.Namespace, model: Path, masks: Path, work: Path) -> dict[str, Any]:
     eval_data = DATA / "eval_dyn.npz"
     out: dict[str, Any] = {"start": minilm_l3.compare(str(args.teacher), str(model), eval_data)}
@@ -228,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bucket", action="store_true")
     ap.add_argument("--torch-fused", action="store_true", help="PyTorch with AdamW(fused=True)")
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="ORT's per-op profile of the training step")
     ap.add_argument("--sides", default="ort,torch")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--torch-python", default=str(REPO / ".venv-torch" / "bin" / "python"))
@@ -238,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         model, masks = (args.model, args.masks) if args.model else prune_magnitude(args.teacher, work)
         if masks is None:
             raise SystemExit("--model needs --masks")
-        result = quality(args, model, masks, work) if args.quality else speed(args, model, masks)
+        if args.profile:
+            result = profile(args, model, masks, work)
+        elif args.quality:
+            result = quality(args, model, masks, work)
+        else:
+            result = speed(args, model, masks)
     result["args"] = {k: str(v) for k, v in vars(args).items()}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
