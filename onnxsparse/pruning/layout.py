@@ -28,7 +28,7 @@ import numpy as np
 from onnxsparse.layers import Layer, attr
 
 #: im2col patch chunks stay below about this many bytes
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass

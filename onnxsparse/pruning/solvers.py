@@ -153,6 +153,10 @@ def sparsegpt(
     return w, keep, SolveInfo(loss=loss, dead_inputs=int(dead.sum()), damp=lam)
 
 
+#: refit works on row blocks of about this many bytes per [rows, K] float64 array (it keeps seven of them)
+REFIT_BLOCK_BYTES = 8 * 2**20
+
+
 def refit(
     w_dense: np.ndarray,
     h: np.ndarray,
@@ -166,16 +170,29 @@ def refit(
 
     Per output row r: minimise (w_r − ŵ_r)ᵀ H (w_r − ŵ_r) over ŵ_r supported on ``keep[r]``, i.e. solve
     H_SS ŵ_S = (H w_r)_S. SparseGPT only approximates this optimum (its updates stop at the sweep's column);
-    here every row is solved together by Jacobi-preconditioned conjugate gradients on the masked system,
-    started from ``w_start`` (the SparseGPT result): one [N, K] × [K, K] product per iteration, no per-row
-    factorisation. H is damped as in ``sparsegpt`` so the system stays well conditioned.
+    here the rows are solved together by Jacobi-preconditioned conjugate gradients on the masked system,
+    started from ``w_start`` (the SparseGPT result): one [rows, K] × [K, K] product per iteration, no per-row
+    factorisation. Rows are independent, so they go in blocks (``REFIT_BLOCK_BYTES``) to bound memory on a
+    wide layer (an 8210-row classifier). H is damped as in ``sparsegpt`` so the system stays well conditioned.
     """
     hd, dead, _ = damped(h, damp)
-    mask = keep & ~dead.reshape(1, -1)
     wd = np.array(w_dense, dtype=np.float64)
     wd[:, dead] = 0.0
+    out = np.zeros_like(wd)
+    start = np.zeros_like(wd) if w_start is None else np.asarray(w_start, dtype=np.float64)
+    step = max(1, REFIT_BLOCK_BYTES // (8 * max(wd.shape[1], 1)))
+    for r0 in range(0, wd.shape[0], step):
+        rows = slice(r0, r0 + step)
+        mask = keep[rows] & ~dead.reshape(1, -1)
+        out[rows] = _cg(wd[rows], hd, mask, start[rows], iters, tol)
+    out += 0.0
+    return out
+
+
+def _cg(wd: np.ndarray, hd: np.ndarray, mask: np.ndarray, x0: np.ndarray, iters: int, tol: float) -> np.ndarray:
+    """Masked, Jacobi-preconditioned CG for H_SS x_S = (H w)_S, every row of ``wd`` at once."""
     b = (wd @ hd) * mask
-    x = (np.zeros_like(wd) if w_start is None else np.array(w_start, dtype=np.float64)) * mask
+    x = x0 * mask
     precond = np.where(mask, 1.0 / np.diagonal(hd).reshape(1, -1), 0.0)
     r = b - (x @ hd) * mask
     z = r * precond
@@ -195,9 +212,7 @@ def refit(
         beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
         p = z + beta[:, None] * p
         rz = rz_new
-    x *= mask
-    x += 0.0
-    return x
+    return x * mask
 
 
 def dense_target(w: np.ndarray, h: np.ndarray, cross: np.ndarray, damp: float = 0.01) -> np.ndarray:

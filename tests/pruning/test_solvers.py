@@ -204,3 +204,12 @@ def test_hinv_factor_is_the_upper_cholesky_of_the_inverse() -> None:
     assert np.allclose(np.tril(u, -1), 0) and (np.diagonal(u) > 0).all()
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(hd)).T, rtol=1e-6, atol=1e-12)
+
+
+def test_refit_in_row_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    w, x = _problem(12, n_out=40, k=32)
+    h = x.T @ x
+    start, keep, _ = solvers.sparsegpt(w, h, 2, 4)
+    whole = solvers.refit(w, h, keep, start, iters=15, tol=0.0)  # no early stop: same steps per row
+    monkeypatch.setattr(solvers, "REFIT_BLOCK_BYTES", 8 * 32 * 7)  # 7 rows per block
+    np.testing.assert_allclose(solvers.refit(w, h, keep, start, iters=15, tol=0.0), whole, rtol=1e-9, atol=1e-12)
