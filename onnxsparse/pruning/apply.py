@@ -140,25 +140,21 @@ def prune_layer(
         raise OnnxSparseError(f"layer '{layer.name}': {probs}")
     if method != "magnitude" and stats is None:
         raise OnnxSparseError(f"layer '{layer.name}': {method} needs input statistics")
-    old = _dequantized(sw)
-    if not np.isfinite(old).all():
+    work = _dequantized(sw)  # a fresh float64 array: it is overwritten with the result below
+    if not np.isfinite(work).all():
         raise OnnxSparseError(f"weight '{sw.name}' has NaN/Inf value(s); fix the model first")
     nonzero = sw.nonzero()
     allowed = nonzero if prefer is None else nonzero & np.asarray(prefer, dtype=bool)
-    new = old.copy()
-    keep_all = np.zeros(old.shape, dtype=bool)
+    keep_all = np.zeros(work.shape, dtype=bool)
     used = method
     notes: list[str] = []
     err = ref = 0.0
     shift = np.zeros(_out_channels(layer))
-    flat_old, flat_new, flat_keep, flat_pref = (
-        old.reshape(-1),
-        new.reshape(-1),
-        keep_all.reshape(-1),
-        allowed.reshape(-1),
-    )
+    # ``work`` becomes the new values problem by problem: each problem reads its own (disjoint) entries first
+    # as a gathered copy, so no second full-size float64 array is needed.
+    flat, flat_keep, flat_pref = work.reshape(-1), keep_all.reshape(-1), allowed.reshape(-1)
     for p in probs:
-        w = flat_old[p.index]
+        w = flat[p.index]
         target = w
         pref = flat_pref[p.index]
         if method == "magnitude":
@@ -185,7 +181,7 @@ def prune_layer(
                     shift[p.channels] += w @ stats.ref_mean(p.group) - w_new @ stats.mean(p.group)
                 else:
                     shift[p.channels] += solvers.bias_delta(w, w_new, stats.mean(p.group))
-        flat_new[p.index] = w_new
+        flat[p.index] = w_new
         flat_keep[p.index] = keep
     outcome = LayerOutcome(
         layer=layer.name,
@@ -197,7 +193,7 @@ def prune_layer(
         mask=keep_all,
         notes=notes,
     )
-    stored = _stored(sw, new, keep_all)
+    stored = _stored(sw, work, keep_all)
     _save(outcome, sw.tensor)
     set_array(sw.tensor, stored)
     outcome.nonzero_after = int(np.count_nonzero(stored != (0 if sw.zp is None else sw.zp)))
