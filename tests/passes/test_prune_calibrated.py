@@ -412,3 +412,24 @@ def test_grouped_conv_and_conv_transpose_are_pruned_along_their_reduction_axes()
     out = run_ort(pruned, {"x": calib["x"][:2]})[0]
     assert np.isfinite(out).all() and _rel(out, dense) < 1.0
     onnx.checker.check_model(pruned.proto, full_check=True)
+
+
+def test_mask_input_is_reported_where_rows_are_not_tokens() -> None:
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="tok"),
+        helper.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "W2"], ["y"], name="pool"),
+        helper.make_node("Identity", ["mask"], ["mask_out"]),
+    ]
+    proto = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", "s", 8]), helper.make_tensor_value_info("mask", F, ["b", "s"])],
+        [helper.make_tensor_value_info("y", F, ["b", 4]), helper.make_tensor_value_info("mask_out", F, ["b", "s"])],
+        [nh.from_array(rand(rng, 8, 8), "W1"), nh.from_array(rand(rng, 8, 4), "W2")],
+        opset=13,
+    )
+    calib = {"x": rand(rng, 16, 6, 8), "mask": (rng.random((16, 6)) > 0.3).astype(np.float32)}
+    _, rep = _prune(proto, "prune{method=sparsegpt;mask-input=mask}", calib)
+    cal = rep["details"]["calibration"]
+    assert set(cal["mask_not_applied"]) == {"pool"} and "16 rows" in cal["mask_not_applied"]["pool"]
