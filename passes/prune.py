@@ -256,6 +256,8 @@ class PrunePass(Pass[PruneConfig]):
                          f"{cal['rows']:,} rows, statistics {cal['stats_seconds']:.1f}s + solve "
                          f"{cal['solve_seconds']:.1f}s, largest statistics {cal['stats_bytes_max'] / 2**20:.1f} MiB"
                          + mean)
+            for layer, why in (cal.get("mask_not_applied") or {}).items():
+                lines.append(f"  {layer}: mask-input not applied ({why}); all its rows count")
             for c in result.report.changed:
                 for note in c.get("notes") or ():
                     lines.append(f"  {c['layers'][0]}: {note}")
