@@ -55,7 +55,9 @@ def magnitude(w: np.ndarray, n: int, m: int, prefer: np.ndarray | None = None) -
     """n:m by |w| (the ``prune`` pass's default rule, here on the solver view)."""
     w = _check(w, m)
     keep = _select(np.abs(w), n, m, prefer)
-    return w * keep + 0.0, keep
+    np.multiply(w, keep, out=w)  # in place on the working copy
+    w += 0.0  # -0.0 -> +0.0
+    return w, keep
 
 
 def wanda(
@@ -65,7 +67,9 @@ def wanda(
     w = _check(w, m)
     norms = np.sqrt(np.maximum(np.asarray(sq_norms, dtype=np.float64).reshape(1, -1), 0.0))
     keep = _select(np.abs(w) * norms, n, m, prefer)
-    return w * keep + 0.0, keep
+    np.multiply(w, keep, out=w)  # in place on the working copy
+    w += 0.0  # -0.0 -> +0.0
+    return w, keep
 
 
 def damped(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
