@@ -204,7 +204,10 @@ def profile(args: argparse.Namespace, model: Path, masks: Path, work: Path) -> d
     if not files:
         raise SystemExit("ORT wrote no profile")
     by_op: collections.Counter[str] = collections.Counter()
-    for event in json.loads(Path(files[-1]).read_text()):
+    # the training and eval sessions share their options: started in the same second, they write one file
+    # name, so read the first JSON array in it (the training session's)
+    events, _ = json.JSONDecoder().raw_decode(Path(files[0]).read_text())
+    for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
             by_op[event["args"].get("op_name", "?")] += event["dur"]
     total = sum(by_op.values())
