@@ -14,16 +14,17 @@ Training needs ONNX Runtime training, installed apart from your onnxruntime by `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import load_model, save_model
-from onnxsparse.pipeline import Pass, PassContext, Pipeline, get_pass
 from onnxsparse.render import table, write_json
 from onnxsparse.training_options import DEFAULT_TRAIN
+
+if TYPE_CHECKING:  # onnx and numpy load inside the command only (``--help`` stays light)
+    from onnxsparse.pipeline import Pipeline
 
 
 @click.command("finetune")
@@ -161,7 +162,9 @@ def command(
     The output has MODEL's nodes, initializer names, opset and IR version; masked entries are exactly zero.
     """
     from onnxsparse import training
+    from onnxsparse.model_io import load_model, save_model
     from onnxsparse.paths import check_outputs
+    from onnxsparse.pipeline import Pass, PassContext, Pipeline, get_pass
 
     if schedule and masks:
         raise OnnxSparseError("--schedule prunes as it goes: give either --schedule or --masks, not both")
