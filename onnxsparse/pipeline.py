@@ -22,6 +22,7 @@ import pkgutil
 import shutil
 import time
 import types
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -194,7 +195,10 @@ def registry() -> dict[str, type[Pass[Any]]]:
             continue
         module = importlib.import_module(f"{pkg.__name__}.{info.name}")
         for obj in vars(module).values():
-            is_pass = isinstance(obj, type) and issubclass(obj, Pass) and obj is not Pass
+            # ``types.GenericAlias`` (``tuple[int, ...]`` in a module namespace) passes ``isinstance(.., type)``
+            # on Python 3.10, and issubclass then raises: exclude it explicitly.
+            is_class = isinstance(obj, type) and not isinstance(obj, types.GenericAlias)
+            is_pass = is_class and issubclass(obj, Pass) and obj is not Pass
             if is_pass and getattr(obj, "name", None) and obj.__module__ == module.__name__:
                 found[obj.name] = obj
     return dict(sorted(found.items()))

@@ -46,6 +46,47 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("ONNXSPARSE_CACHE", str(REPO_ROOT / ".cache" / "onnxsparse"))
 
 
+def _ort_max_ir_version() -> int:
+    """The newest IR version the installed onnxruntime loads (probed with a one-node model)."""
+    import onnxruntime as ort
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    for ir in range(onnx.IR_VERSION, 7, -1):
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # any refusal means "not this IR version"
+            continue
+        return ir
+    return 8
+
+
+def _clamp_default_ir_version() -> None:
+    """Models the tests build with ``onnx.helper.make_model`` get onnx's newest IR version by default. On
+    Python 3.10 the newest onnxruntime is 1.23 (IR <= 11) while onnx 1.23 writes IR 14, so those test models
+    would not load at all there (.ci/run's second run: the declared minimums on Python 3.10). Clamp the
+    *default* to what the installed onnxruntime loads; an explicit ``ir_version=`` is kept. onnxsparse itself
+    never writes a newer IR than its input had, so this only concerns models built by the tests."""
+    max_ir = _ort_max_ir_version()
+    if max_ir >= onnx.IR_VERSION:
+        return
+    original = onnx.helper.make_model
+
+    def make_model(graph: onnx.GraphProto, **kwargs: Any) -> onnx.ModelProto:
+        kwargs.setdefault("ir_version", max_ir)
+        return original(graph, **kwargs)
+
+    onnx.helper.make_model = make_model
+
+
+_clamp_default_ir_version()
+
+
 def fixture_path(name: str) -> Path:
     """Path of a committed fixture model; fails the test clearly if it is missing."""
     path = FIXTURES_DIR / (name if name.endswith(".onnx") else f"{name}.onnx")
