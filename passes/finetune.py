@@ -106,6 +106,9 @@ class FinetunePass(Pass[FinetuneConfig]):
     config_cls = FinetuneConfig
     summary = "retrain pruned weights with fixed n:m masks through ONNX Runtime training (distillation or labels)"
 
+    def reads_calibration(self) -> bool:
+        return self.config.data is None  # trains on the run's --calib data unless data= is given
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         from onnxsparse import training_qat
         from onnxsparse.training import finetune, load_masks, partition_masks

@@ -130,6 +130,13 @@ class PrunePass(Pass[PruneConfig]):
     config_cls = PruneConfig
     summary = "n:m pruning (default 2:4) along each layer's reduction axis: magnitude, wanda or sparsegpt"
 
+    def reads_calibration(self) -> bool | None:
+        """wanda/sparsegpt read ``--calib``; magnitude does not. With a plan the method may come from the
+        plan file, which is not read here, so the answer is "not declared"."""
+        if self.config.method is None and self.config.plan:
+            return None
+        return (self.config.method or "magnitude") != "magnitude"
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         n, m = parse_pattern(cfg.pattern)

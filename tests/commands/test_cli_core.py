@@ -108,6 +108,25 @@ def test_calib_read_by_no_pass_warns(model_path: Path, tmp_path: Path) -> None:
     assert "--calib" not in res.output
 
 
+def test_calib_warning_follows_what_prune_and_finetune_read(model_path: Path, tmp_path: Path) -> None:
+    """Magnitude prune reads no --calib (warn); sparsegpt prune and a finetune without data= do."""
+    from onnxsparse.passes.finetune import FinetunePass
+    from onnxsparse.passes.prune import PrunePass
+
+    assert PrunePass().reads_calibration() is False
+    assert PrunePass(method="sparsegpt").reads_calibration() is True
+    assert PrunePass(method="wanda").reads_calibration() is True
+    assert FinetunePass().reads_calibration() is True
+    assert FinetunePass(data="train.npz").reads_calibration() is False
+    calib = tmp_path / "c.npz"
+    calib.write_bytes(b"unused")
+    res = CliRunner().invoke(
+        main, ["run", str(model_path), "-p", "prune", "--calib", str(calib), "-o", str(tmp_path / "o.onnx")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "--calib is given but no pass of 'prune' reads calibration data" in res.output
+
+
 def test_inspect_shows_op_shape_and_stored_k_axis_like_check() -> None:
     """fc2's weight is stored [48,64] and transposed for the MatMul ([64,48]): inspect shows both, and its K
     axis is the stored tensor's, the same axis check reports."""
