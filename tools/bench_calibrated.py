@@ -382,6 +382,10 @@ def _ratios(rows: list[dict[str, Any]], ours: str) -> dict[str, Any]:
     }
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x faster than" if ratio >= 1 else f"{1 / ratio:.1f}x slower than"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Calibrated 2:4 pruning benchmark ({result['date']}, commit {result.get('commit')}, "
@@ -429,7 +433,7 @@ def markdown(result: dict[str, Any]) -> str:
         if rat:
             lines += [
                 "",
-                f"{rat['ours']}: {rat['speedup_vs_onnxsim_sparsegpt']:.1f}x faster than onnxsim SparseGPT measured "
+                f"{rat['ours']}: {_times(rat['speedup_vs_onnxsim_sparsegpt'])} onnxsim SparseGPT measured "
                 f"in the same run; peak RSS {rat['peak_rss_mb']:.0f} MB ({rat['rss_ratio_vs_onnxsim_sparsegpt']:.2f}x "
                 f"onnxsim's; target {f['rss_target_mb']:.0f} MB)",
             ]
