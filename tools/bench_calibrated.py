@@ -103,7 +103,7 @@ def measured(cmd: list[str], log: Path, timeout: int = TIMEOUT_S) -> dict[str, A
     if line is None:
         return {"ok": False, "error": "no result line", "log": str(log)}
     fields = dict(kv.split("=") for kv in line.split()[1:])
-    out = {
+    out: dict[str, Any] = {
         "ok": proc.returncode == 0,
         "seconds": float(fields["seconds"]),
         "peak_rss_mb": int(fields["maxrss_kb"]) / 1024,
