@@ -361,8 +361,9 @@ def test_upgrade_failure_says_why() -> None:
     model.graph.input.extend([helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in ("s", "e")])
     with pytest.raises(
         OnnxSparseError,
-        match=r"qdq needs opset >= 13 .* cannot upgrade this model from opset 11: "
-        r"Op .* has no registered schema",
+        # the converter's own words differ by onnx release ("Op ... has no registered schema" in 1.23,
+        # "unordered_map::at" in 1.20); the sentence around them is ours
+        match=r"qdq needs opset >= 13 .* cannot upgrade this model from opset 11: \S",
     ) as err:
         QdqPass().run(Model(model), PassContext(calibration=_calib(op_zoo(opset=11))))
     assert "\n" not in str(err.value)
