@@ -3,7 +3,7 @@
 Public API (stable; ``sensitivity`` and ``compare`` build on it):
 
 - ``collect_stats(model, layers, data, mask_input=None, progress=False) -> dict[str, GramStats]``: one ONNX
-  Runtime pass over ``data`` (anything ``calibration.open_calibration`` accepts: .npz, folder, dicts,
+  Runtime pass over ``data`` (anything ``calibration_data.open_calibration`` accepts: .npz, folder, dicts,
   readers) for all ``layers`` (``find_layers`` entries) of the model as it is; keyed by layer node name.
 - ``prune_layer(model, layer, stats, method, n, m, *, block_size=128, damp=0.01, prefer=None,
   bias_correction=False, refit_iters=0) -> LayerOutcome``: prune that layer's stored weight in place

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.calibration import CalibrationData, _first_line, open_calibration
+from onnxsparse.calibration import _first_line
+from onnxsparse.calibration_data import CalibrationData, open_calibration
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.calibration import open_calibration
+from onnxsparse.calibration_data import open_calibration
 from onnxsparse.graph import node_reads
 from onnxsparse.layers import Layer
 from onnxsparse.model_io import Model
