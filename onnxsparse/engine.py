@@ -1,4 +1,4 @@
-"""TensorRT engine building for 2:4-sparse models, its trtexec equivalent, and the builder's sparsity log.
+"""TensorRT engine building for 2:4-sparse models: profiles, the precision plan, and the builder itself.
 
 TensorRT is imported lazily (``import_tensorrt``) so that everything else in onnxsparse works without it;
 where it is missing the ``build`` command prints the equivalent ``trtexec`` command instead. The API calls
@@ -17,6 +17,9 @@ so the ``(Sparsity)`` lines can be reported. The engine file is written atomical
 None of this has run against a real TensorRT: it cannot be installed on the machines this was written on.
 The API path is exercised against a mock ``tensorrt`` module in the tests, the log parser against log lines
 quoted in TensorRT's issue tracker, and the trtexec commands are checked flag by flag, not run.
+
+The trtexec equivalent lives in ``onnxsparse.trtexec`` and the ``(Sparsity)`` log parser in
+``onnxsparse.trt_log``; their names are re-exported here for older imports.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shlex
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -35,10 +37,18 @@ from typing import Any
 
 import onnx
 
-from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import iter_nodes
 from onnxsparse.model_io import Model
+from onnxsparse.trt_log import SparsityReport as SparsityReport
+from onnxsparse.trt_log import parse_sparsity_log as parse_sparsity_log
+from onnxsparse.trtexec import _dims
+from onnxsparse.trtexec import fp16_model_path as fp16_model_path
+from onnxsparse.trtexec import render_steps as render_steps
+from onnxsparse.trtexec import trtexec_command as trtexec_command
+from onnxsparse.trtexec import trtexec_script as trtexec_script
+from onnxsparse.trtexec import trtexec_steps as trtexec_steps
+from onnxsparse.trtexec import write_script as write_script
 
 log = logging.getLogger("onnxsparse.engine")
 
@@ -168,10 +178,6 @@ def resolve_profiles(
     return profiles
 
 
-def _dims(shape: Iterable[int]) -> str:
-    return "x".join(str(int(d)) for d in shape)
-
-
 @dataclass
 class BuildOptions:
     """What to build: precision, profile shapes, workspace limit (bytes), timing cache file."""
@@ -241,152 +247,6 @@ def make_plan(proto: onnx.ModelProto, precision: str, major: int) -> BuildPlan:
     elif precision == "int8":
         notes.append("TensorRT 11: the Q/DQ model is parsed as it is; layers without Q/DQ run in float32")
     return BuildPlan(major, precision, ["SPARSE_WEIGHTS"], strongly_typed=True, to_fp16=to_fp16, notes=notes)
-
-
-# ---------------------------------------------------------------------------------------------- trtexec
-
-
-def fp16_model_path(engine_path: Path) -> Path:
-    """Where the trtexec script for TensorRT 11 writes the float16 model: beside the engine."""
-    return engine_path.with_name(engine_path.stem + ".fp16.onnx")
-
-
-def trtexec_command(
-    onnx_path: Path | str, engine_path: Path | str, plan: BuildPlan, options: BuildOptions
-) -> list[str]:
-    """The trtexec argument list equivalent to a build with ``plan`` and ``options``."""
-    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--sparsity=enable"]
-    if plan.trt_major == 10:
-        cmd += {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"], "best": ["--best"]}[plan.precision]
-    else:
-        cmd.append("--stronglyTyped")  # always on in 11 (a no-op there); says how the file is read
-    if options.profiles:
-        for flag, attr in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
-            value = ",".join(f"{name}:{_dims(getattr(p, attr))}" for name, p in options.profiles.items())
-            cmd.append(f"{flag}={value}")
-    if options.workspace:
-        mib = -(-options.workspace // 2**20)  # round up to whole MiB
-        cmd.append(f"--memPoolSize=workspace:{mib}M")
-    if options.timing_cache is not None:
-        cmd.append(f"--timingCacheFile={options.timing_cache}")
-    return cmd
-
-
-def trtexec_steps(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions) -> list[list[str]]:
-    """Commands to run in order: for TensorRT 11 fp16/best, first make the float16 model with onnxsparse."""
-    steps: list[list[str]] = []
-    onnx_path = model_path
-    if plan.to_fp16:
-        onnx_path = fp16_model_path(engine_path)
-        steps.append(["onnxsparse", "run", str(model_path), "-p", "to-fp16", "-o", str(onnx_path)])
-    steps.append(trtexec_command(onnx_path, engine_path, plan, options))
-    return steps
-
-
-def render_steps(steps: list[list[str]]) -> str:
-    """Shell text for the steps, one command per line (long trtexec lines folded with backslashes)."""
-    lines = []
-    for step in steps:
-        quoted = [shlex.quote(a) for a in step]
-        if step[0] == "trtexec" and len(quoted) > 3:
-            lines.append(" \\\n    ".join(quoted))
-        else:
-            lines.append(" ".join(quoted))
-    return "\n".join(lines)
-
-
-def trtexec_script(model_path: Path, engine_path: Path, plan: BuildPlan, options: BuildOptions) -> str:
-    """An executable bash script with the trtexec build; its log is kept beside the engine."""
-    log_path = engine_path.with_name(engine_path.name + ".build.log")
-    steps = trtexec_steps(model_path, engine_path, plan, options)
-    body = render_steps(steps[:-1])
-    trtexec = render_steps(steps[-1:])
-    notes = "".join(f"# note: {n}\n" for n in plan.notes)
-    return (
-        "#!/usr/bin/env bash\n"
-        f"# Written by onnxsparse {__version__} `build`: the trtexec equivalent for TensorRT {plan.trt_major}.\n"
-        "# onnxsparse did not run it. The (Sparsity) lines of the log say which layers TensorRT found eligible\n"
-        "# for sparse tactics and which it chose (add --verbose if your TensorRT logs them only there).\n"
-        f"{notes}"
-        "set -euo pipefail\n"
-        + (body + "\n" if body else "")
-        + f"{trtexec} \\\n    2>&1 | tee {shlex.quote(str(log_path))}\n"
-        + f"grep -F '(Sparsity)' {shlex.quote(str(log_path))} || echo 'no (Sparsity) lines in the log'\n"
-    )
-
-
-def write_script(path: Path, text: str) -> None:
-    """Write ``text`` atomically and make it executable (errors name ``path``, never the temporary file)."""
-    from onnxsparse.paths import write_text
-
-    write_text(path, text, flag="--trtexec-script", executable=True)
-
-
-# ---------------------------------------------------------------------------------------------- builder log
-
-_FOUND = re.compile(r"\(Sparsity\) Found (\d+) layer\(s\) eligible to use sparse tactics:?\s*(.*)$")
-_CHOSE = re.compile(r"\(Sparsity\) Chose (\d+) layer\(s\) using sparse tactics:?\s*(.*)$")
-# TensorRT 8.x wording
-_ELIGIBLE_OLD = re.compile(r"\(Sparsity\) Layers eligible for sparse math:\s*(.*)$")
-_PICKED_OLD = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:\s*(.*)$")
-
-
-@dataclass
-class SparsityReport:
-    """What the builder's log says about sparse tactics (None: the log had no such line)."""
-
-    eligible: int | None = None
-    chosen: int | None = None
-    eligible_layers: list[str] = field(default_factory=list)
-    chosen_layers: list[str] = field(default_factory=list)
-
-    @property
-    def seen(self) -> bool:
-        return self.eligible is not None or self.chosen is not None
-
-    @property
-    def dense_layers(self) -> list[str]:
-        """Eligible layers TensorRT left dense (a dense kernel was faster)."""
-        chosen = set(self.chosen_layers)
-        return [n for n in self.eligible_layers if n not in chosen]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "eligible": self.eligible,
-            "chosen": self.chosen,
-            "eligible_layers": self.eligible_layers,
-            "chosen_layers": self.chosen_layers,
-            "eligible_left_dense": self.dense_layers,
-        }
-
-
-def _names(text: str) -> list[str]:
-    """Layer names from ``a, b + c, d`` (fused layers keep their ``+``)."""
-    return [n.strip() for n in text.strip().rstrip(".").split(", ") if n.strip()]
-
-
-def parse_sparsity_log(lines: Iterable[str]) -> SparsityReport:
-    """Read the ``(Sparsity)`` lines of a TensorRT builder log (Python logger messages or trtexec output).
-
-    Counts from "Found N layer(s)"/"Chose M layer(s)" are kept as written; where a log repeats them (one
-    per optimization pass) the last one wins, like the engine that comes out of the build.
-    """
-    report = SparsityReport()
-    for raw in lines:
-        for line in str(raw).splitlines():
-            if "(Sparsity)" not in line:
-                continue
-            if m := _FOUND.search(line):
-                report.eligible, report.eligible_layers = int(m.group(1)), _names(m.group(2))
-            elif m := _CHOSE.search(line):
-                report.chosen, report.chosen_layers = int(m.group(1)), _names(m.group(2))
-            elif m := _ELIGIBLE_OLD.search(line):
-                report.eligible_layers = _names(m.group(1))
-                report.eligible = len(report.eligible_layers)
-            elif m := _PICKED_OLD.search(line):
-                report.chosen_layers = _names(m.group(1))
-                report.chosen = len(report.chosen_layers)
-    return report
 
 
 # ---------------------------------------------------------------------------------------------- building

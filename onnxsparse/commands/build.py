@@ -98,19 +98,17 @@ def command(
         BuildOptions,
         TensorRTMissing,
         build_engine,
-        fp16_model_path,
         import_tensorrt,
         make_plan,
         parse_size,
         resolve_profiles,
         trt_major,
-        trtexec_script,
         two_four_layers,
-        write_script,
     )
     from onnxsparse.model_io import load_model
     from onnxsparse.paths import check_outputs, data_file
     from onnxsparse.shapes import parse_shapes
+    from onnxsparse.trtexec import fp16_model_path, trtexec_script, write_script
 
     m = load_model(model)
     model_path = Path(model).resolve()
@@ -172,8 +170,9 @@ def _without_tensorrt(
     m: Model,
     reason: str,
 ) -> None:
-    from onnxsparse.engine import render_steps, trtexec_script, trtexec_steps, two_four_layers, write_script
+    from onnxsparse.engine import two_four_layers
     from onnxsparse.render import write_json
+    from onnxsparse.trtexec import render_steps, trtexec_script, trtexec_steps, write_script
 
     steps = trtexec_steps(model_path, engine_path, plan, options)
     if script is not None:
