@@ -13,25 +13,26 @@ Weights are stored as int8 next to a DequantizeLinear, so ``find_layers`` still 
 DequantizeLinear is part of a layer's weight chain) and pruned zeros stay exactly 0 (round(0/s) = 0).
 Per-axis Q/DQ needs opset 13 (float16 scales 19): the model is upgraded with onnx's version converter.
 Layers inside subgraphs (If/Loop/Scan bodies) are out of scope and reported as skipped.
+
+Where Q/DQ goes (the placement plan) is computed in ``onnxsparse.qdq_plan``; this module calibrates and rewrites.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from onnxsparse import calibration
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import NameGen, toposort
-from onnxsparse.layers import Layer, Source, check_regex, find_layers, select_reason
+from onnxsparse.layers import check_regex
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.qdq_plan import QdqPlan, plan_qdq
 from onnxsparse.tensors import external_info, set_array, to_array
 
 log = logging.getLogger("onnxsparse.passes.qdq")
@@ -41,20 +42,6 @@ _FLOAT_TYPES: dict[int, Any] = {
     TensorProto.FLOAT16: np.float16,
     TensorProto.DOUBLE: np.float64,
 }
-#: ops a layer's output passes through before TensorRT's epilogue ends (a single consumer each)
-_EPILOGUE_OPS = (
-    "Relu",
-    "Clip",
-    "LeakyRelu",
-    "Sigmoid",
-    "Tanh",
-    "HardSigmoid",
-    "HardSwish",
-    "BatchNormalization",
-    "Identity",
-)
-#: ops between a layer and a residual Add that still leave the Add fusable into the layer
-_BRANCH_OPS = ("BatchNormalization", "Identity")
 
 
 @dataclass(frozen=True)
@@ -83,30 +70,6 @@ class QdqConfig(PassConfig):
         check_regex("qdq", "exclude", self.exclude)
 
 
-@dataclass
-class _WeightPlan:
-    source: Source
-    readers: list[tuple[NodeProto, int]] = field(default_factory=list)
-    axes: set[int | None] = field(default_factory=set)
-    layers: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Plan:
-    """What gets Q/DQ: weights by stored tensor, activations by tensor name with the inputs to rewire."""
-
-    layers: list[Layer] = field(default_factory=list)
-    #: MatMuls whose two inputs are activations (with ``activation-matmuls``)
-    bmm: list[Layer] = field(default_factory=list)
-    weights: dict[str, _WeightPlan] = field(default_factory=dict)
-    #: tensor → (node, input index) pairs to rewire; None = every consumer in the main graph
-    acts: dict[str, list[tuple[NodeProto, int]] | None] = field(default_factory=dict)
-    residual: list[dict[str, str]] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    half: bool = False  # some weight is float16: scales in that type need opset 19
-
-
 class QdqPass(Pass[QdqConfig]):
     """Insert TensorRT-style int8 Q/DQ with streaming percentile calibration."""
 
@@ -123,19 +86,19 @@ class QdqPass(Pass[QdqConfig]):
             raise OnnxSparseError("qdq needs calibration data: pass --calib DATA (.npz or a folder of .npy/.npz)")
         report = PassReport()
         opset_before = model.opset
-        plan = self._plan(model.proto)
+        plan = plan_qdq(model.proto, cfg)
         if not plan.layers and not plan.bmm:
             for what, why in plan.skipped:
                 report.skip(what, why)
             report.details["note"] = "no layer to quantize"
             return PassResult(model, False, report)
         _upgrade(model, 19 if plan.half else 13, "float16 Q/DQ" if plan.half else "per-axis Q/DQ")
-        plan = self._plan(model.proto) if model.opset != opset_before else plan
+        plan = plan_qdq(model.proto, cfg) if model.opset != opset_before else plan
         data = calibration.open_calibration(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
         result = calibration.collect(model, list(plan.acts), data, cfg.method, cfg.percentile, ctx.progress)
         if any(d != np.float32 for d in result.dtypes.values()) and model.opset < 19:
             _upgrade(model, 19, "float16 Q/DQ")
-            plan = self._plan(model.proto)
+            plan = plan_qdq(model.proto, cfg)
         self._apply(model, plan, result, report)
         for what, why in plan.skipped:
             report.skip(what, why)
@@ -174,149 +137,9 @@ class QdqPass(Pass[QdqConfig]):
         lines.extend(grouped_reasons(rep.skipped))
         return "\n".join(lines) or None
 
-    # ------------------------------------------------------------------------------------------ planning
-
-    def _selected(self, layer: Layer) -> str | None:
-        """Why the include/exclude options leave this layer out (None = selected)."""
-        return select_reason(layer, self.config.include, self.config.exclude)
-
-    def _plan(self, proto: onnx.ModelProto) -> _Plan:
-        plan = _Plan()
-        graph = proto.graph
-        producers = {o: n for n in graph.node for o in n.output if o}
-        constants = {t.name for t in graph.initializer} - {i.name for i in graph.input}
-        constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
-        acts: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
-        for layer in find_layers(proto):
-            if self._activation_matmul(layer, graph, constants):
-                plan.bmm.append(layer)
-                for index in (0, 1):
-                    prod = producers.get(layer.node.input[index])
-                    if prod is None or prod.op_type != "DequantizeLinear":
-                        acts[layer.node.input[index]].append((layer.node, index))
-                continue
-            why = self._layer_skip_reason(layer, graph, producers, constants) or self._selected(layer)
-            if why:
-                plan.skipped.append((layer.name, why))
-                continue
-            assert layer.source is not None
-            plan.layers.append(layer)
-            act = layer.node.input[0]
-            prod = producers.get(act)
-            if prod is None or prod.op_type != "DequantizeLinear":
-                acts[act].append((layer.node, 0))
-            reader, index = (layer.chain[-1], 0) if layer.chain else (layer.node, layer.weight_input)
-            wp = plan.weights.setdefault(layer.source.name, _WeightPlan(layer.source))
-            if (reader, index) not in wp.readers:
-                wp.readers.append((reader, index))
-            wp.axes.add(layer.source_channel_axis if self.config.per_channel else None)
-            wp.layers.append(layer.name)
-            if layer.source.tensor.data_type == TensorProto.FLOAT16:
-                plan.half = True
-        plan.acts = dict(acts)
-        layer_nodes = {id(layer.node) for layer in plan.layers}
-        if self.config.skip_residual and plan.layers:
-            self._plan_residual(graph, plan, producers, constants, layer_nodes)
-        if self.config.quantize_outputs:
-            self._plan_outputs(graph, plan, producers, constants)
-        return plan
-
-    def _activation_matmul(self, layer: Layer, graph: GraphProto, constants: set[str]) -> bool:
-        """A main-graph MatMul of two activations, selected, and ``activation-matmuls`` is on."""
-        return (
-            self.config.activation_matmuls
-            and layer.op_type == "MatMul"
-            and layer.graph is graph
-            and layer.source is None
-            and not any(i in constants for i in layer.node.input[:2])
-            and self._selected(layer) is None
-        )
-
-    @staticmethod
-    def _layer_skip_reason(
-        layer: Layer, graph: GraphProto, producers: dict[str, NodeProto], constants: set[str]
-    ) -> str | None:
-        if layer.graph is not graph:
-            return f"inside subgraph {layer.graph_path} (Q/DQ covers the main graph only)"
-        if layer.dequantized:
-            return "weight already arrives through DequantizeLinear"
-        if layer.source is None:
-            return layer.reason or "weight is not a constant"
-        dtype = layer.source.tensor.data_type
-        if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            name = onnx.helper.tensor_dtype_to_string(dtype).removeprefix("TensorProto.").lower()
-            return f"weight '{layer.source.name}' is {name}: Q/DQ here handles float32 and float16 weights"
-        if layer.node.input[0] in constants:
-            return "activation input is a constant"
-        if layer.source.graph is not None and layer.source.graph is not graph:
-            return "weight lives in another graph"
-        return None
-
-    def _plan_residual(
-        self,
-        graph: GraphProto,
-        plan: _Plan,
-        producers: dict[str, NodeProto],
-        constants: set[str],
-        layer_nodes: set[int],
-    ) -> None:
-        """For each Add fed by a quantized layer's output, Q/DQ its other (skip) input.
-
-        When both inputs come from quantized layers (a downsampling shortcut), the skip is the shallower one:
-        the input with fewer ops since the graph inputs, i.e. the shortcut, as NVIDIA's quantized ResNet does.
-        """
-        depth = _depths(graph)
-        for node in graph.node:
-            if node.op_type != "Add" or len(node.input) != 2 or node.input[0] == node.input[1]:
-                continue
-            if any(i in constants for i in node.input):
-                continue
-            from_layer = [_from_layer(i, producers, constants, layer_nodes) for i in node.input]
-            if not any(from_layer):
-                continue
-            if all(from_layer):
-                skip_index = 0 if depth.get(node.input[0], 0) <= depth.get(node.input[1], 0) else 1
-            else:
-                skip_index = 0 if not from_layer[0] else 1
-            skip = node.input[skip_index]
-            prod = producers.get(skip)
-            if prod is not None and prod.op_type == "DequantizeLinear":
-                continue
-            plan.acts.setdefault(skip, [])
-            readers = plan.acts[skip]
-            if readers is not None:
-                readers.append((node, skip_index))
-            plan.residual.append({"add": node.name or node.output[0], "skip_input": skip})
-
-    def _plan_outputs(
-        self, graph: GraphProto, plan: _Plan, producers: dict[str, NodeProto], constants: set[str]
-    ) -> None:
-        """Q/DQ every consumer of each layer's output, after its single-consumer pointwise epilogue."""
-        readers: dict[str, list[NodeProto]] = defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                readers[i].append(n)
-        outputs = {o.name for o in graph.output}
-        skips = {r["skip_input"] for r in plan.residual}
-        for layer in plan.layers:
-            t = layer.node.output[0]
-            while t not in outputs and len(readers[t]) == 1:
-                nxt = readers[t][0]
-                others = [i for i in nxt.input if i != t]
-                bias = nxt.op_type in ("Add", "Sub", "Mul", "Div") and all(o in constants for o in others)
-                residual = nxt.op_type == "Add" and len(others) == 1 and others[0] in skips
-                if nxt.op_type in _EPILOGUE_OPS or bias or residual:
-                    t = nxt.output[0]
-                    continue
-                break
-            if t in plan.acts and plan.acts[t] is None:
-                continue
-            plan.acts[t] = None
-            plan.outputs.append(t)
-
     # ------------------------------------------------------------------------------------------ rewriting
 
-    def _apply(self, model: Model, plan: _Plan, result: calibration.CalibrationResult, report: PassReport) -> None:
+    def _apply(self, model: Model, plan: QdqPlan, result: calibration.CalibrationResult, report: PassReport) -> None:
         graph = model.proto.graph
         names = NameGen(graph)
         layer_acts = {id(layer.node): layer.node.input[0] for layer in [*plan.layers, *plan.bmm]}
@@ -477,36 +300,6 @@ def _np_type(data_type: int) -> Any:
     if data_type in _FLOAT_TYPES:
         return _FLOAT_TYPES[data_type]
     return np.float32
-
-
-def _from_layer(name: str, producers: dict[str, NodeProto], constants: set[str], layer_nodes: set[int]) -> bool:
-    """Whether ``name`` is a quantized layer's output, possibly after its bias Add / BatchNormalization."""
-    node = producers.get(name)
-    for _ in range(8):
-        if node is None:
-            return False
-        if id(node) in layer_nodes:
-            return True
-        if node.op_type in _BRANCH_OPS:
-            node = producers.get(node.input[0])
-            continue
-        if node.op_type == "Add" and len(node.input) == 2:
-            inner = [i for i in node.input if i not in constants]
-            if len(inner) == 1:
-                node = producers.get(inner[0])
-                continue
-        return False
-    return False
-
-
-def _depths(graph: GraphProto) -> dict[str, int]:
-    """Longest path (in nodes) from any graph input to each tensor; the graph is assumed topologically sorted."""
-    depth: dict[str, int] = {}
-    for node in graph.node:
-        d = 1 + max((depth.get(i, 0) for i in node.input if i), default=0)
-        for o in node.output:
-            depth[o] = d
-    return depth
 
 
 def _upgrade(model: Model, target: int, why: str) -> None:
