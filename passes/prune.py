@@ -24,9 +24,6 @@ Masks (True = may be non-zero) go to ``ctx.artifacts["masks"]`` for the fine-tun
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,21 +36,27 @@ from onnxsparse.layers import WEIGHTED_OPS, Layer, check_regex, find_layers, sel
 from onnxsparse.model_io import Model
 from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.pruning import METHODS, LayerOutcome
-from onnxsparse.pruning.layout import problems
 from onnxsparse.pruning.plan import Plan, check_plan, read_plan
 from onnxsparse.pruning.runner import Item, RunReport, data_source, prune_calibrated
+from onnxsparse.pruning.targets import (
+    Target,
+    calibration_note,
+    foreign_reader,
+    group_targets,
+    magnitude_nm,
+    weight_readers,
+    write_masks,
+)
+from onnxsparse.pruning.targets import load_masks as load_masks  # re-exported: tests and older imports
 from onnxsparse.render import grouped_reasons
 from onnxsparse.sparsity import (
     StoredWeight,
     check_finite,
     constants_by_name,
     count_violations,
-    nm_keep,
     parse_pattern,
     stored_weight,
 )
-from onnxsparse.stream import prune_tensor, streamable
-from onnxsparse.tensors import set_array
 
 log = logging.getLogger("onnxsparse.passes.prune")
 
@@ -67,35 +70,60 @@ PROGRESSIVE = PRESETS["progressive"]
 class PruneConfig(PassConfig):
     """Options of the ``prune`` pass."""
 
-    pattern: str = option("2:4", "n:m: keep at most n non-zeros in every group of m along the reduction axis "
-                          "(any 1 <= n < m; 3:4 is the first step of progressive sparsity).")
+    pattern: str = option(
+        "2:4",
+        "n:m: keep at most n non-zeros in every group of m along the reduction axis "
+        "(any 1 <= n < m; 3:4 is the first step of progressive sparsity).",
+    )
     include: str | None = option(None, "Only prune layers whose node or weight name matches this regex.")
     exclude: str | None = option(None, "Never prune layers whose node or weight name matches this regex.")
     op_types: tuple[str, ...] = option(WEIGHTED_OPS, "Op types to prune (Conv, ConvTranspose, Gemm, MatMul).")
     min_params: int = option(0, "Skip weights with fewer elements than this.")
-    min_channels: int = option(0, "Skip layers with fewer input (per group) or output channels than this "
-                               "(TensorRT rarely picks sparse kernels for small layers).")
-    masks: str | None = option(None, "Also write the masks to this .npz (keys: initializer names; bool arrays "
-                               "shaped like the stored tensor; True = kept).", output=True)
-    method: str | None = option(None, "magnitude | wanda | sparsegpt (default: the plan's method, else "
-                                "magnitude). wanda and sparsegpt need calibration data (--calib).")
+    min_channels: int = option(
+        0,
+        "Skip layers with fewer input (per group) or output channels than this "
+        "(TensorRT rarely picks sparse kernels for small layers).",
+    )
+    masks: str | None = option(
+        None,
+        "Also write the masks to this .npz (keys: initializer names; bool arrays "
+        "shaped like the stored tensor; True = kept).",
+        output=True,
+    )
+    method: str | None = option(
+        None,
+        "magnitude | wanda | sparsegpt (default: the plan's method, else "
+        "magnitude). wanda and sparsegpt need calibration data (--calib).",
+    )
     block_size: int = option(128, "sparsegpt: columns per lazy update block")
     damp: float = option(0.01, "sparsegpt: damping added to diag(H), as a fraction of its mean")
-    sequential: bool | None = option(None, "take each layer's statistics from the model with the layers before it "
-                                     "already pruned (default: true for sparsegpt, false for wanda)")
-    mask_input: str | None = option(None, "model input holding the attention mask: padded tokens (mask 0) are "
-                                    "left out of the statistics")
+    sequential: bool | None = option(
+        None,
+        "take each layer's statistics from the model with the layers before it "
+        "already pruned (default: true for sparsegpt, false for wanda)",
+    )
+    mask_input: str | None = option(
+        None, "model input holding the attention mask: padded tokens (mask 0) are left out of the statistics"
+    )
     max_k: int = option(8192, "layers with a larger reduction size K use wanda (H would take K^2*8 bytes)")
     bias_correction: bool = option(True, "re-fit each calibrated layer's bias so its mean output stays the same")
-    refit: int = option(20, "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
-                        "with the mask fixed (0 = off)")
-    dense_target: bool = option(True, "sparsegpt, sequential: fit each layer to the dense model's output (its "
-                                "statistics pair the pruned and the dense model's inputs; one more ORT run per "
-                                "batch)")
-    target_damp: float = option(0.1, "dense-target: ridge weight (fraction of mean diag H) pulling the fitted "
-                                "dense target towards the layer's own weight")
-    plan: str | None = option(None, "prune exactly the layers named in this plan JSON (from 'sensitivity')",
-                              input=True)
+    refit: int = option(
+        20,
+        "sparsegpt: conjugate-gradient steps of the least-squares re-fit of the kept weights "
+        "with the mask fixed (0 = off)",
+    )
+    dense_target: bool = option(
+        True,
+        "sparsegpt, sequential: fit each layer to the dense model's output (its "
+        "statistics pair the pruned and the dense model's inputs; one more ORT run per "
+        "batch)",
+    )
+    target_damp: float = option(
+        0.1,
+        "dense-target: ridge weight (fraction of mean diag H) pulling the fitted "
+        "dense target towards the layer's own weight",
+    )
+    plan: str | None = option(None, "prune exactly the layers named in this plan JSON (from 'sensitivity')", input=True)
     batch_size: int | None = option(None, "calibration batch size (default: the model's fixed batch, or as stored)")
 
     def __post_init__(self) -> None:
@@ -113,14 +141,6 @@ class PruneConfig(PassConfig):
             raise OnnxSparseError(f"prune: unknown op type(s) {', '.join(unknown)} (known: {', '.join(WEIGHTED_OPS)})")
         if self.min_params < 0 or self.min_channels < 0:
             raise OnnxSparseError("prune: min-params and min-channels must be >= 0")
-
-
-@dataclass
-class _Target:
-    """One stored tensor and the layers that read it (several when a weight is shared)."""
-
-    key: tuple[int, str]
-    layers: list[Layer]
 
 
 class PrunePass(Pass[PruneConfig]):
@@ -143,21 +163,23 @@ class PrunePass(Pass[PruneConfig]):
         plan = read_plan(cfg.plan, cfg.pattern) if cfg.plan else None
         method = cfg.method or (plan.method if plan else None) or "magnitude"
         if method != "magnitude" and ctx.calibration is None:
-            raise OnnxSparseError(f"prune: method={method} needs calibration data: pass --calib DATA "
-                                  "(.npz or a folder of .npy/.npz, as for qdq)")
+            raise OnnxSparseError(
+                f"prune: method={method} needs calibration data: pass --calib DATA "
+                "(.npz or a folder of .npy/.npz, as for qdq)"
+            )
         report = PassReport()
         layers = _find_layers(model.proto, ctx)
         if plan is not None:
             check_plan(plan, {layer.name for layer in layers}, cfg.plan or "")
         consts = constants_by_name(model.proto)
-        readers = _readers(model.proto)
+        readers = weight_readers(model.proto)
         prior: dict[str, np.ndarray] = ctx.artifacts.get("masks") or {}
         masks: dict[str, np.ndarray] = {}
         modified = False
         zeroed = total = 0
         already: list[str] = []
         calibrated: list[tuple[Item, StoredWeight, int, int]] = []
-        targets = _targets(layers, report)
+        targets = group_targets(layers, report)
         for target in _progress(targets, ctx.progress):
             why = self._skip_reason(target, m, readers, plan)
             if why is None:
@@ -165,8 +187,10 @@ class PrunePass(Pass[PruneConfig]):
                 if isinstance(sw, str):
                     why = sw
             if why is None and method != "magnitude" and target.layers[0].graph_path != "main":
-                why = (f"inside a subgraph ({target.layers[0].graph_path}): {method} needs its input statistics, "
-                       "which cannot be collected there; prune it with method=magnitude")
+                why = (
+                    f"inside a subgraph ({target.layers[0].graph_path}): {method} needs its input statistics, "
+                    "which cannot be collected there; prune it with method=magnitude"
+                )
             if why is not None:
                 for layer in target.layers:  # a layer's own reason (e.g. shared-axis conflict) says it best
                     report.skip(layer.name, layer.reason or why, op=layer.op_type, weight=layer.weight_name)
@@ -175,7 +199,7 @@ class PrunePass(Pass[PruneConfig]):
             old = prior.get(sw.name)
             if old is not None and old.shape != sw.values.shape:
                 old = None
-            note = _calibration_note(target, method) if method != "magnitude" else "magnitude"
+            note = calibration_note(target, method) if method != "magnitude" else "magnitude"
             if note is None:
                 check_finite(sw)
                 nonzero = sw.nonzero()
@@ -185,12 +209,13 @@ class PrunePass(Pass[PruneConfig]):
                     masks[sw.name] = np.ascontiguousarray(nonzero)
                     already.append(sw.name)
                     continue
-                calibrated.append((Item(target.layers[0], method, None if old is None else old & nonzero), sw, bad,
-                                   groups))
+                calibrated.append(
+                    (Item(target.layers[0], method, None if old is None else old & nonzero), sw, bad, groups)
+                )
                 continue
             if note != "magnitude":
                 report.details.setdefault("fallbacks", {})[target.layers[0].name] = note
-            bad, groups, mask, nz_before, nz_after = _magnitude(sw, model, n, m, old)
+            bad, groups, mask, nz_before, nz_after = magnitude_nm(sw, model, n, m, old)
             total += sw.values.size
             masks[sw.name] = mask
             if bad == 0:
@@ -206,34 +231,76 @@ class PrunePass(Pass[PruneConfig]):
                 modified = True
                 masks[sw.name] = outcome.mask
                 zeroed += outcome.nonzero_before - outcome.nonzero_after
-                self._changed(report, [item.layer], sw, bad, groups, outcome.nonzero_before, outcome.nonzero_after,
-                              outcome.method, error=round(outcome.error, 6), bias_corrected=outcome.bias,
-                              notes=outcome.notes)
+                self._changed(
+                    report,
+                    [item.layer],
+                    sw,
+                    bad,
+                    groups,
+                    outcome.nonzero_before,
+                    outcome.nonzero_after,
+                    outcome.method,
+                    error=round(outcome.error, 6),
+                    bias_corrected=outcome.bias,
+                    notes=outcome.notes,
+                )
             report.details["calibration"] = run.to_dict()
         ctx.artifacts.setdefault("masks", {}).update(masks)
-        report.details.update(pattern=f"{n}:{m}", method=method, pruned=len(report.changed), already_sparse=already,
-                              params_in_pruned_layers=total, params_zeroed=zeroed)
+        report.details.update(
+            pattern=f"{n}:{m}",
+            method=method,
+            pruned=len(report.changed),
+            already_sparse=already,
+            params_in_pruned_layers=total,
+            params_zeroed=zeroed,
+        )
         if cfg.masks:
-            _write_masks(Path(cfg.masks), masks)
+            write_masks(Path(cfg.masks), masks)
             report.details["masks"] = cfg.masks
-        log.info("prune %s (%s): %d tensors pruned, %d already sparse, %d skipped", cfg.pattern, method,
-                 len(report.changed), len(already), len(report.skipped))
+        log.info(
+            "prune %s (%s): %d tensors pruned, %d already sparse, %d skipped",
+            cfg.pattern,
+            method,
+            len(report.changed),
+            len(already),
+            len(report.skipped),
+        )
         return PassResult(model, modified, report)
 
-    def _calibrated(self, model: Model, ctx: PassContext, items: list[Item], method: str, n: int, m: int
-                    ) -> RunReport:
+    def _calibrated(self, model: Model, ctx: PassContext, items: list[Item], method: str, n: int, m: int) -> RunReport:
         cfg = self.config
         sequential = cfg.sequential if cfg.sequential is not None else method == "sparsegpt"
         data = data_source(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
-        return prune_calibrated(model, items, data, n, m, sequential=sequential, mask_input=cfg.mask_input,
-                                max_k=cfg.max_k, block_size=cfg.block_size, damp=cfg.damp,
-                                target_damp=cfg.target_damp,
-                                bias_correction=cfg.bias_correction, refit_iters=cfg.refit,
-                                dense_target=cfg.dense_target and sequential, progress=ctx.progress)
+        return prune_calibrated(
+            model,
+            items,
+            data,
+            n,
+            m,
+            sequential=sequential,
+            mask_input=cfg.mask_input,
+            max_k=cfg.max_k,
+            block_size=cfg.block_size,
+            damp=cfg.damp,
+            target_damp=cfg.target_damp,
+            bias_correction=cfg.bias_correction,
+            refit_iters=cfg.refit,
+            dense_target=cfg.dense_target and sequential,
+            progress=ctx.progress,
+        )
 
     @staticmethod
-    def _changed(report: PassReport, layers: list[Layer], sw: StoredWeight, bad: int, groups: int, nz_before: int,
-                 nz_after: int, method: str, **extra: object) -> None:
+    def _changed(
+        report: PassReport,
+        layers: list[Layer],
+        sw: StoredWeight,
+        bad: int,
+        groups: int,
+        nz_before: int,
+        nz_after: int,
+        method: str,
+        **extra: object,
+    ) -> None:
         report.change(
             sw.name,
             layers=[layer.name for layer in layers],
@@ -252,17 +319,20 @@ class PrunePass(Pass[PruneConfig]):
     def render(self, result: PassResult) -> str | None:
         """One line of totals, then the skipped layers grouped by reason."""
         d = result.report.details
-        lines = [f"  {d.get('pruned', 0)} tensor(s) pruned to {d.get('pattern')}: {d.get('params_zeroed', 0):,} of "
-                 f"{d.get('params_in_pruned_layers', 0):,} weights zeroed; "
-                 f"{len(d.get('already_sparse') or [])} already {d.get('pattern')}"]
+        lines = [
+            f"  {d.get('pruned', 0)} tensor(s) pruned to {d.get('pattern')}: {d.get('params_zeroed', 0):,} of "
+            f"{d.get('params_in_pruned_layers', 0):,} weights zeroed; "
+            f"{len(d.get('already_sparse') or [])} already {d.get('pattern')}"
+        ]
         cal = d.get("calibration")
         if cal:
             errors = [c["error"] for c in result.report.changed if c.get("error") is not None]
             mean = f"; mean layer output error {sum(errors) / len(errors):.4f}" if errors else ""
-            lines.append(f"  {d.get('method')}: {cal['stages']} stage(s), {cal['ort_passes']} ORT pass(es) over "
-                         f"{cal['rows']:,} rows, statistics {cal['stats_seconds']:.1f}s + solve "
-                         f"{cal['solve_seconds']:.1f}s, largest statistics {cal['stats_bytes_max'] / 2**20:.1f} MiB"
-                         + mean)
+            lines.append(
+                f"  {d.get('method')}: {cal['stages']} stage(s), {cal['ort_passes']} ORT pass(es) over "
+                f"{cal['rows']:,} rows, statistics {cal['stats_seconds']:.1f}s + solve "
+                f"{cal['solve_seconds']:.1f}s, largest statistics {cal['stats_bytes_max'] / 2**20:.1f} MiB" + mean
+            )
             for layer, why in (cal.get("mask_not_applied") or {}).items():
                 lines.append(f"  {layer}: mask-input not applied ({why}); all its rows count")
             for c in result.report.changed:
@@ -275,8 +345,9 @@ class PrunePass(Pass[PruneConfig]):
             lines.append(f"  masks written to {d['masks']}")
         return "\n".join(lines)
 
-    def _skip_reason(self, target: _Target, m: int, readers: dict[str, list[onnx.NodeProto]],
-                     plan: Plan | None = None) -> str | None:
+    def _skip_reason(
+        self, target: Target, m: int, readers: dict[str, list[onnx.NodeProto]], plan: Plan | None = None
+    ) -> str | None:
         """Why this stored tensor must not be pruned (None: prune it)."""
         cfg = self.config
         for layer in target.layers:
@@ -305,7 +376,7 @@ class PrunePass(Pass[PruneConfig]):
             c_in, c_out = layer.reduction_size or 0, layer.weight_shape[layer.channel_axis]
             if min(c_in, c_out) < cfg.min_channels:
                 return f"channels in/out {c_in}/{c_out} < min-channels {cfg.min_channels}"
-        return _foreign_reader(target, readers)
+        return foreign_reader(target, readers)
 
 
 def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
@@ -318,115 +389,15 @@ def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
     return layers
 
 
-def _magnitude(sw: StoredWeight, model: Model, n: int, m: int, old: np.ndarray | None
-               ) -> tuple[int, int, np.ndarray, int, int]:
-    """Magnitude n:m of one stored tensor: (violating groups before, groups, mask, non-zeros before, after)."""
-    if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
-        # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.stream).
-        st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
-        assert st.mask is not None
-        return st.violations, st.groups, st.mask, st.nonzero_before, st.nonzero_after
-    check_finite(sw)
-    nonzero = sw.nonzero()
-    bad, groups = count_violations(nonzero, sw.axis, n, m)
-    mask = np.ascontiguousarray(nonzero)
-    nz_before = nz_after = int(np.count_nonzero(nonzero))
-    if bad:
-        prefer = nonzero if old is None else nonzero & old
-        keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
-        set_array(sw.tensor, sw.pruned(keep))
-        mask = keep & nonzero
-        nz_after = int(np.count_nonzero(mask))
-    return bad, groups, mask, nz_before, nz_after
-
-
-def _calibration_note(target: _Target, method: str) -> str | None:
-    """Why a layer cannot get ``method`` (it gets magnitude instead); None when it can."""
-    if len(target.layers) > 1:
-        return f"weight shared by {len(target.layers)} layers: magnitude instead of {method}"
-    layer = target.layers[0]
-    why = problems(layer)
-    if isinstance(why, str):
-        return f"{why}: magnitude instead of {method}"
-    return None
-
-
 def _in_order(run: RunReport, items: list[tuple[Item, StoredWeight, int, int]]) -> list[LayerOutcome]:
     """The run's outcomes in the order of ``items`` (stages may reorder them)."""
     by_name = {o.layer: o for o in run.outcomes}
     return [by_name[item.layer.name] for item, *_ in items]
 
 
-def _targets(layers: list[Layer], report: PassReport) -> list[_Target]:
-    """Layers grouped by the stored tensor they read; layers without a constant weight are reported here."""
-    by_key: dict[tuple[int, str], _Target] = {}
-    for layer in layers:
-        if layer.source is None:
-            report.skip(layer.name, layer.reason or "no constant weight", op=layer.op_type, weight=None)
-            continue
-        key = (id(layer.source.graph) if layer.source.node is None else id(layer.source.node), layer.source.name)
-        by_key.setdefault(key, _Target(key, [])).layers.append(layer)
-    return list(by_key.values())
-
-
-def _readers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """Name → nodes reading it (any graph); graph outputs count as a reader with op ``<output>``."""
-    from onnxsparse.graph import iter_graphs
-
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for g in iter_graphs(proto.graph):
-        for node in g.node:
-            for name in node.input:
-                if name:
-                    out[name].append(node)
-        for o in g.output:
-            out[o.name].append(onnx.helper.make_node("Identity", [o.name], [], name=f"graph output {o.name}",
-                                                     domain="<output>"))
-    return out
-
-
-def _foreign_reader(target: _Target, readers: dict[str, list[onnx.NodeProto]]) -> str | None:
-    """A node other than the layers and their weight chains that reads the weight (it would change too)."""
-    ours = {tuple(layer.node.output) for layer in target.layers}
-    ours |= {tuple(n.output) for layer in target.layers for n in layer.chain}
-    names = {target.key[1]} | {o for layer in target.layers for n in layer.chain for o in n.output}
-    for name in sorted(names):
-        for node in readers.get(name, []):
-            if tuple(node.output) not in ours:
-                what = node.name if node.domain == "<output>" else f"{node.op_type} '{node.name or node.output[0]}'"
-                return f"weight '{target.key[1]}' also feeds {what}, which pruning would change"
-    return None
-
-
-def _write_masks(path: Path, masks: dict[str, np.ndarray]) -> None:
-    """Write the masks atomically (no half-written file if anything fails)."""
-    if path.suffix != ".npz":
-        raise OnnxSparseError(f"prune: masks path '{path}' must end in .npz")
-    if not path.parent.exists():
-        raise OnnxSparseError(f"prune: folder of masks path '{path}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **masks)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _progress(items: list[_Target], enabled: bool) -> Iterable[_Target]:
+def _progress(items: list[Target], enabled: bool) -> Iterable[Target]:
     if not enabled or len(items) < 2:
         return items
     from onnxsparse.progress import progress  # a bar on a TTY, a line every 30 s in a log
 
     return progress(items, desc="prune", unit="weight")
-
-
-def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read a masks .npz written by ``prune{masks=PATH}`` (for the fine-tune hook and tests)."""
-    try:
-        with np.load(path) as data:
-            return {k: data[k].astype(bool) for k in data.files}
-    except (OSError, ValueError) as e:
-        raise OnnxSparseError(f"cannot read masks '{path}': {e}") from e
-
