@@ -22,7 +22,6 @@ import pkgutil
 import shutil
 import time
 import types
-import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence

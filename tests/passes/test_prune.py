@@ -30,7 +30,6 @@ POLY_WARNING = pytest.mark.filterwarnings("ignore:overflow encountered in cast:R
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Every initializer and Constant tensor (all graphs) as arrays."""
     out = {}
@@ -60,8 +59,11 @@ def _op_weights(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[st
     outs = run_ort(m, feeds)
     got = dict(zip([o.name for o in m.graph.output], outs, strict=True))
     arrays = _inits(model)
-    return {n.name: (got[n.input[1]] if n.input[1] in got else arrays[n.input[1]])
-            for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    return {
+        n.name: (got[n.input[1]] if n.input[1] in got else arrays[n.input[1]])
+        for n in m.graph.node
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    }
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 17, ir: int = 8) -> onnx.ModelProto:
@@ -80,8 +82,12 @@ def _mlp(w: np.ndarray) -> onnx.ModelProto:
         nodes.append(helper.make_node("Cast", ["W"], ["W_f"], to=F))
         wname = "W_f"
     nodes.append(helper.make_node("MatMul", ["x", wname], ["y"], name="layer"))
-    return _model(nodes, [helper.make_tensor_value_info("x", F, ["b", k])],
-                  [helper.make_tensor_value_info("y", F, ["b", n])], [nh.from_array(w, "W")])
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", k])],
+        [helper.make_tensor_value_info("y", F, ["b", n])],
+        [nh.from_array(w, "W")],
+    )
 
 
 # ------------------------------------------------------------------------------------------ mask function
@@ -229,8 +235,13 @@ def test_prune_mlp_skip_reasons():
     skipped = {s["name"]: s["reason"] for s in result.report.skipped}
     assert "different axis" in skipped["fc3"] and "different axis" in skipped["fc4"]
     assert "computed at run time" in skipped["head"]
-    assert {c["name"] for c in result.report.changed} == {"fc0.weight", "fc1.weight", "fc2.weight", "aux0.weight",
-                                                          "aux1.weight"}
+    assert {c["name"] for c in result.report.changed} == {
+        "fc0.weight",
+        "fc1.weight",
+        "fc2.weight",
+        "aux0.weight",
+        "aux1.weight",
+    }
 
 
 def test_qdq_chains_prune_what_the_layer_sees():
@@ -258,11 +269,18 @@ def test_dq_ranks_by_q_times_scale_and_prunes_to_zero_point():
     q[:, 1] = [-3, 5, 9, -7]
     scale = np.array([0.001, 1.0, 1.0, 0.001], dtype=np.float32)  # per-axis on K (axis 0)
     zp = np.array([0, 0, 0, 0], dtype=np.int8)
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=0),
-             helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", 4])],
-                   [helper.make_tensor_value_info("y", F, ["b", 2])],
-                   [nh.from_array(q, "Wq"), nh.from_array(scale, "s"), nh.from_array(zp, "zp")], opset=19, ir=9)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=0),
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", 4])],
+        [helper.make_tensor_value_info("y", F, ["b", 2])],
+        [nh.from_array(q, "Wq"), nh.from_array(scale, "s"), nh.from_array(zp, "zp")],
+        opset=19,
+        ir=9,
+    )
     pruned, _ = _prune(model)
     got = _inits(pruned)["Wq"]
     # column 0: |q*s| = [0.1, 10, 10, 0.1] → keep rows 1, 2 although |q| is largest in rows 0, 3
@@ -275,11 +293,18 @@ def test_dq_nonzero_zero_point_uint8():
     q = rng.integers(0, 255, (8, 4)).astype(np.uint8)
     zp = np.array([128, 120, 130, 127], dtype=np.uint8)  # per output channel (axis 1)
     scale = np.array([0.1, 0.2, 0.05, 0.3], dtype=np.float32)
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=1),
-             helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", 8])],
-                   [helper.make_tensor_value_info("y", F, ["b", 4])],
-                   [nh.from_array(q, "Wq"), nh.from_array(scale, "s"), nh.from_array(zp, "zp")], opset=19, ir=9)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=1),
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", 8])],
+        [helper.make_tensor_value_info("y", F, ["b", 4])],
+        [nh.from_array(q, "Wq"), nh.from_array(scale, "s"), nh.from_array(zp, "zp")],
+        opset=19,
+        ir=9,
+    )
     pruned, _ = _prune(model)
     seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
     assert is_nm(seen, 0)
@@ -295,23 +320,35 @@ def test_dq_blocked_scale_and_per_axis_after_transpose():
     rng = np.random.default_rng(4)
     q = rng.integers(-127, 128, (8, 4)).astype(np.int8)
     scale = rng.uniform(0.01, 1.0, (2, 4)).astype(np.float32)  # blocks of 4 along K (axis 0)
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], axis=0, block_size=4),
-             helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
-             helper.make_node("Transpose", ["Vq"], ["Vt"], perm=[1, 0]),
-             helper.make_node("DequantizeLinear", ["Vt", "vs"], ["V"], axis=1),
-             helper.make_node("MatMul", ["y", "V"], ["z"], name="after_transpose")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", 8])],
-                   [helper.make_tensor_value_info("z", F, ["b", 8])],
-                   [nh.from_array(q, "Wq"), nh.from_array(scale, "s"),
-                    nh.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "Vq"),
-                    nh.from_array(np.full(8, 0.1, np.float32), "vs")], opset=21, ir=10)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], axis=0, block_size=4),
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
+        helper.make_node("Transpose", ["Vq"], ["Vt"], perm=[1, 0]),
+        helper.make_node("DequantizeLinear", ["Vt", "vs"], ["V"], axis=1),
+        helper.make_node("MatMul", ["y", "V"], ["z"], name="after_transpose"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", 8])],
+        [helper.make_tensor_value_info("z", F, ["b", 8])],
+        [
+            nh.from_array(q, "Wq"),
+            nh.from_array(scale, "s"),
+            nh.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "Vq"),
+            nh.from_array(np.full(8, 0.1, np.float32), "vs"),
+        ],
+        opset=21,
+        ir=10,
+    )
     pruned, result = _prune(model)
     deq = q.astype(np.float32) * np.repeat(scale, 4, axis=0)
     seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
     np.testing.assert_array_equal(seen, np.where(nm_keep(np.abs(deq), 0, 2, 4), deq, 0))
     reasons = {s["name"]: s["reason"] for s in result.report.skipped}
-    assert set(reasons) == {"after_transpose"} and "per-axis DequantizeLinear follows a Transpose" in reasons[
-        "after_transpose"]
+    assert (
+        set(reasons) == {"after_transpose"}
+        and "per-axis DequantizeLinear follows a Transpose" in reasons["after_transpose"]
+    )
 
 
 def test_skip_weight_that_is_a_graph_output():
@@ -363,11 +400,19 @@ def test_rank3_transpose_constant_node_and_reshape():
         helper.make_node("Reshape", ["Wr", "shape"], ["Wm"]),
         helper.make_node("MatMul", ["f8", "Wm"], ["y"], name="mm"),
     ]
-    inits = [nh.from_array(w_r, "Wr"), nh.from_array(np.array([8, 12], np.int64), "shape"),
-             nh.from_array(np.array([0], np.int64), "st"), nh.from_array(np.array([8], np.int64), "en"),
-             nh.from_array(np.array([1], np.int64), "ax")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", 8, 6, 6])],
-                   [helper.make_tensor_value_info("y", F, ["b", 12])], inits)
+    inits = [
+        nh.from_array(w_r, "Wr"),
+        nh.from_array(np.array([8, 12], np.int64), "shape"),
+        nh.from_array(np.array([0], np.int64), "st"),
+        nh.from_array(np.array([8], np.int64), "en"),
+        nh.from_array(np.array([1], np.int64), "ax"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", F, ["b", 12])],
+        inits,
+    )
     pruned, result = _prune(model)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)}
     seen = _op_weights(pruned, feeds)
@@ -395,17 +440,24 @@ def test_skip_options():
     assert {c["name"] for c in r.report.changed} == {"down.weight"}
     assert any("min-params" in s["reason"] for s in r.report.skipped)
     _, r = _prune(model, min_channels=16)  # grouped has C_in/group 8, head C_out 12
-    assert {c["name"] for c in r.report.changed} == {"block1.conv1.weight", "block1.conv2.weight", "pw.weight",
-                                                     "up.weight", "down.weight"}
+    assert {c["name"] for c in r.report.changed} == {
+        "block1.conv1.weight",
+        "block1.conv2.weight",
+        "pw.weight",
+        "up.weight",
+        "down.weight",
+    }
     assert any("min-channels" in s["reason"] for s in r.report.skipped)
 
 
 def test_skip_weight_with_other_readers_and_graph_input():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-             helper.make_node("Add", ["h", "W"], ["y"], name="uses_w"),
-             helper.make_node("MatMul", ["x", "G"], ["z"], name="mm_input")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "W"], ["y"], name="uses_w"),
+        helper.make_node("MatMul", ["x", "G"], ["z"], name="mm_input"),
+    ]
     vi = [helper.make_tensor_value_info(name, F, [8, 8]) for name in ("x", "G", "y", "z")]
     model = _model(nodes, vi[:2], vi[2:], [nh.from_array(w, "W")])
     pruned, r = _prune(model)
@@ -422,18 +474,29 @@ def test_skip_unsupported_weights():
 
     rng = np.random.default_rng(0)
     w8 = rng.standard_normal((8, 8)).astype(ml_dtypes.float8_e4m3fn)
-    nodes = [helper.make_node("Cast", ["W8"], ["W8f"], to=F),
-             helper.make_node("MatMul", ["x", "W8f"], ["h"], name="fp8"),
-             helper.make_node("MatMul", ["xi", "Wi"], ["hi"], name="int32"),
-             helper.make_node("DequantizeLinear", ["Wq", "scale_in"], ["Wd"]),
-             helper.make_node("MatMul", ["x", "Wd"], ["hq"], name="dyn_scale")]
+    nodes = [
+        helper.make_node("Cast", ["W8"], ["W8f"], to=F),
+        helper.make_node("MatMul", ["x", "W8f"], ["h"], name="fp8"),
+        helper.make_node("MatMul", ["xi", "Wi"], ["hi"], name="int32"),
+        helper.make_node("DequantizeLinear", ["Wq", "scale_in"], ["Wd"]),
+        helper.make_node("MatMul", ["x", "Wd"], ["hq"], name="dyn_scale"),
+    ]
     model = _model(
         nodes,
-        [helper.make_tensor_value_info("x", F, [2, 8]), helper.make_tensor_value_info("xi", TensorProto.INT32, [2, 8]),
-         helper.make_tensor_value_info("scale_in", F, [])],
+        [
+            helper.make_tensor_value_info("x", F, [2, 8]),
+            helper.make_tensor_value_info("xi", TensorProto.INT32, [2, 8]),
+            helper.make_tensor_value_info("scale_in", F, []),
+        ],
         [helper.make_tensor_value_info(n, t, [2, 8]) for n, t in (("h", F), ("hi", TensorProto.INT32), ("hq", F))],
-        [nh.from_array(w8, "W8"), nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int32), "Wi"),
-         nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int8), "Wq")], opset=19, ir=9)
+        [
+            nh.from_array(w8, "W8"),
+            nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int32), "Wi"),
+            nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int8), "Wq"),
+        ],
+        opset=19,
+        ir=9,
+    )
     _, result = _prune(model)
     reasons = {s["name"]: s["reason"] for s in result.report.skipped}
     assert "unsupported type FLOAT8E4M3FN" in reasons["fp8"]
@@ -444,10 +507,16 @@ def test_skip_unsupported_weights():
 
 def test_skip_shared_with_excluded_layer_and_prunes_shared_same_axis():
     w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
-             helper.make_node("MatMul", ["h", "W"], ["y"], name="b")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["n", 8])],
-                   [helper.make_tensor_value_info("y", F, ["n", 8])], [nh.from_array(w, "W")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "W"], ["y"], name="b"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["n", 8])],
+        [helper.make_tensor_value_info("y", F, ["n", 8])],
+        [nh.from_array(w, "W")],
+    )
     pruned, r = _prune(model)
     assert [c["layers"] for c in r.report.changed] == [["a", "b"]]
     assert is_nm(nh.to_array(pruned.graph.initializer[0]), 0)
@@ -487,7 +556,8 @@ def test_already_sparse_is_untouched_and_unmodified():
     assert not r2.modified and not r2.report.changed
     assert len(r2.report.details["already_sparse"]) == len(r1.report.changed)
     assert [t.SerializeToString() for t in twice.graph.initializer] == [
-        t.SerializeToString() for t in once.graph.initializer]
+        t.SerializeToString() for t in once.graph.initializer
+    ]
     for name, mask in ctx.artifacts["masks"].items():  # masks still given, and they describe the weights
         assert np.array_equal(mask, _inits(twice)[name] != 0)
 
@@ -582,9 +652,12 @@ def _polygraphy_check(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     pruner = SparsityPruner(copy_proto(model))
     pruner.check()
     assert "tensorrt" not in sys.modules
-    examined = {p.name for p in pruner.prune_infos.values()
-                if model_tensor(model, p.name).data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
-                and model_tensor(model, p.name).dims[p.axis] % 4 == 0}
+    examined = {
+        p.name
+        for p in pruner.prune_infos.values()
+        if model_tensor(model, p.name).data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+        and model_tensor(model, p.name).dims[p.axis] % 4 == 0
+    }
     return examined, set(pruner.sparse_tensors)
 
 
@@ -640,9 +713,12 @@ def test_polygraphy_rank3_perm_disagreement_is_its_bug():
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "W_fc"], ["y"], name="fc"),
     ]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["b", 8, 5, 5])],
-                   [helper.make_tensor_value_info("y", F, ["b", 8])],
-                   [nh.from_array(w_hwio, "W_hwio"), nh.from_array(w_fc, "W_fc")])
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["b", 8, 5, 5])],
+        [helper.make_tensor_value_info("y", F, ["b", 8])],
+        [nh.from_array(w_hwio, "W_hwio"), nh.from_array(w_fc, "W_fc")],
+    )
     ours, _ = _prune(model)
     examined, sparse = _polygraphy_check(ours)
     assert examined - sparse == {"W_hwio"}  # the one disagreement ...
