@@ -71,7 +71,7 @@ def stage_session(
     fetch: list[str],
     overrides: Mapping[str, np.ndarray] | None = None,
     cache: dict[str, np.ndarray] | None = None,
-) -> Any:
+) -> StageSession:
     """An ORT session computing just ``fetch`` (as outputs) from the model's inputs.
 
     Only the nodes the fetched tensors depend on are kept, so an early stage of a sequential run does not pay
@@ -112,14 +112,30 @@ def stage_session(
     # Pre-packing would keep a second, re-laid-out copy of every MatMul/Gemm weight for a few batches' runs.
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = False  # an arena keeps its peak (every intermediate of a batch) for the session
+    # ORT's threads spin after each run while numpy's BLAS threads fold the batch into H (and the other way
+    # round): on a machine with few cores the two pools fight for them. Idle ORT threads sleep instead.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if names:
         opts.add_external_initializers(names, values)
     try:
         session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise OnnxSparseError(f"onnxruntime cannot load the model for pruning statistics: {_first_line(e)}") from e
-    session._onnxsparse_buffers = values  # ORT reads the weights from these buffers: they must outlive it
-    return session
+    return StageSession(session, values)
+
+
+@dataclass
+class StageSession:
+    """A stage's ORT session and the weight buffers it reads in place: ORT does not own them, so they must
+    live as long as the session does (they are held here rather than as an attribute patched onto ORT's
+    object)."""
+
+    session: Any
+    buffers: Any
+
+    def run(self, fetch: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(fetch, dict(feeds)))
 
 
 #: initializers at least this large are handed to ORT as buffers (the weights); smaller ones stay inline
