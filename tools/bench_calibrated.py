@@ -50,14 +50,15 @@ TIMEOUT_S = 3600
 #: every option spelled out, so a row does not change meaning when a default changes
 _PLAIN = "bias-correction=false;refit=0;dense-target=false"
 _MASK = "mask-input=attention_mask"
+_NOTARGET = "dense-target=false"
 TRANSFORMER_RECIPES: dict[str, str] = {
     "magnitude": "prune",
     "wanda": "prune{method=wanda;bias-correction=false}",
     "sparsegpt (one pass)": f"prune{{method=sparsegpt;sequential=false;{_PLAIN}}}",
     "sparsegpt (sequential)": f"prune{{method=sparsegpt;sequential=true;{_PLAIN}}}",
     "+ mask-input": f"prune{{method=sparsegpt;sequential=true;{_PLAIN};{_MASK}}}",
-    "+ bias correction": f"prune{{method=sparsegpt;sequential=true;{_MASK};bias-correction=true;refit=0}}",
-    "+ refit 20": f"prune{{method=sparsegpt;sequential=true;{_MASK};bias-correction=true;refit=20}}",
+    "+ bias correction": f"prune{{method=sparsegpt;sequential=true;{_MASK};{_NOTARGET};bias-correction=true;refit=0}}",
+    "+ refit 20": f"prune{{method=sparsegpt;sequential=true;{_MASK};{_NOTARGET};bias-correction=true;refit=20}}",
     "ours: + dense target": f"prune{{method=sparsegpt;sequential=true;{_MASK};bias-correction=true;refit=20;"
     "dense-target=true}",
 }
@@ -66,8 +67,8 @@ OCR_RECIPES: dict[str, str] = {
     "wanda": "prune{method=wanda;bias-correction=false}",
     "sparsegpt (one pass)": f"prune{{method=sparsegpt;sequential=false;{_PLAIN}}}",
     "sparsegpt (sequential)": f"prune{{method=sparsegpt;sequential=true;{_PLAIN}}}",
-    "+ bias correction": "prune{method=sparsegpt;sequential=true;bias-correction=true;refit=0}",
-    "+ refit 20": "prune{method=sparsegpt;sequential=true;bias-correction=true;refit=20}",
+    "+ bias correction": "prune{method=sparsegpt;sequential=true;bias-correction=true;refit=0;dense-target=false}",
+    "+ refit 20": "prune{method=sparsegpt;sequential=true;bias-correction=true;refit=20;dense-target=false}",
     "ours: + dense target": "prune{method=sparsegpt;sequential=true;bias-correction=true;refit=20;dense-target=true}",
 }
 #: the row the ratios against onnxsim are taken for
