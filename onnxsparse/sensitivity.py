@@ -25,9 +25,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,16 @@ import numpy as np
 import onnx
 
 from onnxsparse.calibration import CalibrationData, open_calibration
-from onnxsparse.compare import Comparison, OutputMetrics, combined_rel_l2, run_session, session, worst_cosine
+from onnxsparse.compare import combined_rel_l2, run_session, session, worst_cosine
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import Layer, check_regex, find_layers, select_reason
+from onnxsparse.layers import check_regex, find_layers, select_reason
 from onnxsparse.model_io import Model
 from onnxsparse.plan import PLAN_VERSION, PlanResult, bench_gains, choose_plan, error_of, flop_gains
 from onnxsparse.progress import Progress
+from onnxsparse.sensitivity_scoring import Batch, Scorer, ScoringSetup, score_layers
 from onnxsparse.sparsity import parse_pattern
 
 log = logging.getLogger("onnxsparse.sensitivity")
-
-Batch = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -200,115 +198,6 @@ def candidates(
     return out, skipped
 
 
-# ---------------------------------------------------------------------------------------------- scoring
-
-
-@dataclass(frozen=True)
-class _Setup:
-    """Everything a scoring worker needs, sent once per process."""
-
-    proto: bytes
-    base_dir: str | None
-    method: str
-    n: int
-    m: int
-    eval_batches: list[Batch]
-    dense: list[list[np.ndarray]]
-    batched: frozenset[str]
-    threads: int
-    #: inferred shapes (Reshape-chained weights need them to be found, as ``candidates`` found them)
-    shapes: dict[str, Any]
-    #: ``prune_layer`` keywords: the ``prune`` pass's own defaults, so a layer is scored as the pass prunes it
-    prune_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-class _Scorer:
-    """One model copy; ``score`` prunes one layer, runs the held-out batches, and restores the weight."""
-
-    def __init__(self, setup: _Setup) -> None:
-        proto = onnx.ModelProto()
-        proto.ParseFromString(setup.proto)
-        self.setup = setup
-        self.model = Model(proto, Path(setup.base_dir) if setup.base_dir else None)
-        self.layers: dict[str, Layer] = {layer.name: layer for layer in find_layers(proto, setup.shapes)}
-        self.names = [o.name for o in proto.graph.output]
-
-    def outputs(self, what: str) -> list[OutputMetrics]:
-        """The current model's held-out outputs against the dense ones."""
-        s = self.setup
-        sess = session(self.model, what, threads=s.threads)
-        comparison = Comparison(self.names)
-        for i, (batch, ref) in enumerate(zip(s.eval_batches, s.dense, strict=True), 1):
-            rows = next((int(batch[n].shape[0]) for n in s.batched if n in batch and batch[n].ndim), None)
-            comparison.add(ref, run_session(sess, batch, what, i), rows)
-        return comparison.metrics()
-
-    def score(self, name: str, stats: Any) -> dict[str, Any]:
-        from onnxsparse.pruning import prune_layer
-
-        start = time.perf_counter()
-        s = self.setup
-        outcome = prune_layer(self.model, self.layers[name], stats, s.method, s.n, s.m, **s.prune_kwargs)
-        try:
-            metrics = self.outputs(f"pruned-{name}")
-        finally:
-            outcome.undo()
-        return {
-            "layer": name,
-            "rel_l2": combined_rel_l2(metrics),
-            "cosine": worst_cosine(metrics),
-            "layer_error": float(np.sqrt(outcome.error)) if s.method != "magnitude" else None,
-            "method": outcome.method,
-            "notes": list(outcome.notes),
-            "seconds": time.perf_counter() - start,
-        }
-
-
-_WORKER: dict[str, _Scorer] = {}  # per worker process only: the pool's initializer fills it, tasks read it
-
-
-def _init_worker(setup: _Setup) -> None:
-    _WORKER["scorer"] = _Scorer(setup)
-
-
-def _score_in_worker(name: str, stats: Any) -> dict[str, Any]:
-    return _WORKER["scorer"].score(name, stats)
-
-
-def _scores(setup: _Setup, tasks: Sequence[tuple[str, Any]], jobs: int, progress: bool) -> Iterator[dict[str, Any]]:
-    """Layer scores in completion order, from ``jobs`` processes (or this one)."""
-    last = {"layer": ""}
-    with Progress(
-        len(tasks), desc="sensitivity", unit="layer", enabled=progress, postfix=lambda: {"last": last["layer"]}
-    ) as bar:
-        if jobs == 1 or len(tasks) < 2:
-            scorer = _Scorer(setup)
-            for name, stats in tasks:
-                result = scorer.score(name, stats)
-                last["layer"] = name
-                bar.update()
-                yield result
-            return
-        import multiprocessing
-
-        # spawn, not fork: the parent already runs ORT thread pools, which a forked child would inherit half-dead
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(setup,)
-        ) as pool:
-            futures = [pool.submit(_score_in_worker, name, stats) for name, stats in tasks]
-            try:
-                for future in as_completed(futures):
-                    result = future.result()
-                    last["layer"] = result["layer"]
-                    bar.update()
-                    yield result
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-
-
 # ---------------------------------------------------------------------------------------------- the report
 
 
@@ -333,7 +222,7 @@ class SensitivityReport:
 
 
 def _measure_plan(
-    model: Model, layers: list[str], options: SensitivityOptions, data: HeldOut, scorer: _Scorer, progress: bool
+    model: Model, layers: list[str], options: SensitivityOptions, data: HeldOut, scorer: Scorer, progress: bool
 ) -> dict[str, Any]:
     """Apply the plan as ``prune{plan=...}`` does (on a copy) and compare on the held-out samples."""
     from onnxsparse.passes.prune import PrunePass
@@ -431,7 +320,7 @@ def run_sensitivity(
     t_score = time.perf_counter()
     cores = os.cpu_count() or 1
     jobs = min(options.jobs, len(cands))
-    setup = _Setup(
+    setup = ScoringSetup(
         model.proto.SerializeToString(),
         None if model.base_dir is None else str(model.base_dir),
         options.method,
@@ -449,7 +338,7 @@ def run_sensitivity(
             "refit_iters": defaults.refit if options.method == "sparsegpt" else 0,
         },
     )
-    results = {r["layer"]: r for r in _scores(setup, [(c.name, stats.get(c.name)) for c in cands], jobs, progress)}
+    results = {r["layer"]: r for r in score_layers(setup, [(c.name, stats.get(c.name)) for c in cands], jobs, progress)}
     t_plan = time.perf_counter()
     rows = []
     for c in cands:
@@ -485,7 +374,7 @@ def run_sensitivity(
         budget = (1.0 - min_cosine) if min_cosine is not None else float(max_error)  # type: ignore[arg-type]
         errors = {r["layer"]: error_of(r, use_cos) for r in rows}
         chosen = choose_plan(errors, gains.by_layer, budget)
-        scorer = _Scorer(setup)
+        scorer = Scorer(setup)
         dropped: list[str] = []
         count = 0
         measured: dict[str, Any] = {"rel_l2": 0.0, "cosine": 1.0}
