@@ -92,7 +92,7 @@ print(r.exit_code, sorted(m for m in {heavy} if m in sys.modules))
 """
 
 #: commands whose module still imports onnx/numpy at module level (owner: see the module)
-_HEAVY_AT_IMPORT = {"finetune"}
+_HEAVY_AT_IMPORT: set[str] = set()
 
 
 @pytest.mark.parametrize("name", sorted(main._lazy))  # type: ignore[attr-defined]
