@@ -51,18 +51,24 @@ class InputSpec:
         return f"{self.name}: {self.dtype if self.dtype is not None else '?'}[{dims}]"
 
 
+def value_dtype(vi: onnx.ValueInfoProto) -> np.dtype[Any] | None:
+    """The numpy dtype of a tensor value, or None where it is not a tensor or has no (known) element type."""
+    tt = vi.type.tensor_type
+    if not (vi.type.HasField("tensor_type") and tt.elem_type):
+        return None
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def input_specs(proto: onnx.ModelProto) -> dict[str, InputSpec]:
     """The main graph's inputs (those with an initializer of the same name are optional)."""
     inits = {t.name for t in proto.graph.initializer}
     specs: dict[str, InputSpec] = {}
     for vi in proto.graph.input:
         tt = vi.type.tensor_type
-        dtype = None
-        if vi.type.HasField("tensor_type") and tt.elem_type:
-            try:
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-            except (KeyError, TypeError, ValueError):
-                dtype = None
+        dtype = value_dtype(vi)
         shape: tuple[Dim, ...] | None = None
         if tt.HasField("shape"):
             shape = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)

@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsparse.calibration import CalibrationData, InputSpec, check_batch, input_specs, open_calibration
+from onnxsparse.calibration_data import (
+    CalibrationData,
+    InputSpec,
+    check_batch,
+    input_specs,
+    open_calibration,
+    value_dtype,
+)
 from onnxsparse.errors import GateFailure, OnnxSparseError
 from onnxsparse.model_io import Model, ort_session
 from onnxsparse.progress import Progress
@@ -56,14 +63,8 @@ def output_specs(proto: onnx.ModelProto) -> dict[str, OutputSpec]:
     specs: dict[str, OutputSpec] = {}
     for vi in proto.graph.output:
         tt = vi.type.tensor_type
-        dtype = None
-        if vi.type.HasField("tensor_type") and tt.elem_type:
-            try:
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-            except (KeyError, TypeError, ValueError):
-                dtype = None
         rank = len(tt.shape.dim) if tt.HasField("shape") else None
-        specs[vi.name] = OutputSpec(vi.name, dtype, rank)
+        specs[vi.name] = OutputSpec(vi.name, value_dtype(vi), rank)
     return specs
 
 
