@@ -35,12 +35,12 @@ from onnx import TensorProto, helper
 from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.model_io import Model
+from onnxsparse.pruning.targets import load_masks  # the one masks reader (prune writes them)
 from onnxsparse.tensors import to_array
 from onnxsparse.training_data import (
     MaskLayout,
     check_data,
     check_teacher,
-    load_masks,
     mask_layout,
     npz_shapes,
     sample_specs,

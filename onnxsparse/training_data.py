@@ -28,21 +28,6 @@ log = logging.getLogger("onnxsparse.training")
 Header = tuple[tuple[int, ...], np.dtype[Any]]
 
 
-def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Masks from an ``.npz``: initializer name → bool array, True = kept (the prune pass writes this)."""
-    p = Path(path)
-    if not p.is_file():
-        raise OnnxSparseError(f"no such masks file: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            masks = {k: np.asarray(z[k]).astype(bool) for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise OnnxSparseError(f"{p} is not a masks .npz ({e})") from e
-    if not masks:
-        raise OnnxSparseError(f"{p} holds no masks")
-    return masks
-
-
 def npz_shapes(path: str | os.PathLike[str]) -> dict[str, Header]:
     """Key → (shape, dtype) of an ``.npz`` without loading the arrays (reads the .npy headers only)."""
     p = Path(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +130,19 @@ def write_masks(path: Path, masks: dict[str, np.ndarray]) -> None:
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read a masks .npz written by ``prune{masks=PATH}`` (for the fine-tune hook and tests)."""
+    """Masks from an ``.npz`` written by ``prune{masks=PATH}``: initializer name → bool array, True = kept.
+
+    The one reader, for the fine-tune hook as well: a missing file, a file that is not an .npz of arrays, or
+    one with no masks is a one-line error.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise OnnxSparseError(f"no such masks file: {p}")
     try:
-        with np.load(path) as data:
-            return {k: data[k].astype(bool) for k in data.files}
-    except (OSError, ValueError) as e:
-        raise OnnxSparseError(f"cannot read masks '{path}': {e}") from e
+        with np.load(p, allow_pickle=False) as z:
+            masks = {k: np.asarray(z[k]).astype(bool) for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise OnnxSparseError(f"{p} is not a masks .npz ({e})") from e
+    if not masks:
+        raise OnnxSparseError(f"{p} holds no masks")
+    return masks
