@@ -8,14 +8,37 @@ it is argument text only, checked flag by flag in the tests, not run.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from onnxsparse import __version__
 
-if TYPE_CHECKING:  # engine imports this module; the plan and options are only read here
-    from onnxsparse.engine import BuildOptions, BuildPlan
+
+# What this module reads of ``engine.BuildPlan`` / ``engine.BuildOptions``, as protocols: engine imports this
+# module, so naming engine's classes here would make the two depend on each other.
+class _Shapes(Protocol):
+    @property
+    def min(self) -> tuple[int, ...]: ...
+    @property
+    def opt(self) -> tuple[int, ...]: ...
+    @property
+    def max(self) -> tuple[int, ...]: ...
+
+
+class BuildPlan(Protocol):
+    trt_major: int
+    precision: str
+    to_fp16: bool
+    notes: list[str]
+
+
+class BuildOptions(Protocol):
+    @property
+    def profiles(self) -> Mapping[str, _Shapes]: ...
+
+    workspace: int | None
+    timing_cache: Path | None
 
 
 def _dims(shape: Iterable[int]) -> str:
