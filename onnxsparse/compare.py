@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsparse.calibration_data import (
+from onnxsparse.calibration.data import (
     CalibrationData,
     InputSpec,
     check_batch,
@@ -41,7 +41,7 @@ from onnxsparse.calibration_data import (
     value_dtype,
 )
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.model_io import Model, ort_session
+from onnxsparse.ir.model_io import Model, ort_session
 from onnxsparse.progress import Progress
 
 log = logging.getLogger("onnxsparse.compare")

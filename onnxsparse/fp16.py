@@ -29,10 +29,10 @@ import onnx
 from onnx import GraphProto, helper, numpy_helper
 
 from onnxsparse.fp16_types import FLOAT, FLOAT16, Fp16Options, NodeInfo, TypePlan, constant_tensor, tensor_elem
-from onnxsparse.graph import NameGen, iter_graphs, toposort
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import NameGen, iter_graphs, toposort
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import set_array, to_array
 from onnxsparse.pipeline import PassReport
-from onnxsparse.tensors import set_array, to_array
 
 log = logging.getLogger("onnxsparse.fp16")
 

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, helper, numpy_helper
 
-from onnxsparse.graph import iter_graphs, subgraphs
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import iter_graphs, subgraphs
+from onnxsparse.ir.model_io import Model
 from onnxsparse.pipeline import PassReport
 
 log = logging.getLogger("onnxsparse.fp16_types")

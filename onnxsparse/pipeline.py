@@ -32,11 +32,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 import onnx
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.graph import cleanup, iter_graphs, op_counts, toposort
-from onnxsparse.model_io import Model, record_provenance
+from onnxsparse.ir.graph import cleanup, iter_graphs, op_counts, toposort
+from onnxsparse.ir.model_io import Model, record_provenance
+from onnxsparse.ir.tensors import external_path, is_spilled
 from onnxsparse.presets import DEFAULT_PIPELINE as DEFAULT_PIPELINE  # re-exported: passes and tests import them here
 from onnxsparse.presets import PRESETS as PRESETS
-from onnxsparse.tensors import external_path, is_spilled
 
 log = logging.getLogger("onnxsparse")
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
-from onnxsparse.layers import Layer, Source, find_layers, select_reason
+from onnxsparse.ir.layers import Layer, Source, find_layers, select_reason
 
 #: ops a layer's output passes through before TensorRT's epilogue ends (a single consumer each)
 _EPILOGUE_OPS = (

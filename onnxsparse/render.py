@@ -183,7 +183,7 @@ def write_json(data: Any, path: str | os.PathLike[str], flag: str = "--json") ->
 
         click.echo(text, nl=False)
         return
-    from onnxsparse.paths import write_text
+    from onnxsparse.ir.paths import write_text
 
     write_text(path, text, flag=flag)
 

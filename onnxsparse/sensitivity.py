@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsparse.calibration import CalibrationData, open_calibration
+from onnxsparse.calibration.histogram import CalibrationData, open_calibration
 from onnxsparse.compare import combined_rel_l2, run_session, session, worst_cosine
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import check_regex, find_layers, select_reason
-from onnxsparse.model_io import Model
+from onnxsparse.ir.layers import check_regex, find_layers, select_reason
+from onnxsparse.ir.model_io import Model
 from onnxsparse.plan import PLAN_VERSION, PlanResult, bench_gains, choose_plan, error_of, flop_gains
 from onnxsparse.progress import Progress
 from onnxsparse.sensitivity_scoring import Batch, Scorer, ScoringSetup, score_layers
@@ -267,10 +267,10 @@ def run_sensitivity(
     progress: bool = False,
 ) -> SensitivityReport:
     """Score every eligible layer; with a budget, choose, apply and measure a plan (see the module docstring)."""
+    from onnxsparse.ir.shapes import infer_shapes
     from onnxsparse.passes.prune import PruneConfig
     from onnxsparse.pruning.collect import collect
     from onnxsparse.pruning.layout import stats_shape
-    from onnxsparse.shapes import infer_shapes
 
     if max_error is not None and min_cosine is not None:
         raise OnnxSparseError("give --max-error or --min-cosine, not both")

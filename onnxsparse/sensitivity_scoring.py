@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 
 from onnxsparse.compare import Comparison, OutputMetrics, combined_rel_l2, run_session, session, worst_cosine
-from onnxsparse.layers import Layer, find_layers
-from onnxsparse.model_io import Model
+from onnxsparse.ir.layers import Layer, find_layers
+from onnxsparse.ir.model_io import Model
 from onnxsparse.progress import Progress
 
 Batch = dict[str, np.ndarray]

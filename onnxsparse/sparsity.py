@@ -1,7 +1,7 @@
 """n:m structured sparsity on numpy arrays: masks, checks, and the stored-weight view both passes share.
 
 Groups run along one axis of a tensor (the layer's reduction axis mapped onto the stored tensor, see
-``onnxsparse.layers``): element ``i`` of a group of ``m`` is ``i`` steps along that axis. Everything here is
+``onnxsparse.ir.layers``): element ``i`` of a group of ``m`` is ``i`` steps along that axis. Everything here is
 vectorised over groups; the only Python loops run over the ``m`` positions of a group (≤ m iterations), so a
 100 M-parameter weight costs a few array passes.
 
@@ -21,8 +21,8 @@ import onnx
 from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import Layer, attr
-from onnxsparse.tensors import to_array
+from onnxsparse.ir.layers import Layer, attr
+from onnxsparse.ir.tensors import to_array
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -129,8 +129,8 @@ def is_nm(values: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:
 
 def constants_by_name(model: onnx.ModelProto) -> dict[str, TensorProto]:
     """Every initializer and Constant-node tensor of the model (all graphs), by name."""
-    from onnxsparse.graph import iter_graphs
-    from onnxsparse.tensors import constant_value
+    from onnxsparse.ir.graph import iter_graphs
+    from onnxsparse.ir.tensors import constant_value
 
     out: dict[str, TensorProto] = {}
     for g in iter_graphs(model.graph):

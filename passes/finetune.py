@@ -1,6 +1,6 @@
 """``finetune``: retrain a pruned model with its n:m masks held fixed (ONNX Runtime training).
 
-The pass form of ``onnxsparse.training.finetune``, so that prune → fine-tune → prune → fine-tune is one
+The pass form of ``onnxsparse.finetune.run.finetune``, so that prune → fine-tune → prune → fine-tune is one
 pipeline (``prune{pattern=3:4},finetune,prune{pattern=2:4},finetune``; preset ``progressive``). Inside a
 pipeline every input has a sensible default:
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model
+from onnxsparse.finetune.options import DEFAULT_TRAIN
+from onnxsparse.ir.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
-from onnxsparse.training_options import DEFAULT_TRAIN
 
 log = logging.getLogger("onnxsparse.passes.finetune")
 
@@ -90,7 +90,7 @@ class FinetuneConfig(PassConfig):
 
     def options(self) -> Any:
         """The hyper-parameters as ``training.FinetuneOptions`` (validated there)."""
-        from onnxsparse.training_options import FinetuneOptions
+        from onnxsparse.finetune.options import FinetuneOptions
 
         names = {f.name for f in fields(FinetuneOptions)}
         return FinetuneOptions(**{k: getattr(self, k) for k in names})
@@ -110,8 +110,8 @@ class FinetunePass(Pass[FinetuneConfig]):
         return self.config.data is None  # trains on the run's --calib data unless data= is given
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from onnxsparse import training_qat
-        from onnxsparse.training import finetune, load_masks, partition_masks
+        from onnxsparse.finetune import qat as training_qat
+        from onnxsparse.finetune.run import finetune, load_masks, partition_masks
 
         cfg = self.config
         report = PassReport()

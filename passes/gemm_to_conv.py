@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
-from onnxsparse.graph import NameGen, use_counts
-from onnxsparse.layers import Layer, attr, check_regex, find_layers, select_reason
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import NameGen, use_counts
+from onnxsparse.ir.layers import Layer, attr, check_regex, find_layers, select_reason
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.shapes import infer_shapes
+from onnxsparse.ir.tensors import to_array
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
-from onnxsparse.shapes import infer_shapes
-from onnxsparse.tensors import to_array
 
 
 @dataclass(frozen=True)

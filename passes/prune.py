@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import WEIGHTED_OPS, Layer, check_regex, find_layers, select_reason
-from onnxsparse.model_io import Model
+from onnxsparse.ir.layers import WEIGHTED_OPS, Layer, check_regex, find_layers, select_reason
+from onnxsparse.ir.model_io import Model
 from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.pruning import METHODS, LayerOutcome
 from onnxsparse.pruning.plan import Plan, check_plan, read_plan
@@ -383,7 +383,7 @@ def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
     """``find_layers``; shapes are inferred only when a Reshape in a weight chain needs them (it costs time)."""
     layers = find_layers(proto)
     if any(layer.reason == "weight shape after its Reshape is unknown" for layer in layers):
-        from onnxsparse.shapes import infer_shapes
+        from onnxsparse.ir.shapes import infer_shapes
 
         layers = find_layers(proto, infer_shapes(proto, ctx.shapes))
     return layers

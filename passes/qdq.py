@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from onnxsparse import calibration
+from onnxsparse.calibration import histogram as calibration
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import NameGen, toposort
-from onnxsparse.layers import check_regex
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import NameGen, toposort
+from onnxsparse.ir.layers import check_regex
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import external_info, set_array, to_array
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.qdq_plan import QdqPlan, plan_qdq
-from onnxsparse.tensors import external_info, set_array, to_array
 
 log = logging.getLogger("onnxsparse.passes.qdq")
 

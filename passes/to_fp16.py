@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnxsparse.fp16 import convert, fp16_array
-from onnxsparse.model_io import Model
+from onnxsparse.ir.model_io import Model
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.render import grouped_reasons
 

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.layers import GemmShape, Layer, find_layers
-from onnxsparse.model_io import Model
+from onnxsparse.ir.layers import GemmShape, Layer, find_layers
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.shapes import Shape, concrete, fill_symbolic, infer_shapes, symbolic_dims
+from onnxsparse.ir.stream import check_tensor, streamable
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.render import human_count, table
-from onnxsparse.shapes import Shape, concrete, fill_symbolic, infer_shapes, symbolic_dims
 from onnxsparse.sparsity import (
     StoredWeight,
     check_finite,
@@ -33,7 +34,6 @@ from onnxsparse.sparsity import (
     parse_pattern,
     stored_weight,
 )
-from onnxsparse.stream import check_tensor, streamable
 
 log = logging.getLogger("onnxsparse.passes.validate")
 
@@ -289,7 +289,7 @@ def _stats(
     assert isinstance(sw, StoredWeight)
     out: dict[str, Any] = {"dtype": sw.dtype_name, "zeros": None, "violations": None, "groups": None}
     if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
-        # A large external weight: counted in slabs (onnxsparse.stream), never resident as a whole.
+        # A large external weight: counted in slabs (onnxsparse.ir.stream), never resident as a whole.
         st = check_tensor(sw.tensor, model.base_dir, sw.axis, n, m)
         out["zeros"] = round(1.0 - st.nonzero / max(st.size, 1), 4)
         if m:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxsparse.model_io import Model, save_model
+from onnxsparse.ir.model_io import Model, save_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "fixtures"

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from onnxsparse.calibration import AbsHistogram, collect, open_calibration
+from onnxsparse.calibration.histogram import AbsHistogram, collect, open_calibration
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model
+from onnxsparse.ir.model_io import Model
 
 F = TensorProto.FLOAT
 

@@ -27,7 +27,7 @@ import pytest
 from conftest import DDDDOCR_NAMES, REAL_MODELS_DIR, make_feeds, run_ort
 from corpus import example_inputs, load_manifest, materialize
 
-from onnxsparse.model_io import Model, load_model, ort_session, save_model
+from onnxsparse.ir.model_io import Model, load_model, ort_session, save_model
 from onnxsparse.pipeline import PassContext, Pipeline
 
 DEFAULT = "prune,validate,qdq,to-fp16"  # run as "prune" then the rest, to take the pruned outputs between

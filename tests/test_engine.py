@@ -1,4 +1,4 @@
-"""onnxsparse.engine: sizes, profiles, precision plans, trtexec commands and scripts, log parsing, and the
+"""onnxsparse.trt.builder: sizes, profiles, precision plans, trtexec commands and scripts, log parsing, and the
 TensorRT API calls.
 
 The API-call tests run against ``tests/fake_tensorrt`` — a MOCK of the ``tensorrt`` module, injected into
@@ -24,7 +24,10 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxsparse.engine import (
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.ir.model_io import Model, load_model, save_model
+from onnxsparse.pipeline import Pipeline
+from onnxsparse.trt.builder import (
     BuildOptions,
     Profile,
     TensorRTMissing,
@@ -40,9 +43,6 @@ from onnxsparse.engine import (
     trtexec_steps,
     two_four_layers,
 )
-from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, load_model, save_model
-from onnxsparse.pipeline import Pipeline
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

@@ -19,8 +19,8 @@ import onnx
 import pytest
 from conftest import FIXTURE_NAMES, FIXTURES_DIR, REPO_ROOT, fixture_path, make_feeds, run_ort
 
-from onnxsparse.layers import attr, find_layers
-from onnxsparse.model_io import load_model
+from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.model_io import load_model
 
 
 def _load_tool(name: str) -> ModuleType:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model
+from onnxsparse.ir.model_io import Model
 from onnxsparse.pipeline import PassContext, Pipeline
 
 PIPELINES = ("gemm-to-conv", "prune", "validate", "gemm-to-conv,prune,validate")

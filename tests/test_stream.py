@@ -1,4 +1,4 @@
-"""Chunked pruning/checking (``onnxsparse.stream``) must give exactly what the in-memory path gives.
+"""Chunked pruning/checking (``onnxsparse.ir.stream``) must give exactly what the in-memory path gives.
 
 Thresholds are lowered with monkeypatch so small tensors take the streamed path, in many slabs, on two
 threads; the in-memory functions of ``onnxsparse.sparsity`` are the oracle.
@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-import onnxsparse.stream as stream
+import onnxsparse.ir.stream as stream
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, load_model, save_model
+from onnxsparse.ir.model_io import Model, load_model, save_model
+from onnxsparse.ir.tensors import is_spilled, to_array
 from onnxsparse.pipeline import PassContext, Pipeline
 from onnxsparse.sparsity import count_violations, nm_keep
-from onnxsparse.tensors import is_spilled, to_array
 
 
 def _external_tensor(tmp: Path, values: np.ndarray, name: str = "w") -> onnx.TensorProto:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnxsparse.training_runtime import cache_dir
+from onnxsparse.finetune.runtime import cache_dir
 
 
 def test_cache_is_not_the_users() -> None:

@@ -26,14 +26,14 @@ from training_support import (
     write_data,
 )
 
-from onnxsparse import training
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import Model, load_model, save_model
+from onnxsparse.finetune import run as training
+from onnxsparse.finetune.batches import Batches
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.model_io import Model, load_model, save_model
+from onnxsparse.ir.tensors import to_array
 from onnxsparse.pipeline import PassContext, get_pass
 from onnxsparse.sparsity import count_violations
-from onnxsparse.tensors import to_array
-from onnxsparse.training_batches import Batches
 
 needs_runtime = pytest.mark.usefixtures("training_runtime")
 
@@ -312,8 +312,8 @@ def test_in_process_when_the_environment_onnxruntime_trains(tmp_path: Path, trai
 import json, sys
 sys.path.insert(0, {str(training_runtime.path)!r})
 import numpy as np, onnxruntime
-from onnxsparse import training
-from onnxsparse.model_io import load_model
+from onnxsparse.finetune import run as training
+from onnxsparse.ir.model_io import load_model
 from onnxsparse.pipeline import PassContext, get_pass
 rt = training.find_runtime()
 dense = load_model({str(FINETUNE_FIXTURE)!r})
@@ -345,7 +345,7 @@ def _sparse_qdq_fixture(tmp_path: Path) -> tuple[Model, Model, Path]:
 
 
 def test_qat_training_copy_replaces_qdq_by_fake_quant(tmp_path: Path) -> None:
-    from onnxsparse import training_qat
+    from onnxsparse.finetune import qat as training_qat
 
     _, qdq, _ = _sparse_qdq_fixture(tmp_path)
     qweights, skipped = training_qat.quantized_weights(qdq, {})
@@ -382,7 +382,7 @@ def _all_external(model: Model, path: Path) -> Model:
 def test_qat_reads_scales_and_zero_points_stored_as_external_data(tmp_path: Path) -> None:
     """Zero points and scales (per-channel weight zero points, per-tensor activation ones) stored as external
     data are read through the model's folder: same QAT weights and the same training copy as the inline model."""
-    from onnxsparse import training_qat
+    from onnxsparse.finetune import qat as training_qat
 
     _, qdq, _ = _sparse_qdq_fixture(tmp_path)
     ext = _all_external(qdq, tmp_path / "ext.onnx")
@@ -501,7 +501,7 @@ def test_weights_behind_an_op_without_cpu_gradient_stay_fixed(cnn_path: Path, tm
 
 
 def test_ort_cpp_errors_become_one_readable_line() -> None:
-    from onnxsparse.training_worker import clean_error
+    from onnxsparse.finetune.worker import clean_error
 
     raw = (
         "/onnxruntime_src/orttraining/orttraining/core/graph/gradient_builder_base.h:123 onnxruntime::training::"

@@ -20,11 +20,11 @@ from training_support import (
     training_runtime,  # noqa: F401
 )
 
-from onnxsparse import training
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, load_model
-from onnxsparse.tensors import to_array
-from onnxsparse.training_batches import Batches, row_lengths, trim
+from onnxsparse.finetune import run as training
+from onnxsparse.finetune.batches import Batches, row_lengths, trim
+from onnxsparse.ir.model_io import Model, load_model
+from onnxsparse.ir.tensors import to_array
 
 needs_runtime = pytest.mark.usefixtures("training_runtime")
 
@@ -141,7 +141,7 @@ def test_mask_layout_names_what_is_trimmed(encoder: tuple[Path, Model, dict[str,
     _, pruned, _ = encoder
     data = encoder_data(tmp_path / "d.npz")
     headers = training.npz_shapes(data)
-    from onnxsparse.training_data import mask_layout
+    from onnxsparse.finetune.data import mask_layout
 
     layout = mask_layout(pruned.proto, "attention_mask", ["hidden"], headers, data)
     assert layout.trim == {"input_ids": 1, "attention_mask": 1} and layout.static_reason is None
@@ -198,7 +198,7 @@ def test_static_sequence_dim_warns_and_trains_untrimmed(tmp_path: Path, caplog: 
     dense = tiny_encoder(tmp_path / "static.onnx", seq=12)
     pruned, masks = prune_masks(load_model(dense))
     data = encoder_data(tmp_path / "d.npz")
-    with caplog.at_level(logging.WARNING, logger="onnxsparse.training"):
+    with caplog.at_level(logging.WARNING, logger="onnxsparse.finetune.run"):
         result = training.finetune(pruned, masks, data, _opts(steps=2), teacher=dense)
     assert any("sequence dim is fixed" in r.getMessage() for r in caplog.records)
     assert result.batching["trimmed"] == [] and result.steps == 2

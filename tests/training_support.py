@@ -1,7 +1,7 @@
 """Shared pieces of the fine-tune tests: the training-runtime fixture, the trained fixture, and error metrics.
 
 ``training_runtime`` (session scope) finds ONNX Runtime training or installs it into onnxsparse's cache
-(``$ONNXSPARSE_CACHE``, default ``~/.cache/onnxsparse``) with ``onnxsparse.training.install_runtime`` — a
+(``$ONNXSPARSE_CACHE``, default ``~/.cache/onnxsparse``) with ``onnxsparse.finetune.run.install_runtime`` — a
 ~9 MB wheel from PyPI, a few seconds. Where the install fails the tests skip, except in CI (``CI=true``),
 where a missing runtime is a failure: the fine-tune tests must never be skipped there.
 
@@ -20,7 +20,7 @@ import pytest
 from make_finetune_fixture import example_inputs, target_function
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, load_model
+from onnxsparse.ir.model_io import Model, load_model
 from onnxsparse.pipeline import PassContext, get_pass
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def _in_ci() -> bool:
 @pytest.fixture(scope="session")
 def training_runtime() -> Any:
     """The ORT training runtime (installed on first use). Fails instead of skipping in CI."""
-    from onnxsparse import training
+    from onnxsparse.finetune import run as training
 
     rt = training.find_runtime()
     if rt is not None:

@@ -147,7 +147,7 @@ def batches(model_path: Path, count: int, batch: int, first_seed: int = 0) -> It
 
 
 def run_ours(model_path: Path, out: Path, count: int, batch: int) -> dict[str, Any]:
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
     from onnxsparse.passes.qdq import QdqPass
     from onnxsparse.pipeline import PassContext, Pipeline
 

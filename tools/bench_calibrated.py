@@ -159,10 +159,10 @@ def model_facts(model: Path) -> dict[str, Any]:
     import numpy as np
     import onnx
 
-    from onnxsparse.graph import iter_graphs
-    from onnxsparse.layers import find_layers
+    from onnxsparse.ir.graph import iter_graphs
+    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.tensors import nbytes
     from onnxsparse.pruning.layout import stats_shape
-    from onnxsparse.tensors import nbytes
 
     proto = onnx.load(str(model), load_external_data=False)
     weights = sum(nbytes(t) for g in iter_graphs(proto.graph) for t in g.initializer)
@@ -188,7 +188,7 @@ def model_facts(model: Path) -> dict[str, Any]:
 
 def sparsity_check(model: Path) -> dict[str, Any]:
     """validate's summary of a pruned model: how many eligible layers are 2:4."""
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.model_io import load_model
     from onnxsparse.passes.validate import ValidatePass
     from onnxsparse.pipeline import PassContext
 

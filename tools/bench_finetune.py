@@ -40,7 +40,7 @@ DATA = minilm_l3.DATA_DIR
 
 
 def prune_magnitude(dense: Path, out_dir: Path) -> tuple[Path, Path]:
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
     from onnxsparse.pipeline import PassContext, Pipeline
 
     masks = out_dir / "masks.npz"
@@ -59,8 +59,8 @@ def run_ort(
     out: Path | None = None,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    from onnxsparse.model_io import load_model, save_model
-    from onnxsparse.training import FinetuneOptions, finetune, load_masks
+    from onnxsparse.finetune.run import FinetuneOptions, finetune, load_masks
+    from onnxsparse.ir.model_io import load_model, save_model
 
     opts = FinetuneOptions(
         steps=steps,

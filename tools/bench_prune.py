@@ -179,7 +179,7 @@ def _quiet_polygraphy() -> None:
 def bench_passes(model: onnx.ModelProto, repeat: int) -> dict[str, float | int]:
     from polygraphy.tools.sparse import SparsityPruner
 
-    from onnxsparse.model_io import Model
+    from onnxsparse.ir.model_io import Model
     from onnxsparse.passes.prune import PrunePass
     from onnxsparse.passes.validate import ValidatePass
     from onnxsparse.pipeline import PassContext

@@ -128,10 +128,10 @@ def _peak_mb() -> float:
 
 def measure(model_path: Path, out_path: Path) -> dict[str, Any]:
     """Load → prune → validate → save in *this* process; returns timings and memory (call in a subprocess)."""
-    from onnxsparse.graph import iter_graphs
-    from onnxsparse.model_io import load_model, model_nbytes, save_model
+    from onnxsparse.ir.graph import iter_graphs
+    from onnxsparse.ir.model_io import load_model, model_nbytes, save_model
+    from onnxsparse.ir.tensors import nbytes
     from onnxsparse.pipeline import PassContext, Pipeline, registry
-    from onnxsparse.tensors import nbytes
 
     registry()  # import every pass module now: their imports belong to the floor, not to the work
     import_peak = _peak_mb()
@@ -171,10 +171,10 @@ def measure(model_path: Path, out_path: Path) -> dict[str, Any]:
 
 def verify(out_path: Path) -> int:
     """Checker on the written file, and every weight 2:4 along its reduction axis; returns tensors checked."""
-    from onnxsparse.layers import find_layers
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.tensors import to_array
     from onnxsparse.sparsity import is_nm
-    from onnxsparse.tensors import to_array
 
     onnx.checker.check_model(str(out_path), full_check=True)
     model = load_model(out_path, check=False)

@@ -153,8 +153,8 @@ def extract_models(wheel: Path, out: Path, source: WheelSource = DDDDOCR_SOURCE)
 def verify(paths: list[Path]) -> list[str]:
     """Load each model through onnxsparse (checker included); one summary line per model."""
     from onnxsparse.errors import OnnxSparseError
-    from onnxsparse.graph import op_counts
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.graph import op_counts
+    from onnxsparse.ir.model_io import load_model
 
     lines = []
     for path in paths:

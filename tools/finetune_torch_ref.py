@@ -14,7 +14,7 @@ embeddings, the two constant position / token-type tables, 18 Gemm weights and b
 LayerNorms), with the graph's attention bias ((1 − mask)·−30), tanh-GELU and 12 heads of 32; its output matches
 ONNX Runtime's within float32 rounding (``--check``). The recipe is the one ``onnxsparse finetune`` runs: W ⊙ M
 in the forward pass (so pruned weights get no gradient), MSE to the teacher averaged over real tokens only,
-batches from ``onnxsparse/training_batches.py`` with the same seed (the same samples, trimmed to the same
+batches from ``onnxsparse/finetune/batches.py`` with the same seed (the same samples, trimmed to the same
 lengths), AdamW as onnxsparse runs it (PyTorch's formulation, β 0.9/0.999, ε 1e-8, weight decay 0), and the
 same warm-up + cosine-to-10% schedule (``training_worker._lr_at``). Written by hand rather than through
 onnx2torch or transformers: neither is installed, and a 60-line module keeps the mapping visible.

@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "passes")]
 import test_to_fp16 as cases  # noqa: E402
 from conftest import copy_proto, make_feeds  # noqa: E402
 
-from onnxsparse.model_io import Model  # noqa: E402
+from onnxsparse.ir.model_io import Model  # noqa: E402
 from onnxsparse.pipeline import Pipeline  # noqa: E402
 
 

@@ -85,8 +85,8 @@ def build_untrained(seed: int = 0) -> onnx.ModelProto:
 
 def train_dense(model: onnx.ModelProto, steps: int, samples: int) -> onnx.ModelProto:
     """Train every weight (all-True masks) on the task with MSE on labels, through onnxsparse's fine-tune."""
-    from onnxsparse.model_io import Model
-    from onnxsparse.training import FinetuneOptions, finetune
+    from onnxsparse.finetune.run import FinetuneOptions, finetune
+    from onnxsparse.ir.model_io import Model
 
     masks = {
         t.name: np.ones(tuple(t.dims), bool)

@@ -18,7 +18,7 @@ Recognised, in this order after the layer's output:
 
 A step is taken only when every intermediate value is read by the pattern alone (a pre-activation value read
 elsewhere cannot be fused away). The graph is matched on ``onnx`` protos with the producer/consumer maps of
-``onnxsparse.graph`` rather than onnxscript's rewriter: the answer is a description, nothing is rewritten.
+``onnxsparse.ir.graph`` rather than onnxscript's rewriter: the answer is a description, nothing is rewritten.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 from onnx import NodeProto, numpy_helper
 
-from onnxsparse.graph import consumers, producers
-from onnxsparse.layers import Layer, attr, find_layers
-from onnxsparse.tensors import external_info
+from onnxsparse.ir.graph import consumers, producers
+from onnxsparse.ir.layers import Layer, attr, find_layers
+from onnxsparse.ir.tensors import external_info
 
 #: activation names; "gelu" is the exact (erf) form, "gelu_tanh" the tanh approximation
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")

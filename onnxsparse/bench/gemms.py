@@ -20,8 +20,8 @@ from typing import Any
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import find_layers
-from onnxsparse.shapes import Shape, infer_shapes
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.shapes import Shape, infer_shapes
 
 #: dtype → required multiple of N and K (structured operand) and of the padded M, per cuSPARSELt's rules.
 ALIGNMENT = {"fp16": 16, "int8": 32}
@@ -138,7 +138,7 @@ def extract_gemms(
     ``exclude``: a regex of layer or weight names that stay dense (not timed; their time counts as
     non-GEMM time in the end-to-end estimate)."""
     from onnxsparse.bench.epilogue import find_epilogues
-    from onnxsparse.layers import check_regex, select_reason
+    from onnxsparse.ir.layers import check_regex, select_reason
 
     if dtype not in ALIGNMENT:
         raise OnnxSparseError(f"unknown dtype '{dtype}': expected one of {', '.join(ALIGNMENT)}")

@@ -156,9 +156,9 @@ def command(
     """
     from onnxsparse.bench.e2e import parse_trt_profile
     from onnxsparse.bench.gemms import extract_gemms, unique_gemms, with_m_bucket
-    from onnxsparse.model_io import load_model
-    from onnxsparse.paths import check_outputs
-    from onnxsparse.shapes import parse_shapes
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.paths import check_outputs
+    from onnxsparse.ir.shapes import parse_shapes
 
     if total_ms is not None and trt_profile is not None:
         raise OnnxSparseError("give --total-ms or --trt-profile, not both")

@@ -17,8 +17,8 @@ from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option
 from onnxsparse.errors import OnnxSparseError
 
 if TYPE_CHECKING:
-    from onnxsparse.engine import BuildOptions, BuildPlan, BuildResult
-    from onnxsparse.model_io import Model
+    from onnxsparse.ir.model_io import Model
+    from onnxsparse.trt.builder import BuildOptions, BuildPlan, BuildResult
 
 #: engine.PRECISIONS, spelled here so ``build --help`` need not import onnx (tests/commands/test_build.py
 #: checks that the two agree)
@@ -94,7 +94,10 @@ def command(
     strongly typed): fp16/best builds parse a float16 copy made by the to-fp16 pass, int8 builds parse the
     Q/DQ model as it is. Without TensorRT this prints the trtexec equivalent and exits 1.
     """
-    from onnxsparse.engine import (
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.paths import check_outputs, data_file
+    from onnxsparse.ir.shapes import parse_shapes
+    from onnxsparse.trt.builder import (
         BuildOptions,
         TensorRTMissing,
         build_engine,
@@ -105,10 +108,7 @@ def command(
         trt_major,
         two_four_layers,
     )
-    from onnxsparse.model_io import load_model
-    from onnxsparse.paths import check_outputs, data_file
-    from onnxsparse.shapes import parse_shapes
-    from onnxsparse.trtexec import fp16_model_path, trtexec_script, write_script
+    from onnxsparse.trt.trtexec import fp16_model_path, trtexec_script, write_script
 
     m = load_model(model)
     model_path = Path(model).resolve()
@@ -170,9 +170,9 @@ def _without_tensorrt(
     m: Model,
     reason: str,
 ) -> None:
-    from onnxsparse.engine import two_four_layers
     from onnxsparse.render import write_json
-    from onnxsparse.trtexec import render_steps, trtexec_script, trtexec_steps, write_script
+    from onnxsparse.trt.builder import two_four_layers
+    from onnxsparse.trt.trtexec import render_steps, trtexec_script, trtexec_steps, write_script
 
     steps = trtexec_steps(model_path, engine_path, plan, options)
     if script is not None:

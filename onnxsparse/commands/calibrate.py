@@ -96,9 +96,9 @@ def command(
       onnxsparse calibrate sparse.onnx --calib calib_dir/ --calib-samples 512 --batch-size 16 -o int8.onnx
       onnxsparse calibrate model.onnx --calib calib.npz --method max --exclude 'head' -o int8.onnx --json -
     """
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
+    from onnxsparse.ir.paths import check_outputs
     from onnxsparse.passes.qdq import QdqPass
-    from onnxsparse.paths import check_outputs
     from onnxsparse.pipeline import PassContext, Pipeline
     from onnxsparse.render import table, write_json
 

@@ -39,12 +39,12 @@ def command(
     n:m; it falls back to parameter counts when a symbolic dim has no --shapes value.
     Exit codes: 0 ok, 1 error, 2 a gate failed.
     """
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.paths import check_outputs
+    from onnxsparse.ir.shapes import parse_shapes
     from onnxsparse.passes.validate import ValidateConfig, ValidatePass, render_report
-    from onnxsparse.paths import check_outputs
     from onnxsparse.pipeline import PassContext
     from onnxsparse.render import write_json
-    from onnxsparse.shapes import parse_shapes
 
     check_outputs([model], [("--json", json_path)])
     check_pass = ValidatePass(ValidateConfig(pattern=pattern, min_coverage=min_coverage, require_all=require_all))

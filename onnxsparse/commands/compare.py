@@ -112,11 +112,11 @@ def command(
     and ranks. Exit codes: 0 ok, 1 error, 2 the --min-cosine gate failed.
     """
     from onnxsparse.compare import compare_models
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.model_io import load_model
     from onnxsparse.render import write_json
 
     if json_path and json_path != "-":
-        from onnxsparse.paths import check_outputs
+        from onnxsparse.ir.paths import check_outputs
 
         check_outputs([reference, candidate, data], [("--json", json_path)])
     ref = load_model(reference)

@@ -20,8 +20,8 @@ import click
 
 from onnxsparse.commands._common import MODEL_ARG, json_option
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.finetune.options import DEFAULT_TRAIN
 from onnxsparse.render import table, write_json
-from onnxsparse.training_options import DEFAULT_TRAIN
 
 if TYPE_CHECKING:  # onnx and numpy load inside the command only (``--help`` stays light)
     from onnxsparse.pipeline import Pipeline
@@ -161,9 +161,9 @@ def command(
 
     The output has MODEL's nodes, initializer names, opset and IR version; masked entries are exactly zero.
     """
-    from onnxsparse import training
-    from onnxsparse.model_io import load_model, save_model
-    from onnxsparse.paths import check_outputs
+    from onnxsparse.finetune import run as training
+    from onnxsparse.ir.model_io import load_model, save_model
+    from onnxsparse.ir.paths import check_outputs
     from onnxsparse.pipeline import Pass, PassContext, Pipeline, get_pass
 
     if schedule and masks:

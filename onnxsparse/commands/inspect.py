@@ -10,7 +10,7 @@ import click
 from onnxsparse.commands._common import MODEL_ARG, json_option, shapes_option
 
 if TYPE_CHECKING:
-    from onnxsparse.model_io import Model
+    from onnxsparse.ir.model_io import Model
 
 
 def _fmt_shape(shape: Sequence[int | str | None] | None) -> str:
@@ -21,10 +21,10 @@ def _fmt_shape(shape: Sequence[int | str | None] | None) -> str:
 
 def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Everything ``inspect`` shows, as data."""
-    from onnxsparse.graph import iter_graphs, op_counts
-    from onnxsparse.layers import find_layers
-    from onnxsparse.model_io import model_nbytes
-    from onnxsparse.shapes import infer_shapes
+    from onnxsparse.ir.graph import iter_graphs, op_counts
+    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.model_io import model_nbytes
+    from onnxsparse.ir.shapes import infer_shapes
 
     proto = model.proto
     inferred = infer_shapes(proto, shapes)
@@ -79,10 +79,10 @@ def command(model: str, shapes: str | None, json_path: str | None) -> None:
     the weight's shape, the reduction axis 2:4 groups run along, the GEMM it computes (with --shapes for
     symbolic dims) and why it cannot be made sparse, if so.
     """
-    from onnxsparse.model_io import load_model
-    from onnxsparse.paths import check_outputs
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.paths import check_outputs
+    from onnxsparse.ir.shapes import parse_shapes
     from onnxsparse.render import human_bytes, human_count, table, write_json
-    from onnxsparse.shapes import parse_shapes
 
     check_outputs([model], [("--json", json_path)])
     info = inspect_model(load_model(model), parse_shapes(shapes))

@@ -73,10 +73,10 @@ def command(
 
     A validation gate that fails exits with code 2 and writes no output.
     """
-    from onnxsparse.model_io import load_model, save_model
-    from onnxsparse.paths import check_outputs
+    from onnxsparse.ir.model_io import load_model, save_model
+    from onnxsparse.ir.paths import check_outputs
+    from onnxsparse.ir.shapes import parse_shapes
     from onnxsparse.pipeline import PassContext, Pipeline, pass_paths
-    from onnxsparse.shapes import parse_shapes
 
     if pipeline_text and preset:
         raise OnnxSparseError("give either -p/--pipeline or --preset, not both")
@@ -117,7 +117,7 @@ def command(
 
 
 def _size(path: Path) -> int:
-    from onnxsparse.paths import model_files
+    from onnxsparse.ir.paths import model_files
 
     return sum(f.stat().st_size for f in model_files(path) if f.is_file())
 

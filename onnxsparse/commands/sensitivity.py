@@ -164,8 +164,8 @@ def command(
     while the measurement is over the budget. Exit codes: 0 ok, 1 error.
     """
     from onnxsparse.errors import OnnxSparseError
-    from onnxsparse.model_io import load_model
-    from onnxsparse.paths import check_outputs
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.paths import check_outputs
     from onnxsparse.plan import plan_document
     from onnxsparse.render import write_json
     from onnxsparse.sensitivity import SensitivityOptions, run_sensitivity

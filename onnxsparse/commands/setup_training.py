@@ -24,7 +24,7 @@ import click
 @click.option("--print-command", is_flag=True, help="Only print the pip command (for an offline or manual install).")
 def command(target: Path | None, force: bool, print_command: bool) -> None:
     """Install the ONNX Runtime training runtime that `onnxsparse finetune` uses (about 35 MB, CPU)."""
-    from onnxsparse import training
+    from onnxsparse.finetune import run as training
 
     if print_command:
         click.echo(" ".join(training.install_command(target)))

@@ -17,8 +17,8 @@ Module map: ``solvers`` (numpy only, no graph), ``gram`` (statistics), ``layout`
 matrix, im2col), ``collect`` (the ORT stage runner), ``apply`` (one layer), ``runner`` (stages).
 """
 
+from onnxsparse.calibration.gram import GramStats
 from onnxsparse.pruning.apply import METHODS, LayerOutcome, prune_layer
 from onnxsparse.pruning.collect import collect_stats
-from onnxsparse.pruning.gram import GramStats
 
 __all__ = ["METHODS", "GramStats", "LayerOutcome", "collect_stats", "prune_layer"]

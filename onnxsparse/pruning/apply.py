@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
+from onnxsparse.calibration.gram import GramStats
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import consumers, use_counts
-from onnxsparse.layers import Layer, attr
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import consumers, use_counts
+from onnxsparse.ir.layers import Layer, attr
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import set_array, to_array
 from onnxsparse.pruning import solvers
-from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import problems
 from onnxsparse.sparsity import StoredWeight, constants_by_name, stored_weight
-from onnxsparse.tensors import set_array, to_array
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 

@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.calibration import _first_line
-from onnxsparse.calibration_data import CalibrationData, open_calibration
+from onnxsparse.calibration.data import CalibrationData, open_calibration
+from onnxsparse.calibration.gram import GramStats
+from onnxsparse.calibration.histogram import _first_line
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import node_reads
-from onnxsparse.layers import Layer
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import node_reads
+from onnxsparse.ir.layers import Layer
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import to_array
 from onnxsparse.progress import progress as show_progress
-from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import activation_rows, stats_shape
-from onnxsparse.tensors import to_array
 
 log = logging.getLogger("onnxsparse.pruning")
 

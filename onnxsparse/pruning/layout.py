@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.layers import Layer, attr
+from onnxsparse.ir.layers import Layer, attr
 
 #: im2col patch chunks stay below about this many bytes
 CHUNK_BYTES = 16 * 2**20

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.calibration_data import open_calibration
-from onnxsparse.graph import node_reads
-from onnxsparse.layers import Layer
-from onnxsparse.model_io import Model
+from onnxsparse.calibration.data import open_calibration
+from onnxsparse.calibration.gram import GramStats
+from onnxsparse.ir.graph import node_reads
+from onnxsparse.ir.layers import Layer
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import to_array
 from onnxsparse.pruning.apply import LayerOutcome, prune_layer
 from onnxsparse.pruning.collect import collect, replayable
-from onnxsparse.pruning.gram import GramStats
 from onnxsparse.pruning.layout import stats_shape
-from onnxsparse.tensors import to_array
 
 log = logging.getLogger("onnxsparse.pruning")
 

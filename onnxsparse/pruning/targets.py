@@ -2,7 +2,7 @@
 
 A weight can be read by several layers (a shared tensor) or by nodes that are no layer (it would change under
 them): ``group_targets`` and ``foreign_reader`` find both before anything is pruned. ``magnitude_nm`` prunes one
-stored tensor in place (large external weights in slabs, ``onnxsparse.stream``). The masks .npz (True = may be
+stored tensor in place (large external weights in slabs, ``onnxsparse.ir.stream``). The masks .npz (True = may be
 non-zero) is what ``prune{masks=PATH}`` writes and the fine-tune hook reads. Kept apart from ``passes/prune.py``
 so that the pass module is its options and the per-layer loop.
 """
@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import Layer
-from onnxsparse.model_io import Model
+from onnxsparse.ir.layers import Layer
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.stream import prune_tensor, streamable
+from onnxsparse.ir.tensors import set_array
 from onnxsparse.pipeline import PassReport
 from onnxsparse.pruning.layout import problems
 from onnxsparse.sparsity import StoredWeight, check_finite, count_violations, nm_keep
-from onnxsparse.stream import prune_tensor, streamable
-from onnxsparse.tensors import set_array
 
 
 @dataclass
@@ -42,7 +42,7 @@ def magnitude_nm(
 ) -> tuple[int, int, np.ndarray, int, int]:
     """Magnitude n:m of one stored tensor: (violating groups before, groups, mask, non-zeros before, after)."""
     if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
-        # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.stream).
+        # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.ir.stream).
         st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
         assert st.mask is not None
         return st.violations, st.groups, st.mask, st.nonzero_before, st.nonzero_after
@@ -85,7 +85,7 @@ def group_targets(layers: list[Layer], report: PassReport) -> list[Target]:
 
 def weight_readers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Name → nodes reading it (any graph); graph outputs count as a reader with op ``<output>``."""
-    from onnxsparse.graph import iter_graphs
+    from onnxsparse.ir.graph import iter_graphs
 
     out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for g in iter_graphs(proto.graph):

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsparse.bench.gemms import extract_gemms, round_up, unique_gemms
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.shapes import parse_shapes
+from onnxsparse.ir.shapes import parse_shapes
 
 
 def _model(nodes, inputs, outputs, inits, opset=17):

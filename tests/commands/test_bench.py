@@ -130,7 +130,7 @@ def test_report_json_with_total_and_buckets(tmp_path):
 
     from onnxsparse.bench.gemms import extract_gemms, unique_gemms, with_m_bucket
     from onnxsparse.commands.bench import _reports
-    from onnxsparse.shapes import parse_shapes
+    from onnxsparse.ir.shapes import parse_shapes
 
     path, _ = _save(tmp_path)
     layers = extract_gemms(onnx.load(path), parse_shapes("x:2x50x64"), epilogues=True)

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from fake_tensorrt import MOCK_ENGINE_BYTES, make
 
 from onnxsparse.cli import main
-from onnxsparse.model_io import load_model
+from onnxsparse.ir.model_io import load_model
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 CNN = FIXTURES / "cnn.onnx"  # x[batch,3,32,32]
@@ -182,7 +182,7 @@ def test_mock_trt10_cli_build_reports_sparsity(tmp_path: Path, monkeypatch: pyte
 
 
 def _two_four(path: Path) -> list[str]:
-    from onnxsparse.engine import two_four_layers
+    from onnxsparse.trt.builder import two_four_layers
 
     return two_four_layers(load_model(path))
 
@@ -212,7 +212,7 @@ def test_mock_version_mismatch_and_failed_build(tmp_path: Path, monkeypatch: pyt
 
 def test_precision_choices_match_the_engine() -> None:
     """build.py spells engine.PRECISIONS out so that `build --help` need not import onnx; they must agree."""
-    from onnxsparse import engine
     from onnxsparse.commands import build as build_cmd
+    from onnxsparse.trt import builder as engine
 
     assert build_cmd.PRECISIONS == engine.PRECISIONS

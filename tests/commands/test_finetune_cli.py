@@ -26,7 +26,7 @@ from training_support import (
 )
 
 from onnxsparse.cli import main
-from onnxsparse.model_io import load_model
+from onnxsparse.ir.model_io import load_model
 
 pytestmark = pytest.mark.usefixtures("training_runtime")
 
@@ -138,7 +138,7 @@ def test_bad_invocations_are_one_line_errors(tmp_path: Path, args: list[str], me
 
 
 def test_missing_runtime_tells_the_command_and_writes_nothing(tmp_path: Path) -> None:
-    from onnxsparse import training
+    from onnxsparse.finetune import run as training
 
     rt = training.find_runtime()
     if rt is not None and rt.mode == "inprocess":
@@ -256,7 +256,7 @@ def test_progress_lines_without_a_tty() -> None:
     and a last line when done. The worker's events drive the real ``Progress`` with a fake clock."""
     import io
 
-    from onnxsparse.training_events import Events
+    from onnxsparse.finetune.events import Events
 
     now = [100.0]
     log = io.StringIO()

@@ -1,6 +1,6 @@
 """MOCK of TensorRT's Python module, for tests only. THIS IS NOT TENSORRT and builds nothing.
 
-TensorRT cannot be installed on the machines onnxsparse is tested on, so the tests of ``onnxsparse.engine``'s
+TensorRT cannot be installed on the machines onnxsparse is tested on, so the tests of ``onnxsparse.trt.builder``'s
 API calls run against this stand-in, injected as ``sys.modules["tensorrt"]``. It mirrors the documented
 surface that onnxsparse uses (``Builder``, ``create_network``, ``OnnxParser.parse_from_file``,
 ``BuilderFlag``, ``MemoryPoolType``, optimization profiles, timing cache, ``ILogger`` with ``Severity``,

@@ -18,9 +18,9 @@ from training_support import (
 )
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import load_model
+from onnxsparse.ir.model_io import load_model
+from onnxsparse.ir.tensors import to_array
 from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
-from onnxsparse.tensors import to_array
 
 pytestmark = pytest.mark.usefixtures("training_runtime")
 

@@ -8,8 +8,8 @@ import pytest
 from builders import gemm_cases, if_model, loop_model, matmul_ranks, scan_model
 from conftest import copy_proto, run_ort
 
-from onnxsparse.graph import iter_nodes, op_counts
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import iter_nodes, op_counts
+from onnxsparse.ir.model_io import Model
 from onnxsparse.passes.gemm_to_conv import GemmToConvPass
 from onnxsparse.pipeline import PassContext, Pipeline
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from conftest import make_feeds, run_ort
 
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import load_model
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.model_io import load_model
 from onnxsparse.passes.gemm_to_conv import GemmToConvPass
 from onnxsparse.pipeline import PassContext, Pipeline
 

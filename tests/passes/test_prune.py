@@ -15,9 +15,9 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import Model, load_model, save_model
+from onnxsparse.ir.graph import iter_graphs
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.passes.prune import PROGRESSIVE, PruneConfig, PrunePass, load_masks
 from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
 from onnxsparse.sparsity import count_violations, is_nm, nm_keep, parse_pattern

@@ -21,14 +21,14 @@ from onnx import numpy_helper as nh
 
 from onnxsparse.cli import main
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import Model, load_model, save_model
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.model_io import Model, load_model, save_model
+from onnxsparse.ir.tensors import to_array
 from onnxsparse.pipeline import PassContext, Pipeline
 from onnxsparse.pruning import collect_stats, prune_layer
 from onnxsparse.pruning.plan import Plan, read_plan, write_plan
 from onnxsparse.pruning.runner import stages
 from onnxsparse.sparsity import constants_by_name, is_nm, stored_weight
-from onnxsparse.tensors import to_array
 
 F = TensorProto.FLOAT
 

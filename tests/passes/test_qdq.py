@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import Model, load_model
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.model_io import Model, load_model
 from onnxsparse.passes.qdq import QdqPass
 from onnxsparse.pipeline import PassContext, Pipeline, PipelineResult, parse_pipeline
 from onnxsparse.sparsity import is_nm
@@ -426,7 +426,7 @@ def test_shared_weight_on_different_axes_falls_back_to_one_scale() -> None:
 
 
 def test_model_with_external_data_is_calibrated_and_quantized(tmp_path: Path) -> None:
-    from onnxsparse.model_io import save_model
+    from onnxsparse.ir.model_io import save_model
 
     src = Model(proto=op_zoo())
     save_model(src, tmp_path / "ext.onnx", external_data=True)
@@ -473,8 +473,8 @@ def test_external_weights_get_external_int8_weights_and_the_proto_stays_small(tm
     """A model whose weights are external data: the int8 weights the pass adds are not inlined into the proto
     (on a model over 2 GB that would add a quarter of its size and could pass protobuf's limit); the saved
     result runs and equals the inline model's result exactly."""
-    from onnxsparse.model_io import save_model
-    from onnxsparse.tensors import external_info
+    from onnxsparse.ir.model_io import save_model
+    from onnxsparse.ir.tensors import external_info
 
     proto = _wide_mlp()
     save_model(Model(proto=copy_proto(proto)), tmp_path / "ext.onnx", external_data=True)

@@ -22,9 +22,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs, iter_nodes
-from onnxsparse.layers import find_layers
-from onnxsparse.model_io import Model
+from onnxsparse.ir.graph import iter_graphs, iter_nodes
+from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.model_io import Model
 from onnxsparse.passes.to_fp16 import DEFAULT_BLOCK_OPS, ToFp16Pass, fp16_array
 from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
 
@@ -505,7 +505,7 @@ def test_every_fixture_model_converts_and_stays_close(fixture_model) -> None:  #
 
 def test_external_data_model_converts_and_saves(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Weights stored outside the protobuf: converted, saved with external data, reloaded, run in ORT."""
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
 
     src = tmp_path / "ext.onnx"
     save_model(Model(proto=cnn()), src, external_data=True)
@@ -546,7 +546,7 @@ def test_corpus_models_convert_and_stay_close(name: str, tmp_path) -> None:  # t
     import corpus
     from conftest import run_ort
 
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
 
     path = corpus.materialize(name, tmp_path)
     feeds = corpus.example_inputs(name)
@@ -564,7 +564,7 @@ def test_ddddocr_models_convert_and_stay_close(real_models, tmp_path) -> None:  
     opset 12) and com.microsoft ops (kept float32), measured 2.2e-2 within its own input sensitivity."""
     from conftest import make_feeds, run_ort
 
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
 
     for name, path in real_models.items():
         res = Pipeline("to-fp16").run(load_model(path))
@@ -597,7 +597,7 @@ def test_constant_attributes_stored_as_external_data_are_read_through_the_model_
     relative to the model, not the working directory; the fp16 result matches the float model."""
     from onnx.external_data_helper import convert_model_to_external_data
 
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
 
     rng = _rng(4)
     nodes = [

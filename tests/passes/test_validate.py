@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.model_io import Model, load_model
+from onnxsparse.ir.model_io import Model, load_model
 from onnxsparse.passes.prune import PrunePass
 from onnxsparse.passes.validate import ValidateConfig, ValidatePass, render_report
 from onnxsparse.pipeline import PassContext, Pipeline

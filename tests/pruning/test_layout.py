@@ -16,7 +16,7 @@ from conftest import run_ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from onnxsparse.layers import Layer, find_layers
+from onnxsparse.ir.layers import Layer, find_layers
 from onnxsparse.pruning import GramStats
 from onnxsparse.pruning.layout import activation_rows, problems, stats_shape
 from onnxsparse.sparsity import constants_by_name, stored_weight

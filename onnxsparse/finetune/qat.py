@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper
 
-from onnxsparse.layers import attr, find_layers
-from onnxsparse.model_io import Model
-from onnxsparse.tensors import to_array
+from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import to_array
 
 MASTER_SUFFIX = "__onnxsparse_master"
 _RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}

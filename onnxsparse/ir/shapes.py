@@ -13,7 +13,7 @@ import onnx
 from onnx import ModelProto, TypeProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs
+from onnxsparse.ir.graph import iter_graphs
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -155,7 +155,7 @@ def _symbolic_fill(model: ModelProto, stripped: set[str], shapes: dict[str, Shap
     onnx's own concrete dims always win. Any failure (an op it does not know, an old opset, no onnxruntime)
     leaves onnx's result as it was.
     """
-    log = logging.getLogger("onnxsparse.shapes")
+    log = logging.getLogger("onnxsparse.ir.shapes")
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except Exception as e:  # onnxruntime is a dependency, but a broken install must not break reports

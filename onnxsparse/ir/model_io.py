@@ -21,10 +21,11 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from onnxsparse import __version__, paths
+from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs, use_counts
-from onnxsparse.tensors import external_info, external_path, link_spill_pack, nbytes, settle_spill_pack, to_array
+from onnxsparse.ir import paths
+from onnxsparse.ir.graph import iter_graphs, use_counts
+from onnxsparse.ir.tensors import external_info, external_path, link_spill_pack, nbytes, settle_spill_pack, to_array
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
 PROTO_LIMIT = 2**31 - 64 * 2**20

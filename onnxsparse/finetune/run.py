@@ -32,12 +32,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model
-from onnxsparse.pruning.targets import load_masks  # the one masks reader (prune writes them)
-from onnxsparse.tensors import to_array
-from onnxsparse.training_data import (
+from onnxsparse.finetune import worker as training_worker
+from onnxsparse.finetune.data import (
     MaskLayout,
     check_data,
     check_teacher,
@@ -45,8 +42,8 @@ from onnxsparse.training_data import (
     npz_shapes,
     sample_specs,
 )
-from onnxsparse.training_events import Events, events_subprocess
-from onnxsparse.training_graph import (
+from onnxsparse.finetune.events import Events, events_subprocess
+from onnxsparse.finetune.graph import (
     MASK_SUFFIX,
     MASKED_SUFFIX,
     MAX_IR,
@@ -61,8 +58,8 @@ from onnxsparse.training_graph import (
     trainable_sets,
     training_copy,
 )
-from onnxsparse.training_options import LOSSES, TRAIN_SETS, FinetuneOptions, FinetuneResult, parse_train
-from onnxsparse.training_runtime import (
+from onnxsparse.finetune.options import LOSSES, TRAIN_SETS, FinetuneOptions, FinetuneResult, parse_train
+from onnxsparse.finetune.runtime import (
     Runtime,
     cache_dir,
     find_runtime,
@@ -71,8 +68,11 @@ from onnxsparse.training_runtime import (
     require_runtime,
     runtime_dir,
 )
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.tensors import to_array
+from onnxsparse.pruning.targets import load_masks  # the one masks reader (prune writes them)
 
-log = logging.getLogger("onnxsparse.training")
+log = logging.getLogger("onnxsparse.finetune.run")
 
 __all__ = [
     "LOSSES",
@@ -124,7 +124,7 @@ def _loss_outputs(model: Model, opts: FinetuneOptions) -> list[str]:
 
 
 def _load_teacher(teacher: Model | str | os.PathLike[str]) -> Model:
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.model_io import load_model
 
     return teacher if isinstance(teacher, Model) else load_model(str(teacher), check=False)
 
@@ -217,7 +217,7 @@ def finetune(
     (``FinetuneResult.curve``). Everything is checked before training starts (one-line errors).
     ``profile``: a path prefix; ORT writes its per-node profile of the training session there (JSON).
     """
-    from onnxsparse import training_qat
+    from onnxsparse.finetune import qat as training_qat
 
     opts = options or FinetuneOptions()
     masks = {k: np.asarray(v).astype(bool) for k, v in masks.items()}
@@ -391,7 +391,7 @@ def output_error(
     """
     import onnxruntime as ort
 
-    from onnxsparse.model_io import load_model
+    from onnxsparse.ir.model_io import load_model
 
     t = teacher if isinstance(teacher, Model) else load_model(str(teacher), check=False)
 

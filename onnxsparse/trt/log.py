@@ -1,6 +1,6 @@
 """The ``(Sparsity)`` lines of a TensorRT builder log: which layers were eligible for sparse tactics, which won.
 
-Read from the Python builder's logger messages (``onnxsparse.engine``) and from a saved trtexec log alike. The
+Read from the Python builder's logger messages (``onnxsparse.trt.builder``) and from a saved trtexec log alike. The
 patterns follow log lines quoted in TensorRT's issue tracker (TensorRT 10's "Found/Chose N layer(s)" and 8.x's
 older wording); no TensorRT is needed to parse them.
 """

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.training_runtime import Runtime
+from onnxsparse.finetune import worker as training_worker
+from onnxsparse.finetune.runtime import Runtime
 
-log = logging.getLogger("onnxsparse.training")
+log = logging.getLogger("onnxsparse.finetune.run")
 
 
 def events_subprocess(job_path: Path, runtime: Runtime, cwd: Path) -> Iterator[dict[str, Any]]:

@@ -18,8 +18,8 @@ None of this has run against a real TensorRT: it cannot be installed on the mach
 The API path is exercised against a mock ``tensorrt`` module in the tests, the log parser against log lines
 quoted in TensorRT's issue tracker, and the trtexec commands are checked flag by flag, not run.
 
-The trtexec equivalent lives in ``onnxsparse.trtexec`` and the ``(Sparsity)`` log parser in
-``onnxsparse.trt_log``; their names are re-exported here for older imports.
+The trtexec equivalent lives in ``onnxsparse.trt.trtexec`` and the ``(Sparsity)`` log parser in
+``onnxsparse.trt.log``; their names are re-exported here for older imports.
 """
 
 from __future__ import annotations
@@ -38,19 +38,19 @@ from typing import Any
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_nodes
-from onnxsparse.model_io import Model
-from onnxsparse.trt_log import SparsityReport as SparsityReport
-from onnxsparse.trt_log import parse_sparsity_log as parse_sparsity_log
-from onnxsparse.trtexec import _dims
-from onnxsparse.trtexec import fp16_model_path as fp16_model_path
-from onnxsparse.trtexec import render_steps as render_steps
-from onnxsparse.trtexec import trtexec_command as trtexec_command
-from onnxsparse.trtexec import trtexec_script as trtexec_script
-from onnxsparse.trtexec import trtexec_steps as trtexec_steps
-from onnxsparse.trtexec import write_script as write_script
+from onnxsparse.ir.graph import iter_nodes
+from onnxsparse.ir.model_io import Model
+from onnxsparse.trt.log import SparsityReport as SparsityReport
+from onnxsparse.trt.log import parse_sparsity_log as parse_sparsity_log
+from onnxsparse.trt.trtexec import _dims
+from onnxsparse.trt.trtexec import fp16_model_path as fp16_model_path
+from onnxsparse.trt.trtexec import render_steps as render_steps
+from onnxsparse.trt.trtexec import trtexec_command as trtexec_command
+from onnxsparse.trt.trtexec import trtexec_script as trtexec_script
+from onnxsparse.trt.trtexec import trtexec_steps as trtexec_steps
+from onnxsparse.trt.trtexec import write_script as write_script
 
-log = logging.getLogger("onnxsparse.engine")
+log = logging.getLogger("onnxsparse.trt.builder")
 
 PRECISIONS = ("fp16", "int8", "best", "fp32")
 TRT_VERSIONS = (10, 11)
@@ -307,7 +307,7 @@ def _capture_logger(trt: ModuleType, records: list[tuple[Any, str]]) -> Any:
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path`` (permissions as by umask; an
     error names ``path``, not the temporary file)."""
-    from onnxsparse.paths import atomic_writer
+    from onnxsparse.ir.paths import atomic_writer
 
     with atomic_writer(path, "wb") as f:
         f.write(data)
@@ -321,7 +321,7 @@ def _onnx_for_builder(model: Model, plan: BuildPlan, workdir: Path) -> Iterator[
             raise OnnxSparseError("the model has no file to hand to TensorRT's parser")
         yield model.source
         return
-    from onnxsparse.model_io import load_model, save_model
+    from onnxsparse.ir.model_io import load_model, save_model
     from onnxsparse.passes.to_fp16 import ToFp16Pass
     from onnxsparse.pipeline import Pipeline
 
@@ -417,9 +417,9 @@ def two_four_layers(model: Model) -> list[str]:
 
     What TensorRT can at best call eligible; the build report sets its "Found N" against this.
     """
-    from onnxsparse.layers import find_layers
+    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.tensors import to_array
     from onnxsparse.sparsity import is_nm
-    from onnxsparse.tensors import to_array
 
     names = []
     for layer in find_layers(model.proto):

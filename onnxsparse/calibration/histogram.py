@@ -13,7 +13,7 @@ observed range in at least 2048 bins, and it never holds more than 4096 counts. 
 taken the way ORT's ``HistogramCollector.compute_percentile`` takes it for symmetric ranges: the left edge of
 the first bin at which the cumulative fraction reaches p, capped at max|x|.
 
-Calibration data (readers, checks, batching) lives in ``onnxsparse.calibration_data``; its public names are
+Calibration data (readers, checks, batching) lives in ``onnxsparse.calibration.data``; its public names are
 re-exported here so ``calibration.open_calibration`` and the older imports keep working.
 """
 
@@ -27,16 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from onnxsparse.calibration_data import CalibrationData as CalibrationData
-from onnxsparse.calibration_data import InputSpec as InputSpec
-from onnxsparse.calibration_data import check_batch as check_batch
-from onnxsparse.calibration_data import input_specs as input_specs
-from onnxsparse.calibration_data import open_calibration as open_calibration
+from onnxsparse.calibration.data import CalibrationData as CalibrationData
+from onnxsparse.calibration.data import InputSpec as InputSpec
+from onnxsparse.calibration.data import check_batch as check_batch
+from onnxsparse.calibration.data import input_specs as input_specs
+from onnxsparse.calibration.data import open_calibration as open_calibration
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model, ort_session
+from onnxsparse.ir.model_io import Model, ort_session
 from onnxsparse.progress import Progress
 
-log = logging.getLogger("onnxsparse.calibration")
+log = logging.getLogger("onnxsparse.calibration.histogram")
 
 NUM_BINS = 2048
 METHODS = ("percentile", "max")

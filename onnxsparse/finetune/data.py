@@ -1,7 +1,7 @@
 """What a fine-tune reads, checked before any training starts: masks, training/eval data, the teacher, the mask input.
 
 Every mismatch is one ``OnnxSparseError`` line naming the file, the input or output and what differs, in the
-words ``calibrate`` uses (``onnxsparse.calibration_data.check_batch``): without these checks ONNX Runtime's own
+words ``calibrate`` uses (``onnxsparse.calibration.data.check_batch``): without these checks ONNX Runtime's own
 message surfaced from deep in the worker (``InvalidArgument: ... Invalid rank for input: x Got: 4 Expected:
 2``) after the artefacts were built. Data files are checked from their ``.npy`` headers, so a large ``.npz`` is
 not read for it; only the mask input's array is read (its values must be 0/1).
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsparse.calibration_data import InputSpec, input_specs
+from onnxsparse.calibration.data import InputSpec, input_specs
 from onnxsparse.errors import OnnxSparseError
 
-log = logging.getLogger("onnxsparse.training")
+log = logging.getLogger("onnxsparse.finetune.run")
 
 Header = tuple[tuple[int, ...], np.dtype[Any]]
 

@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs, node_reads, toposort
-from onnxsparse.layers import attr, find_layers
-from onnxsparse.model_io import Model, save_model
-from onnxsparse.tensors import external_info, is_spilled, set_array, to_array
+from onnxsparse.finetune import worker as training_worker
+from onnxsparse.ir.graph import iter_graphs, node_reads, toposort
+from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.model_io import Model, save_model
+from onnxsparse.ir.tensors import external_info, is_spilled, set_array, to_array
 
 #: what ORT training 1.19 reads
 MAX_IR = 10
@@ -167,7 +167,7 @@ def training_copy(
             for i in (1, 2):
                 if not node.output[i]:
                     node.output[i] = f"{base}__onnxsparse_ln_stat{i}"
-    from onnxsparse import training_qat
+    from onnxsparse.finetune import qat as training_qat
 
     if qweights or training_qat.has_qdq(proto):
         training_qat.apply_qat(proto, qweights or {}, model.base_dir)
@@ -198,7 +198,7 @@ def _batchnorm_as_affine(proto: onnx.ModelProto) -> None:
     through it would match the teacher only with batch statistics and drift from it at inference, which uses
     the running ones. As plain arithmetic the running statistics stay in use (and scale / bias stay trainable).
     """
-    from onnxsparse.shapes import infer_shapes
+    from onnxsparse.ir.shapes import infer_shapes
 
     graph = proto.graph
     targets = [

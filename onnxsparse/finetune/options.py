@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from onnxsparse.errors import OnnxSparseError
 
 if TYPE_CHECKING:  # model_io imports onnx; the pass registry imports this module at CLI start-up
-    from onnxsparse.model_io import Model
+    from onnxsparse.ir.model_io import Model
 
 LOSSES = ("distill", "mse", "ce")
 #: what ``train=`` may name: the masked (pruned) weights, the biases of those layers, normalisation scales and

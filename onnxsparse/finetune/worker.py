@@ -1,9 +1,9 @@
 """The training loop itself, run against ONNX Runtime's training build (``onnxruntime-training-cpu``).
 
 Why a separate module with almost no imports: the training build ships its own ``onnxruntime`` package, which
-conflicts with the inference ``onnxruntime`` the rest of onnxsparse uses. ``onnxsparse.training`` therefore
+conflicts with the inference ``onnxruntime`` the rest of onnxsparse uses. ``onnxsparse.finetune.run`` therefore
 runs this file in a subprocess whose ``sys.path`` puts an isolated install of the training build first (see
-``onnxsparse.training.runtime_dir``), and talks to it through a JSON job file and JSON lines on stdout. Where
+``onnxsparse.finetune.run.runtime_dir``), and talks to it through a JSON job file and JSON lines on stdout. Where
 the current environment's ``onnxruntime`` already has training support, the same ``train`` function runs
 in-process. This module may import only the standard library, numpy, onnx and ``onnxruntime`` — never the
 onnxsparse package, whose modules would bind to whichever ``onnxruntime`` was imported first. Its helpers
@@ -89,7 +89,7 @@ def _cast(arr: np.ndarray, elem_type: int) -> np.ndarray:
 
 def _batches(job: dict[str, Any], path: str, shuffle: bool) -> Any:
     """The job's batches over the arrays of ``path`` (trimmed / bucketed as the job says)."""
-    tb = _sibling("training_batches")
+    tb = _sibling("batches")
     raw = np.load(path, allow_pickle=False)
     keys = list(job["input_names"]) + ([job["label_key"]] if job.get("label_key") else [])
     data = {k: raw[k] for k in keys}
@@ -149,7 +149,7 @@ def train(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[s
     evaluate = None
     if job.get("eval_data"):
         eval_batches = _batches(job, job["eval_data"], shuffle=False)
-        evaluate = _sibling("training_eval").Evaluator(job, eval_batches, teacher, feeds_of, targets_of)
+        evaluate = _sibling("evaluate").Evaluator(job, eval_batches, teacher, feeds_of, targets_of)
     every = int(job.get("eval_every", 0))
     curve: list[dict[str, float]] = []
 
@@ -280,7 +280,7 @@ def _session(
         if not requires:
             raise RuntimeError("nothing left to train: " + "; ".join(sorted(set(frozen.values()))))
         try:
-            _sibling("training_loss").build_artifacts(job, artifacts_mod, art, requires)
+            _sibling("loss").build_artifacts(job, artifacts_mod, art, requires)
             state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
             module = api.Module(
                 str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"), session_options=options
@@ -310,8 +310,8 @@ def _upstream_params(model_path: str, op_type: str, params: list[str]) -> list[s
 def upstream_names(graph: Any, starts: list[Any], reads: Callable[[Any], list[str]]) -> set[str]:
     """Every name the ``starts`` nodes read, directly or through the nodes producing those names.
 
-    ``reads(node)`` says what a node reads (its inputs; ``onnxsparse.graph.node_reads`` adds subgraph
-    captures). Shared with ``onnxsparse.training``, which may import this module but not the other way round.
+    ``reads(node)`` says what a node reads (its inputs; ``onnxsparse.ir.graph.node_reads`` adds subgraph
+    captures). Shared with ``onnxsparse.finetune.run``, which may import this module but not the other way round.
     """
     producer = {o: n for n in graph.node for o in n.output}
     todo = list(starts)

@@ -6,7 +6,7 @@ Calibration data comes from a ``.npz`` file (keys = input names, first axis = sa
 the batch and what was expected, so a wrong file fails with one line before any model runs, rather than with
 ONNX Runtime's own message from inside the first ``run``.
 
-Separate from ``onnxsparse.calibration`` (the streaming histogram and the collection loop) because the readers
+Separate from ``onnxsparse.calibration.histogram`` (the streaming histogram and the collection loop) because the readers
 and checks are shared by every command that feeds data to a model: ``calibrate``/``qdq``, the pruning statistics,
 ``compare``, ``sensitivity`` and the fine-tune data.
 """
@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.model_io import Model
+from onnxsparse.ir.model_io import Model
 
-log = logging.getLogger("onnxsparse.calibration")
+log = logging.getLogger("onnxsparse.calibration.histogram")
 
 #: a single .npz holding all samples is cut into batches of this many samples unless told otherwise
 DEFAULT_NPZ_BATCH = 32

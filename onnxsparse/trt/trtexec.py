@@ -1,7 +1,7 @@
 """trtexec: the command line, the steps and the bash script equivalent to an onnxsparse ``build``.
 
 Where TensorRT's Python package is missing, ``build`` prints (or writes, ``--trtexec-script``) these instead of
-building. Kept apart from ``onnxsparse.engine`` (the builder itself) because nothing here needs TensorRT or onnx:
+building. Kept apart from ``onnxsparse.trt.builder`` (the builder itself) because nothing here needs TensorRT or onnx:
 it is argument text only, checked flag by flag in the tests, not run.
 """
 
@@ -116,6 +116,6 @@ def trtexec_script(model_path: Path, engine_path: Path, plan: BuildPlan, options
 
 def write_script(path: Path, text: str) -> None:
     """Write ``text`` atomically and make it executable (errors name ``path``, never the temporary file)."""
-    from onnxsparse.paths import write_text
+    from onnxsparse.ir.paths import write_text
 
     write_text(path, text, flag="--trtexec-script", executable=True)

@@ -54,7 +54,7 @@ def model_files(path: PathLike) -> list[Path]:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError):
         return files
-    from onnxsparse.graph import iter_graphs
+    from onnxsparse.ir.graph import iter_graphs
 
     seen: set[str] = set()
     for graph in iter_graphs(proto.graph):

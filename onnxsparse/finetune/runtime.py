@@ -4,7 +4,7 @@ the user's ``onnxruntime``, or this environment's own ``onnxruntime`` when that 
 ORT training lives in ``onnxruntime-training-cpu`` (last release 1.19.2), which provides the same
 ``onnxruntime`` module as the inference package. Rather than replace the user's ``onnxruntime``, it is
 installed with ``pip --target`` into a cache folder (``onnxsparse setup-training``) and the training loop runs
-in a subprocess that puts that folder first on ``sys.path`` (``onnxsparse.training_worker``).
+in a subprocess that puts that folder first on ``sys.path`` (``onnxsparse.finetune.worker``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxsparse import training_worker
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.finetune import worker as training_worker
 
-log = logging.getLogger("onnxsparse.training")
+log = logging.getLogger("onnxsparse.finetune.run")
 
 
 def cache_dir() -> Path:

@@ -20,9 +20,9 @@ import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.graph import iter_graphs_with_path, subgraphs
-from onnxsparse.shapes import Shape, concrete
-from onnxsparse.tensors import constant_value, external_info, is_spilled, to_array
+from onnxsparse.ir.graph import iter_graphs_with_path, subgraphs
+from onnxsparse.ir.shapes import Shape, concrete
+from onnxsparse.ir.tensors import constant_value, external_info, is_spilled, to_array
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops a weight may pass through on its way to the layer; each maps axes in a known way.

@@ -37,7 +37,7 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.tensors import _MOVED, ScratchArray, external_info, external_path, is_spilled, spill_writer
+from onnxsparse.ir.tensors import _MOVED, ScratchArray, external_info, external_path, is_spilled, spill_writer
 
 #: external float weights at least this large are pruned / checked in slabs
 STREAM_MIN_BYTES = 32 * 2**20

@@ -1,0 +1,1 @@
+"""Calibration data readers, the streaming histogram and the Gram (XᵀX) statistics."""

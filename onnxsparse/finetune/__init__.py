@@ -1,0 +1,1 @@
+"""Fine-tuning with masks fixed: runtime install, graph preparation, worker, QAT, folding, evaluation."""

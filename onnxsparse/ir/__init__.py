@@ -1,0 +1,1 @@
+"""Loading, saving, external data and spill, shapes, the graph helpers and the weighted-layer index."""

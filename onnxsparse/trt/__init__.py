@@ -1,0 +1,1 @@
+"""TensorRT: the lazy builder, trtexec command emission and build-log parsing."""
