@@ -13,13 +13,10 @@ to dataclass fields with underscores.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import logging
-import os
 import pkgutil
-import shutil
 import time
 import types
 import typing
@@ -32,9 +29,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import onnx
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.ir.graph import cleanup, iter_graphs, op_counts, toposort
+from onnxsparse.ir.graph import cleanup, op_counts, toposort
 from onnxsparse.ir.model_io import Model, record_provenance
-from onnxsparse.ir.tensors import external_path, is_spilled
 from onnxsparse.presets import DEFAULT_PIPELINE as DEFAULT_PIPELINE  # re-exported: passes and tests import them here
 from onnxsparse.presets import PRESETS as PRESETS
 
@@ -427,68 +423,13 @@ class Pipeline:
 
 
 def check_model(model: Model) -> None:
-    """``onnx.checker`` with full_check (strict shape inference) on the in-memory model.
+    """``onnx.checker`` with full_check (strict shape inference) on the in-memory model (``ir.checker``)."""
+    from onnxsparse.ir.checker import check_proto
 
-    The checker resolves external data against the working directory, so for a model with external data
-    the check runs from the model's folder (weights are not loaded; only their files are looked at).
-    """
     try:
-        if any(is_spilled(t) for g in iter_graphs(model.proto.graph) for t in g.initializer):
-            with _linked_data_files(model) as folder, _chdir(folder):
-                onnx.checker.check_model(model.proto, full_check=True)
-        elif model.has_external_data() and model.base_dir is not None:
-            with _chdir(model.base_dir):
-                onnx.checker.check_model(model.proto, full_check=True)
-        else:
-            onnx.checker.check_model(model.proto, full_check=True)
+        check_proto(model.proto, model.base_dir, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise OnnxSparseError(f"the result fails the ONNX checker: {str(e).splitlines()[0][:300]}") from e
-
-
-@contextlib.contextmanager
-def _linked_data_files(model: Model) -> typing.Iterator[Path]:
-    """A temporary folder standing in for every data file the model reads, with the tensors' locations
-    pointing into it for the duration.
-
-    Edited tensors of a large model live in scratch files outside the model folder (``tensors.spill_writer``),
-    at absolute paths the checker refuses. The checker never reads external bytes, it only checks that each
-    location is a relative path to a regular file (and refuses symlinks and hard links), so each real file —
-    whose presence ``external_path`` verifies here — is stood in for by an empty file. No weights are copied;
-    locations are restored afterwards.
-    """
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="onnxsparse-check-"))
-    links: dict[Path, str] = {}
-    saved: list[tuple[onnx.StringStringEntryProto, str]] = []
-    try:
-        for g in iter_graphs(model.proto.graph):
-            for t in g.initializer:
-                if t.data_location != onnx.TensorProto.EXTERNAL:
-                    continue
-                target = external_path(t, model.base_dir)
-                if target not in links:
-                    links[target] = f"d{len(links)}.bin"
-                    (folder / links[target]).touch()
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        saved.append((entry, entry.value))
-                        entry.value = links[target]
-        yield folder
-    finally:
-        for entry, value in saved:
-            entry.value = value
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _chdir(path: Path) -> typing.Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def run_passes(model: Model, passes: Sequence[Pass[Any]], ctx: PassContext | None = None) -> PipelineResult:

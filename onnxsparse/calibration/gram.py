@@ -20,6 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
+#: rows widened to float64 at once: at most 8 MiB of them, whatever a batch holds (a [128 x 64] batch of
+#: K = 1536 inputs would otherwise take 100 MB as float64, twice over with a mask or a reference)
+_PIECE_BYTES = 8 * 2**20
+
+
+def _rows_per_piece(k: int) -> int:
+    return max(64, _PIECE_BYTES // (8 * k))
+
+
 @dataclass
 class GramStats:
     """Σ xxᵀ (or Σ x² with ``diag_only``), Σ x and the number of rows, per group, in float64."""
@@ -80,6 +89,11 @@ class GramStats:
                 x, wt = x[keep], wt[keep]
             if (wt == 1).all():  # a 0/1 mask: the kept rows count once each
                 wt = None
+        step = _rows_per_piece(self.k)
+        if x.shape[0] > step:  # widen to float64 a piece at a time: bounded memory, the same sums
+            for i in range(0, x.shape[0], step):
+                self.update(x[i : i + step], group, None if wt is None else wt[i : i + step])
+            return
         x64 = x.astype(np.float64)
         if wt is not None:
             self.rows[group] += float(wt.sum())
@@ -109,6 +123,13 @@ class GramStats:
                 x, x_ref, wt = x[keep], x_ref[keep], wt[keep]
             if (wt == 1).all():
                 wt = None
+        step = _rows_per_piece(self.k)
+        if x.shape[0] > step:
+            for i in range(0, x.shape[0], step):
+                self.update_reference(
+                    x_ref[i : i + step], x[i : i + step], group, None if wt is None else wt[i : i + step]
+                )
+            return
         a, b = x.astype(np.float64), x_ref.astype(np.float64)
         if wt is not None:
             self.ref_colsum[group] += wt @ b

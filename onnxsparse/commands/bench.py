@@ -164,7 +164,7 @@ def command(
         raise OnnxSparseError("give --total-ms or --trt-profile, not both")
     check_outputs([model, trt_profile], [("--json", json_path)])
     profile = parse_trt_profile(trt_profile) if trt_profile else None
-    loaded = load_model(model)
+    loaded = load_model(model, lazy=True)
     fused = epilogues and dtype == "fp16"
     layers = extract_gemms(loaded.proto, parse_shapes(shapes), dtype=dtype, epilogues=fused, exclude=exclude)
     if not layers:

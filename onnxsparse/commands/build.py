@@ -110,7 +110,7 @@ def command(
     )
     from onnxsparse.trt.trtexec import fp16_model_path, trtexec_script, write_script
 
-    m = load_model(model)
+    m = load_model(model, lazy=True)
     model_path = Path(model).resolve()
     engine_path = output.resolve()
     missing: TensorRTMissing | None = None

@@ -114,7 +114,7 @@ def command(
         exclude=exclude,
         batch_size=batch_size,
     )
-    m = load_model(model)
+    m = load_model(model, lazy=True)
     ctx = PassContext(calibration=calib, calib_samples=calib_samples, progress=show_progress(), workdir=output.parent)
     pipeline = Pipeline([qdq])
     result = pipeline.run(m, ctx)

@@ -48,7 +48,7 @@ def command(
 
     check_outputs([model], [("--json", json_path)])
     check_pass = ValidatePass(ValidateConfig(pattern=pattern, min_coverage=min_coverage, require_all=require_all))
-    m = load_model(model)
+    m = load_model(model, lazy=True)
     ctx = PassContext(shapes=parse_shapes(shapes), progress=show_progress())
     report = check_pass.analyse(m, ctx)
     data = {"model": model, **report.details}

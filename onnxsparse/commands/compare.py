@@ -119,8 +119,8 @@ def command(
         from onnxsparse.ir.paths import check_outputs
 
         check_outputs([reference, candidate, data], [("--json", json_path)])
-    ref = load_model(reference)
-    cand = load_model(candidate)
+    ref = load_model(reference, lazy=True)
+    cand = load_model(candidate, lazy=True)
     report = compare_models(
         ref,
         cand,

@@ -181,7 +181,7 @@ def command(
         [model, data, masks, teacher, eval_data], [("-o", output), ("--json", json_path)], output_model=output
     )
     training.require_runtime()
-    m = load_model(model)
+    m = load_model(model, lazy=True)
     if schedule and loss == "distill" and teacher is None:
         teacher = model
     ft_options: dict[str, Any] = dict(

@@ -85,7 +85,7 @@ def command(model: str, shapes: str | None, json_path: str | None) -> None:
     from onnxsparse.render import human_bytes, human_count, table, write_json
 
     check_outputs([model], [("--json", json_path)])
-    info = inspect_model(load_model(model), parse_shapes(shapes))
+    info = inspect_model(load_model(model, lazy=True), parse_shapes(shapes))
     if json_path:
         write_json(info, json_path)
         if json_path == "-":

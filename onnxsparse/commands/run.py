@@ -92,7 +92,7 @@ def command(
             fg="yellow",
             err=True,
         )
-    m = load_model(model)
+    m = load_model(model, lazy=True)
     ctx = PassContext(
         shapes=parse_shapes(shapes),
         calibration=calib,

@@ -184,7 +184,7 @@ def command(
         exclude=exclude,
         batch_size=batch_size,
     )
-    m = load_model(model)
+    m = load_model(model, lazy=True)
     report = run_sensitivity(
         m, calib, options, eval_data=eval_data, bench=bench, max_error=max_error, min_cosine=min_cosine, progress=True
     )

@@ -389,27 +389,12 @@ def output_error(
     ``mask_input``: count only the positions where that input is non-zero (outputs whose leading dims are the
     mask's), as the masked fine-tune loss does; padded positions would otherwise dominate the number.
     """
-    import onnxruntime as ort
-
-    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.ir.model_io import load_model, ort_session
 
     t = teacher if isinstance(teacher, Model) else load_model(str(teacher), check=False)
 
-    tmp = Path(tempfile.mkdtemp(prefix="onnxsparse-eval-"))
-
-    def session(m: Model, name: str) -> Any:
-        if not m.has_external_data():
-            return ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        # Edited tensors may live in scratch files the model file on disk does not know: save a copy.
-        proto = onnx.ModelProto()
-        proto.CopyFrom(m.proto)
-        save_for_worker(proto, m.base_dir, tmp / name)
-        return ort.InferenceSession(str(tmp / name), providers=["CPUExecutionProvider"])
-
-    try:
-        s_sess, t_sess = session(student, "student.onnx"), session(t, "teacher.onnx")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # ort_session hands external, spilled and lazily read weights to ORT as memory maps (no file written)
+    s_sess, t_sess = ort_session(student), ort_session(t)
     names = [
         o.name
         for o in student.proto.graph.output

@@ -23,9 +23,19 @@ from onnx import TensorProto
 
 from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir import paths
+from onnxsparse.ir import paths, wire
+from onnxsparse.ir.checker import check_proto
 from onnxsparse.ir.graph import iter_graphs, use_counts
-from onnxsparse.ir.tensors import external_info, external_path, link_spill_pack, nbytes, settle_spill_pack, to_array
+from onnxsparse.ir.tensors import (
+    external_info,
+    external_path,
+    inline_origin,
+    link_spill_pack,
+    mark_inline_origin,
+    nbytes,
+    settle_spill_pack,
+    to_array,
+)
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -48,7 +58,12 @@ class Model:
         return default_opset(self.proto)
 
     def has_external_data(self) -> bool:
-        return any(external_info(t) is not None for g in iter_graphs(self.proto.graph) for t in g.initializer)
+        """True if a tensor's data is in a separate file (weights external only in memory do not count)."""
+        return any(
+            external_info(t) is not None and not inline_origin(t)
+            for g in iter_graphs(self.proto.graph)
+            for t in g.initializer
+        )
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
@@ -58,15 +73,22 @@ def default_opset(proto: onnx.ModelProto) -> int:
     raise OnnxSparseError("model has no default-domain opset import")
 
 
-def load_model(path: str | os.PathLike[str], check: bool = True) -> Model:
-    """Load a model without its external weights, verifying that it is ONNX and its data files are there."""
+def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool = False) -> Model:
+    """Load a model without its external weights, verifying that it is ONNX and its data files are there.
+
+    ``lazy``: inline weights stay in the file too (``wire.read_model``): the proto costs kilobytes and a weight
+    is read (memory-mapped) only where a pass reads it. The commands load this way. ``Model.proto`` then points
+    at the model file for those tensors, so it is not a self-contained protobuf: use ``ort_session`` /
+    ``save_model`` (or ``materialize``) rather than ``proto.SerializeToString()``. The default keeps the proto
+    self-contained for Python callers.
+    """
     p = Path(path)
     if not p.exists():
         raise OnnxSparseError(f"no such file: {p}")
     if not p.is_file():
         raise OnnxSparseError(f"not a file: {p}")
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto, cut = wire.read_model(p, min_bytes=EXTERNAL_MIN_BYTES if lazy else 2**63)
     except (DecodeError, RuntimeError, ValueError) as e:
         detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise OnnxSparseError(f"{p} is not an ONNX model (protobuf parse failed: {detail})") from e
@@ -88,9 +110,14 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> Model:
                 raise OnnxSparseError(
                     f"external data file '{data.name}' is truncated: tensor '{tensor.name}' needs {need} bytes"
                 )
+    for t in cut:
+        tensor = next(x for x in proto.graph.initializer if x.name == t.name)
+        if t.length != nbytes(tensor):
+            need = nbytes(tensor)
+            raise OnnxSparseError(f"{p}: tensor '{t.name}' holds {t.length} bytes of data, its dims need {need}")
     if check:
         try:
-            onnx.checker.check_model(str(p))
+            check_proto(proto, model.base_dir, full_check=False)
         except onnx.checker.ValidationError as e:
             raise OnnxSparseError(f"{p} fails the ONNX checker: {_first_line(e)}") from e
     return model
@@ -143,19 +170,36 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
         external_data = model.has_external_data() or inline_bytes + 64 * 2**20 > PROTO_LIMIT
     if not external_data and inline_bytes + 64 * 2**20 > PROTO_LIMIT:
         raise OnnxSparseError("model weights exceed protobuf's 2 GB limit; save with external data")
+    offsets: dict[str, int] = {}
     with _atomic_dir_writes(out) as tmp:
         if external_data:
             data_name = paths.data_file(out).name
             _write_external(model, tmp / data_name, data_name)
+            with open(tmp / out.name, "wb") as f:
+                f.write(model.proto.SerializeToString())
         else:
-            _inline_external(model)
-        with open(tmp / out.name, "wb") as f:
-            f.write(model.proto.SerializeToString())
+            _inline_subgraph_external(model)
+            with open(tmp / out.name, "wb") as f:
+                offsets = wire.write_model(model.proto, f, lambda t: _payload(model, t))
     if external_data:
         settle_spill_pack(paths.data_file(out))
     model.base_dir = out.resolve().parent
     model.source = out.resolve()
+    # The streamed weights are in the new file now: read them from there, as a fresh load would.
+    for t in model.proto.graph.initializer:
+        if t.name in offsets:
+            _point_external(t, out.name, offsets[t.name], nbytes(t))
+            mark_inline_origin(t)
     return out
+
+
+def _payload(model: Model, t: TensorProto) -> wire.Payload | None:
+    """A main-graph tensor's bytes for an inline save, streamed from its file (None: it is inline already)."""
+    info = external_info(t)
+    if info is None:
+        return None
+    length = nbytes(t)
+    return length, wire.file_pieces(external_path(t, model.base_dir), int(info.get("offset", 0)), length)
 
 
 @contextlib.contextmanager
@@ -276,9 +320,9 @@ def _point_external(t: TensorProto, location: str, offset: int, length: int) -> 
         entry.value = value
 
 
-def _inline_external(model: Model) -> None:
-    """Bring external tensors inline (only called when the whole model fits a protobuf)."""
-    for graph in iter_graphs(model.proto.graph):
+def _inline_subgraph_external(model: Model) -> None:
+    """Bring subgraphs' external tensors inline (rare and small; the main graph's are streamed by the saver)."""
+    for graph in list(iter_graphs(model.proto.graph))[1:]:
         for t in graph.initializer:
             if external_info(t) is not None:
                 arr = np.array(to_array(t, model.base_dir))

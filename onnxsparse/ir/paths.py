@@ -50,8 +50,10 @@ def model_files(path: PathLike) -> list[Path]:
     import onnx  # lazily: the CLI imports this module before any command (start-up time)
     from google.protobuf.message import DecodeError
 
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
+    from onnxsparse.ir import wire
+
+    try:  # inline weights stay in the file (wire.read_model): this costs kilobytes, not the model's size
+        proto, _ = wire.read_model(p)
     except (DecodeError, RuntimeError, ValueError, OSError):
         return files
     from onnxsparse.ir.graph import iter_graphs
@@ -62,7 +64,7 @@ def model_files(path: PathLike) -> list[Path]:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             location = next((e.value for e in t.external_data if e.key == "location"), "")
-            if location and location not in seen:
+            if location and location not in seen and location != p.name:  # p.name: its own inline weights
                 seen.add(location)
                 files.append(p.parent / location)
     return files

@@ -52,6 +52,21 @@ def external_info(tensor: TensorProto) -> dict[str, str] | None:
     return {e.key: e.value for e in tensor.external_data}
 
 
+#: an ``external_data`` key of ours: the tensor is inline in the model file it came from, and external only in
+#: memory (left in the file by ``wire.read_model``, or spilled after an edit), so a save keeps it inline
+INLINE_KEY = "onnxsparse.inline"
+
+
+def inline_origin(tensor: TensorProto) -> bool:
+    """True if the tensor is external only in memory (``INLINE_KEY``)."""
+    return tensor.data_location == TensorProto.EXTERNAL and any(e.key == INLINE_KEY for e in tensor.external_data)
+
+
+def mark_inline_origin(tensor: TensorProto) -> None:
+    entry = tensor.external_data.add()
+    entry.key, entry.value = INLINE_KEY, "1"
+
+
 def external_path(tensor: TensorProto, base_dir: Path | None) -> Path:
     """Where an external tensor's bytes live; refuses paths that escape ``base_dir``."""
     info = external_info(tensor)
@@ -415,6 +430,7 @@ def spill_writer(
     del tensor.dims[:]
     tensor.dims.extend(scratch.shape)
     tensor.data_type = data_type
+    inline = inline_origin(tensor)
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
     length = scratch.count * dtype.itemsize
@@ -422,6 +438,8 @@ def spill_writer(
         entry = tensor.external_data.add()
         entry.key = key
         entry.value = value
+    if inline:
+        mark_inline_origin(tensor)
 
 
 def constant_value(node: onnx.NodeProto) -> TensorProto | None:
