@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 #: rows widened to float64 at once: at most 8 MiB of them, whatever a batch holds (a [128 x 64] batch of
 #: K = 1536 inputs would otherwise take 100 MB as float64, twice over with a mask or a reference)
 _PIECE_BYTES = 8 * 2**20
