@@ -170,6 +170,8 @@ def prune_layer(
             if stats.paired:  # fit the dense model's output, not this layer's output on its perturbed input
                 assert stats.cross is not None
                 target = solvers.dense_target(w, h, stats.cross[p.group], target_damp)
+                if stats.groups == 1 and p is probs[-1]:  # the cross term is used up: free K²·8 before the solve
+                    stats.cross = None
             w_new, keep, _info = solvers.sparsegpt(target, h, n, m, block_size=block_size, damp=damp, prefer=pref)
             if refit_iters:
                 w_new = solvers.refit(target, h, keep, w_new, damp=damp, iters=refit_iters)

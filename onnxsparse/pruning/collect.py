@@ -107,6 +107,7 @@ def stage_session(
     for name in fetch:
         sub.graph.output.add().name = name
     names, values = _hand_over(graph, reads, sub.graph, model.base_dir, overrides or {}, {} if cache is None else cache)
+    sub.graph.input.sort(key=lambda v: v.name not in {i.name for i in graph.input})  # the model's inputs first
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # Pre-packing would keep a second, re-laid-out copy of every MatMul/Gemm weight for a few batches' runs.
@@ -116,26 +117,22 @@ def stage_session(
     # round): on a machine with few cores the two pools fight for them. Idle ORT threads sleep instead.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if names:
-        opts.add_external_initializers(names, values)
     try:
         session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise OnnxSparseError(f"onnxruntime cannot load the model for pruning statistics: {_first_line(e)}") from e
-    return StageSession(session, values)
+    return StageSession(session, dict(zip(names, values, strict=True)))
 
 
 @dataclass
 class StageSession:
-    """A stage's ORT session and the weight buffers it reads in place: ORT does not own them, so they must
-    live as long as the session does (they are held here rather than as an attribute patched onto ORT's
-    object)."""
+    """A stage's ORT session and the weights it takes as feeds (``_hand_over``), added to every run's."""
 
     session: Any
-    buffers: Any
+    weights: dict[str, np.ndarray]
 
     def run(self, fetch: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(fetch, dict(feeds)))
+        return list(self.session.run(fetch, {**feeds, **self.weights}))
 
 
 #: initializers at least this large are handed to ORT as buffers (the weights); smaller ones stay inline
@@ -155,14 +152,19 @@ def _hand_over(
     overrides: Mapping[str, np.ndarray],
     cache: dict[str, np.ndarray],
 ) -> tuple[list[str], list[Any]]:
-    """Put the initializers ``reads`` needs into ``sub`` as data-less stubs and return them as OrtValues.
+    """Put the small initializers ``reads`` needs into ``sub``; return the large ones, which become graph inputs
+    of ``sub`` fed with every run.
 
-    Why: serialising the weights into the session's bytes and letting ORT copy them again costs two extra
-    copies of the model while statistics are collected; OrtValues over the arrays (memory maps for external
-    weights) give ORT the one copy there is (the way ``model_io.ort_session`` hands over external weights).
+    Why inputs: ORT copies every initializer into its session state, even one handed over as an OrtValue
+    (``add_external_initializers``): on MiniLM-L3 the first stage's session took +119 MB for a 47 MB embedding
+    table (the memory map's pages and ORT's copy). A feed is used in place, and only the pages a run reads are
+    touched (a Gather reads 64 of 30522 rows). Serialising the weights into the session's bytes would cost
+    two copies more.
     """
-    import onnxruntime as ort
+    import onnx
     from onnx import TensorProto, numpy_helper
+
+    declared = {i.name for i in sub.input}
 
     names: list[str] = []
     values: list[Any] = []
@@ -182,13 +184,10 @@ def _hand_over(
             else:
                 sub.initializer.append(t)
             continue
-        stub = sub.initializer.add()
-        stub.name, stub.data_type, stub.data_location = t.name, t.data_type, TensorProto.EXTERNAL
-        stub.dims.extend(t.dims)
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "onnxsparse-handoff"
+        if t.name not in declared:  # an old-IR model may list its initializers as inputs already
+            sub.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         names.append(t.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+        values.append(arr)
     return names, values
 
 

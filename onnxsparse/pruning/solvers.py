@@ -101,6 +101,23 @@ def _hinv_upper(h: np.ndarray) -> np.ndarray:
         ) from None
 
 
+def _damped_hinv(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """``_hinv_upper(damped(h))`` holding at most three K×K float64 arrays at once (H itself aside): each
+    intermediate is dropped as soon as the next exists. For K = 1536 that is 57 MB instead of 95 MB."""
+    hd, dead, lam = damped(h, damp)
+    try:
+        lower = np.linalg.cholesky(hd[::-1, ::-1])
+        del hd
+        inv = np.linalg.inv(lower)
+        del lower
+        return np.ascontiguousarray(inv[::-1, ::-1]), dead, lam
+    except np.linalg.LinAlgError:
+        raise OnnxSparseError(
+            "the layer's input Gram matrix H is singular even after damping; raise damp "
+            "(e.g. damp=0.1) or give more calibration samples"
+        ) from None
+
+
 def sparsegpt(
     w: np.ndarray,
     h: np.ndarray,
@@ -123,9 +140,8 @@ def sparsegpt(
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     block = max(m, block_size - block_size % m)  # a block always holds whole groups
-    hd, dead, lam = damped(h, damp)
+    hinv, dead, lam = _damped_hinv(h, damp)
     w[:, dead] = 0.0
-    hinv = _hinv_upper(hd)
     keep = np.zeros(w.shape, dtype=bool)
     loss = 0.0
     for i1 in range(0, cols, block):
