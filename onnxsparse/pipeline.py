@@ -433,7 +433,7 @@ def check_model(model: Model) -> None:
     the check runs from the model's folder (weights are not loaded; only their files are looked at).
     """
     try:
-        if any(is_spilled(t) for g in iter_graphs(model.proto.graph) for t in g.initializer):
+        if any(is_spilled(t, model) for g in iter_graphs(model.proto.graph) for t in g.initializer):
             with _linked_data_files(model) as folder, _chdir(folder):
                 onnx.checker.check_model(model.proto, full_check=True)
         elif model.has_external_data() and model.base_dir is not None:
@@ -466,7 +466,7 @@ def _linked_data_files(model: Model) -> typing.Iterator[Path]:
             for t in g.initializer:
                 if t.data_location != onnx.TensorProto.EXTERNAL:
                     continue
-                target = external_path(t, model.base_dir)
+                target = external_path(t, model)
                 if target not in links:
                     links[target] = f"d{len(links)}.bin"
                     (folder / links[target]).touch()

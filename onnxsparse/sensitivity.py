@@ -237,7 +237,7 @@ def _measure_plan(
         )
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
-        copy = Model(proto, model.base_dir, model.source)
+        copy = Model(proto, model.base_dir, model.source, model.store)
         calibrated = options.method != "magnitude"
         prune = PrunePass(
             pattern=options.pattern,

@@ -126,7 +126,7 @@ def _rewrite(layer: Layer, model: Model, names: NameGen, bias: np.ndarray | None
     """The Reshape → Conv → Reshape nodes replacing the layer's node (new constants go into its graph)."""
     node, graph = layer.node, layer.graph
     assert layer.source is not None
-    w = np.asarray(to_array(layer.source.tensor, model.base_dir))
+    w = np.asarray(to_array(layer.source.tensor, model))
     if node.op_type == "Gemm":
         alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
         wt = w if attr(node, "transB", 0) else w.T  # → [N, K]
@@ -202,4 +202,4 @@ def _splice(graph: GraphProto, replacements: dict[str, list[NodeProto]]) -> None
 def _constant_array(name: str, layer: Layer, model: Model) -> np.ndarray | None:
     """The value of a constant input of the layer's node (bias), or None where it is computed at run time."""
     src = layer.constant(name)
-    return None if src is None else np.asarray(to_array(src.tensor, model.base_dir))
+    return None if src is None else np.asarray(to_array(src.tensor, model))

@@ -183,7 +183,7 @@ class PrunePass(Pass[PruneConfig]):
         for target in _progress(targets, ctx.progress):
             why = self._skip_reason(target, m, readers, plan)
             if why is None:
-                sw = stored_weight(target.layers[0], consts, model.base_dir)
+                sw = stored_weight(target.layers[0], consts, model)
                 if isinstance(sw, str):
                     why = sw
             if why is None and method != "magnitude" and target.layers[0].graph_path != "main":

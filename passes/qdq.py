@@ -155,7 +155,7 @@ class QdqPass(Pass[QdqConfig]):
                 note = "the output-channel axis does not survive the weight's chain: one scale for the tensor"
             if note:
                 log.info("weight '%s': %s", src_name, note)
-            w = to_array(wp.source.tensor, model.base_dir)
+            w = to_array(wp.source.tensor, model)
             q, scale = quantize_weight(w, axis, _np_type(wp.source.tensor.data_type))
             del w
             q_name, s_name, z_name = (
@@ -165,7 +165,7 @@ class QdqPass(Pass[QdqConfig]):
             )
             graph.initializer.extend(
                 [
-                    _stored_like(wp.source.tensor, q, q_name),
+                    _stored_like(wp.source.tensor, q, q_name, model),
                     numpy_helper.from_array(np.asarray(scale), s_name),
                     numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
                 ]
@@ -265,7 +265,7 @@ def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float
     return q, scale
 
 
-def _stored_like(source: TensorProto, array: np.ndarray, name: str) -> TensorProto:
+def _stored_like(source: TensorProto, array: np.ndarray, name: str, model: Model) -> TensorProto:
     """A new initializer ``name`` holding ``array``, stored where ``source`` (the weight it replaces) was.
 
     An external float weight means a large model: its int8 replacement goes to a scratch file as ``set_array``
@@ -276,7 +276,7 @@ def _stored_like(source: TensorProto, array: np.ndarray, name: str) -> TensorPro
     tensor = TensorProto(name=name)
     if external_info(source) is not None:
         tensor.data_location = TensorProto.EXTERNAL  # set_array's policy: an external tensor stays out of the proto
-    set_array(tensor, array)
+    set_array(tensor, array, model)
     return tensor
 
 

@@ -283,14 +283,14 @@ def _stats(
     key = (id(layer.source.tensor), f"{layer.source.name}/{layer.source_reduction_axis}/{m}")
     if key in cache:
         return cache[key]
-    sw = stored_weight(layer, consts, model.base_dir)
+    sw = stored_weight(layer, consts, model)
     if isinstance(sw, str):
         return sw
     assert isinstance(sw, StoredWeight)
     out: dict[str, Any] = {"dtype": sw.dtype_name, "zeros": None, "violations": None, "groups": None}
     if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
         # A large external weight: counted in slabs (onnxsparse.ir.stream), never resident as a whole.
-        st = check_tensor(sw.tensor, model.base_dir, sw.axis, n, m)
+        st = check_tensor(sw.tensor, model, sw.axis, n, m)
         out["zeros"] = round(1.0 - st.nonzero / max(st.size, 1), 4)
         if m:
             out["violations"], out["groups"] = st.violations, st.groups

@@ -39,7 +39,7 @@ needs_runtime = pytest.mark.usefixtures("training_runtime")
 
 
 def _inits(model: Model) -> dict[str, np.ndarray]:
-    return {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}
+    return {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
 
 
 # ---------------------------------------------------------------------------------------------- graph
@@ -371,7 +371,7 @@ def _all_external(model: Model, path: Path) -> Model:
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     for t in proto.graph.initializer:  # inline copies of the values, so that onnx can write them out
-        t.CopyFrom(nh.from_array(np.array(to_array(t, model.base_dir)), t.name))
+        t.CopyFrom(nh.from_array(np.array(to_array(t, model)), t.name))
     convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)
     onnx.save(proto, str(path))
     loaded = load_model(path)
@@ -401,7 +401,7 @@ def test_qat_reads_scales_and_zero_points_stored_as_external_data(tmp_path: Path
     ext_inits = {t.name: t for t in copy_ext.graph.initializer}
     for t in copy_inline.graph.initializer:
         if t.name in zero_points:
-            np.testing.assert_array_equal(to_array(ext_inits[t.name], ext.base_dir), to_array(t), err_msg=t.name)
+            np.testing.assert_array_equal(to_array(ext_inits[t.name], ext), to_array(t), err_msg=t.name)
 
 
 @needs_runtime

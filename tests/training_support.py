@@ -55,7 +55,7 @@ def prune_masks(model: Model, pattern: str = "2:4") -> tuple[Model, dict[str, np
 
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    pruned = Model(proto=proto, base_dir=model.base_dir, source=model.source)
+    pruned = Model(proto=proto, base_dir=model.base_dir, source=model.source, store=model.store)
     ctx = PassContext()
     result = get_pass("prune")(pattern=pattern).run(pruned, ctx)
     return result.model, dict(ctx.artifacts["masks"])

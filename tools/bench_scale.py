@@ -181,7 +181,7 @@ def verify(out_path: Path) -> int:
     checked = 0
     for layer in find_layers(model.proto):
         assert layer.source is not None and layer.source_reduction_axis is not None
-        values = to_array(layer.source.tensor, model.base_dir)
+        values = to_array(layer.source.tensor, model)
         if not is_nm(values, layer.source_reduction_axis, 2, 4):
             raise SystemExit(f"{layer.source.name} is not 2:4 after pruning")
         checked += 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,7 +26,7 @@ from onnx import NodeProto, TensorProto, helper
 
 from onnxsparse.ir.layers import attr, find_layers
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.tensors import to_array
+from onnxsparse.ir.tensors import TensorHome, to_array
 
 MASTER_SUFFIX = "__onnxsparse_master"
 _RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
@@ -81,15 +80,15 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
         if dq.op_type != "DequantizeLinear" or dq.input[0] != name or name not in inits:
             skipped[name] = f"weight '{name}' does not feed its DequantizeLinear directly"
             continue
-        why = _why_not(dq, inits, model.base_dir)
+        why = _why_not(dq, inits, model)
         if why:
             skipped[name] = why
             continue
         t = inits[name]
-        q = np.asarray(to_array(t, model.base_dir))
-        scale = np.asarray(to_array(inits[dq.input[1]], model.base_dir), np.float32)
+        q = np.asarray(to_array(t, model))
+        scale = np.asarray(to_array(inits[dq.input[1]], model), np.float32)
         zp = (
-            int(np.asarray(to_array(inits[dq.input[2]], model.base_dir)).reshape(-1)[0])
+            int(np.asarray(to_array(inits[dq.input[2]], model)).reshape(-1)[0])
             if len(dq.input) > 2 and dq.input[2]
             else 0
         )
@@ -110,7 +109,7 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
     return found, skipped
 
 
-def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], base_dir: Path | None) -> str | None:
+def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], home: TensorHome | None) -> str | None:
     name = dq.input[0]
     t = inits[name]
     if t.data_type not in _RANGES:
@@ -123,16 +122,16 @@ def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], base_dir: Path | N
         zp = inits.get(dq.input[2])
         if zp is None:
             return f"weight '{name}': non-constant zero point"
-        values = np.asarray(to_array(zp, base_dir))  # per-channel zero points of a large layer may be external
+        values = np.asarray(to_array(zp, home))  # per-channel zero points of a large layer may be external
         if values.size > 1 and np.unique(values).size > 1:
             return f"weight '{name}': per-channel zero points are not supported by QAT (TensorRT uses 0)"
     return None
 
 
-def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir: Path | None = None) -> int:
+def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], home: TensorHome | None = None) -> int:
     """Rewrite a training copy in place for QAT (see the module docstring). Returns activation pairs replaced.
 
-    ``base_dir``: the folder external tensors of ``proto`` are relative to (zero points are read from it).
+    ``home``: the model ``proto`` was copied from (its external tensors, zero points included, are read there).
     """
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
@@ -184,7 +183,7 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir:
                 and inits.get(q.input[1]) is not None
                 and inits[q.input[1]].data_type == TensorProto.FLOAT
             ):
-                zp_val = float(np.asarray(to_array(zp_t, base_dir)).reshape(-1)[0]) if zp_t is not None else 0.0
+                zp_val = float(np.asarray(to_array(zp_t, home)).reshape(-1)[0]) if zp_t is not None else 0.0
                 zp_f = const(f"{node.output[0]}__onnxsparse_qat_zp", np.array(zp_val, np.float32))
                 lo, hi = _RANGES[zp_dtype]
                 kept.append(

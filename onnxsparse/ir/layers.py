@@ -22,7 +22,7 @@ from onnx import GraphProto, NodeProto, TensorProto
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.graph import iter_graphs_with_path, subgraphs
 from onnxsparse.ir.shapes import Shape, concrete
-from onnxsparse.ir.tensors import constant_value, external_info, is_spilled, to_array
+from onnxsparse.ir.tensors import constant_value, external_info, to_array
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops a weight may pass through on its way to the layer; each maps axes in a known way.
@@ -242,8 +242,8 @@ def _chain_out_shape(
     if op == "Reshape":
         target = _lookup_const(node.input[1], scopes) if len(node.input) > 1 else None
         # find_layers sees the proto, not the model's folder: a shape stored as external data (a model saved with
-        # a zero size threshold) is not read from the working directory; inferred shapes answer instead.
-        if target is not None and (external_info(target.tensor) is None or is_spilled(target.tensor)):
+        # a zero size threshold, or a spilled one) is not read from any file; inferred shapes answer instead.
+        if target is not None and external_info(target.tensor) is None:
             dims = [int(d) for d in np.asarray(to_array(target.tensor)).reshape(-1)]
             allow_zero = bool(attr(node, "allowzero", 0))
             dims = [in_shape[i] if (d == 0 and not allow_zero and i < len(in_shape)) else d for i, d in enumerate(dims)]

@@ -106,7 +106,7 @@ def stage_session(
     sub.graph.node.extend(nodes)
     for name in fetch:
         sub.graph.output.add().name = name
-    names, values = _hand_over(graph, reads, sub.graph, model.base_dir, overrides or {}, {} if cache is None else cache)
+    names, values = _hand_over(graph, reads, sub.graph, model, overrides or {}, {} if cache is None else cache)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # Pre-packing would keep a second, re-laid-out copy of every MatMul/Gemm weight for a few batches' runs.

@@ -43,7 +43,7 @@ def magnitude_nm(
     """Magnitude n:m of one stored tensor: (violating groups before, groups, mask, non-zeros before, after)."""
     if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
         # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.ir.stream).
-        st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
+        st = prune_tensor(sw.tensor, model, sw.axis, n, m, prefer=old)
         assert st.mask is not None
         return st.violations, st.groups, st.mask, st.nonzero_before, st.nonzero_after
     check_finite(sw)
@@ -54,7 +54,7 @@ def magnitude_nm(
     if bad:
         prefer = nonzero if old is None else nonzero & old
         keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
-        set_array(sw.tensor, sw.pruned(keep))
+        set_array(sw.tensor, sw.pruned(keep), model)
         mask = keep & nonzero
         nz_after = int(np.count_nonzero(mask))
     return bad, groups, mask, nz_before, nz_after

@@ -325,7 +325,7 @@ def _onnx_for_builder(model: Model, plan: BuildPlan, workdir: Path) -> Iterator[
     from onnxsparse.passes.to_fp16 import ToFp16Pass
     from onnxsparse.pipeline import Pipeline
 
-    copy = load_model(model.source) if model.source is not None else Model(proto=_copy_proto(model.proto))
+    copy = load_model(model.source) if model.source is not None else Model(proto=_copy_proto(model.proto), store=model.store)
     Pipeline([ToFp16Pass()]).run(copy)
     with tempfile.TemporaryDirectory(prefix="onnxsparse-fp16-", dir=workdir) as tmp:
         yield save_model(copy, Path(tmp) / "model.fp16.onnx")
@@ -427,6 +427,6 @@ def two_four_layers(model: Model) -> list[str]:
             continue
         if layer.check_pattern(4) is not None:
             continue
-        if is_nm(to_array(layer.source.tensor, model.base_dir), layer.source_reduction_axis, 2, 4):
+        if is_nm(to_array(layer.source.tensor, model), layer.source_reduction_axis, 2, 4):
             names.append(layer.name)
     return names

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("training_runtime")
 
 
 def _weights(model: object) -> dict[str, np.ndarray]:
-    return {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}  # type: ignore[attr-defined]
+    return {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}  # type: ignore[attr-defined]
 
 
 def test_options_parse_from_pipeline_text() -> None:
