@@ -152,7 +152,7 @@ def test_passes_give_same_model_streamed_or_not(tmp_path: Path, monkeypatch: pyt
         ctx = PassContext()
         res = Pipeline("prune,validate").run(model, ctx)
         weights = {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
-        masks = {k: np.asarray(v) for k, v in ctx.artifacts["masks"].items()}
+        masks = {k: np.asarray(v) for k, v in ctx.masks.items()}
         results.append((weights, masks, res.results[0].report.changed, res.results[1].report.details["layers"]))
     (w_a, m_a, c_a, l_a), (w_b, m_b, c_b, l_b) = results
     for name in w_a:

@@ -29,10 +29,11 @@ from training_support import (
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.finetune import run as training
 from onnxsparse.finetune.batches import Batches
+from onnxsparse.grammar import get_pass
 from onnxsparse.ir.layers import find_layers
 from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.ir.tensors import to_array
-from onnxsparse.pipeline import PassContext, get_pass
+from onnxsparse.pipeline import PassContext
 from onnxsparse.sparsity import count_violations
 
 needs_runtime = pytest.mark.usefixtures("training_runtime")
@@ -314,13 +315,14 @@ sys.path.insert(0, {str(training_runtime.path)!r})
 import numpy as np, onnxruntime
 from onnxsparse.finetune import run as training
 from onnxsparse.ir.model_io import load_model
-from onnxsparse.pipeline import PassContext, get_pass
+from onnxsparse.grammar import get_pass
+from onnxsparse.pipeline import PassContext
 rt = training.find_runtime()
 dense = load_model({str(FINETUNE_FIXTURE)!r})
 pruned = load_model({str(FINETUNE_FIXTURE)!r})
 ctx = PassContext()
 get_pass("prune")().run(pruned, ctx)
-res = training.finetune(pruned, ctx.artifacts["masks"], {str(data)!r}, training.FinetuneOptions(steps=20),
+res = training.finetune(pruned, ctx.masks, {str(data)!r}, training.FinetuneOptions(steps=20),
                         teacher=dense)
 print(json.dumps({{"mode": rt.mode, "ort": onnxruntime.__version__, "steps": res.steps,
                    "first": res.first_loss, "last": res.last_loss}}))

@@ -128,10 +128,11 @@ def _peak_mb() -> float:
 
 def measure(model_path: Path, out_path: Path) -> dict[str, Any]:
     """Load → prune → validate → save in *this* process; returns timings and memory (call in a subprocess)."""
+    from onnxsparse.grammar import registry
     from onnxsparse.ir.graph import iter_graphs
     from onnxsparse.ir.model_io import load_model, model_nbytes, save_model
     from onnxsparse.ir.tensors import nbytes
-    from onnxsparse.pipeline import PassContext, Pipeline, registry
+    from onnxsparse.pipeline import PassContext, Pipeline
 
     registry()  # import every pass module now: their imports belong to the floor, not to the work
     import_peak = _peak_mb()

@@ -18,9 +18,10 @@ from training_support import (
 )
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.grammar import parse_pipeline
 from onnxsparse.ir.model_io import load_model
 from onnxsparse.ir.tensors import to_array
-from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
+from onnxsparse.pipeline import PassContext, Pipeline
 
 pytestmark = pytest.mark.usefixtures("training_runtime")
 
