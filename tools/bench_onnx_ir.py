@@ -9,16 +9,18 @@ Workloads (the generators of the benchmarks whose figures issue 13 must keep, im
     MiB in one external data file, ``--gb`` in all (default 2.2 GB of 256 MiB tensors: over protobuf's limit);
   * ``cnn``: tools/bench_prune.py's YOLOv8n-shaped CNN (63 Convs, 3.2 M params, inline weights).
 
-Variants, each in its own fresh process (its peak RSS is that child's ``ru_maxrss``, read with ``os.wait4``:
-what ``getrusage(RUSAGE_CHILDREN)`` reports for one child):
+Variants, each in its own fresh process (peak RSS: the child's own VmHWM, whole run and per phase; see
+``_run_child`` for why not ``RUSAGE_CHILDREN``):
   * ``onnxsparse``: ``load_model`` → ``Pipeline("prune,validate")`` (PrunePass, ValidatePass, the full ONNX
     checker) → ``save_model``: what ``onnxsparse run -p prune,validate`` does;
   * ``onnx-ir``: ``onnx_ir.load`` → for every MatMul/Gemm/Conv weight, numpy 2:4 magnitude pruning with
     onnxsparse's own solver on the array (``sparsity.nm_keep``) and the result set as an in-memory
     ``ir.Tensor`` → ``onnx_ir.save`` (external data when the input had it). This is the straightforward port;
-  * ``onnx-ir+spill`` (scale only): the same, but each pruned array is written to a scratch file at once and
-    the value set as an ``ir.ExternalTensor`` over it — the "spill tensor" the issue proposes — so memory need
-    not hold every edited weight; ``onnx_ir.save`` then copies the scratch bytes into the output data file.
+  * ``onnx-ir+spill`` (scale only): what the port would have to be — each weight pruned 16 MiB of rows at a
+    time (the same solver, so the same zeros) straight into a scratch file, and the value set as an
+    ``ir.ExternalTensor`` over it (the "spill tensor" the issue proposes), so memory never holds an edited
+    weight; ``onnx_ir.save`` then copies the scratch bytes into the output data file. This variant isolates
+    what onnx-ir itself costs: its load and its save.
 
 Before the measured runs, one warm-up run of the ``onnxsparse`` variant reads the whole input (so every variant
 starts with the input in the page cache), and the input is synced to disk. Each output is checked: the ONNX
@@ -50,10 +52,53 @@ import bench_prune
 import bench_scale
 
 VARIANTS = ("onnxsparse", "onnx-ir", "onnx-ir+spill")
+_BLOCK_BYTES = 16 * 2**20  # rows of a weight pruned at a time by the spill variant
 _PAGE = 4096
 
 
 # ------------------------------------------------------------------------------------------ in the child
+
+
+def _vm_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+class _Phases:
+    """Wall time and peak RSS of each phase of a child's run: the kernel's peak mark (VmHWM) is reset before
+    a phase (``/proc/self/clear_refs``) and read after it, so a phase's peak is its own; the peak before the
+    first phase is the imports'."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float | None] = {"imports": _vm_mb("VmHWM")}
+        self._name = ""
+        self._t0 = 0.0
+
+    def start(self, name: str) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:  # not Linux: the phase peaks are then the process's peak so far
+            pass
+        self._name, self._t0 = name, time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds[self._name] = time.perf_counter() - self._t0
+        self.peak_mb[self._name] = _vm_mb("VmHWM")
+
+    def info(self, **extra: Any) -> dict[str, Any]:
+        peaks = [v for v in self.peak_mb.values() if v is not None]
+        return {
+            "seconds": self.seconds,
+            "peak_rss_mb": max(peaks) if peaks else None,
+            "phase_peak_rss_mb": self.peak_mb,
+            **extra,
+        }
 
 
 def _onnxsparse(src: Path, out: Path) -> dict[str, Any]:
@@ -62,17 +107,17 @@ def _onnxsparse(src: Path, out: Path) -> dict[str, Any]:
     from onnxsparse.pipeline import PassContext, Pipeline
 
     registry()  # pass modules imported before the clock starts, as for the onnx-ir variants' imports
-    t0 = time.perf_counter()
+    phases = _Phases()
+    phases.start("load")
     model = load_model(src)
-    t1 = time.perf_counter()
+    phases.stop()
+    phases.start("prune")
     result = Pipeline("prune,validate").run(model, PassContext())
-    t2 = time.perf_counter()
+    phases.stop()
+    phases.start("save")
     save_model(result.model, out)
-    t3 = time.perf_counter()
-    return {
-        "seconds": {"load": t1 - t0, "prune": t2 - t1, "save": t3 - t2},
-        "pruned": len(result.results[0].report.changed),
-    }
+    phases.stop()
+    return phases.info(pruned=len(result.results[0].report.changed))
 
 
 def _reduction_axis(node: Any, weight: Any) -> int | None:
@@ -104,15 +149,31 @@ def _weights(model: Any) -> list[tuple[Any, int]]:
     return out
 
 
+def _prune_rows(array: np.ndarray, axis: int, write: Any) -> None:
+    """2:4-prune a 2-D weight block of rows at a time (``write`` gets each pruned block, in C order).
+
+    A block of whole rows holds whole groups along either axis (its row count is a multiple of 4), so the
+    result equals pruning the whole array, with a working set of a few blocks instead of a few whole tensors.
+    """
+    from onnxsparse.sparsity import nm_keep
+
+    step = max(4, _BLOCK_BYTES // max(1, array.shape[1] * array.itemsize) // 4 * 4)
+    for r in range(0, array.shape[0], step):
+        block = np.asarray(array[r : r + step])
+        write(np.where(nm_keep(np.abs(block), axis, 2, 4), block, np.float32(0)))
+
+
 def _onnx_ir(src: Path, out: Path, spill: bool) -> dict[str, Any]:
     import onnx_ir as ir
 
     from onnxsparse.sparsity import nm_keep
 
-    t0 = time.perf_counter()
+    phases = _Phases()
+    phases.start("load")
     model = ir.load(str(src))
     external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    t1 = time.perf_counter()
+    phases.stop()
+    phases.start("prune")
     scratch = Path(tempfile.mkdtemp(prefix="bench_onnx_ir-", dir=out.parent))
     pack = scratch / "pack.bin"
     offset = 0
@@ -121,30 +182,34 @@ def _onnx_ir(src: Path, out: Path, spill: bool) -> dict[str, Any]:
         for value, axis in weights:
             tensor = value.const_value
             array = tensor.numpy()
-            pruned = np.where(nm_keep(np.abs(array), axis, 2, 4), array, np.float32(0))
-            del array
-            if spill:
+            if spill and array.ndim == 2:
                 f.write(b"\0" * ((-offset) % _PAGE))
                 offset += (-offset) % _PAGE
-                f.write(pruned.data)
+                _prune_rows(array, axis, lambda block: f.write(block.data))
                 value.const_value = ir.ExternalTensor(
                     pack.name,
                     offset=offset,
-                    length=pruned.nbytes,
+                    length=array.nbytes,
                     dtype=tensor.dtype,
                     shape=tensor.shape,
                     name=tensor.name,
                     base_dir=str(scratch),
                 )
-                offset += pruned.nbytes
+                offset += array.nbytes
             else:
+                pruned = np.where(nm_keep(np.abs(array), axis, 2, 4), array, np.float32(0))
                 value.const_value = ir.Tensor(pruned, name=tensor.name)
-            del pruned
-    t2 = time.perf_counter()
+                del pruned
+            del array
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.release()  # unmap the input's pages now rather than at garbage collection
+            del tensor
+    phases.stop()
+    phases.start("save")
     ir.save(model, str(out), external_data=out.name + ".data" if external else None)
-    t3 = time.perf_counter()
+    phases.stop()
     shutil.rmtree(scratch)
-    return {"seconds": {"load": t1 - t0, "prune": t2 - t1, "save": t3 - t2}, "pruned": len(weights)}
+    return phases.info(pruned=len(weights))
 
 
 def child(variant: str, src: Path, out: Path) -> dict[str, Any]:
@@ -157,19 +222,18 @@ def child(variant: str, src: Path, out: Path) -> dict[str, Any]:
 
 
 def _run_child(variant: str, src: Path, out: Path) -> dict[str, Any]:
-    """One variant in a fresh process; its own timings plus its peak RSS (``os.wait4``'s ru_maxrss)."""
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", variant, str(src), str(out)], stdout=stdout, stderr=stderr
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-        stdout.seek(0)
-        stderr.seek(0)
-        if proc.returncode:
-            raise SystemExit(f"{variant} failed ({proc.returncode}):\n{stderr.read()[-3000:]}")
-        info: dict[str, Any] = json.loads(stdout.read().strip().splitlines()[-1])
-    info["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    """One variant in a fresh process; its timings and peak RSS as the child measured them (``_Phases``).
+
+    Not ``getrusage(RUSAGE_CHILDREN)`` / ``wait4``'s ``ru_maxrss``: on Linux a child's ``ru_maxrss`` starts
+    at its parent's RSS at the fork (exec carries the old address space's high-water mark over), so after the
+    parent has verified a 2.4 GB output every child would read 2.4 GB. The child's own VmHWM is its own.
+    """
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", variant, str(src), str(out)], capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise SystemExit(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return info
 
 
@@ -242,17 +306,14 @@ def _print(result: dict[str, Any]) -> None:
         f"\n{result['workload']}: {result['weights_gb']} GB of weights, largest tensor "
         f"{result['largest_tensor_mb']} MiB, proto {result['proto_mb']} MiB (load avg {result['load_average_1m']})"
     )
-    print(
-        f"{'variant':14s} {'load':>7s} {'prune':>7s} {'save':>7s} {'total s':>8s} {'GB/s':>6s} "
-        f"{'peak MB':>8s} {'rss_ratio':>9s} {'s ×ours':>7s} {'RSS ×ours':>9s} {'pruned':>6s}"
-    )
+    head = ("variant", "load s", "prune s", "save s", "total s", "GB/s", "peak MB", "rss_ratio", "s ×ours", "RSS ×ours")
+    print(f"{head[0]:22s}" + "".join(f"{h:>10s}" for h in head[1:]) + "  peak MB in load/prune/save")
     for variant, v in result["variants"].items():
-        s = v["seconds"]
-        print(
-            f"{variant:14s} {s['load']:7.2f} {s['prune']:7.2f} {s['save']:7.2f} {v['total_seconds']:8.2f} "
-            f"{v['gb_per_s']:6.2f} {v['peak_rss_mb']:8.0f} {v['rss_ratio']:9.2f} "
-            f"{v.get('seconds_vs_onnxsparse', 1.0):7.2f} {v.get('peak_rss_vs_onnxsparse', 1.0):9.2f} {v['pruned']:6d}"
-        )
+        s, p = v["seconds"], v.get("phase_peak_rss_mb", {})
+        cells = (s["load"], s["prune"], s["save"], v["total_seconds"], v["gb_per_s"], v["peak_rss_mb"], v["rss_ratio"])
+        ratios = (v.get("seconds_vs_onnxsparse", 1.0), v.get("peak_rss_vs_onnxsparse", 1.0))
+        phases = "/".join(f"{p.get(k, 0):.0f}" for k in ("load", "prune", "save"))
+        print(f"{variant:22s}" + "".join(f"{c:10.2f}" for c in (*cells, *ratios)) + f"  {phases}")
 
 
 def main(argv: list[str] | None = None) -> int:
