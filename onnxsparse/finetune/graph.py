@@ -22,7 +22,8 @@ from onnx import TensorProto, helper
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.finetune import worker as training_worker
 from onnxsparse.ir.graph import iter_graphs, node_reads, toposort
-from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import attr
 from onnxsparse.ir.model_io import Model, save_model
 from onnxsparse.ir.tensors import external_info, is_spilled, set_array, to_array
 
@@ -49,9 +50,7 @@ def partition_masks(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[dict
     """Split masks into those the fine-tune can train (float initializers of the main graph, not quantized)
     and the rest, each with the reason it cannot be trained."""
     inits = _main_initializers(model)
-    dequantized = {
-        layer.source.name for layer in find_layers(model.proto) if layer.source is not None and layer.dequantized
-    }
+    dequantized = {layer.source.name for layer in model_layers(model) if layer.source is not None and layer.dequantized}
     usable: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     for name, mask in masks.items():
@@ -105,7 +104,7 @@ def trainable_sets(model: Model, masks: Mapping[str, np.ndarray], sets: Sequence
     if "weights" in out:
         out["weights"] = list(masks)
     masked_outputs: set[str] = set()
-    for layer in find_layers(model.proto):
+    for layer in model_layers(model):
         if layer.graph is not graph or layer.weight_name not in masks:
             continue
         masked_outputs.add(layer.node.output[0])

@@ -24,7 +24,9 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper
 
-from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.graph import GraphIndex
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import attr
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.tensors import TensorHome, to_array
 
@@ -70,7 +72,7 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
     inits = {t.name: t for t in model.proto.graph.initializer}
     found: dict[str, QWeight] = {}
     skipped: dict[str, str] = {}
-    for layer in find_layers(model.proto):
+    for layer in model_layers(model):
         if layer.graph is not model.proto.graph or layer.source is None or not layer.dequantized:
             continue
         name = layer.source.name
@@ -167,13 +169,13 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], home: Ten
             ),
             helper.make_node("Mul", [base + "__qat_fq", scale], [qw.dq_output], name=base + "__qat_rescale"),
         ]
-    producers = {o: n for n in graph.node for o in n.output}
+    index = GraphIndex(graph)
     kept: list[NodeProto] = []
     pairs = 0
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.output[0] in drop_dq:
             continue
-        q = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        q = index.producer(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if q is not None and q.op_type == "QuantizeLinear" and _per_tensor(q, inits) and _per_tensor(node, inits):
             zp_name = q.input[2] if len(q.input) > 2 and q.input[2] else ""
             zp_t = inits.get(zp_name) if zp_name else None

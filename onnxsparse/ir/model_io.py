@@ -25,6 +25,7 @@ from onnxsparse import __version__
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir import paths
 from onnxsparse.ir.graph import iter_graphs, use_counts
+from onnxsparse.ir.index import LayerCache
 from onnxsparse.ir.spill import SpillStore
 from onnxsparse.ir.tensors import external_info, external_path, nbytes, to_array
 
@@ -50,6 +51,8 @@ class Model:
     base_dir: Path | None = None
     source: Path | None = None
     store: SpillStore = field(default_factory=SpillStore, repr=False, compare=False)
+    #: the weighted-layer index of the current proto (``onnxsparse.ir.index``); never copied to a new Model
+    layer_cache: LayerCache = field(default_factory=LayerCache, init=False, repr=False, compare=False)
 
     def close(self) -> None:
         """Delete the scratch files of edited tensors (shared with derived models); save first to keep them."""

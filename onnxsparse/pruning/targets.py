@@ -22,6 +22,7 @@ import onnx
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.layers import Layer
 from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.reasons import render
 from onnxsparse.ir.stream import prune_tensor, streamable
 from onnxsparse.ir.tensors import set_array
 from onnxsparse.pipeline import PassReport
@@ -76,7 +77,7 @@ def group_targets(layers: list[Layer], report: PassReport) -> list[Target]:
     by_key: dict[tuple[int, str], Target] = {}
     for layer in layers:
         if layer.source is None:
-            report.skip(layer.name, layer.reason or "no constant weight", op=layer.op_type, weight=None)
+            report.skip(layer.name, render(layer.reason, "no constant weight"), op=layer.op_type, weight=None)
             continue
         key = (id(layer.source.graph) if layer.source.node is None else id(layer.source.node), layer.source.name)
         by_key.setdefault(key, Target(key, [])).layers.append(layer)
