@@ -88,14 +88,14 @@ class _Converter(TypePlan):
         prod = self.producer.get(name)
         if name in self.initializers and not self._is_graph_input(name):
             g, tensor = self.initializers[name]
-            arr = to_array(tensor, self.model.base_dir)
+            arr = to_array(tensor, self.model)
             data = self._fp16(arr) if t == FLOAT16 else np.asarray(arr, dtype=np.float32)
             g.initializer.append(numpy_helper.from_array(data, new))
             self.stats["initializers"] += 1
         elif prod is not None and prod[0].op_type == "Constant":
             ctensor = constant_tensor(prod[0])
             assert ctensor is not None
-            arr = to_array(ctensor, self.model.base_dir)  # a Constant's tensor is inline unless saved otherwise
+            arr = to_array(ctensor, self.model)  # a Constant's tensor is inline unless saved otherwise
             data = self._fp16(arr) if t == FLOAT16 else np.asarray(arr, dtype=np.float32)
             graph.node.append(
                 helper.make_node(
@@ -149,14 +149,14 @@ class _Converter(TypePlan):
             if name in self.initializers:  # also an input's default (keep-io off): it follows the input
                 _, tensor = self.initializers[name]
                 # set_array keeps the core's policy: an external weight goes to a scratch file, not into memory
-                set_array(tensor, self._fp16(to_array(tensor, self.model.base_dir)))
+                set_array(tensor, self._fp16(to_array(tensor, self.model)), self.model)
                 if not self._is_graph_input(name):
                     self.stats["initializers"] += 1
             elif name in self.producer and self.producer[name][0].op_type == "Constant":
                 node = self.producer[name][0]
                 ctensor = constant_tensor(node)
                 assert ctensor is not None
-                data = self._fp16(to_array(ctensor, self.model.base_dir))
+                data = self._fp16(to_array(ctensor, self.model))
                 del node.attribute[:]
                 node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(data)))
                 self.stats["constants"] += 1
@@ -177,7 +177,7 @@ class _Converter(TypePlan):
                     a.i = FLOAT16
         elif node.op_type == "ConstantOfShape":
             value = next((a for a in node.attribute if a.name == "value"), None)
-            arr = to_array(value.t, self.model.base_dir) if value is not None else np.zeros(1, dtype=np.float32)
+            arr = to_array(value.t, self.model) if value is not None else np.zeros(1, dtype=np.float32)
             if value is not None:
                 node.attribute.remove(value)
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(self._fp16(arr))))

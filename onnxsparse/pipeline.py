@@ -1,24 +1,30 @@
-"""The pass manager: Pass base class, results and reports, the registry, and the text pipeline grammar.
+"""The pass manager: the Pass base class, its contract, results and reports, the run-wide context.
 
-A pass is a frozen config dataclass plus a class with ``run(model, ctx) -> PassResult``. The registry is keyed
-by the pass's CLI name; the CLI's ``passes`` listing, the text grammar and option parsing are all generated
-from the config dataclasses, so every option has one name everywhere:
+A pass is a frozen config dataclass plus a class with ``run(model, ctx) -> PassResult``. Its text form, the
+registry and option parsing live in ``onnxsparse.grammar``; named pipelines in ``onnxsparse.presets``.
 
-    gemm-to-conv,prune{pattern=2:4;exclude=head\\..*},validate{min-coverage=0.9}
+The contract, after onnx-ir's pass infrastructure (``passes/_pass_infra.py``), is checked by ``Pipeline.run``
+around every pass:
 
-Grammar: passes separated by top-level commas; options inside ``{...}`` separated by ``;``; values may be
-quoted with '...' or "..." to contain ``;``, ``{`` or ``}``. Option names use dashes (``min-params``) and map
-to dataclass fields with underscores.
+- ``requires(model, ctx)``: what the pass needs (calibration data, masks), a one-line ``OnnxSparseError``
+  raised before the pass does any work;
+- ``ensures(model, ctx, result)``: what it promises afterwards (e.g. the n:m pattern of what it pruned),
+  checked from what the pass already computed, never by re-reading the weights; a failure is a bug in the
+  pass (``PassContractError``);
+- ``in_place``: an in-place pass edits the model it is given and returns that same object; a functional
+  pass returns a new model and leaves its input alone;
+- ``PassResult.modified``: computed from what the pass changed, never a constant.
+
+Passes hand each other artefacts through typed fields of ``PassContext`` (``masks``, ``teacher``), not
+through a free-form dict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
-import pkgutil
+import os
 import time
-import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -26,13 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+import numpy as np
 import onnx
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
+from onnxsparse.grammar import parse_pipeline, pass_text
+from onnxsparse.ir import interop
 from onnxsparse.ir.graph import cleanup, op_counts, toposort
+from onnxsparse.ir.interop import ModelLike
 from onnxsparse.ir.model_io import Model, record_provenance
-from onnxsparse.presets import DEFAULT_PIPELINE as DEFAULT_PIPELINE  # re-exported: passes and tests import them here
-from onnxsparse.presets import PRESETS as PRESETS
 
 log = logging.getLogger("onnxsparse")
 
@@ -109,25 +117,47 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Run-wide inputs shared by passes: shapes for symbolic dims, calibration data, artefacts, progress."""
+    """Run-wide inputs shared by passes, and the artefacts one pass hands to a later one.
+
+    ``masks``: initializer name → bool array shaped like the stored tensor (True = may be non-zero). The
+    prune pass adds the masks of every tensor it pruned or found already n:m; the finetune pass trains with
+    them held fixed (unless given ``masks=PATH``), and a later prune chooses its keep-set inside them.
+
+    ``teacher``: the dense model the finetune pass distils to when its ``teacher=`` option is not given — a
+    path or an in-memory ``Model``, for the Python API (e.g. a pipeline run on a model that has no file).
+    Without either, finetune distils to the file the pipeline's model was loaded from.
+    """
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calibration: Any = None
     calib_samples: int | None = None
     progress: bool = False
-    #: artefacts passes leave for later passes (e.g. prune's masks for finetune)
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    teacher: Model | str | os.PathLike[str] | None = None
     workdir: Path | None = None
 
 
+class PassContractError(RuntimeError):
+    """A pass broke its declared contract (``in_place``, ``ensures``): a bug in the pass, not in the input."""
+
+
 class Pass(ABC, Generic[C]):
-    """Base class of every pass: ``name`` (CLI key), ``config_cls``, a one-line ``summary``, ``run``."""
+    """Base class of every pass: ``name`` (CLI key), ``config_cls``, a one-line ``summary``, ``in_place``,
+    ``run``, and optionally ``requires`` / ``ensures`` (see the module docstring)."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[PassConfig]]
     summary: ClassVar[str] = ""
+    #: True: ``run`` edits the model it is given and returns that same object. False: it returns a new
+    #: model and leaves its input untouched. Every pass declares it; ``Pipeline.run`` checks the claim.
+    in_place: ClassVar[bool]
+    #: True: a modified run only rewrites initializer values in place (prune), so the model's weighted-layer
+    #: index (``model.layer_cache``, ``onnxsparse.ir.index``) stays valid; otherwise ``Pipeline.run`` drops it.
+    values_only: ClassVar[bool] = False
 
     def __init__(self, config: C | None = None, **options: Any) -> None:
+        if not isinstance(getattr(type(self), "in_place", None), bool):
+            raise TypeError(f"{type(self).__name__} must declare in_place: ClassVar[bool]")
         if config is not None and options:
             raise TypeError("give either a config object or keyword options, not both")
         self.config: C = config if config is not None else self.config_cls(**options)  # type: ignore[assignment]
@@ -136,7 +166,30 @@ class Pass(ABC, Generic[C]):
 
     @abstractmethod
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        """Apply the pass in place on ``model`` and say what changed."""
+        """The pass's work, in place or not as ``in_place`` says, and what changed. It may assume that
+        ``requires`` held: call ``apply`` (or run a ``Pipeline``) to have the contract checked."""
+
+    def apply(self, model: Model, ctx: PassContext | None = None) -> PassResult:
+        """``requires``, ``run``, the ``in_place`` check, ``ensures``: one pass with its contract checked."""
+        ctx = ctx if ctx is not None else PassContext()
+        self.requires(model, ctx)
+        before = None if self.in_place else _GraphShape.of(model)
+        result = self.run(model, ctx)
+        _check_in_place(self, model, result, before)
+        if result.modified and not self.values_only:
+            result.model.layer_cache.invalidate()  # its layers describe the graph before this pass
+        self.ensures(result.model, ctx, result)
+        return result
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        """Raise a one-line ``OnnxSparseError`` when this pass, as configured, cannot run on ``model`` with
+        ``ctx`` (missing calibration data, masks, ...). Called by ``Pipeline.run`` before ``run``; it must
+        not change the model. The default requires nothing."""
+
+    def ensures(self, model: Model, ctx: PassContext, result: PassResult) -> None:
+        """Raise ``PassContractError`` when ``result`` breaks what the pass promises. Called by
+        ``Pipeline.run`` after ``run``; it must be cheap (use what the pass computed, do not re-read a
+        large model's weights). The default promises nothing beyond the ``in_place`` contract."""
 
     def reads_calibration(self) -> bool | None:
         """Whether this pass, as configured, reads ``ctx.calibration`` (the CLI's ``--calib``).
@@ -152,190 +205,10 @@ class Pass(ABC, Generic[C]):
 
     def text(self) -> str:
         """This pass as pipeline text (only options that differ from their defaults)."""
-        parts = []
-        for f in dataclasses.fields(self.config):
-            value = getattr(self.config, f.name)
-            if f.default is not dataclasses.MISSING and value == f.default:
-                continue
-            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-                continue
-            parts.append(f"{f.name.replace('_', '-')}={_format_value(value)}")
-        return self.name + ("{" + ";".join(parts) + "}" if parts else "")
+        return pass_text(self.name, self.config)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v) for v in value)
-    text = "" if value is None else str(value)
-    if any(c in text for c in ";{}'\""):
-        return "'" + text.replace("'", "\\'") + "'"
-    return text
-
-
-# ---------------------------------------------------------------------------------------------- registry
-
-
-def registry() -> dict[str, type[Pass[Any]]]:
-    """CLI name → pass class, discovered from the modules of ``onnxsparse.passes``."""
-    import onnxsparse.passes as pkg
-
-    found: dict[str, type[Pass[Any]]] = {}
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for obj in vars(module).values():
-            # ``types.GenericAlias`` (``tuple[int, ...]`` in a module namespace) passes ``isinstance(.., type)``
-            # on Python 3.10, and issubclass then raises: exclude it explicitly.
-            is_class = isinstance(obj, type) and not isinstance(obj, types.GenericAlias)
-            is_pass = is_class and issubclass(obj, Pass) and obj is not Pass
-            if is_pass and getattr(obj, "name", None) and obj.__module__ == module.__name__:
-                found[obj.name] = obj
-    return dict(sorted(found.items()))
-
-
-def get_pass(name: str) -> type[Pass[Any]]:
-    reg = registry()
-    if name not in reg:
-        raise OnnxSparseError(f"unknown pass '{name}' (known: {', '.join(reg)})")
-    return reg[name]
-
-
-# ---------------------------------------------------------------------------------------------- grammar
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside braces and quotes."""
-    parts, buf, depth, quote = [], [], 0, ""
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if quote:
-            if c == "\\" and i + 1 < len(text):
-                buf.append(text[i : i + 2])
-                i += 2
-                continue
-            if c == quote:
-                quote = ""
-            buf.append(c)
-        elif c in "'\"":
-            quote = c
-            buf.append(c)
-        elif c == "{":
-            depth += 1
-            buf.append(c)
-        elif c == "}":
-            depth -= 1
-            if depth < 0:
-                raise OnnxSparseError(f"unbalanced '}}' in pipeline '{text}'")
-            buf.append(c)
-        elif c == sep and depth == 0:
-            parts.append("".join(buf))
-            buf = []
-        else:
-            buf.append(c)
-        i += 1
-    if quote:
-        raise OnnxSparseError(f"unterminated quote in '{text}'")
-    if depth:
-        raise OnnxSparseError(f"unbalanced '{{' in pipeline '{text}'")
-    parts.append("".join(buf))
-    return parts
-
-
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1].replace("\\" + value[0], value[0])
-    return value
-
-
-def config_fields(cls: type[PassConfig]) -> dict[str, dataclasses.Field[Any]]:
-    """Option name (dashed) → dataclass field."""
-    return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-
-
-def coerce(f: dataclasses.Field[Any], raw: str, owner: type[PassConfig]) -> Any:
-    """Turn option text into the field's type (bool/int/float/str/tuple[str, ...], Optional of those)."""
-    hints = typing.get_type_hints(owner)
-    tp = hints[f.name]
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        if raw.lower() in ("", "none", "null"):
-            return None
-        tp = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(tp)
-    name = f.name.replace("_", "-")
-    try:
-        if tp is bool:
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if tp is int:
-            return int(raw)
-        if tp is float:
-            return float(raw)
-        if origin in (tuple, list):
-            items = tuple(_unquote(x) for x in _split_top(raw, ",") if x.strip())
-            inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            return tuple(inner(x) for x in items) if inner in (int, float) else items
-        if tp is str:
-            return raw
-    except ValueError:
-        raise OnnxSparseError(f"option {name}: cannot read '{raw}' as {getattr(tp, '__name__', tp)}") from None
-    raise OnnxSparseError(f"option {name} has unsupported type {tp}")
-
-
-def make_pass(name: str, options: dict[str, str]) -> Pass[Any]:
-    """Build a pass from its CLI name and text options (validated against its config)."""
-    cls = get_pass(name)
-    fields = config_fields(cls.config_cls)
-    kwargs: dict[str, Any] = {}
-    for key, raw in options.items():
-        if key.replace("_", "-") not in fields:
-            known = ", ".join(fields) or "none"
-            raise OnnxSparseError(f"pass '{name}' has no option '{key}' (options: {known})")
-        f = fields[key.replace("_", "-")]
-        kwargs[f.name] = coerce(f, raw, cls.config_cls)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise OnnxSparseError(f"pass '{name}': {e}") from e
-
-
-def parse_pipeline(text: str) -> list[Pass[Any]]:
-    """``gemm-to-conv,prune{pattern=2:4;exclude=head.*}`` → the same pass objects the API builds."""
-    passes: list[Pass[Any]] = []
-    for item in _split_top(text, ","):
-        item = item.strip()
-        if not item:
-            continue
-        if "{" in item:
-            if not item.endswith("}"):
-                raise OnnxSparseError(f"bad pipeline item '{item}': text after '}}'")
-            name, body = item[: item.index("{")].strip(), item[item.index("{") + 1 : -1]
-        else:
-            name, body = item, ""
-        options: dict[str, str] = {}
-        for opt in _split_top(body, ";"):
-            if not opt.strip():
-                continue
-            if "=" not in opt:
-                raise OnnxSparseError(f"bad option '{opt.strip()}' in '{item}': expected key=value")
-            key, value = opt.split("=", 1)
-            options[key.strip()] = _unquote(value)
-        passes.append(make_pass(name, options))
-    if not passes:
-        raise OnnxSparseError("empty pipeline")
-    return passes
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -343,9 +216,13 @@ def parse_pipeline(text: str) -> list[Pass[Any]]:
 
 @dataclass
 class PipelineResult:
-    """The transformed model, each pass's result, and whole-model before/after op counts."""
+    """The transformed model, each pass's result, and whole-model before/after op counts.
 
-    model: Model
+    ``model`` is of the kind ``Pipeline.run`` was given (``onnxsparse.ir.interop``): a ``Model`` for a ``Model``
+    or a path, else an ``onnx.ModelProto``, ``onnx_ir.Model`` or ``onnx_graphsurgeon.Graph``.
+    """
+
+    model: Any
     results: list[PassResult]
     ops_before: dict[str, int]
     ops_after: dict[str, int]
@@ -382,14 +259,18 @@ class Pipeline:
 
     def run(
         self,
-        model: Model | onnx.ModelProto,
+        model: ModelLike,
         ctx: PassContext | None = None,
         check: bool = True,
         on_pass: Callable[[Pass[Any], PassResult], None] | None = None,
     ) -> PipelineResult:
-        """Run every pass in order, then one cleanup + toposort, then the full ONNX checker."""
-        if isinstance(model, onnx.ModelProto):
-            model = Model(proto=model)
+        """Run every pass in order (``Pass.apply``: its contract checked around it), then one cleanup +
+        toposort, then the full ONNX checker.
+
+        A pass's ``requires`` is checked just before that pass runs, so a later pass's missing input (e.g.
+        qdq's calibration data) shows after the earlier passes ran; callers write nothing until the end.
+        """
+        model, back = interop.to_model(model)  # a path, ModelProto, onnx_ir.Model or gs.Graph -> Model
         ctx = ctx or PassContext()
         start = time.perf_counter()
         before = op_counts(model.proto.graph)
@@ -398,7 +279,7 @@ class Pipeline:
         for p in self.passes:
             t0 = time.perf_counter()
             try:
-                result = p.run(model, ctx)
+                result = p.apply(model, ctx)
             except GateFailure as e:
                 gate = e
                 break
@@ -412,14 +293,46 @@ class Pipeline:
         if any(r.modified for r in results):
             cleanup(model.proto.graph)
             toposort(model.proto.graph)
+            model.layer_cache.invalidate()  # both copy nodes and initializers the layers pointed at
             record_provenance(model, self.text())
         if check:
             check_model(model)
-        out = PipelineResult(model, results, before, op_counts(model.proto.graph), time.perf_counter() - start)
+        ops_after = op_counts(model.proto.graph)
+        out = PipelineResult(back(model), results, before, ops_after, time.perf_counter() - start)
         if gate is not None:
             gate.result = out  # type: ignore[attr-defined]
             raise gate
         return out
+
+
+@dataclass(frozen=True)
+class _GraphShape:
+    """What a functional pass must leave alone, cheaply: the proto object and every main-graph node's op,
+    name and wiring, and the initializer names. Initializer values and subgraph bodies are not compared
+    (that would mean hashing the weights); the check catches a pass that edits its input's graph, not one
+    that overwrites tensor bytes in place."""
+
+    proto_id: int
+    nodes: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]
+    initializers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: Model) -> _GraphShape:
+        g = model.proto.graph
+        nodes = tuple((n.op_type, n.name, tuple(n.input), tuple(n.output)) for n in g.node)
+        return cls(id(model.proto), nodes, tuple(t.name for t in g.initializer))
+
+
+def _check_in_place(p: Pass[Any], model: Model, result: PassResult, before: _GraphShape | None) -> None:
+    """The ``in_place`` claim of ``p``, held against what its ``run`` did with ``model``."""
+    if p.in_place:
+        if result.model is not model:
+            raise PassContractError(f"pass '{p.name}' declares in_place but returned a different model object")
+        return
+    if result.model is model or result.model.proto is model.proto:
+        raise PassContractError(f"pass '{p.name}' is functional (in_place=False) but returned its input model")
+    if before is not None and _GraphShape.of(model) != before:
+        raise PassContractError(f"pass '{p.name}' is functional (in_place=False) but changed its input's graph")
 
 
 def check_model(model: Model) -> None:
@@ -427,7 +340,7 @@ def check_model(model: Model) -> None:
     from onnxsparse.ir.checker import check_proto
 
     try:
-        check_proto(model.proto, model.base_dir, full_check=True)
+        check_proto(model.proto, model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise OnnxSparseError(f"the result fails the ONNX checker: {str(e).splitlines()[0][:300]}") from e
 

@@ -4,7 +4,9 @@ TensorRT's rules (see REFERENCE.md "Q/DQ for TensorRT" and ``passes/qdq.py``): t
 weight of each selected Conv/ConvTranspose/Gemm/MatMul, the skip input of a residual Add fed by a quantized
 layer (so TensorRT can fuse the Add), optionally each layer's output after its pointwise epilogue, and with
 ``activation-matmuls`` both inputs of MatMuls of two activations. Kept apart from the pass so that the pass
-module is its options, the calibration call and the rewrite; the plan is recomputed after an opset upgrade.
+module is its options, the calibration call and the rewrite. The plan names nodes (by their first output) and
+values, never proto objects, so it is computed once and ``QdqPlan.bind`` finds the same nodes again in the proto
+onnx's version converter returns (it keeps value names); only a plan that no longer binds is computed again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from typing import Protocol
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
-from onnxsparse.ir.layers import Layer, Source, find_layers, select_reason
+from onnxsparse.ir.graph import GraphIndex
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import Layer, select_reason
+from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.reasons import Skip, render
+from onnxsparse.ir.tensors import constant_value
 
 #: ops a layer's output passes through before TensorRT's epilogue ends (a single consumer each)
 _EPILOGUE_OPS = (
@@ -51,75 +58,141 @@ class QdqOptions(Protocol):
     def exclude(self) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One node input to rewire, by names: the node (its first output's name), the input index, and the value
+    that input reads when planned (checked again when the plan is bound to a proto)."""
+
+    node: str
+    index: int
+    reads: str
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """A quantized layer by names: what the report needs, nothing that points into a proto."""
+
+    name: str
+    op_type: str
+    #: the node's first output (what a residual Add or an output Q/DQ follows)
+    output: str
+    activation: str
+    #: the weight's stored tensor (None for a MatMul of two activations)
+    weight: str | None = None
+    #: a MatMul of two activations: its second input
+    activation_b: str | None = None
+
+
 @dataclass
 class WeightPlan:
-    source: Source
-    readers: list[tuple[NodeProto, int]] = field(default_factory=list)
+    source: str
+    readers: list[Slot] = field(default_factory=list)
     axes: set[int | None] = field(default_factory=set)
     layers: list[str] = field(default_factory=list)
 
 
 @dataclass
 class QdqPlan:
-    """What gets Q/DQ: weights by stored tensor, activations by tensor name with the inputs to rewire."""
+    """What gets Q/DQ, by value and node-output names only, so it survives the version converter replacing the
+    proto: weights by stored tensor, activations by tensor name with the inputs to rewire."""
 
-    layers: list[Layer] = field(default_factory=list)
+    layers: list[PlannedLayer] = field(default_factory=list)
     #: MatMuls whose two inputs are activations (with ``activation-matmuls``)
-    bmm: list[Layer] = field(default_factory=list)
+    bmm: list[PlannedLayer] = field(default_factory=list)
     weights: dict[str, WeightPlan] = field(default_factory=dict)
-    #: tensor → (node, input index) pairs to rewire; None = every consumer in the main graph
-    acts: dict[str, list[tuple[NodeProto, int]] | None] = field(default_factory=dict)
+    #: tensor → inputs to rewire; None = every consumer in the main graph
+    acts: dict[str, list[Slot] | None] = field(default_factory=dict)
     residual: list[dict[str, str]] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     half: bool = False  # some weight is float16: scales in that type need opset 19
 
+    def bind(self, proto: onnx.ModelProto) -> Bound | None:
+        """The plan's nodes and weight tensors in ``proto`` (e.g. after an opset upgrade), or None when some
+        name no longer means what it meant when planned: then the caller plans again."""
+        graph = proto.graph
+        index = GraphIndex(graph)
+        inits = {t.name: t for t in graph.initializer}
+        bound = Bound()
+        for wp in self.weights.values():
+            tensor = inits.get(wp.source)
+            if tensor is None:
+                node = index.producer(wp.source)
+                tensor = constant_value(node) if node is not None and node.op_type == "Constant" else None
+            if tensor is None:
+                return None
+            bound.tensors[wp.source] = tensor
+        for slots in [wp.readers for wp in self.weights.values()] + [a for a in self.acts.values() if a]:
+            for slot in slots:
+                node = index.producer(slot.node)
+                if node is None or len(node.input) <= slot.index or node.input[slot.index] != slot.reads:
+                    return None
+                bound.nodes[slot.node] = node
+        return bound
 
-def _selected(layer: Layer, cfg: QdqOptions) -> str | None:
+
+@dataclass
+class Bound:
+    """A plan's names resolved in one proto: reader nodes by ``Slot.node`` and weight tensors by name."""
+
+    nodes: dict[str, NodeProto] = field(default_factory=dict)
+    tensors: dict[str, TensorProto] = field(default_factory=dict)
+
+
+def _slot(node: NodeProto, index: int) -> Slot:
+    return Slot(node.output[0], index, node.input[index])
+
+
+def _selected(layer: Layer, cfg: QdqOptions) -> Skip | None:
     """Why the include/exclude options leave this layer out (None = selected)."""
     return select_reason(layer, cfg.include, cfg.exclude)
 
 
-def plan_qdq(proto: onnx.ModelProto, cfg: QdqOptions) -> QdqPlan:
+def plan_qdq(model: Model, cfg: QdqOptions) -> QdqPlan:
     """Which weights, activations, residual skips and layer outputs get Q/DQ in the main graph, and what is skipped."""
     plan = QdqPlan()
+    proto = model.proto
     graph = proto.graph
-    producers = {o: n for n in graph.node for o in n.output if o}
+    index = GraphIndex(graph)
     constants = {t.name for t in graph.initializer} - {i.name for i in graph.input}
     constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
-    acts: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
-    for layer in find_layers(proto):
+    acts: dict[str, list[Slot]] = defaultdict(list)
+    for layer in model_layers(model):
         if _activation_matmul(layer, graph, constants, cfg):
-            plan.bmm.append(layer)
-            for index in (0, 1):
-                prod = producers.get(layer.node.input[index])
+            node = layer.node
+            plan.bmm.append(
+                PlannedLayer(layer.name, layer.op_type, node.output[0], node.input[0], activation_b=node.input[1])
+            )
+            for i in (0, 1):
+                prod = index.producer(node.input[i])
                 if prod is None or prod.op_type != "DequantizeLinear":
-                    acts[layer.node.input[index]].append((layer.node, index))
+                    acts[node.input[i]].append(_slot(node, i))
             continue
-        why = _layer_skip_reason(layer, graph, producers, constants) or _selected(layer, cfg)
+        why = _layer_skip_reason(layer, graph, constants) or _selected(layer, cfg)
         if why:
-            plan.skipped.append((layer.name, why))
+            plan.skipped.append((layer.name, str(why)))
             continue
         assert layer.source is not None
-        plan.layers.append(layer)
+        plan.layers.append(
+            PlannedLayer(layer.name, layer.op_type, layer.node.output[0], layer.node.input[0], layer.source.name)
+        )
         act = layer.node.input[0]
-        prod = producers.get(act)
+        prod = index.producer(act)
         if prod is None or prod.op_type != "DequantizeLinear":
-            acts[act].append((layer.node, 0))
-        reader, index = (layer.chain[-1], 0) if layer.chain else (layer.node, layer.weight_input)
-        wp = plan.weights.setdefault(layer.source.name, WeightPlan(layer.source))
-        if (reader, index) not in wp.readers:
-            wp.readers.append((reader, index))
+            acts[act].append(_slot(layer.node, 0))
+        reader = _slot(layer.chain[-1], 0) if layer.chain else _slot(layer.node, layer.weight_input)
+        wp = plan.weights.setdefault(layer.source.name, WeightPlan(layer.source.name))
+        if reader not in wp.readers:
+            wp.readers.append(reader)
         wp.axes.add(layer.source_channel_axis if cfg.per_channel else None)
         wp.layers.append(layer.name)
         if layer.source.tensor.data_type == TensorProto.FLOAT16:
             plan.half = True
     plan.acts = dict(acts)
-    layer_nodes = {id(layer.node) for layer in plan.layers}
     if cfg.skip_residual and plan.layers:
-        _plan_residual(graph, plan, producers, constants, layer_nodes)
+        _plan_residual(graph, plan, index, constants, {p.output for p in plan.layers})
     if cfg.quantize_outputs:
-        _plan_outputs(graph, plan, producers, constants)
+        _plan_outputs(graph, plan, index, constants)
     return plan
 
 
@@ -135,15 +208,13 @@ def _activation_matmul(layer: Layer, graph: GraphProto, constants: set[str], cfg
     )
 
 
-def _layer_skip_reason(
-    layer: Layer, graph: GraphProto, producers: dict[str, NodeProto], constants: set[str]
-) -> str | None:
+def _layer_skip_reason(layer: Layer, graph: GraphProto, constants: set[str]) -> str | None:
     if layer.graph is not graph:
         return f"inside subgraph {layer.graph_path} (Q/DQ covers the main graph only)"
     if layer.dequantized:
         return "weight already arrives through DequantizeLinear"
     if layer.source is None:
-        return layer.reason or "weight is not a constant"
+        return render(layer.reason, "weight is not a constant")
     dtype = layer.source.tensor.data_type
     if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         name = onnx.helper.tensor_dtype_to_string(dtype).removeprefix("TensorProto.").lower()
@@ -156,11 +227,7 @@ def _layer_skip_reason(
 
 
 def _plan_residual(
-    graph: GraphProto,
-    plan: QdqPlan,
-    producers: dict[str, NodeProto],
-    constants: set[str],
-    layer_nodes: set[int],
+    graph: GraphProto, plan: QdqPlan, index: GraphIndex, constants: set[str], layer_outputs: set[str]
 ) -> None:
     """For each Add fed by a quantized layer's output, Q/DQ its other (skip) input.
 
@@ -173,7 +240,7 @@ def _plan_residual(
             continue
         if any(i in constants for i in node.input):
             continue
-        from_layer = [_from_layer(i, producers, constants, layer_nodes) for i in node.input]
+        from_layer = [_from_layer(i, index, constants, layer_outputs) for i in node.input]
         if not any(from_layer):
             continue
         if all(from_layer):
@@ -181,28 +248,24 @@ def _plan_residual(
         else:
             skip_index = 0 if not from_layer[0] else 1
         skip = node.input[skip_index]
-        prod = producers.get(skip)
+        prod = index.producer(skip)
         if prod is not None and prod.op_type == "DequantizeLinear":
             continue
         plan.acts.setdefault(skip, [])
         readers = plan.acts[skip]
         if readers is not None:
-            readers.append((node, skip_index))
+            readers.append(_slot(node, skip_index))
         plan.residual.append({"add": node.name or node.output[0], "skip_input": skip})
 
 
-def _plan_outputs(graph: GraphProto, plan: QdqPlan, producers: dict[str, NodeProto], constants: set[str]) -> None:
+def _plan_outputs(graph: GraphProto, plan: QdqPlan, index: GraphIndex, constants: set[str]) -> None:
     """Q/DQ every consumer of each layer's output, after its single-consumer pointwise epilogue."""
-    readers: dict[str, list[NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            readers[i].append(n)
     outputs = {o.name for o in graph.output}
     skips = {r["skip_input"] for r in plan.residual}
     for layer in plan.layers:
-        t = layer.node.output[0]
-        while t not in outputs and len(readers[t]) == 1:
-            nxt = readers[t][0]
+        t = layer.output
+        while t not in outputs and len(index.uses(t)) == 1:
+            nxt = index.uses(t)[0][0]
             others = [i for i in nxt.input if i != t]
             bias = nxt.op_type in ("Add", "Sub", "Mul", "Div") and all(o in constants for o in others)
             residual = nxt.op_type == "Add" and len(others) == 1 and others[0] in skips
@@ -216,21 +279,21 @@ def _plan_outputs(graph: GraphProto, plan: QdqPlan, producers: dict[str, NodePro
         plan.outputs.append(t)
 
 
-def _from_layer(name: str, producers: dict[str, NodeProto], constants: set[str], layer_nodes: set[int]) -> bool:
+def _from_layer(name: str, index: GraphIndex, constants: set[str], layer_outputs: set[str]) -> bool:
     """Whether ``name`` is a quantized layer's output, possibly after its bias Add / BatchNormalization."""
-    node = producers.get(name)
+    node = index.producer(name)
     for _ in range(8):
         if node is None:
             return False
-        if id(node) in layer_nodes:
+        if node.output[0] in layer_outputs:
             return True
         if node.op_type in _BRANCH_OPS:
-            node = producers.get(node.input[0])
+            node = index.producer(node.input[0])
             continue
         if node.op_type == "Add" and len(node.input) == 2:
             inner = [i for i in node.input if i not in constants]
             if len(inner) == 1:
-                node = producers.get(inner[0])
+                node = index.producer(inner[0])
                 continue
         return False
     return False

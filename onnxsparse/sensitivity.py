@@ -36,8 +36,10 @@ import onnx
 from onnxsparse.calibration.histogram import CalibrationData, open_calibration
 from onnxsparse.compare import combined_rel_l2, run_session, session, worst_cosine
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.layers import check_regex, find_layers, select_reason
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import check_regex, select_reason
 from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.reasons import Skip, code_key
 from onnxsparse.plan import PLAN_VERSION, PlanResult, bench_gains, choose_plan, error_of, flop_gains
 from onnxsparse.progress import Progress
 from onnxsparse.sensitivity_scoring import Batch, Scorer, ScoringSetup, score_layers
@@ -160,14 +162,14 @@ def candidates(
     from onnxsparse.pruning.layout import problems
 
     _, m = parse_pattern(options.pattern)
-    layers = find_layers(model.proto, dict(shapes))
+    layers = model_layers(model, shapes)
     counts: dict[str, int] = {}
     for layer in layers:
         counts[layer.name] = counts.get(layer.name, 0) + 1
     out: list[Candidate] = []
     skipped: list[dict[str, str]] = []
     for layer in layers:
-        why = layer.check_pattern(m) or select_reason(layer, options.include, options.exclude)
+        why: Skip | str | None = layer.check_pattern(m) or select_reason(layer, options.include, options.exclude)
         if why is None and layer.source is None:
             why = "no constant weight"
         if why is None and layer.shared_with:
@@ -180,7 +182,7 @@ def candidates(
             p = problems(layer)
             why = p if isinstance(p, str) else None
         if why is not None:
-            skipped.append({"name": layer.name, "reason": why})
+            skipped.append({"name": layer.name, "reason": str(why), **code_key(why)})
             continue
         g = layer.gemm_shape(dict(shapes))
         assert layer.source is not None
@@ -237,7 +239,7 @@ def _measure_plan(
         )
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
-        copy = Model(proto, model.base_dir, model.source)
+        copy = Model(proto, model.base_dir, model.source, model.store)
         calibrated = options.method != "magnitude"
         prune = PrunePass(
             pattern=options.pattern,
@@ -310,7 +312,7 @@ def run_sensitivity(
     t_stats = time.perf_counter()
     defaults = PruneConfig()
     if options.method != "magnitude":
-        by_name = {layer.name: layer for layer in find_layers(model.proto, dict(shapes))}
+        by_name = {layer.name: layer for layer in model_layers(model, shapes)}
         chosen_layers = [by_name[c.name] for c in cands]
         # as the prune pass does: above max-k only the diagonal (Wanda's statistic), not a K x K matrix
         thin = [ly.name for ly in chosen_layers if options.method == "wanda" or stats_shape(ly)[0] > defaults.max_k]

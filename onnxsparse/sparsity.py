@@ -22,6 +22,7 @@ from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.layers import Layer, attr
+from onnxsparse.ir.reasons import render
 from onnxsparse.ir.tensors import to_array
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -206,7 +207,7 @@ def stored_weight(layer: Layer, consts: dict[str, TensorProto], base_dir: object
     """The layer's ``StoredWeight``, or why it cannot be read as one (a reason string)."""
     src = layer.source
     if src is None or layer.source_reduction_axis is None:
-        return layer.reason or "no constant weight"
+        return render(layer.reason, "no constant weight")
     if src.tensor.data_type not in SUPPORTED_TYPES:
         type_name = TensorProto.DataType.Name(src.tensor.data_type)
         return f"weight '{src.name}' has unsupported type {type_name}"

@@ -4,11 +4,14 @@ The pass form of ``onnxsparse.finetune.run.finetune``, so that prune → fine-tu
 pipeline (``prune{pattern=3:4},finetune,prune{pattern=2:4},finetune``; preset ``progressive``). Inside a
 pipeline every input has a sensible default:
 
-- masks: ``ctx.artifacts["masks"]``, which the prune pass leaves (or ``masks=PATH`` to an .npz);
+- masks: ``ctx.masks``, which the prune pass leaves (or ``masks=PATH`` to an .npz);
 - data: ``data=PATH``, else the run's ``--calib`` .npz (one array per model input, first axis = samples);
-- teacher (distillation): ``teacher=PATH``, else the file the pipeline started from — the dense model, when
-  the masks came from a prune earlier in the same pipeline. A model fine-tuned against itself would learn
-  nothing, so with masks from a file and no teacher the pass asks for one.
+- teacher (distillation): ``teacher=PATH``, else ``ctx.teacher`` (a path or an in-memory ``Model``, set by a
+  Python caller), else the file the pipeline started from — the dense model, when the masks came from a
+  prune earlier in the same pipeline. A model fine-tuned against itself would learn nothing, so with masks
+  from a file and no teacher the pass asks for one.
+
+``requires`` checks all three before anything is loaded or trained.
 
 The model that comes out has the input's nodes, initializer names, opset and IR version; only the trained
 initializers (masked weights, and by default the biases of the masked layers) have new values, and every
@@ -18,6 +21,7 @@ entry a mask zeroes is exactly zero.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -105,9 +109,34 @@ class FinetunePass(Pass[FinetuneConfig]):
     name = "finetune"
     config_cls = FinetuneConfig
     summary = "retrain pruned weights with fixed n:m masks through ONNX Runtime training (distillation or labels)"
+    in_place = True
 
     def reads_calibration(self) -> bool:
         return self.config.data is None  # trains on the run's --calib data unless data= is given
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        """Masks (``masks=PATH`` or a prune earlier in the pipeline), training data, and for distillation a
+        teacher."""
+        cfg = self.config
+        if cfg.masks is None and not ctx.masks:
+            raise OnnxSparseError("finetune: no masks — run prune earlier in the pipeline or give masks=PATH")
+        if cfg.masks is not None and not Path(cfg.masks).is_file():
+            raise OnnxSparseError(f"no such masks file: {cfg.masks}")
+        if self._data(ctx) is None:
+            raise OnnxSparseError("finetune: no training data — give data=PATH.npz (or --calib PATH.npz to run)")
+        if cfg.loss == "distill" and self._teacher(model, ctx) is None:
+            raise OnnxSparseError("finetune: distillation needs teacher=DENSE.onnx (the model before pruning)")
+
+    def _data(self, ctx: PassContext) -> str | Path | None:
+        return self.config.data or (ctx.calibration if isinstance(ctx.calibration, (str, Path)) else None)
+
+    def _teacher(self, model: Model, ctx: PassContext) -> Any:
+        """``teacher=``, else ``ctx.teacher``, else the pipeline's input file when the masks come from a prune
+        in this pipeline (the model before it is the dense one); None when there is none."""
+        cfg = self.config
+        if cfg.teacher or ctx.teacher is not None:
+            return cfg.teacher or ctx.teacher
+        return model.source if cfg.masks is None else None
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         from onnxsparse.finetune import qat as training_qat
@@ -115,10 +144,7 @@ class FinetunePass(Pass[FinetuneConfig]):
 
         cfg = self.config
         report = PassReport()
-        from_pipeline = cfg.masks is None
-        masks = load_masks(cfg.masks) if cfg.masks else dict(ctx.artifacts.get("masks") or {})
-        if not masks:
-            raise OnnxSparseError("finetune: no masks — run prune earlier in the pipeline or give masks=PATH")
+        masks = load_masks(cfg.masks) if cfg.masks else dict(ctx.masks)
         usable, skipped = partition_masks(model, masks)
         qweights: dict[str, Any] = {}
         if training_qat.has_qdq(model.proto):
@@ -133,17 +159,11 @@ class FinetunePass(Pass[FinetuneConfig]):
         if not usable:
             report.details.update(trained=[], reason="no mask names a trainable float initializer")
             return PassResult(model, False, report)
-        data = cfg.data or (ctx.calibration if isinstance(ctx.calibration, (str, Path)) else None)
-        if data is None:
-            raise OnnxSparseError("finetune: no training data — give data=PATH.npz (or --calib PATH.npz to run)")
-        teacher: Any = None
-        if cfg.loss == "distill":
-            teacher = cfg.teacher or ctx.artifacts.get("teacher")
-            if teacher is None:
-                if not from_pipeline or model.source is None:
-                    raise OnnxSparseError("finetune: distillation needs teacher=DENSE.onnx (the model before pruning)")
-                teacher = model.source
-                log.info("finetune: distilling to the pipeline's input %s", teacher)
+        data = self._data(ctx)
+        assert data is not None, "checked by requires (Pass.apply)"
+        teacher = self._teacher(model, ctx) if cfg.loss == "distill" else None
+        if teacher is not None and not cfg.teacher and ctx.teacher is None:
+            log.info("finetune: distilling to the pipeline's input %s", teacher)
         result = finetune(
             model,
             usable,
@@ -165,7 +185,7 @@ class FinetunePass(Pass[FinetuneConfig]):
             last_loss=result.last_loss,
             seconds=result.seconds,
             runtime=result.runtime,
-            teacher=str(teacher) if teacher is not None else None,
+            teacher=_describe(teacher),
             qat=sorted(qweights),
             train_sets={k: len(v) for k, v in result.train_sets.items()},
             curve=result.curve,
@@ -177,7 +197,6 @@ class FinetunePass(Pass[FinetuneConfig]):
                 4,
             ),
         )
-        ctx.artifacts["finetune"] = result.to_dict()
         return PassResult(result.model, bool(result.changed), report)
 
     def render(self, result: PassResult) -> str | None:
@@ -198,3 +217,10 @@ class FinetunePass(Pass[FinetuneConfig]):
                 for p in curve
             )
         return text
+
+
+def _describe(teacher: Model | str | os.PathLike[str] | None) -> str | None:
+    """The teacher for the report: its path (an in-memory ``Model`` from ``ctx.teacher`` by its file, if any)."""
+    if isinstance(teacher, Model):
+        return str(teacher.source) if teacher.source is not None else "in-memory model (ctx.teacher)"
+    return None if teacher is None else str(teacher)

@@ -18,8 +18,10 @@ import numpy as np
 from onnx import GraphProto, NodeProto, helper, numpy_helper
 
 from onnxsparse.ir.graph import NameGen, use_counts
-from onnxsparse.ir.layers import Layer, attr, check_regex, find_layers, select_reason
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import Layer, attr, check_regex, select_reason
 from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.reasons import Skip, code_key
 from onnxsparse.ir.shapes import infer_shapes
 from onnxsparse.ir.tensors import to_array
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
@@ -42,6 +44,7 @@ class GemmToConvPass(Pass[GemmToConvConfig]):
 
     name = "gemm-to-conv"
     config_cls = GemmToConvConfig
+    in_place = True
     summary = "Gemm/MatMul with a constant weight -> 1x1 Conv (TensorRT 8 sparse path), numerically equal."
 
     def reads_calibration(self) -> bool:
@@ -56,15 +59,16 @@ class GemmToConvPass(Pass[GemmToConvConfig]):
         rewritten = 0
         plans: dict[int, tuple[GraphProto, dict[str, list[NodeProto]]]] = {}
         depth: dict[int, int] = {}
-        for layer in find_layers(proto, shapes):
+        for layer in model_layers(model, shapes):
             if layer.op_type not in ("Gemm", "MatMul"):
                 continue
             label = layer.name
-            why = select_reason(layer, self.config.include, self.config.exclude) or _why_not(layer, shapes, counts)
+            why: Skip | str | None = select_reason(layer, self.config.include, self.config.exclude)
+            why = why or _why_not(layer, shapes, counts)
             bias, bias_why = (None, None) if why else _bias(layer, model)  # no bias read for a skipped layer
             why = why or bias_why
             if why:
-                report.skip(label, why, op=layer.op_type)
+                report.skip(label, str(why), op=layer.op_type, **code_key(why))
                 continue
             graph_plan = plans.setdefault(id(layer.graph), (layer.graph, {}))[1]
             depth[id(layer.graph)] = layer.graph_path.count("/")
@@ -74,11 +78,13 @@ class GemmToConvPass(Pass[GemmToConvConfig]):
         # Innermost graphs first: splicing a graph copies its nodes, and with them the subgraphs they hold.
         for _, (graph, replacements) in sorted(plans.items(), key=lambda kv: -depth[kv[0]]):
             _splice(graph, replacements)
+        if rewritten:
+            model.layer_cache.invalidate()  # nodes replaced: the index is rebuilt on the next question
         report.details["rewritten"] = rewritten
         return PassResult(model, modified=rewritten > 0, report=report)
 
 
-def _why_not(layer: Layer, shapes: dict, counts: dict[str, int]) -> str | None:
+def _why_not(layer: Layer, shapes: dict, counts: dict[str, int]) -> Skip | str | None:
     """The reason a Gemm/MatMul cannot be rewritten, or None."""
     node = layer.node
     if layer.source is None:
@@ -126,7 +132,7 @@ def _rewrite(layer: Layer, model: Model, names: NameGen, bias: np.ndarray | None
     """The Reshape → Conv → Reshape nodes replacing the layer's node (new constants go into its graph)."""
     node, graph = layer.node, layer.graph
     assert layer.source is not None
-    w = np.asarray(to_array(layer.source.tensor, model.base_dir))
+    w = np.asarray(to_array(layer.source.tensor, model))
     if node.op_type == "Gemm":
         alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
         wt = w if attr(node, "transB", 0) else w.T  # → [N, K]
@@ -202,4 +208,4 @@ def _splice(graph: GraphProto, replacements: dict[str, list[NodeProto]]) -> None
 def _constant_array(name: str, layer: Layer, model: Model) -> np.ndarray | None:
     """The value of a constant input of the layer's node (bias), or None where it is computed at run time."""
     src = layer.constant(name)
-    return None if src is None else np.asarray(to_array(src.tensor, model.base_dir))
+    return None if src is None else np.asarray(to_array(src.tensor, model))

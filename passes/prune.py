@@ -17,7 +17,7 @@ Progressive sparsity (the seed's recipe) is two runs of this pass: ``prune{patte
 inside the previous masks, when the same pipeline produced them), so every zero of the first step stays
 zero — see ``PROGRESSIVE``.
 
-Masks (True = may be non-zero) go to ``ctx.artifacts["masks"]`` for the fine-tune pass and, with
+Masks (True = may be non-zero) go to ``ctx.masks`` for the fine-tune pass and, with
 ``masks=PATH``, to an .npz keyed by initializer name.
 """
 
@@ -32,9 +32,12 @@ import numpy as np
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.layers import WEIGHTED_OPS, Layer, check_regex, find_layers, select_reason
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import WEIGHTED_OPS, Layer, check_regex, select_reason
 from onnxsparse.ir.model_io import Model
-from onnxsparse.pipeline import PRESETS, Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.ir.reasons import Reason, Skip, code_key
+from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassContractError, PassReport, PassResult, option
+from onnxsparse.presets import PRESETS
 from onnxsparse.pruning import METHODS, LayerOutcome
 from onnxsparse.pruning.plan import Plan, check_plan, read_plan
 from onnxsparse.pruning.runner import Item, RunReport, data_source, prune_calibrated
@@ -62,7 +65,7 @@ log = logging.getLogger("onnxsparse.passes.prune")
 
 #: The seed's progressive recipe as pipeline text: zero 25 % (3:4), fine-tune with that mask, then 50 % (2:4)
 #: chosen among the survivors, fine-tune again, and gate on the result. The fine-tune pass reads the masks
-#: this pass leaves in ``ctx.artifacts["masks"]``.
+#: this pass leaves in ``ctx.masks``.
 PROGRESSIVE = PRESETS["progressive"]
 
 
@@ -149,6 +152,8 @@ class PrunePass(Pass[PruneConfig]):
     name = "prune"
     config_cls = PruneConfig
     summary = "n:m pruning (default 2:4) along each layer's reduction axis: magnitude, wanda or sparsegpt"
+    in_place = True
+    values_only = True  # writes weight (and bias) values in place: the layer index stays valid
 
     def reads_calibration(self) -> bool | None:
         """wanda/sparsegpt read ``--calib``; magnitude does not. With a plan the method may come from the
@@ -157,9 +162,9 @@ class PrunePass(Pass[PruneConfig]):
             return None
         return (self.config.method or "magnitude") != "magnitude"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        """wanda and sparsegpt (asked for, or the plan's method) need calibration data."""
         cfg = self.config
-        n, m = parse_pattern(cfg.pattern)
         plan = read_plan(cfg.plan, cfg.pattern) if cfg.plan else None
         method = cfg.method or (plan.method if plan else None) or "magnitude"
         if method != "magnitude" and ctx.calibration is None:
@@ -167,13 +172,34 @@ class PrunePass(Pass[PruneConfig]):
                 f"prune: method={method} needs calibration data: pass --calib DATA "
                 "(.npz or a folder of .npy/.npz, as for qdq)"
             )
+
+    def ensures(self, model: Model, ctx: PassContext, result: PassResult) -> None:
+        """Every tensor this pass reports as pruned has an n:m mask along the axis it reports.
+
+        Proven on the masks in memory (a bool array per pruned tensor, a fraction of the work of pruning
+        it). A streamed tensor's mask is a memory map of a scratch file, which is not read back: the stream
+        counted the violating groups of the bytes it wrote as it wrote them (``onnxsparse.ir.stream``).
+        """
+        n, m = parse_pattern(self.config.pattern)
+        for c in result.report.changed:
+            mask = ctx.masks.get(c["name"])
+            if mask is None or isinstance(mask, np.memmap):
+                continue
+            if list(mask.shape) != c["shape"] or count_violations(mask, c["axis"], n, m)[0]:
+                raise PassContractError(f"prune: the mask of '{c['name']}' is not {n}:{m} along axis {c['axis']}")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        n, m = parse_pattern(cfg.pattern)
+        plan = read_plan(cfg.plan, cfg.pattern) if cfg.plan else None
+        method = cfg.method or (plan.method if plan else None) or "magnitude"
         report = PassReport()
-        layers = _find_layers(model.proto, ctx)
+        layers = _find_layers(model, ctx)
         if plan is not None:
             check_plan(plan, {layer.name for layer in layers}, cfg.plan or "")
         consts = constants_by_name(model.proto)
         readers = weight_readers(model.proto)
-        prior: dict[str, np.ndarray] = ctx.artifacts.get("masks") or {}
+        prior = ctx.masks
         masks: dict[str, np.ndarray] = {}
         modified = False
         zeroed = total = 0
@@ -183,7 +209,7 @@ class PrunePass(Pass[PruneConfig]):
         for target in _progress(targets, ctx.progress):
             why = self._skip_reason(target, m, readers, plan)
             if why is None:
-                sw = stored_weight(target.layers[0], consts, model.base_dir)
+                sw = stored_weight(target.layers[0], consts, model)
                 if isinstance(sw, str):
                     why = sw
             if why is None and method != "magnitude" and target.layers[0].graph_path != "main":
@@ -193,7 +219,8 @@ class PrunePass(Pass[PruneConfig]):
                 )
             if why is not None:
                 for layer in target.layers:  # a layer's own reason (e.g. shared-axis conflict) says it best
-                    report.skip(layer.name, layer.reason or why, op=layer.op_type, weight=layer.weight_name)
+                    own = layer.reason or why
+                    report.skip(layer.name, str(own), op=layer.op_type, weight=layer.weight_name, **code_key(own))
                 continue
             assert isinstance(sw, StoredWeight)
             old = prior.get(sw.name)
@@ -245,7 +272,7 @@ class PrunePass(Pass[PruneConfig]):
                     notes=outcome.notes,
                 )
             report.details["calibration"] = run.to_dict()
-        ctx.artifacts.setdefault("masks", {}).update(masks)
+        ctx.masks.update(masks)
         report.details.update(
             pattern=f"{n}:{m}",
             method=method,
@@ -347,8 +374,8 @@ class PrunePass(Pass[PruneConfig]):
 
     def _skip_reason(
         self, target: Target, m: int, readers: dict[str, list[onnx.NodeProto]], plan: Plan | None = None
-    ) -> str | None:
-        """Why this stored tensor must not be pruned (None: prune it)."""
+    ) -> Skip | str | None:
+        """Why this stored tensor must not be pruned (None: prune it): a coded ``Skip`` or prune's own text."""
         cfg = self.config
         for layer in target.layers:
             if layer.reason:
@@ -356,16 +383,16 @@ class PrunePass(Pass[PruneConfig]):
         if plan is not None and not all(layer.name in plan.layers for layer in target.layers):
             return "not in the plan"
         for layer in target.layers:
-            why = layer.check_pattern(m)
-            if why:
-                return why if len(target.layers) == 1 else f"shared with {layer.name}: {why}"
+            skip = layer.check_pattern(m)
+            if skip:
+                return skip if len(target.layers) == 1 else f"shared with {layer.name}: {skip}"
         for layer in target.layers:
             prefix = "" if len(target.layers) == 1 else f"shared with {layer.name}, which is "
             if layer.op_type not in cfg.op_types:
                 return f"{prefix}op type {layer.op_type} not selected (op-types)"
-            why = select_reason(layer, cfg.include, cfg.exclude)
-            if why:
-                return prefix + why
+            unselected = select_reason(layer, cfg.include, cfg.exclude)
+            if unselected:
+                return unselected if not prefix else f"{prefix}{unselected}"
         first = target.layers[0]
         assert first.source is not None and first.weight_shape is not None
         size = int(np.prod(first.source.shape, dtype=np.int64))
@@ -379,13 +406,14 @@ class PrunePass(Pass[PruneConfig]):
         return foreign_reader(target, readers)
 
 
-def _find_layers(proto: onnx.ModelProto, ctx: PassContext) -> list[Layer]:
-    """``find_layers``; shapes are inferred only when a Reshape in a weight chain needs them (it costs time)."""
-    layers = find_layers(proto)
-    if any(layer.reason == "weight shape after its Reshape is unknown" for layer in layers):
+def _find_layers(model: Model, ctx: PassContext) -> list[Layer]:
+    """The model's layer index; shapes are inferred only when a Reshape in a weight chain needs them (it costs
+    time)."""
+    layers = model_layers(model)
+    if any(layer.reason is not None and layer.reason.code is Reason.RESHAPE_SHAPE_UNKNOWN for layer in layers):
         from onnxsparse.ir.shapes import infer_shapes
 
-        layers = find_layers(proto, infer_shapes(proto, ctx.shapes))
+        layers = model_layers(model, infer_shapes(model.proto, ctx.shapes))
     return layers
 
 

@@ -33,7 +33,7 @@ from onnxsparse.ir.layers import check_regex
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.tensors import external_info, set_array, to_array
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
-from onnxsparse.qdq_plan import QdqPlan, plan_qdq
+from onnxsparse.qdq_plan import Bound, QdqPlan, plan_qdq
 
 log = logging.getLogger("onnxsparse.passes.qdq")
 
@@ -75,31 +75,41 @@ class QdqPass(Pass[QdqConfig]):
 
     name = "qdq"
     config_cls = QdqConfig
+    in_place = True
     summary = "int8 Q/DQ for TensorRT: per-channel weights, calibrated per-tensor activations, residual inputs"
 
     def reads_calibration(self) -> bool:
         return True  # calibrates activations on it
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        cfg = self.config
+    def requires(self, model: Model, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise OnnxSparseError("qdq needs calibration data: pass --calib DATA (.npz or a folder of .npy/.npz)")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
         report = PassReport()
         opset_before = model.opset
-        plan = plan_qdq(model.proto, cfg)
+        plan = plan_qdq(model, cfg)
         if not plan.layers and not plan.bmm:
             for what, why in plan.skipped:
                 report.skip(what, why)
             report.details["note"] = "no layer to quantize"
             return PassResult(model, False, report)
         _upgrade(model, 19 if plan.half else 13, "float16 Q/DQ" if plan.half else "per-axis Q/DQ")
-        plan = plan_qdq(model.proto, cfg) if model.opset != opset_before else plan
         data = calibration.open_calibration(ctx.calibration, model, ctx.calib_samples, cfg.batch_size)
         result = calibration.collect(model, list(plan.acts), data, cfg.method, cfg.percentile, ctx.progress)
         if any(d != np.float32 for d in result.dtypes.values()) and model.opset < 19:
             _upgrade(model, 19, "float16 Q/DQ")
-            plan = plan_qdq(model.proto, cfg)
-        self._apply(model, plan, result, report)
+        bound = plan.bind(model.proto)  # the plan names nodes and values: it survives the converter's new proto
+        if bound is None:  # the converter renamed or rewired something the plan names: plan on what it made
+            log.info("qdq: the plan does not bind to the converted model; planning again")
+            plan = plan_qdq(model, cfg)
+            bound = plan.bind(model.proto)
+            assert bound is not None, "a fresh plan binds to the proto it was made from"
+        rewritten = self._apply(model, plan, bound, result, report)
+        modified = rewritten > 0 or model.opset != opset_before
+        if modified:
+            model.layer_cache.invalidate()  # Q/DQ in the weight chains (and maybe a converted proto)
         for what, why in plan.skipped:
             report.skip(what, why)
         report.details.update(
@@ -111,7 +121,7 @@ class QdqPass(Pass[QdqConfig]):
                 "scope": "main graph only: layers and tensors inside If/Loop/Scan bodies are not quantized",
             }
         )
-        return PassResult(model, True, report)
+        return PassResult(model, modified, report)
 
     def render(self, result: PassResult) -> str | None:
         """Per-layer table (weight axis, activation scale), residual inputs, and grouped skip reasons."""
@@ -139,11 +149,12 @@ class QdqPass(Pass[QdqConfig]):
 
     # ------------------------------------------------------------------------------------------ rewriting
 
-    def _apply(self, model: Model, plan: QdqPlan, result: calibration.CalibrationResult, report: PassReport) -> None:
+    def _apply(
+        self, model: Model, plan: QdqPlan, bound: Bound, result: calibration.CalibrationResult, report: PassReport
+    ) -> int:
+        """Rewrite the model as ``plan`` says; returns how many weights and activations got Q/DQ."""
         graph = model.proto.graph
         names = NameGen(graph)
-        layer_acts = {id(layer.node): layer.node.input[0] for layer in [*plan.layers, *plan.bmm]}
-        layer_bmm_b = {id(layer.node): layer.node.input[1] for layer in plan.bmm}
         new_nodes: list[NodeProto] = []
         weight_info: dict[str, dict[str, Any]] = {}
         for src_name, wp in plan.weights.items():
@@ -155,8 +166,9 @@ class QdqPass(Pass[QdqConfig]):
                 note = "the output-channel axis does not survive the weight's chain: one scale for the tensor"
             if note:
                 log.info("weight '%s': %s", src_name, note)
-            w = to_array(wp.source.tensor, model.base_dir)
-            q, scale = quantize_weight(w, axis, _np_type(wp.source.tensor.data_type))
+            source = bound.tensors[src_name]
+            w = to_array(source, model)
+            q, scale = quantize_weight(w, axis, _np_type(source.data_type))
             del w
             q_name, s_name, z_name = (
                 names(f"{src_name}_quantized"),
@@ -165,7 +177,7 @@ class QdqPass(Pass[QdqConfig]):
             )
             graph.initializer.extend(
                 [
-                    _stored_like(wp.source.tensor, q, q_name),
+                    _stored_like(source, q, q_name, model),
                     numpy_helper.from_array(np.asarray(scale), s_name),
                     numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
                 ]
@@ -177,8 +189,8 @@ class QdqPass(Pass[QdqConfig]):
             if axis is not None:
                 dq.attribute.append(helper.make_attribute("axis", axis))
             new_nodes.append(dq)
-            for node, index in wp.readers:
-                node.input[index] = out
+            for slot in wp.readers:
+                bound.nodes[slot.node].input[slot.index] = out
             weight_info[src_name] = {"axis": axis, "int8": q_name, "note": note}
         act_scale: dict[str, float] = {}
         for tensor, rewire in plan.acts.items():
@@ -210,7 +222,7 @@ class QdqPass(Pass[QdqConfig]):
                 )
             )
             targets = (
-                rewire
+                [(bound.nodes[slot.node], slot.index) for slot in rewire]
                 if rewire is not None
                 else [(n, i) for n in graph.node for i, name in enumerate(n.input) if name == tensor]
             )
@@ -220,19 +232,20 @@ class QdqPass(Pass[QdqConfig]):
         graph.node.extend(new_nodes)
         toposort(model.proto.graph)  # the result is valid on its own, not only after the pipeline's final sort
         for layer in plan.layers:
-            assert layer.source is not None
-            act = layer_acts[id(layer.node)]
+            assert layer.weight is not None
+            act = layer.activation
             report.change(
                 layer.name,
                 op=layer.op_type,
-                weight=layer.source.name,
-                weight_axis=weight_info[layer.source.name]["axis"],
-                weight_note=weight_info[layer.source.name]["note"],
+                weight=layer.weight,
+                weight_axis=weight_info[layer.weight]["axis"],
+                weight_note=weight_info[layer.weight]["note"],
                 activation=act,
                 activation_scale=act_scale.get(act),
             )
         for layer in plan.bmm:
-            a, b = layer_acts[id(layer.node)], layer_bmm_b[id(layer.node)]
+            a, b = layer.activation, layer.activation_b
+            assert b is not None
             report.change(
                 layer.name,
                 op=layer.op_type,
@@ -243,6 +256,7 @@ class QdqPass(Pass[QdqConfig]):
                 activation_scale=act_scale.get(a),
                 activation_scale_b=act_scale.get(b),
             )
+        return len(weight_info) + len(act_scale)
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +279,7 @@ def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float
     return q, scale
 
 
-def _stored_like(source: TensorProto, array: np.ndarray, name: str) -> TensorProto:
+def _stored_like(source: TensorProto, array: np.ndarray, name: str, model: Model) -> TensorProto:
     """A new initializer ``name`` holding ``array``, stored where ``source`` (the weight it replaces) was.
 
     An external float weight means a large model: its int8 replacement goes to a scratch file as ``set_array``
@@ -276,7 +290,7 @@ def _stored_like(source: TensorProto, array: np.ndarray, name: str) -> TensorPro
     tensor = TensorProto(name=name)
     if external_info(source) is not None:
         tensor.data_location = TensorProto.EXTERNAL  # set_array's policy: an external tensor stays out of the proto
-    set_array(tensor, array)
+    set_array(tensor, array, model)
     return tensor
 
 

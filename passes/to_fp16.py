@@ -83,6 +83,7 @@ class ToFp16Pass(Pass[ToFp16Config]):
 
     name = "to-fp16"
     config_cls = ToFp16Config
+    in_place = True
     summary = "float32 weights and activations to float16; I/O kept float32 by Casts; overflow-prone ops blocked"
 
     def reads_calibration(self) -> bool:
@@ -112,7 +113,7 @@ class ToFp16Pass(Pass[ToFp16Config]):
 
 def convert_to_fp16(model: Model, **options: Any) -> PassReport:
     """Library shorthand: convert ``model`` in place and return the report."""
-    result = ToFp16Pass(**options).run(model, PassContext())
+    result = ToFp16Pass(**options).apply(model, PassContext())
     return result.report
 
 

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
-from onnxsparse.ir.layers import GemmShape, Layer, find_layers
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import GemmShape, Layer
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.shapes import Shape, concrete, fill_symbolic, infer_shapes, symbolic_dims
 from onnxsparse.ir.stream import check_tensor, streamable
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassContractError, PassReport, PassResult, option
 from onnxsparse.render import human_count, table
 from onnxsparse.sparsity import (
     StoredWeight,
@@ -66,10 +67,30 @@ class ValidatePass(Pass[ValidateConfig]):
 
     name = "validate"
     config_cls = ValidateConfig
+    in_place = True
     summary = "per-layer n:m sparsity report, FLOP-weighted coverage, CI gates (min-coverage, require-all)"
 
     def reads_calibration(self) -> bool:
         return False  # works on the weights alone
+
+    def ensures(self, model: Model, ctx: PassContext, result: PassResult) -> None:
+        """What the report claims is n:m is what was counted: a row is "sparse" exactly when none of its
+        groups violates the pattern, the summary counts those rows, and a passed gate means what it says.
+
+        Cheap: it reads the rows this pass computed, never the weights again.
+        """
+        d = result.report.details
+        rows, summary, gate = d["layers"], d["summary"], d["gate"]
+        for row in rows:
+            counted = row["violations"]
+            if (row["status"] == SPARSE and counted != 0) or (row["status"] == ELIGIBLE and not counted):
+                raise PassContractError(f"validate: '{row['layer']}' is {row['status']} with {counted} violations")
+        sparse = sum(r["status"] == SPARSE for r in rows)
+        dense = sum(r["status"] == ELIGIBLE for r in rows)
+        if (summary["sparse"], summary["dense_eligible"]) != (sparse, dense):
+            raise PassContractError(f"validate: the summary counts do not match its {len(rows)} rows")
+        if gate["passed"] and self.config.require_all and dense:
+            raise PassContractError(f"validate: the require-all gate passed with {dense} layer(s) not {d['pattern']}")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         report = self.analyse(model, ctx)
@@ -85,7 +106,7 @@ class ValidatePass(Pass[ValidateConfig]):
         """The per-layer rows and the summary (``report.details["layers"]`` / ``["summary"]``)."""
         n, m = parse_pattern(self.config.pattern)
         shapes, basis = _shapes(model, ctx)
-        layers = find_layers(model.proto, shapes)
+        layers = model_layers(model, shapes)
         consts = constants_by_name(model.proto)
         cache: dict[tuple[int, str], dict[str, Any]] = {}
         rows = [_row(layer, n, m, shapes, consts, model, cache) for layer in _progress(layers, ctx.progress)]
@@ -159,7 +180,7 @@ def _shapes(model: Model, ctx: PassContext) -> tuple[dict[str, Shape], dict[str,
 def _layer_flops(model: Model, shapes: dict[str, Shape]) -> list[tuple[str, int | None]]:
     return [
         (layer.name, g.flops if (g := layer.gemm_shape(shapes) or _activation_gemm(layer, shapes)) else None)
-        for layer in find_layers(model.proto, shapes)
+        for layer in model_layers(model, shapes)
     ]
 
 
@@ -247,7 +268,7 @@ def _row(
     if gemm is not None:
         row["gemm"] = {"m": gemm.m, "n": gemm.n, "k": gemm.k, "groups": gemm.groups}
         row["flops"] = gemm.flops
-    why = layer.check_pattern(m)
+    why = None if (skip := layer.check_pattern(m)) is None else str(skip)  # the rendered Reason
     stats: dict[str, Any] | str | None = None
     if src is not None and layer.source_reduction_axis is not None:
         stats = _stats(layer, n, m if why is None else 0, consts, model, cache)
@@ -283,14 +304,14 @@ def _stats(
     key = (id(layer.source.tensor), f"{layer.source.name}/{layer.source_reduction_axis}/{m}")
     if key in cache:
         return cache[key]
-    sw = stored_weight(layer, consts, model.base_dir)
+    sw = stored_weight(layer, consts, model)
     if isinstance(sw, str):
         return sw
     assert isinstance(sw, StoredWeight)
     out: dict[str, Any] = {"dtype": sw.dtype_name, "zeros": None, "violations": None, "groups": None}
     if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
         # A large external weight: counted in slabs (onnxsparse.ir.stream), never resident as a whole.
-        st = check_tensor(sw.tensor, model.base_dir, sw.axis, n, m)
+        st = check_tensor(sw.tensor, model, sw.axis, n, m)
         out["zeros"] = round(1.0 - st.nonzero / max(st.size, 1), 4)
         if m:
             out["violations"], out["groups"] = st.violations, st.groups

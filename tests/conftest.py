@@ -157,7 +157,7 @@ def run_ort(model: ModelLike, feeds: Mapping[str, np.ndarray], optimize: bool = 
         with tempfile.TemporaryDirectory(prefix="run_ort-") as tmp:
             proto = onnx.ModelProto()
             proto.CopyFrom(model.proto)  # save_model repoints the tensors it writes; leave the caller's alone
-            copy = Model(proto=proto, base_dir=model.base_dir)
+            copy = Model(proto=proto, base_dir=model.base_dir, store=model.store)
             path = save_model(copy, Path(tmp) / "model.onnx", external_data=True)
             sess = ort.InferenceSession(str(path), opts, providers=providers)
             return list(sess.run(None, dict(feeds)))

@@ -24,10 +24,12 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from onnxsparse.commands.build import float16_copy
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.pipeline import Pipeline
 from onnxsparse.trt.builder import (
+    IN_MEMORY,
     BuildOptions,
     Profile,
     TensorRTMissing,
@@ -355,13 +357,19 @@ def test_mock_trt11_fp16_parses_a_float16_copy(tmp_path: Path) -> None:
     trt = make("11.4.1")
     assert not hasattr(trt.BuilderFlag, "FP16")  # type: ignore[attr-defined]
     m = saved(tmp_path, mlp(batch=4))
-    result = build_engine(m, tmp_path / "m.engine", BuildOptions(precision="fp16"), trt)
+    # the builder converts nothing (the core imports no pass): the build command hands it a float16 copy
+    with pytest.raises(OnnxSparseError, match="needs a float16 model; run the to-fp16 pass") as err:
+        build_engine(m, tmp_path / "m.engine", BuildOptions(precision="fp16"), trt)
+    assert "\n" not in str(err.value) and trt.state["parsed_path"] is None  # type: ignore[attr-defined]
+    half = float16_copy(m)
+    result = build_engine(half, tmp_path / "m.engine", BuildOptions(precision="fp16"), trt)
     s = trt.state  # type: ignore[attr-defined]
     assert s["flags"] == {"SPARSE_WEIGHTS"}
     assert s["parsed_path"] != str(m.source) and s["parsed_file_exists_during_parse"]
     assert s["parsed_elem_types"]["w"] == T.FLOAT16 and s["parsed_elem_types"]["x"] == T.FLOAT
     assert not Path(s["parsed_path"]).exists()  # the temporary float16 copy is gone
-    assert result.plan.to_fp16 and result.onnx_parsed == "float16 copy made by to-fp16"
+    assert result.plan.to_fp16 and result.onnx_parsed == IN_MEMORY
+    assert half.source is None  # the temporary file was written from a copy: the caller's model is as it was
     assert s["profiles"] == []  # static input: no profile
     # the input model was not touched
     assert onnx.load(str(m.source)).graph.initializer[0].data_type == T.FLOAT

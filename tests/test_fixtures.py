@@ -147,7 +147,7 @@ def test_mlp_gemm_covers_gemm_attribute_cases() -> None:
     assert any(s is not None and len(s) == 1 for s in bias_shapes)  # [N]
     assert any(s is not None and len(s) == 2 and s[0] == 1 for s in bias_shapes)  # [1, N]
     assert any(s is not None and len(s) == 2 and s[0] > 1 for s in bias_shapes)  # [M, N]
-    reasons = [layer.reason or "" for layer in find_layers(proto)]
+    reasons = [str(layer.reason or "") for layer in find_layers(proto)]
     assert any("shared" in r for r in reasons)
     assert any("computed at run time" in r for r in reasons)
     eligible = [layer for layer in find_layers(proto) if layer.check_pattern(4) is None]
@@ -163,7 +163,7 @@ def test_transformer_covers_rank3_matmuls_and_attention() -> None:
         assert op in ops
     layers = find_layers(proto)
     constant = [layer for layer in layers if layer.reason is None]
-    runtime = [layer for layer in layers if layer.reason and "run time" in layer.reason]
+    runtime = [layer for layer in layers if layer.reason and "run time" in str(layer.reason)]
     assert len(constant) == 6 and len(runtime) == 2  # q/k/v/out/fc1/fc2; QK^T and PV
     assert {layer.weight_shape for layer in constant} == {(64, 64), (64, 256), (256, 64)}
     assert _dims_of(proto.graph.input[0]) == ["batch", "seq", 64]
@@ -174,7 +174,7 @@ def test_cnn_covers_conv_flavours() -> None:
     groups = {name: layer.group for name, layer in layers.items()}  # type: ignore[attr-defined]
     assert groups["dw"] == 16 and groups["grouped"] == 4
     assert layers["up"].op_type == "ConvTranspose"  # type: ignore[attr-defined]
-    assert layers["stem"].check_pattern(4) == "C_in/group=3 is not divisible by 4"  # type: ignore[attr-defined]
+    assert str(layers["stem"].check_pattern(4)) == "C_in/group=3 is not divisible by 4"  # type: ignore[attr-defined]
     assert layers["dw"].check_pattern(4) is not None  # type: ignore[attr-defined]
     assert layers["grouped"].check_pattern(4) is None  # type: ignore[attr-defined]
     ops = [n.op_type for n in onnx.load(str(fixture_path("cnn"))).graph.node]

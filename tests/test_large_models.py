@@ -56,12 +56,12 @@ def test_edited_external_tensor_spills_and_round_trips(tmp_path: Path) -> None:
     before = path.read_bytes(), (path.parent / "mlp.onnx.data").read_bytes()
     model = load_model(path)
     t = model.proto.graph.initializer[1]
-    new = np.asarray(to_array(t, model.base_dir)) * 3
-    set_array(t, new)
-    assert is_spilled(t)
+    new = np.asarray(to_array(t, model)) * 3
+    set_array(t, new, model)
+    assert is_spilled(t, model)
     assert not t.raw_data and model.proto.ByteSize() < 2048  # the proto did not grow by the tensor
-    assert external_path(t, None).parent != path.parent  # scratch lives outside the input folder
-    np.testing.assert_array_equal(to_array(t, model.base_dir), new)
+    assert external_path(t, model).parent != path.parent  # scratch lives outside the input folder
+    np.testing.assert_array_equal(to_array(t, model), new)
     check_model(model)  # the checker accepts a model whose edited tensors sit in scratch files
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     expect = _run(path, x) * 3
@@ -74,13 +74,13 @@ def test_edited_external_tensor_spills_and_round_trips(tmp_path: Path) -> None:
     model.proto.graph.initializer.pop()
     kept = onnx.TensorProto()
     kept.CopyFrom(t)  # still points at the scratch data after both saves
-    copy = Model(onnx.ModelProto(), model.base_dir)
+    copy = Model(onnx.ModelProto(), model.base_dir, store=model.store)
     copy.proto.CopyFrom(model.proto)  # a copy shares the scratch file: saving one must not break the other
     save_model(copy, tmp_path / "copy.onnx")
     out = tmp_path / "out.onnx"
     save_model(model, out)
-    np.testing.assert_array_equal(to_array(kept), new)  # the scratch data is still readable (maybe moved, see
-    # tensors.settle_spill_pack: the first save may turn the spill pack into its data file)
+    np.testing.assert_array_equal(to_array(kept, model), new)  # the scratch data is still readable (maybe moved,
+    # see SpillStore.settle_pack: the first save may turn the spill pack into its data file)
     onnx.checker.check_model(str(out), full_check=True)
     np.testing.assert_allclose(_run(out, x), expect, rtol=1e-5, atol=1e-5)
     assert (path.read_bytes(), (path.parent / "mlp.onnx.data").read_bytes()) == before
@@ -89,29 +89,36 @@ def test_edited_external_tensor_spills_and_round_trips(tmp_path: Path) -> None:
 def test_inline_tensor_stays_inline(tmp_path: Path) -> None:
     w = np.ones((64, 64), np.float32)
     t = onnx.numpy_helper.from_array(w, "w")
-    set_array(t, w * 2)
-    assert t.data_location != TensorProto.EXTERNAL and not is_spilled(t)
-    set_array(t, w * 3, spill=True)  # forced
-    assert is_spilled(t)
-    np.testing.assert_array_equal(to_array(t), w * 3)
-    set_array(t, w * 4, spill=False)
-    assert not is_spilled(t) and t.raw_data
-    np.testing.assert_array_equal(to_array(t), w * 4)
+    home = Model(onnx.ModelProto())
+    set_array(t, w * 2, home)
+    assert t.data_location != TensorProto.EXTERNAL and not is_spilled(t, home)
+    set_array(t, w * 3, home, spill=True)  # forced
+    assert is_spilled(t, home)
+    np.testing.assert_array_equal(to_array(t, home), w * 3)
+    set_array(t, w * 4, home, spill=False)
+    assert not is_spilled(t, home) and t.raw_data
+    np.testing.assert_array_equal(to_array(t, home), w * 4)
+    set_array(t, w * 5, None)  # an inline tensor needs no model
+    with pytest.raises(ValueError, match="needs its model"):
+        set_array(t, w * 6, None, spill=True)
+    np.testing.assert_array_equal(to_array(t), w * 5)
 
 
 def test_spill_writer_streams_chunks_and_is_all_or_nothing() -> None:
     t = onnx.numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
-    with spill_writer(t, (8, 4), np.dtype(np.float16)) as write:
+    home = Model(onnx.ModelProto())
+    with spill_writer(t, home.store, (8, 4), np.dtype(np.float16)) as write:
         write(np.arange(16).reshape(4, 4))
         write(np.arange(16, 32).reshape(4, 4))
     assert t.data_type == TensorProto.FLOAT16 and list(t.dims) == [8, 4]
-    np.testing.assert_array_equal(to_array(t), np.arange(32, dtype=np.float16).reshape(8, 4))
+    np.testing.assert_array_equal(to_array(t, home), np.arange(32, dtype=np.float16).reshape(8, 4))
     kept = onnx.TensorProto()
     kept.CopyFrom(t)
-    with pytest.raises(ValueError, match="of 32 elements"), spill_writer(t, (8, 4), np.dtype(np.float32)) as write:
+    f32 = np.dtype(np.float32)
+    with pytest.raises(ValueError, match="of 32 elements"), spill_writer(t, home.store, (8, 4), f32) as write:
         write(np.zeros(5))
     assert t == kept  # a failed write leaves the tensor as it was
-    with pytest.raises(ValueError, match="more than"), spill_writer(t, (2,), np.dtype(np.float32)) as write:
+    with pytest.raises(ValueError, match="more than"), spill_writer(t, home.store, (2,), f32) as write:
         write(np.zeros(3))
     assert t == kept
 
@@ -127,7 +134,7 @@ def test_absolute_location_outside_scratch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OnnxSparseError, match=r"outside the model folder|fails the ONNX checker"):
         load_model(bad)
     with pytest.raises(OnnxSparseError, match=r"outside the model folder"):
-        to_array(proto.graph.initializer[0], bad.parent)
+        to_array(proto.graph.initializer[0], Model(proto, base_dir=bad.parent))
 
 
 def test_ort_session_handles_subgraph_external_initializers(tmp_path: Path) -> None:
@@ -182,12 +189,12 @@ def test_pipeline_on_external_model_matches_in_memory_result(tmp_path: Path) -> 
     ext = load_model(path)
     inline = load_model(path)
     for t in inline.proto.graph.initializer:
-        set_array(t, np.array(to_array(t, inline.base_dir)), spill=False)
+        set_array(t, np.array(to_array(t, inline)), inline, spill=False)
     r_ext = Pipeline("prune,validate").run(ext, PassContext())
     r_inl = Pipeline("prune,validate").run(inline, PassContext())
-    assert all(is_spilled(t) for t in ext.proto.graph.initializer)
+    assert all(is_spilled(t, ext) for t in ext.proto.graph.initializer)
     for a, b in zip(ext.proto.graph.initializer, inline.proto.graph.initializer, strict=True):
-        np.testing.assert_array_equal(to_array(a, ext.base_dir), to_array(b))
+        np.testing.assert_array_equal(to_array(a, ext), to_array(b, inline))
     assert r_ext.results[1].report.details["summary"]["coverage"] == 1.0
     assert r_inl.results[1].report.details["summary"]["coverage"] == 1.0
 
@@ -201,7 +208,7 @@ def test_qdq_and_fp16_after_prune_on_spilled_weights(tmp_path: Path) -> None:
     calib = [{"x": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(3)]
     ctx = PassContext(calibration=calib)
     Pipeline("prune").run(model, ctx)
-    assert all(is_spilled(t) for t in model.proto.graph.initializer)
+    assert all(is_spilled(t, model) for t in model.proto.graph.initializer)
     result = Pipeline("validate,qdq,to-fp16").run(model, ctx)  # calibration reads the spilled weights
     assert [r.modified for r in result.results] == [False, True, True]
     out = tmp_path / "q.onnx"
@@ -269,17 +276,15 @@ def test_scale_bench_over_2gb(tmp_path: Path) -> None:
 def test_save_after_prune_links_the_spill_pack_once(tmp_path: Path) -> None:
     """load → prune → save hard-links the spill pack as the output data file (no second copy of the pruned
     weights); a second save of the same model, or one whose pack holds stale data, copies. Every output
-    reads back the same values."""
-    from onnxsparse.ir import tensors
-
+    reads back the same values. (Each loaded model has its own store, so earlier tests cannot leave stale
+    regions in its pack.)"""
     path = _mlp(tmp_path, k=64, layers=3)
-    tensors._PACK = None  # a fresh pack: earlier tests in this process leave stale regions in theirs
     model = load_model(path)
     Pipeline("prune").run(model, PassContext())
-    assert all(is_spilled(t) for t in model.proto.graph.initializer)
-    pack = external_path(model.proto.graph.initializer[0], None)
-    expect = {t.name: np.array(to_array(t)) for t in model.proto.graph.initializer}
-    copy = Model(onnx.ModelProto(), model.base_dir)
+    assert all(is_spilled(t, model) for t in model.proto.graph.initializer)
+    pack = external_path(model.proto.graph.initializer[0], model)
+    expect = {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
+    copy = Model(onnx.ModelProto(), model.base_dir, store=model.store)
     copy.proto.CopyFrom(model.proto)
     early = onnx.TensorProto()
     early.CopyFrom(model.proto.graph.initializer[0])  # never saved: keeps pointing at the pack
@@ -289,8 +294,8 @@ def test_save_after_prune_links_the_spill_pack_once(tmp_path: Path) -> None:
     # The pack became the data file (one link left: onnx's checker refuses hard-linked data); the copy made
     # before the save still reads its tensors, now through the output file.
     assert not pack.exists() and data.stat().st_nlink == 1
-    assert external_path(early, None).samefile(data)
-    assert np.array(to_array(early)).tobytes() == expect["w0"].tobytes()
+    assert external_path(early, model).samefile(data)
+    assert np.array(to_array(early, model)).tobytes() == expect["w0"].tobytes()
     second = tmp_path / "second.onnx"
     save_model(copy, second)  # the pack is sealed now: this one copies
     assert not (tmp_path / "second.onnx.data").samefile(data)
@@ -298,34 +303,33 @@ def test_save_after_prune_links_the_spill_pack_once(tmp_path: Path) -> None:
         onnx.checker.check_model(str(out), full_check=True)
         loaded = load_model(out)
         for t in loaded.proto.graph.initializer:
-            assert np.array(to_array(t, loaded.base_dir)).tobytes() == expect[t.name].tobytes()
+            assert np.array(to_array(t, loaded)).tobytes() == expect[t.name].tobytes()
     # A pack with a region no saved tensor references (w0 edited twice) is copied, not linked.
-    tensors._PACK = None
-    model = load_model(path)
-    w0 = model.proto.graph.initializer[0]
-    set_array(w0, np.ones((64, 64), np.float32))
-    set_array(w0, np.full((64, 64), 2.0, np.float32))
+    edited = load_model(path)
+    w0 = edited.proto.graph.initializer[0]
+    set_array(w0, np.ones((64, 64), np.float32), edited)
+    set_array(w0, np.full((64, 64), 2.0, np.float32), edited)
     third = tmp_path / "third.onnx"
-    save_model(model, third)
+    save_model(edited, third)
     loaded = load_model(third)
-    np.testing.assert_array_equal(to_array(loaded.proto.graph.initializer[0], loaded.base_dir), 2.0)
+    np.testing.assert_array_equal(to_array(loaded.proto.graph.initializer[0], loaded), 2.0)
     assert (tmp_path / "third.onnx.data").stat().st_nlink == 1
     # The first output replaced behind the copy's back: its tensors refuse to read another file's bytes.
     data.unlink()
     data.write_bytes(b"\0" * 100)
     with pytest.raises(OnnxSparseError, match="since been removed or replaced"):
-        to_array(early)
+        to_array(early, model)
     # Only some tensors edited (the pack holds exactly those): linked, and the others appended after it.
-    tensors._PACK = None
     model = load_model(path)
-    originals = {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}
-    set_array(model.proto.graph.initializer[1], originals["w1"] * -3)
+    originals = {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
+    set_array(model.proto.graph.initializer[1], originals["w1"] * -3, model)
     fourth = tmp_path / "fourth.onnx"
     save_model(model, fourth)
-    assert not is_spilled(model.proto.graph.initializer[1]) and (tmp_path / "fourth.onnx.data").stat().st_nlink == 1
+    assert not is_spilled(model.proto.graph.initializer[1], model)
+    assert (tmp_path / "fourth.onnx.data").stat().st_nlink == 1
     onnx.checker.check_model(str(fourth), full_check=True)
     loaded = load_model(fourth)
-    got = {t.name: np.array(to_array(t, loaded.base_dir)) for t in loaded.proto.graph.initializer}
+    got = {t.name: np.array(to_array(t, loaded)) for t in loaded.proto.graph.initializer}
     assert got["w1"].tobytes() == (originals["w1"] * -3).tobytes()
     assert got["w0"].tobytes() == originals["w0"].tobytes() and got["w2"].tobytes() == originals["w2"].tobytes()
     offsets = [int(e.value) for t in loaded.proto.graph.initializer for e in t.external_data if e.key == "offset"]

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.reasons import Reason
 from onnxsparse.ir.shapes import infer_shapes
 
 F = TensorProto.FLOAT
@@ -73,7 +74,8 @@ def test_axes_map_through_chains() -> None:
     assert layers["mm_cast"].source_reduction_axis == 0
     reshaped = layers["mm_reshape"]
     assert reshaped.weight_shape == (8, 4) and reshaped.reduction_axis == 0
-    assert reshaped.source_reduction_axis is None and "Reshape" in (reshaped.reason or "")
+    assert reshaped.source_reduction_axis is None and "Reshape" in str(reshaped.reason or "")
+    assert reshaped.reason is not None and reshaped.reason.code is Reason.AXIS_LOST_IN_RESHAPE
     assert all(L.check_pattern(4) is None for n, L in layers.items() if n != "mm_reshape")
 
 
@@ -103,8 +105,10 @@ def test_depthwise_and_runtime_weights_are_ineligible() -> None:
     layers = {
         L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 1, 3, 3), "dw")]))
     }
-    assert layers["dw"].check_pattern(4) == "C_in/group=1 is not divisible by 4"
-    assert "graph input" in (layers["dyn"].reason or "")
+    why = layers["dw"].check_pattern(4)
+    assert why is not None and why.code is Reason.NOT_DIVISIBLE and str(why) == "C_in/group=1 is not divisible by 4"
+    assert "graph input" in str(layers["dyn"].reason or "")
+    assert layers["dyn"].reason is not None and layers["dyn"].reason.code is Reason.WEIGHT_INPUT
 
 
 def test_subgraph_layers_find_outer_scope_weights() -> None:
@@ -122,8 +126,10 @@ def test_shared_weight_with_conflicting_axes() -> None:
     inputs = [helper.make_tensor_value_info("x", F, [2, 8])]
     outputs = [helper.make_tensor_value_info("a", F, [2, 8]), helper.make_tensor_value_info("b", F, [2, 8])]
     layers = {L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 8), "W")]))}
-    assert "shared with g1" in (layers["m1"].reason or "")
-    assert "different axis" in (layers["g1"].reason or "")
+    assert "shared with g1" in str(layers["m1"].reason or "")
+    assert "different axis" in str(layers["g1"].reason or "")
+    codes = {r.code for r in (layers["m1"].reason, layers["g1"].reason) if r is not None}
+    assert codes == {Reason.SHARED_AXIS_CONFLICT}
 
 
 def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_directory(

@@ -40,7 +40,7 @@ def test_external_data_is_memory_mapped_and_round_trips(tmp_path: Path) -> None:
     model = load_model(src)
     assert model.has_external_data()
     w = next(t for t in model.proto.graph.initializer if t.name == "W_q")
-    arr = to_array(w, model.base_dir)
+    arr = to_array(w, model)
     assert isinstance(arr, np.memmap)
     out = tmp_path / "out.onnx"
     save_model(model, out)

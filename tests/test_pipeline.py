@@ -9,20 +9,11 @@ import pytest
 from builders import gemm_cases, matmul_ranks
 
 from onnxsparse.errors import GateFailure, OnnxSparseError
+from onnxsparse.grammar import _split_top, parse_pipeline, registry
 from onnxsparse.ir.graph import toposort
 from onnxsparse.ir.model_io import Model
 from onnxsparse.passes.gemm_to_conv import GemmToConvConfig, GemmToConvPass
-from onnxsparse.pipeline import (
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    Pipeline,
-    _split_top,
-    option,
-    parse_pipeline,
-    registry,
-)
+from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassResult, Pipeline, option
 
 
 def test_registry_is_keyed_by_cli_name() -> None:
@@ -72,6 +63,7 @@ class _Gate(Pass[_GateConfig]):
     name = "test-gate"
     config_cls = _GateConfig
     summary = "test"
+    in_place = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.config.fail:

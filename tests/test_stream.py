@@ -77,15 +77,16 @@ def test_prune_tensor_equals_in_memory(
     w[rng.random(shape) < 0.1] = 0  # some existing zeros
     t = _external_tensor(tmp_path, w)
     prior = rng.random(shape) < 0.8
+    home = Model(onnx.ModelProto(), base_dir=tmp_path)
     for prefer in (None, prior):
         tt = onnx.TensorProto()
         tt.CopyFrom(t)
-        stats = stream.prune_tensor(tt, tmp_path, axis, 2, 4, prefer=prefer)
+        stats = stream.prune_tensor(tt, home, axis, 2, 4, prefer=prefer)
         nonzero = w != 0
         keep = nm_keep(np.abs(w), axis, 2, 4, prefer=nonzero if prefer is None else nonzero & prefer)
         expect: np.ndarray = np.where(keep, w, 0).astype(dtype)
-        assert is_spilled(tt)
-        got = np.asarray(to_array(tt))
+        assert is_spilled(tt, home)
+        got = np.asarray(to_array(tt, home))
         assert got.tobytes() == expect.tobytes()  # bit-identical, +0.0 included
         assert stats.mask is not None
         np.testing.assert_array_equal(stats.mask, keep & nonzero)
@@ -101,9 +102,11 @@ def test_prune_tensor_leaves_compliant_tensor_alone(tmp_path: Path, small_slabs:
     w[1::4] = -2.0
     t = _external_tensor(tmp_path, w)
     before = t.SerializeToString()
-    stats = stream.prune_tensor(t, tmp_path, 0, 2, 4)
+    home = Model(onnx.ModelProto(), base_dir=tmp_path)
+    stats = stream.prune_tensor(t, home, 0, 2, 4)
     assert stats.violations == 0 and t.SerializeToString() == before
-    check = stream.check_tensor(t, tmp_path, 0, 2, 4)
+    assert not home.store.written  # nothing was written, so nothing recorded
+    check = stream.check_tensor(t, home, 0, 2, 4)
     assert (check.violations, check.groups, check.nonzero) == (0, 16 * 32, 32 * 32)
 
 
@@ -112,11 +115,12 @@ def test_non_finite_weight_is_refused_by_name(tmp_path: Path, small_slabs: None,
     w = np.ones((32, 16), np.float32)
     w[17, 3] = bad
     t = _external_tensor(tmp_path, w, name="layer3.weight")
+    home = Model(onnx.ModelProto(), base_dir=tmp_path)
     with pytest.raises(OnnxSparseError, match=r"layer3\.weight.*NaN/Inf"):
-        stream.prune_tensor(t, tmp_path, 0, 2, 4)
-    assert not is_spilled(t)
+        stream.prune_tensor(t, home, 0, 2, 4)
+    assert not is_spilled(t, home)
     with pytest.raises(OnnxSparseError, match=r"layer3\.weight.*NaN/Inf"):
-        stream.check_tensor(t, tmp_path, 0, 2, 4)
+        stream.check_tensor(t, home, 0, 2, 4)
 
 
 def test_passes_give_same_model_streamed_or_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,8 +151,8 @@ def test_passes_give_same_model_streamed_or_not(tmp_path: Path, monkeypatch: pyt
         model = load_model(tmp_path / "m" / "m.onnx")
         ctx = PassContext()
         res = Pipeline("prune,validate").run(model, ctx)
-        weights = {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}
-        masks = {k: np.asarray(v) for k, v in ctx.artifacts["masks"].items()}
+        weights = {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
+        masks = {k: np.asarray(v) for k, v in ctx.masks.items()}
         results.append((weights, masks, res.results[0].report.changed, res.results[1].report.details["layers"]))
     (w_a, m_a, c_a, l_a), (w_b, m_b, c_b, l_b) = results
     for name in w_a:
@@ -159,23 +163,29 @@ def test_passes_give_same_model_streamed_or_not(tmp_path: Path, monkeypatch: pyt
 
 @pytest.mark.parametrize(("n", "m", "axis"), [(2, 4, 0), (2, 4, 1), (1, 4, 1), (3, 4, 0)])
 def test_check_after_prune_equals_reading_it_back(tmp_path: Path, small_slabs: None, n: int, m: int, axis: int) -> None:
-    """The check prune records while writing (``_VERIFIED``) equals a fresh read of the written bytes, for
-    every pattern; another pattern or axis is not answered from it."""
+    """The check prune records while writing (a ``WrittenCheck`` on the model's store) equals a fresh read of
+    the written bytes, for every pattern; another pattern or axis is not answered from it, nor does another
+    model's store know it."""
     rng = np.random.default_rng(n * 10 + axis)
     w = rng.standard_normal((48, 32)).astype(np.float32)
     w[rng.random(w.shape) < 0.2] = 0
     t = _external_tensor(tmp_path, w)
-    stats = stream.prune_tensor(t, tmp_path, axis, n, m)
-    assert stats.violations > 0 and is_spilled(t)
-    recorded = stream.check_tensor(t, tmp_path, axis, n, m)
-    region = stream._region(t)
-    assert region is not None and region in stream._VERIFIED
-    del stream._VERIFIED[region]
-    fresh = stream.check_tensor(t, tmp_path, axis, n, m)
+    home = Model(onnx.ModelProto(), base_dir=tmp_path)
+    stats = stream.prune_tensor(t, home, axis, n, m)
+    assert stats.violations > 0 and is_spilled(t, home)
+    recorded = stream.check_tensor(t, home, axis, n, m)
+    region = stream._region(t, home.store)
+    assert region is not None and list(home.store.written) == [region]
+    check = home.store.written[region]
+    assert isinstance(check, stream.WrittenCheck) and (check.axis, check.n, check.m) == (axis, n, m)
+    assert check.stats == recorded
+    assert stream._region(t, Model(onnx.ModelProto(), base_dir=tmp_path).store) is None  # not its bytes
+    del home.store.written[region]
+    fresh = stream.check_tensor(t, home, axis, n, m)
     assert recorded == fresh and fresh.violations == 0 and fresh.nonzero == stats.nonzero_after
-    values = np.asarray(to_array(t))
+    values = np.asarray(to_array(t, home))
     assert fresh.nonzero == np.count_nonzero(values)
     assert count_violations(values != 0, axis, n, m) == (0, fresh.groups)
-    stricter = stream.check_tensor(t, tmp_path, axis, n - 1, m) if n > 1 else None
+    stricter = stream.check_tensor(t, home, axis, n - 1, m) if n > 1 else None
     if stricter is not None:  # not the recorded pattern: really read, and 1 fewer allowed does fail groups
         assert stricter.violations == count_violations(values != 0, axis, n - 1, m)[0] > 0

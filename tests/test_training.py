@@ -29,17 +29,18 @@ from training_support import (
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.finetune import run as training
 from onnxsparse.finetune.batches import Batches
+from onnxsparse.grammar import get_pass
 from onnxsparse.ir.layers import find_layers
 from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.ir.tensors import to_array
-from onnxsparse.pipeline import PassContext, get_pass
+from onnxsparse.pipeline import PassContext
 from onnxsparse.sparsity import count_violations
 
 needs_runtime = pytest.mark.usefixtures("training_runtime")
 
 
 def _inits(model: Model) -> dict[str, np.ndarray]:
-    return {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}
+    return {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
 
 
 # ---------------------------------------------------------------------------------------------- graph
@@ -314,13 +315,14 @@ sys.path.insert(0, {str(training_runtime.path)!r})
 import numpy as np, onnxruntime
 from onnxsparse.finetune import run as training
 from onnxsparse.ir.model_io import load_model
-from onnxsparse.pipeline import PassContext, get_pass
+from onnxsparse.grammar import get_pass
+from onnxsparse.pipeline import PassContext
 rt = training.find_runtime()
 dense = load_model({str(FINETUNE_FIXTURE)!r})
 pruned = load_model({str(FINETUNE_FIXTURE)!r})
 ctx = PassContext()
 get_pass("prune")().run(pruned, ctx)
-res = training.finetune(pruned, ctx.artifacts["masks"], {str(data)!r}, training.FinetuneOptions(steps=20),
+res = training.finetune(pruned, ctx.masks, {str(data)!r}, training.FinetuneOptions(steps=20),
                         teacher=dense)
 print(json.dumps({{"mode": rt.mode, "ort": onnxruntime.__version__, "steps": res.steps,
                    "first": res.first_loss, "last": res.last_loss}}))
@@ -371,7 +373,7 @@ def _all_external(model: Model, path: Path) -> Model:
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     for t in proto.graph.initializer:  # inline copies of the values, so that onnx can write them out
-        t.CopyFrom(nh.from_array(np.array(to_array(t, model.base_dir)), t.name))
+        t.CopyFrom(nh.from_array(np.array(to_array(t, model)), t.name))
     convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)
     onnx.save(proto, str(path))
     loaded = load_model(path)
@@ -401,7 +403,7 @@ def test_qat_reads_scales_and_zero_points_stored_as_external_data(tmp_path: Path
     ext_inits = {t.name: t for t in copy_ext.graph.initializer}
     for t in copy_inline.graph.initializer:
         if t.name in zero_points:
-            np.testing.assert_array_equal(to_array(ext_inits[t.name], ext.base_dir), to_array(t), err_msg=t.name)
+            np.testing.assert_array_equal(to_array(ext_inits[t.name], ext), to_array(t), err_msg=t.name)
 
 
 @needs_runtime

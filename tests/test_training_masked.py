@@ -218,7 +218,7 @@ def test_trainable_sets_train_only_what_they_name_and_masked_weights_stay_zero(
     assert set(result.train_sets) == {"weights", "biases", "norms", "embeddings"}
     assert set(result.changed) == {n for names in result.train_sets.values() for n in names}
     assert result.outside_mask_drift == 0.0
-    after = {t.name: np.array(to_array(t, result.model.base_dir)) for t in result.model.proto.graph.initializer}
+    after = {t.name: np.array(to_array(t, result.model)) for t in result.model.proto.graph.initializer}
     for name, mask in masks.items():
         assert not after[name][~mask].any(), f"{name} has non-zeros where its mask is 0"
         assert np.count_nonzero(after[name]) == np.count_nonzero(mask)
@@ -293,7 +293,7 @@ def test_adamw_is_pytorchs_formulation(tmp_path: Path) -> None:
     lr = 1e-3
     opts = training.FinetuneOptions(steps=1, lr=lr, batch_size=16, loss="mse", labels="y", train=("weights",))
     result = training.finetune(load_model(tmp_path / "m.onnx"), {"w": mask}, tmp_path / "d.npz", opts)
-    w1 = np.array(to_array(result.model.proto.graph.initializer[0]))
+    w1 = np.array(to_array(result.model.proto.graph.initializer[0], result.model))
     g = (2.0 / y.size) * x.T.astype(np.float64) @ ((x @ (w * mask)).astype(np.float64) - labels) * mask
     assert 1e-8 < np.median(np.abs(g[mask])) < 1e-6, "the gradients this test needs"
     torch_step = w - lr * g / (np.abs(g) + 1e-8)

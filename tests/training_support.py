@@ -20,8 +20,9 @@ import pytest
 from make_finetune_fixture import example_inputs, target_function
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.grammar import get_pass
 from onnxsparse.ir.model_io import Model, load_model
-from onnxsparse.pipeline import PassContext, get_pass
+from onnxsparse.pipeline import PassContext
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINETUNE_FIXTURE = REPO_ROOT / "fixtures" / "finetune_mlp.onnx"
@@ -55,10 +56,10 @@ def prune_masks(model: Model, pattern: str = "2:4") -> tuple[Model, dict[str, np
 
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    pruned = Model(proto=proto, base_dir=model.base_dir, source=model.source)
+    pruned = Model(proto=proto, base_dir=model.base_dir, source=model.source, store=model.store)
     ctx = PassContext()
     result = get_pass("prune")(pattern=pattern).run(pruned, ctx)
-    return result.model, dict(ctx.artifacts["masks"])
+    return result.model, dict(ctx.masks)
 
 
 def write_data(path: Path, n: int = 4096, seed: int = 3, labels: bool = False) -> Path:

@@ -128,10 +128,11 @@ def _peak_mb() -> float:
 
 def measure(model_path: Path, out_path: Path) -> dict[str, Any]:
     """Load → prune → validate → save in *this* process; returns timings and memory (call in a subprocess)."""
+    from onnxsparse.grammar import registry
     from onnxsparse.ir.graph import iter_graphs
     from onnxsparse.ir.model_io import load_model, model_nbytes, save_model
     from onnxsparse.ir.tensors import nbytes
-    from onnxsparse.pipeline import PassContext, Pipeline, registry
+    from onnxsparse.pipeline import PassContext, Pipeline
 
     registry()  # import every pass module now: their imports belong to the floor, not to the work
     import_peak = _peak_mb()
@@ -181,7 +182,7 @@ def verify(out_path: Path) -> int:
     checked = 0
     for layer in find_layers(model.proto):
         assert layer.source is not None and layer.source_reduction_axis is not None
-        values = to_array(layer.source.tensor, model.base_dir)
+        values = to_array(layer.source.tensor, model)
         if not is_nm(values, layer.source_reduction_axis, 2, 4):
             raise SystemExit(f"{layer.source.name} is not 2:4 after pruning")
         checked += 1

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, numpy_helper
 
-from onnxsparse.ir.graph import consumers, producers
+from onnxsparse.ir.graph import GraphIndex
 from onnxsparse.ir.layers import Layer, attr, find_layers
 from onnxsparse.ir.tensors import external_info
 
@@ -65,13 +65,14 @@ def find_epilogues(model: onnx.ModelProto, layers: Sequence[Layer] | None = None
     """Layer name → its epilogue, for every weighted layer (``find_layers`` order)."""
     if layers is None:
         layers = find_layers(model)
-    maps: dict[int, tuple[dict[str, list[NodeProto]], dict[str, NodeProto], set[str]]] = {}
+    maps: list[tuple[GraphIndex, set[str]]] = []  # one per graph (few: the main graph and its bodies)
     out: dict[str, Epilogue] = {}
     for layer in layers:
-        g = id(layer.graph)
-        if g not in maps:  # built once per graph
-            maps[g] = (consumers(layer.graph), producers(layer.graph), {o.name for o in layer.graph.output})
-        out[layer.name] = _Matcher(layer, *maps[g]).epilogue()
+        found = next((m for m in maps if m[0].graph is layer.graph), None)
+        if found is None:
+            found = (GraphIndex(layer.graph), {o.name for o in layer.graph.output})
+            maps.append(found)
+        out[layer.name] = _Matcher(layer, *found).epilogue()
     return out
 
 
@@ -90,10 +91,8 @@ def _close(value: float | None, target: float, rel: float = 1e-3) -> bool:
 class _Matcher:
     """Walks forward from one layer's output through single-use values."""
 
-    def __init__(
-        self, layer: Layer, users: dict[str, list[NodeProto]], producers: dict[str, NodeProto], graph_outputs: set[str]
-    ) -> None:
-        self.layer, self.users, self.producers, self.graph_outputs = layer, users, producers, graph_outputs
+    def __init__(self, layer: Layer, index: GraphIndex, graph_outputs: set[str]) -> None:
+        self.layer, self.index, self.graph_outputs = layer, index, graph_outputs
         self.n = _out_channels(layer)
 
     def epilogue(self) -> Epilogue:
@@ -125,7 +124,7 @@ class _Matcher:
     # -- helpers --------------------------------------------------------------------------------------------
     def _only_user(self, value: str) -> NodeProto | None:
         """The one node reading ``value`` (None when several read it or it is a graph output)."""
-        readers = self.users.get(value, [])
+        readers = self.index.consumers(value)
         if len(readers) != 1 or value in self.graph_outputs:
             return None
         return readers[0]
@@ -183,7 +182,7 @@ class _Matcher:
 
     def _gelu_spelled_out(self, x: str) -> tuple[str, list[str], str] | None:
         """x·0.5·(1 + erf(x/√2)) or 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))), every value used once inside."""
-        readers = self.users.get(x, [])
+        readers = self.index.consumers(x)
         if x in self.graph_outputs or not 2 <= len(readers) <= 4:
             return None
         for start in readers:
@@ -234,7 +233,7 @@ class _Matcher:
             return None
         # the sub-expression feeding the Tanh: walk back from its input through the nodes seen and any
         # other single-use arithmetic whose inputs are x, constants or such nodes
-        producers = self.producers
+        index = self.index
         inside: list[NodeProto] = []
         consts: list[float] = []
         pows = [0]
@@ -246,7 +245,7 @@ class _Matcher:
             if c is not None:
                 consts.append(c)
                 return True
-            p = producers.get(v)
+            p = index.producer(v)
             if p is None or p.op_type not in ("Mul", "Add", "Pow", "Div") or self._only_user(v) is None:
                 return False
             if any(p is q for q in inside):
@@ -282,7 +281,7 @@ class _Matcher:
             elif _close(_scalar(self.layer, other), 0.5):
                 have["half"] += 1
             else:  # x * 0.5 computed first
-                p = self.producers.get(other)
+                p = self.index.producer(other)
                 if (
                     p is None
                     or p.op_type != "Mul"

@@ -45,6 +45,8 @@ class LayerGemm:
     m_padded: int | None = None
     #: why this layer is not timed (None: it is)
     reason: str | None = None
+    #: the ``Reason`` code behind ``reason`` when the layer index gave it (None for bench's own reasons)
+    code: str | None = None
     #: the epilogue fused after the GEMM (``Epilogue.kind``: "", "bias", "bias+relu", "bias+gelu", ...), the
     #: graph's activation spelling ("gelu" = erf form, "gelu_tanh") and the ONNX nodes the epilogue covers
     epilogue: str = ""
@@ -160,11 +162,11 @@ def extract_gemms(
         )
         skip = select_reason(layer, None, exclude)
         if skip is not None:
-            out.append(replace(base, reason=f"{skip}: stays dense"))
+            out.append(replace(base, reason=f"{skip}: stays dense", code=skip.code.name))
             continue
         why = layer.check_pattern(4)
         if why is not None:
-            out.append(replace(base, reason=why))
+            out.append(replace(base, reason=str(why), code=why.code.name))
             continue
         if layer.op_type == "MatMul" and layer.weight_shape is not None and len(layer.weight_shape) > 2:
             out.append(replace(base, reason=f"batched weight {list(layer.weight_shape)}: one GEMM per batch"))

@@ -156,8 +156,39 @@ def command(
     plan = make_plan(m.proto, precision, installed)
     if script_path is not None:
         write_script(script_path, trtexec_script(model_path, engine_path, plan, options))
-    result = build_engine(m, engine_path, options, trt)
+    if plan.to_fp16:
+        result = build_engine(float16_copy(m), engine_path, options, trt)
+        result.onnx_parsed = FLOAT16_COPY
+    else:
+        result = build_engine(m, engine_path, options, trt)
     _report(result, two_four_layers(m), json_path)
+
+
+#: what the report says TensorRT parsed when the build made a float16 copy
+FLOAT16_COPY = "float16 copy made by to-fp16"
+
+
+def float16_copy(model: Model) -> Model:
+    """A float16 copy of ``model`` made by the ``to-fp16`` pass, with no ``source`` (the builder writes it to
+    a temporary file for TensorRT's parser); ``model`` is left as it is.
+
+    Why here: TensorRT 11 networks are strongly typed, so an fp16 build needs a float16 model, and the
+    builder (core) must not import a pass.
+    """
+    from onnxsparse.ir.model_io import Model as ModelType
+    from onnxsparse.ir.model_io import load_model
+    from onnxsparse.passes.to_fp16 import ToFp16Pass
+    from onnxsparse.pipeline import Pipeline
+
+    if model.source is not None:
+        copy = load_model(model.source)
+    else:
+        proto = type(model.proto)()
+        proto.CopyFrom(model.proto)
+        copy = ModelType(proto=proto, base_dir=model.base_dir, store=model.store)
+    copy = Pipeline([ToFp16Pass()]).run(copy).model
+    copy.source = None  # no longer that file's contents
+    return copy
 
 
 def _without_tensorrt(

@@ -162,9 +162,10 @@ def command(
     The output has MODEL's nodes, initializer names, opset and IR version; masked entries are exactly zero.
     """
     from onnxsparse.finetune import run as training
+    from onnxsparse.grammar import get_pass
     from onnxsparse.ir.model_io import load_model, save_model
     from onnxsparse.ir.paths import check_outputs
-    from onnxsparse.pipeline import Pass, PassContext, Pipeline, get_pass
+    from onnxsparse.pipeline import Pass, PassContext, Pipeline
 
     if schedule and masks:
         raise OnnxSparseError("--schedule prunes as it goes: give either --schedule or --masks, not both")

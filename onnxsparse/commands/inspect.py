@@ -22,14 +22,14 @@ def _fmt_shape(shape: Sequence[int | str | None] | None) -> str:
 def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Everything ``inspect`` shows, as data."""
     from onnxsparse.ir.graph import iter_graphs, op_counts
-    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.index import model_layers
     from onnxsparse.ir.model_io import model_nbytes
     from onnxsparse.ir.shapes import infer_shapes
 
     proto = model.proto
     inferred = infer_shapes(proto, shapes)
     layers = []
-    for layer in find_layers(proto, inferred):
+    for layer in model_layers(model, inferred):
         gemm = layer.gemm_shape(inferred)
         layers.append(
             {
@@ -46,7 +46,8 @@ def inspect_model(model: Model, shapes: dict[str, tuple[int, ...]] | None = None
                 "reduction_axis": layer.source_reduction_axis,
                 "reduction_size": layer.reduction_size,
                 "gemm": None if gemm is None else {"m": gemm.m, "n": gemm.n, "k": gemm.k, "flops": gemm.flops},
-                "ineligible": layer.reason,
+                "ineligible": None if layer.reason is None else str(layer.reason),
+                "ineligible_code": None if layer.reason is None else layer.reason.code.name,
             }
         )
     return {

@@ -13,7 +13,7 @@ from onnxsparse.presets import DEFAULT_PIPELINE
 
 def describe_passes() -> list[dict[str, Any]]:
     """Name, summary and options (name, type, default, doc) of each pass."""
-    from onnxsparse.pipeline import config_fields, registry
+    from onnxsparse.grammar import config_fields, registry
 
     out = []
     for name, cls in registry().items():

@@ -22,7 +22,8 @@ from onnx import TensorProto, helper
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.finetune import worker as training_worker
 from onnxsparse.ir.graph import iter_graphs, node_reads, toposort
-from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import attr
 from onnxsparse.ir.model_io import Model, save_model
 from onnxsparse.ir.tensors import external_info, is_spilled, set_array, to_array
 
@@ -49,9 +50,7 @@ def partition_masks(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[dict
     """Split masks into those the fine-tune can train (float initializers of the main graph, not quantized)
     and the rest, each with the reason it cannot be trained."""
     inits = _main_initializers(model)
-    dequantized = {
-        layer.source.name for layer in find_layers(model.proto) if layer.source is not None and layer.dequantized
-    }
+    dequantized = {layer.source.name for layer in model_layers(model) if layer.source is not None and layer.dequantized}
     usable: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     for name, mask in masks.items():
@@ -105,7 +104,7 @@ def trainable_sets(model: Model, masks: Mapping[str, np.ndarray], sets: Sequence
     if "weights" in out:
         out["weights"] = list(masks)
     masked_outputs: set[str] = set()
-    for layer in find_layers(model.proto):
+    for layer in model_layers(model):
         if layer.graph is not graph or layer.weight_name not in masks:
             continue
         masked_outputs.add(layer.node.output[0])
@@ -170,7 +169,7 @@ def training_copy(
     from onnxsparse.finetune import qat as training_qat
 
     if qweights or training_qat.has_qdq(proto):
-        training_qat.apply_qat(proto, qweights or {}, model.base_dir)
+        training_qat.apply_qat(proto, qweights or {}, model)
     toposort(proto.graph)  # a pass's output is sorted only at the end of its pipeline; ORT insists on order
     lower_for_training(proto)
     return proto
@@ -338,13 +337,13 @@ def lower_for_training(proto: onnx.ModelProto) -> None:
         proto.ir_version = MAX_IR
 
 
-def save_for_worker(proto: onnx.ModelProto, base_dir: Path | None, path: Path) -> None:
+def save_for_worker(proto: onnx.ModelProto, home: Model, path: Path) -> None:
     """Write a model (a copy) where the worker can read it; external weights are streamed beside it."""
-    detach_spills(proto)
-    save_model(Model(proto=proto, base_dir=base_dir), path)
+    detach_spills(proto, home)
+    save_model(Model(proto=proto, base_dir=home.base_dir, store=home.store), path)
 
 
-def detach_spills(proto: onnx.ModelProto, skip: set[str] | frozenset[str] = frozenset()) -> None:
+def detach_spills(proto: onnx.ModelProto, home: Model, skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Give a proto *copy* its own scratch files for edited (spilled) tensors.
 
     A copied tensor that was edited by an earlier pass points at the same scratch file as the original; saving
@@ -353,12 +352,12 @@ def detach_spills(proto: onnx.ModelProto, skip: set[str] | frozenset[str] = froz
     """
     for graph in iter_graphs(proto.graph):
         for t in graph.initializer:
-            if t.name in skip or not is_spilled(t):
+            if t.name in skip or not is_spilled(t, home):
                 continue
-            arr = to_array(t)
+            arr = to_array(t, home)
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
-            set_array(t, arr, spill=True)
+            set_array(t, arr, home, spill=True)
 
 
 def graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -378,7 +377,7 @@ def fold(
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
-        detach_spills(proto, skip=set(params))
+        detach_spills(proto, model, skip=set(params))
     inits = {t.name: t for t in proto.graph.initializer}
     originals = {t.name: t for t in model.proto.graph.initializer}
     changed: list[str] = []
@@ -390,13 +389,13 @@ def fold(
             arr = np.where(masks[name], arr, np.zeros((), dtype))
             if np.count_nonzero(arr[~masks[name]]):  # cannot happen; a wrong fold must never ship
                 raise AssertionError(f"fine-tuned '{name}' has non-zeros outside its mask")
-        if not np.array_equal(arr, to_array(originals[name], model.base_dir)):
+        if not np.array_equal(arr, to_array(originals[name], model)):
             changed.append(name)
         external = external_info(t) is not None
         if not inplace and external:  # the copy shares the original's file: point away from it first
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
-        set_array(t, arr, spill=external)
+        set_array(t, arr, model, spill=external)
     if inplace:
         return model, changed
-    return Model(proto=proto, base_dir=model.base_dir, source=model.source), changed
+    return Model(proto=proto, base_dir=model.base_dir, source=model.source, store=model.store), changed

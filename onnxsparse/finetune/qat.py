@@ -19,15 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper
 
-from onnxsparse.ir.layers import attr, find_layers
+from onnxsparse.ir.graph import GraphIndex
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import attr
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.tensors import to_array
+from onnxsparse.ir.tensors import TensorHome, to_array
 
 MASTER_SUFFIX = "__onnxsparse_master"
 _RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
@@ -71,7 +72,7 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
     inits = {t.name: t for t in model.proto.graph.initializer}
     found: dict[str, QWeight] = {}
     skipped: dict[str, str] = {}
-    for layer in find_layers(model.proto):
+    for layer in model_layers(model):
         if layer.graph is not model.proto.graph or layer.source is None or not layer.dequantized:
             continue
         name = layer.source.name
@@ -81,15 +82,15 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
         if dq.op_type != "DequantizeLinear" or dq.input[0] != name or name not in inits:
             skipped[name] = f"weight '{name}' does not feed its DequantizeLinear directly"
             continue
-        why = _why_not(dq, inits, model.base_dir)
+        why = _why_not(dq, inits, model)
         if why:
             skipped[name] = why
             continue
         t = inits[name]
-        q = np.asarray(to_array(t, model.base_dir))
-        scale = np.asarray(to_array(inits[dq.input[1]], model.base_dir), np.float32)
+        q = np.asarray(to_array(t, model))
+        scale = np.asarray(to_array(inits[dq.input[1]], model), np.float32)
         zp = (
-            int(np.asarray(to_array(inits[dq.input[2]], model.base_dir)).reshape(-1)[0])
+            int(np.asarray(to_array(inits[dq.input[2]], model)).reshape(-1)[0])
             if len(dq.input) > 2 and dq.input[2]
             else 0
         )
@@ -110,7 +111,7 @@ def quantized_weights(model: Model, masks: Mapping[str, np.ndarray]) -> tuple[di
     return found, skipped
 
 
-def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], base_dir: Path | None) -> str | None:
+def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], home: TensorHome | None) -> str | None:
     name = dq.input[0]
     t = inits[name]
     if t.data_type not in _RANGES:
@@ -123,16 +124,16 @@ def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], base_dir: Path | N
         zp = inits.get(dq.input[2])
         if zp is None:
             return f"weight '{name}': non-constant zero point"
-        values = np.asarray(to_array(zp, base_dir))  # per-channel zero points of a large layer may be external
+        values = np.asarray(to_array(zp, home))  # per-channel zero points of a large layer may be external
         if values.size > 1 and np.unique(values).size > 1:
             return f"weight '{name}': per-channel zero points are not supported by QAT (TensorRT uses 0)"
     return None
 
 
-def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir: Path | None = None) -> int:
+def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], home: TensorHome | None = None) -> int:
     """Rewrite a training copy in place for QAT (see the module docstring). Returns activation pairs replaced.
 
-    ``base_dir``: the folder external tensors of ``proto`` are relative to (zero points are read from it).
+    ``home``: the model ``proto`` was copied from (its external tensors, zero points included, are read there).
     """
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
@@ -168,13 +169,13 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir:
             ),
             helper.make_node("Mul", [base + "__qat_fq", scale], [qw.dq_output], name=base + "__qat_rescale"),
         ]
-    producers = {o: n for n in graph.node for o in n.output}
+    index = GraphIndex(graph)
     kept: list[NodeProto] = []
     pairs = 0
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.output[0] in drop_dq:
             continue
-        q = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        q = index.producer(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if q is not None and q.op_type == "QuantizeLinear" and _per_tensor(q, inits) and _per_tensor(node, inits):
             zp_name = q.input[2] if len(q.input) > 2 and q.input[2] else ""
             zp_t = inits.get(zp_name) if zp_name else None
@@ -184,7 +185,7 @@ def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], base_dir:
                 and inits.get(q.input[1]) is not None
                 and inits[q.input[1]].data_type == TensorProto.FLOAT
             ):
-                zp_val = float(np.asarray(to_array(zp_t, base_dir)).reshape(-1)[0]) if zp_t is not None else 0.0
+                zp_val = float(np.asarray(to_array(zp_t, home)).reshape(-1)[0]) if zp_t is not None else 0.0
                 zp_f = const(f"{node.output[0]}__onnxsparse_qat_zp", np.array(zp_val, np.float32))
                 lo, hi = _RANGES[zp_dtype]
                 kept.append(

@@ -263,7 +263,7 @@ def finetune(
             work = Path(tempfile.mkdtemp(prefix="finetune-", dir=workdir)).resolve()
             stack.callback(shutil.rmtree, work, True)
         train_path = work / "student.onnx"
-        save_for_worker(training_copy(model, masks, qweights), model.base_dir, train_path)
+        save_for_worker(training_copy(model, masks, qweights), model, train_path)
         teacher_path = _teacher_file(teacher_model, work) if teacher_model is not None else None
         student = onnx.load(str(train_path), load_external_data=False)
         frozen: dict[str, str] = control_flow_frozen(student, requires_grad)
@@ -321,13 +321,13 @@ def finetune(
     # Weights the worker had to keep fixed still get their masks applied (the input may not be pruned yet).
     inits = {t.name: t for t in model.proto.graph.initializer}
     for name in masks:
-        params.setdefault(name, np.asarray(to_array(inits[name], model.base_dir)))
+        params.setdefault(name, np.asarray(to_array(inits[name], model)))
     for q in qweights.values():
         params.setdefault(q.master_name, q.master)
     # Drift = the largest change training made to a masked-out entry (0 when the fixed mask works); judged on
     # the float values, before folding / re-quantizing would hide it.
     drift = 0.0
-    starts = {name: (np.asarray(to_array(inits[name], model.base_dir)), name, mask) for name, mask in masks.items()}
+    starts = {name: (np.asarray(to_array(inits[name], model)), name, mask) for name, mask in masks.items()}
     starts.update({q.master_name: (q.master, q.master_name, q.mask) for q in qweights.values()})
     for start, key, mask in starts.values():
         if (~mask).any():
@@ -371,7 +371,7 @@ def _teacher_file(t: Model, work: Path) -> Path:
     proto = copy.deepcopy(t.proto)
     lower_for_training(proto)
     path = work / "teacher.onnx"
-    save_for_worker(proto, t.base_dir, path)
+    save_for_worker(proto, t, path)
     return path
 
 

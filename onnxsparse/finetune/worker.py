@@ -313,6 +313,8 @@ def upstream_names(graph: Any, starts: list[Any], reads: Callable[[Any], list[st
     ``reads(node)`` says what a node reads (its inputs; ``onnxsparse.ir.graph.node_reads`` adds subgraph
     captures). Shared with ``onnxsparse.finetune.run``, which may import this module but not the other way round.
     """
+    # Not onnxsparse.ir.graph.GraphIndex: this module runs in the training runtime's subprocess, loaded by file
+    # path, and cannot import onnxsparse. ``id(node)`` is safe here: one proto, read only, within this call.
     producer = {o: n for n in graph.node for o in n.output}
     todo = list(starts)
     seen: set[int] = set()

@@ -20,11 +20,11 @@ from pathlib import Path
 import onnx
 
 from onnxsparse.ir.graph import iter_graphs
-from onnxsparse.ir.tensors import external_path
+from onnxsparse.ir.tensors import TensorHome, external_path
 
 
-def check_proto(proto: onnx.ModelProto, base_dir: Path | None, *, full_check: bool) -> None:
-    """Run the checker on ``proto``; external tensors are resolved against ``base_dir`` (or scratch files).
+def check_proto(proto: onnx.ModelProto, home: TensorHome | None, *, full_check: bool) -> None:
+    """Run the checker on ``proto``; external tensors are resolved against ``home`` (its folder, or its scratch files).
 
     Raises the checker's own exceptions (``ValidationError``, ``InferenceError``); callers word them.
     """
@@ -32,14 +32,14 @@ def check_proto(proto: onnx.ModelProto, base_dir: Path | None, *, full_check: bo
     if not external:
         onnx.checker.check_model(proto, full_check=full_check)
         return
-    with stand_ins(proto, base_dir) as folder:
+    with stand_ins(proto, home) as folder:
         path = folder / "model.onnx"
         path.write_bytes(proto.SerializeToString())
         onnx.checker.check_model(str(path), full_check=full_check)
 
 
 @contextlib.contextmanager
-def stand_ins(proto: onnx.ModelProto, base_dir: Path | None) -> Iterator[Path]:
+def stand_ins(proto: onnx.ModelProto, home: TensorHome | None) -> Iterator[Path]:
     """A temporary folder holding an empty file for every data file ``proto`` reads, locations pointing there.
 
     ``external_path`` verifies each real file exists first (the checker would only see the stand-in). The
@@ -52,7 +52,7 @@ def stand_ins(proto: onnx.ModelProto, base_dir: Path | None) -> Iterator[Path]:
         for t in _tensors(proto):
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            target = external_path(t, base_dir)
+            target = external_path(t, home)
             if target not in links:
                 links[target] = f"d{len(links)}.bin"
                 (folder / links[target]).touch()

@@ -100,6 +100,92 @@ def producers(graph: GraphProto) -> dict[str, NodeProto]:
     return {o: node for node in graph.node for o in node.output if o}
 
 
+class GraphIndex:
+    """Who writes and who reads each value of one graph, looked up by value name.
+
+    The one producer/reader index: modules used to build their own dicts, some keyed by ``id(node)``, which
+    go stale when the proto is replaced (onnx's version converter returns a new one, so ``qdq`` planned up to
+    three times). Keys here are value names only, so the same question asked of a converted or copied proto
+    gets the same answer. The producer map is built in one scan of ``graph.node``; the reader maps on first
+    use. It is a snapshot: after rewiring the graph, build a new one.
+
+    Used everywhere except ``onnxsparse/finetune/worker.py``, which runs in the training runtime's subprocess
+    (loaded by file path, no onnxsparse import) and keeps its own small map.
+
+    ``nested=True`` also indexes every subgraph below ``graph`` (ONNX forbids a subgraph to redefine a name
+    of an enclosing scope, so one name space holds them all); ``graph_of`` then says which graph defines a value.
+
+    Why not onnx-ir's ``Value.producer()`` / ``Value.uses()``: the passes work on the protobuf, and
+    ``onnx_ir.serde.deserialize_model`` builds a whole second IR (every node, value and attribute, a tensor
+    wrapper per initializer; weight bytes are not copied, external ones stay references) which must be
+    serialized back after any edit. Measured on the corpus BERT-base (``fixtures/corpus/bert_base.onnx``,
+    946 nodes, 199 external initializers; best of 5 on 2 shared cores): this index builds in 1.3 ms (3.3 ms
+    with the reader map), onnx-ir's deserialize takes 28 ms (21x) plus 12 ms to serialize back; 946 producer
+    lookups take 0.08 ms here and 0.05 ms through ``Value.producer()``. While the pipeline stays on protobuf,
+    the name-keyed dict gives the same answers for a twentieth of the cost.
+    """
+
+    def __init__(self, graph: GraphProto, nested: bool = False) -> None:
+        self.graph = graph
+        self._nested = nested
+        self._producer: dict[str, tuple[NodeProto, int]] = {}
+        self._owner: dict[str, GraphProto] = {}
+        self._uses: dict[str, list[tuple[NodeProto, int]]] | None = None
+        self._readers: dict[str, list[NodeProto]] | None = None
+        for g in iter_graphs(graph) if nested else (graph,):
+            for node in g.node:
+                for k, o in enumerate(node.output):
+                    if o:
+                        self._producer[o] = (node, k)
+                        self._owner[o] = g
+            if nested:
+                self._owner.update((i.name, g) for i in g.input)
+                for t in g.initializer:
+                    self._owner.setdefault(t.name, g)
+
+    def producer(self, name: str) -> NodeProto | None:
+        """The node writing ``name`` (None for a graph input, an initializer or an unknown name)."""
+        slot = self._producer.get(name)
+        return slot[0] if slot is not None else None
+
+    def producer_slot(self, name: str) -> tuple[NodeProto, int] | None:
+        """(node, output index) writing ``name``, or None."""
+        return self._producer.get(name)
+
+    def produced(self) -> dict[str, tuple[NodeProto, int]]:
+        """A copy of the whole value → (node, output index) map, for code that edits its own copy."""
+        return dict(self._producer)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether some node of the indexed graph(s) writes ``name``."""
+        return name in self._producer
+
+    def graph_of(self, name: str) -> GraphProto | None:
+        """The graph defining ``name`` (node output; with ``nested``, also a graph input or initializer)."""
+        return self._owner.get(name)
+
+    def uses(self, name: str) -> list[tuple[NodeProto, int]]:
+        """(node, input index) of every node input reading ``name`` in the indexed graph(s), in graph order."""
+        if self._uses is None:
+            self._uses = defaultdict(list)
+            for g in iter_graphs(self.graph) if self._nested else (self.graph,):
+                for node in g.node:
+                    for i, n in enumerate(node.input):
+                        if n:
+                            self._uses[n].append((node, i))
+        return self._uses.get(name, [])
+
+    def consumers(self, name: str) -> list[NodeProto]:
+        """Nodes of the top graph reading ``name``, a subgraph capture counting as a read by its owning node.
+
+        A node appears once per read (as ``consumers(graph)`` always listed it), so ``len() == 1`` means a
+        single use.
+        """
+        if self._readers is None:
+            self._readers = consumers(self.graph)
+        return self._readers.get(name, [])
+
+
 class NameGen:
     """Fresh names that collide with nothing in the model, in any graph."""
 

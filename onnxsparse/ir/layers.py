@@ -20,9 +20,10 @@ import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import iter_graphs_with_path, subgraphs
+from onnxsparse.ir.graph import GraphIndex, iter_graphs_with_path, subgraphs
+from onnxsparse.ir.reasons import Reason, Skip
 from onnxsparse.ir.shapes import Shape, concrete
-from onnxsparse.ir.tensors import constant_value, external_info, is_spilled, to_array
+from onnxsparse.ir.tensors import constant_value, external_info, to_array
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops a weight may pass through on its way to the layer; each maps axes in a known way.
@@ -69,8 +70,8 @@ class Layer:
     #: the same axes mapped onto the stored tensor (None where the chain loses them)
     source_reduction_axis: int | None = None
     source_channel_axis: int | None = None
-    #: why this layer's weight cannot be made n:m sparse at all (None = eligible)
-    reason: str | None = None
+    #: why this layer's weight cannot be made n:m sparse at all (None = eligible); match ``reason.code``
+    reason: Skip | None = None
     shared_with: list[str] = field(default_factory=list)
     #: name lookups of the node's graph and its enclosing graphs (innermost first)
     scopes: list[_Scope] = field(default_factory=list, repr=False)
@@ -106,16 +107,16 @@ class Layer:
     def dequantized(self) -> bool:
         return any(n.op_type == "DequantizeLinear" for n in self.chain)
 
-    def check_pattern(self, m: int) -> str | None:
+    def check_pattern(self, m: int) -> Skip | None:
         """Why groups of ``m`` along the reduction axis are impossible for this layer (None if possible)."""
         if self.reason:
             return self.reason
         size = self.reduction_size
         if size is None:
-            return "reduction axis size unknown"
+            return Reason.REDUCTION_SIZE_UNKNOWN.skip()
         if size % m:
             what = "C_in/group" if self.op_type == "Conv" else ("C_in" if self.op_type == "ConvTranspose" else "K")
-            return f"{what}={size} is not divisible by {m}"
+            return Reason.NOT_DIVISIBLE.skip(what=what, size=size, m=m)
         return None
 
     def gemm_shape(self, shapes: dict[str, Shape]) -> GemmShape | None:
@@ -160,16 +161,16 @@ class GemmShape:
         return 2 * self.m * self.n * self.k
 
 
-def select_reason(layer: Layer, include: str | None, exclude: str | None) -> str | None:
+def select_reason(layer: Layer, include: str | None, exclude: str | None) -> Skip | None:
     """Why the ``include``/``exclude`` name regexes (searched in the node and weight names) leave a layer out.
 
     Every pass with include/exclude options uses this, so the same option selects the same layers everywhere.
     """
     names = [n for n in (layer.name, layer.weight_name) if n]
     if include and not any(re.search(include, n) for n in names):
-        return f"not matched by include '{include}'"
+        return Reason.NOT_INCLUDED.skip(pattern=include)
     if exclude and any(re.search(exclude, n) for n in names):
-        return f"excluded by '{exclude}'"
+        return Reason.EXCLUDED.skip(pattern=exclude)
     return None
 
 
@@ -182,22 +183,22 @@ def check_regex(pass_name: str, option_name: str, value: str | None) -> None:
             raise OnnxSparseError(f"{pass_name}: bad {option_name} regex '{value}': {e}") from None
 
 
-def _axes_for(node: NodeProto, wshape: tuple[int, ...]) -> tuple[int | None, int | None, str | None]:
+def _axes_for(node: NodeProto, wshape: tuple[int, ...]) -> tuple[int | None, int | None, Skip | None]:
     """(reduction axis, output-channel axis, reason) of the weight as the op consumes it."""
     op, rank = node.op_type, len(wshape)
     if op in ("Conv", "ConvTranspose"):
         if rank < 3:
-            return None, None, f"{op} weight has rank {rank}"
+            return None, None, Reason.WEIGHT_RANK.skip(op=op, rank=rank)
         return (1, 0, None) if op == "Conv" else (0, 1, None)
     if op == "Gemm":
         if rank != 2:
-            return None, None, f"Gemm weight has rank {rank}"
+            return None, None, Reason.WEIGHT_RANK.skip(op=op, rank=rank)
         return (1, 0, None) if attr(node, "transB", 0) else (0, 1, None)
     if op == "MatMul":
         if rank < 2:
-            return None, None, "MatMul weight has rank 1"
+            return None, None, Reason.WEIGHT_RANK.skip(op=op, rank=rank)
         return rank - 2, rank - 1, None
-    return None, None, f"{op} is not a weighted op"
+    return None, None, Reason.NOT_WEIGHTED_OP.skip(op=op)
 
 
 def _map_axis_back(
@@ -242,8 +243,8 @@ def _chain_out_shape(
     if op == "Reshape":
         target = _lookup_const(node.input[1], scopes) if len(node.input) > 1 else None
         # find_layers sees the proto, not the model's folder: a shape stored as external data (a model saved with
-        # a zero size threshold) is not read from the working directory; inferred shapes answer instead.
-        if target is not None and (external_info(target.tensor) is None or is_spilled(target.tensor)):
+        # a zero size threshold, or a spilled one) is not read from any file; inferred shapes answer instead.
+        if target is not None and external_info(target.tensor) is None:
             dims = [int(d) for d in np.asarray(to_array(target.tensor)).reshape(-1)]
             allow_zero = bool(attr(node, "allowzero", 0))
             dims = [in_shape[i] if (d == 0 and not allow_zero and i < len(in_shape)) else d for i, d in enumerate(dims)]
@@ -266,11 +267,7 @@ class _Scope:
         self.graph = graph
         self.inits = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
-        self.producers: dict[str, NodeProto] = {}
-        for node in graph.node:
-            for o in node.output:
-                if o:
-                    self.producers[o] = node
+        self.index = GraphIndex(graph)
 
 
 def _lookup_const(name: str, scopes: list[_Scope]) -> Source | None:
@@ -279,7 +276,7 @@ def _lookup_const(name: str, scopes: list[_Scope]) -> Source | None:
         t = s.inits.get(name)
         if t is not None:
             return Source(name=name, kind="initializer", tensor=t, graph=s.graph)
-        node = s.producers.get(name)
+        node = s.index.producer(name)
         if node is not None:
             if node.op_type == "Constant":
                 value = constant_value(node)
@@ -291,8 +288,8 @@ def _lookup_const(name: str, scopes: list[_Scope]) -> Source | None:
 
 def _producer(name: str, scopes: list[_Scope]) -> NodeProto | None:
     for s in scopes:
-        if name in s.producers:
-            return s.producers[name]
+        if name in s.index:
+            return s.index.producer(name)
         if name in s.inits or name in s.inputs:
             return None
     return None
@@ -329,20 +326,20 @@ def _describe(
     source: Source | None = None
     while True:
         if name in inputs and _lookup_const(name, scopes) is not None:
-            layer.reason = f"weight '{name}' is a graph input (overridable at run time)"
+            layer.reason = Reason.WEIGHT_INPUT_OVERRIDABLE.skip(name=name)
             return layer
         if name in inputs:
-            layer.reason = f"weight '{name}' is a graph input, not a constant"
+            layer.reason = Reason.WEIGHT_INPUT.skip(name=name)
             return layer
         source = _lookup_const(name, scopes)
         if source is not None:
             break
         prod = _producer(name, scopes)
         if prod is None:
-            layer.reason = f"weight '{name}' has no producer"
+            layer.reason = Reason.NO_PRODUCER.skip(name=name)
             return layer
         if prod.op_type not in CHAIN_OPS or not prod.input:
-            layer.reason = f"weight is computed at run time by {prod.op_type} '{prod.name or prod.output[0]}'"
+            layer.reason = Reason.WEIGHT_COMPUTED.skip(op=prod.op_type, node=prod.name or prod.output[0])
             return layer
         chain.append(prod)
         name = prod.input[0]
@@ -355,7 +352,7 @@ def _describe(
         shape_seq.append(None if prev is None else _chain_out_shape(cn, prev, scopes, shapes))
     wshape = shape_seq[-1]
     if wshape is None:
-        layer.reason = "weight shape after its Reshape is unknown"
+        layer.reason = Reason.RESHAPE_SHAPE_UNKNOWN.skip()
         return layer
     layer.weight_shape = wshape
     red, ch, why = _axes_for(node, wshape)
@@ -374,7 +371,7 @@ def _describe(
             src_ch = _map_axis_back(cn, src_ch, out_shape, in_shape)
     layer.source_reduction_axis, layer.source_channel_axis = src_red, src_ch
     if src_red is None:
-        layer.reason = "the reduction axis does not survive the weight's Reshape"
+        layer.reason = Reason.AXIS_LOST_IN_RESHAPE.skip()
     return layer
 
 
@@ -391,9 +388,8 @@ def _mark_shared(layers: list[Layer]) -> None:
         for layer in group:
             layer.shared_with = [other.name for other in group if other is not layer]
             if len(axes) > 1 and layer.reason is None:
-                layer.reason = (
-                    f"weight '{layer.weight_name}' is shared with {', '.join(layer.shared_with)} "
-                    "which reduce over a different axis"
+                layer.reason = Reason.SHARED_AXIS_CONFLICT.skip(
+                    name=layer.weight_name, others=", ".join(layer.shared_with)
                 )
 
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,16 +26,9 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir import paths, wire
 from onnxsparse.ir.checker import check_proto
 from onnxsparse.ir.graph import iter_graphs, use_counts
-from onnxsparse.ir.tensors import (
-    external_info,
-    external_path,
-    inline_origin,
-    link_spill_pack,
-    mark_inline_origin,
-    nbytes,
-    settle_spill_pack,
-    to_array,
-)
+from onnxsparse.ir.index import LayerCache
+from onnxsparse.ir.spill import SpillStore
+from onnxsparse.ir.tensors import external_info, external_path, inline_origin, mark_inline_origin, nbytes, to_array
 
 #: protobuf's hard limit is 2 GiB; stay clear of it since the graph itself takes some room too.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -46,11 +39,31 @@ MIN_OPSET = 7
 
 @dataclass
 class Model:
-    """An ONNX model in memory plus the folder its external data (if any) is read from."""
+    """An ONNX model in memory plus the folder its external data (if any) is read from, and the spill store
+    its edited external tensors are written to (``onnxsparse.ir.spill``).
+
+    ``store``: a model made over a copy of another's proto (``CopyFrom``: its edited tensors point at the same
+    scratch files) passes ``store=other.store``, so the files live as long as either model. The store object
+    is cheap; its folder is made on the first spill. ``close()`` (or ``with model:``) deletes the scratch files
+    now — for every model sharing the store — instead of when the store is garbage collected.
+    """
 
     proto: onnx.ModelProto
     base_dir: Path | None = None
     source: Path | None = None
+    store: SpillStore = field(default_factory=SpillStore, repr=False, compare=False)
+    #: the weighted-layer index of the current proto (``onnxsparse.ir.index``); never copied to a new Model
+    layer_cache: LayerCache = field(default_factory=LayerCache, init=False, repr=False, compare=False)
+
+    def close(self) -> None:
+        """Delete the scratch files of edited tensors (shared with derived models); save first to keep them."""
+        self.store.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def opset(self) -> int:
@@ -104,7 +117,7 @@ def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool = Fa
             info = external_info(tensor)
             if info is None:
                 continue
-            data = external_path(tensor, model.base_dir)
+            data = external_path(tensor, model)
             need = int(info.get("offset", 0)) + nbytes(tensor)
             if data.stat().st_size < need:
                 raise OnnxSparseError(
@@ -117,7 +130,7 @@ def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool = Fa
             raise OnnxSparseError(f"{p}: tensor '{t.name}' holds {t.length} bytes of data, its dims need {need}")
     if check:
         try:
-            check_proto(proto, model.base_dir, full_check=False)
+            check_proto(proto, model, full_check=False)
         except onnx.checker.ValidationError as e:
             raise OnnxSparseError(f"{p} fails the ONNX checker: {_first_line(e)}") from e
     return model
@@ -140,7 +153,7 @@ def input_files(model: Model) -> list[Path]:
     for graph in iter_graphs(model.proto.graph):
         for t in graph.initializer:
             if external_info(t) is not None and model.base_dir is not None:
-                data = external_path(t, model.base_dir)
+                data = external_path(t, model)
                 if data not in seen:
                     seen.add(data)
                     files.append(data)
@@ -182,7 +195,7 @@ def save_model(model: Model, path: str | os.PathLike[str], external_data: bool |
             with open(tmp / out.name, "wb") as f:
                 offsets = wire.write_model(model.proto, f, lambda t: _payload(model, t))
     if external_data:
-        settle_spill_pack(paths.data_file(out))
+        model.store.settle_pack(paths.data_file(out))
     model.base_dir = out.resolve().parent
     model.source = out.resolve()
     # The streamed weights are in the new file now: read them from there, as a fresh load would.
@@ -199,7 +212,7 @@ def _payload(model: Model, t: TensorProto) -> wire.Payload | None:
     if info is None:
         return None
     length = nbytes(t)
-    return length, wire.file_pieces(external_path(t, model.base_dir), int(info.get("offset", 0)), length)
+    return length, wire.file_pieces(external_path(t, model), int(info.get("offset", 0)), length)
 
 
 @contextlib.contextmanager
@@ -233,7 +246,7 @@ _CHUNK = 64 * 2**20
 def _write_external(model: Model, data_path: Path, location: str) -> None:
     """Stream every large initializer into one data file and point the proto at it.
 
-    When the edited tensors' spill pack holds exactly the edited data of this model (``link_spill_pack``: the
+    When the edited tensors' spill pack holds exactly the edited data of this model (``SpillStore.link_pack``: the
     usual load → prune → save), the pack is hard-linked as the data file — those tensors keep their offsets
     and are not copied again — and the remaining tensors are appended after it. Otherwise every tensor is
     copied, in initializer order.
@@ -244,7 +257,7 @@ def _write_external(model: Model, data_path: Path, location: str) -> None:
         for t in graph.initializer
         if not (nbytes(t) < EXTERNAL_MIN_BYTES and external_info(t) is None)
     ]
-    linked = link_spill_pack(chosen, data_path)
+    linked = model.store.link_pack(chosen, data_path)
     placed, offset = linked if linked is not None else (set(), 0)
     with open(data_path, "r+b" if linked is not None else "wb") as f:
         f.seek(offset)
@@ -258,7 +271,7 @@ def _write_external(model: Model, data_path: Path, location: str) -> None:
             f.write(b"\0" * pad)
             offset += pad
             if external_info(t) is not None:
-                length = _copy_external(t, model.base_dir, f)
+                length = _copy_external(t, model, f)
             else:
                 raw = (
                     t.raw_data
@@ -271,7 +284,7 @@ def _write_external(model: Model, data_path: Path, location: str) -> None:
             offset += length
 
 
-def _copy_external(t: TensorProto, base_dir: Path | None, f: BinaryIO) -> int:
+def _copy_external(t: TensorProto, model: Model, f: BinaryIO) -> int:
     """Append an external tensor's bytes to ``f`` file-to-file; returns the bytes copied.
 
     ``os.copy_file_range`` copies inside the kernel (no pages mapped into this process, so a 10 GB model
@@ -279,7 +292,7 @@ def _copy_external(t: TensorProto, base_dir: Path | None, f: BinaryIO) -> int:
     """
     info = external_info(t)
     assert info is not None
-    src = external_path(t, base_dir)
+    src = external_path(t, model)
     start = int(info.get("offset", 0))
     length = nbytes(t)
     if src.stat().st_size < start + length:
@@ -309,8 +322,8 @@ def _copy_external(t: TensorProto, base_dir: Path | None, f: BinaryIO) -> int:
 
 
 def _point_external(t: TensorProto, location: str, offset: int, length: int) -> None:
-    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-        t.ClearField(field)  # type: ignore[arg-type]
+    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(name)  # type: ignore[arg-type]
     t.ClearField("raw_data")
     del t.external_data[:]
     t.data_location = TensorProto.EXTERNAL
@@ -325,7 +338,7 @@ def _inline_subgraph_external(model: Model) -> None:
     for graph in list(iter_graphs(model.proto.graph))[1:]:
         for t in graph.initializer:
             if external_info(t) is not None:
-                arr = np.array(to_array(t, model.base_dir))
+                arr = np.array(to_array(t, model))
                 name = t.name
                 t.CopyFrom(onnx.numpy_helper.from_array(arr, name))
 
@@ -351,7 +364,7 @@ def ort_session(model: Model, options: Any = None, providers: Sequence[str] = ("
             for t in graph.initializer:
                 if external_info(t) is None or not used.get(t.name):
                     continue
-                arr = to_array(t, model.base_dir)
+                arr = to_array(t, model)
                 if depth == 0 and arr.dtype in _ORT_DTYPES:
                     names.append(t.name)
                     values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))

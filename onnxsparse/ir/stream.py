@@ -5,11 +5,12 @@ at once — fine for most layers, but a 512 MB weight would cost gigabytes. For 
 external data and at least ``STREAM_MIN_BYTES`` large, they call this module instead: the tensor is read in
 slabs of whole groups straight from its data file (``os.preadv`` into a reused buffer — no memory map, so
 pages already processed do not stay resident), each slab is ranked and pruned, and the result is streamed
-into a scratch file (``tensors.spill_writer``). Two worker threads process slabs (numpy releases the GIL
-in its loops), each with its own buffers allocated once per tensor (``_Workspace``), and store them with
-positional writes; results are gathered in order, with at most a few slabs in flight. While writing, prune
-also counts the non-zeros and violating groups of the bytes it writes (``_VERIFIED``), so that a validate
-right after it answers from that instead of reading the tensor back.
+into a scratch file of the model's spill store (``tensors.spill_writer``). Two worker threads process slabs
+(numpy releases the GIL in its loops), each with its own buffers allocated once per tensor (``_Workspace``),
+and store them with positional writes; results are gathered in order, with at most a few slabs in flight.
+While writing, prune also counts the non-zeros and violating groups of the bytes it writes and records them
+on the model's store (``WrittenCheck`` in ``SpillStore.written``), so that a validate right after it answers
+from that instead of reading the tensor back.
 
 Measured on the 2-core bench VM (``tools/bench_scale.py``, 2.4 GB model, half the weights grouped along a
 long axis, half along the contiguous one): reading + pruning without writing went from 9.1 s to 2.0-2.3 s
@@ -37,7 +38,8 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.tensors import _MOVED, ScratchArray, external_info, external_path, is_spilled, spill_writer
+from onnxsparse.ir.spill import Region, ScratchArray, SpillStore
+from onnxsparse.ir.tensors import TensorHome, external_info, external_path, spill_writer
 
 #: external float weights at least this large are pruned / checked in slabs
 STREAM_MIN_BYTES = 32 * 2**20
@@ -81,7 +83,7 @@ class _Source:
         return self.m * self.post
 
 
-def _source(tensor: TensorProto, base_dir: Path | None, axis: int, m: int) -> _Source:
+def _source(tensor: TensorProto, home: TensorHome, axis: int, m: int) -> _Source:
     info = external_info(tensor)
     assert info is not None
     shape = tuple(int(d) for d in tensor.dims)
@@ -91,7 +93,7 @@ def _source(tensor: TensorProto, base_dir: Path | None, axis: int, m: int) -> _S
     pre = int(np.prod(shape[:axis], dtype=np.int64))
     post = int(np.prod(shape[axis + 1 :], dtype=np.int64))
     return _Source(
-        path=external_path(tensor, base_dir),
+        path=external_path(tensor, home),
         offset=int(info.get("offset", 0)),
         dtype=_FLOAT_TYPES[tensor.data_type],
         shape=shape,
@@ -246,28 +248,29 @@ class PruneStats:
 
 def prune_tensor(
     tensor: TensorProto,
-    base_dir: Path | None,
+    home: TensorHome,
     axis: int,
     n: int,
     m: int,
     prefer: np.ndarray | None = None,
     want_mask: bool = True,
 ) -> PruneStats:
-    """n:m-prune a large external tensor in slabs; the tensor ends up spilled (unless it already was n:m,
-    in which case it is left untouched and ``violations`` is 0)."""
-    src = _source(tensor, base_dir, axis, m)
+    """n:m-prune a large external tensor of the model ``home`` in slabs; the tensor ends up spilled into the
+    model's store (unless it already was n:m, in which case it is left untouched and ``violations`` is 0)."""
+    src = _source(tensor, home, axis, m)
+    store = home.store
     prefer3 = None
     if prefer is not None:
         prefer3 = np.asarray(prefer, dtype=bool).reshape(src.rows, m, src.post)
 
     stats = PruneStats(groups=src.rows * src.post, violations=0, nonzero_before=0, nonzero_after=0, mask=None)
-    mask_out = ScratchArray(src.shape, np.dtype(bool)) if want_mask else None
+    mask_out = ScratchArray(store, src.shape, np.dtype(bool)) if want_mask else None
     local = threading.local()
     step = _slab_rows(src)
     violations_after = 0
     committed = False
     try:
-        with spill_writer(tensor, src.shape, src.dtype, commit=lambda: stats.violations > 0) as write:
+        with spill_writer(tensor, store, src.shape, src.dtype, commit=lambda: stats.violations > 0) as write:
 
             def work(fd: int, start: int, stop: int) -> tuple[int, int, int, int]:
                 ws = getattr(local, "ws", None)
@@ -293,7 +296,7 @@ def prune_tensor(
                 if mask_out is not None:
                     mask_out.write(mask, at=at)
                 nz_before = int(np.count_nonzero(nonzero))
-                # Check the bytes just written, as ``check_tensor`` would (see ``_VERIFIED``): re-using the
+                # Check the bytes just written, as ``check_tensor`` would (``WrittenCheck``): re-using the
                 # nonzero buffer, the pruned values' non-zeros and group counts cost two passes over a slab
                 # in cache, instead of validate reading the whole tensor back from the file.
                 written_nz = np.not_equal(x, 0, out=nonzero)
@@ -310,13 +313,13 @@ def prune_tensor(
                     stats.nonzero_after += nz_after
                     violations_after += bad_after
         committed = True
-        if stats.violations:  # the tensor now points at a committed (hence never rewritten) spill region
-            _remember_check(
-                tensor,
-                axis,
-                n,
-                m,
-                CheckStats(
+        region = _region(tensor, store) if stats.violations else None
+        if region is not None:  # the tensor now points at a committed (hence never rewritten) spill region
+            store.written[region] = WrittenCheck(
+                axis=axis % len(src.shape),
+                n=n,
+                m=m,
+                stats=CheckStats(
                     groups=stats.groups,
                     violations=violations_after,
                     nonzero=stats.nonzero_after,
@@ -331,20 +334,42 @@ def prune_tensor(
     return stats
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckStats:
+    """Non-zeros and groups with more than ``n`` non-zeros of one tensor (``check_tensor``)."""
+
     groups: int
     violations: int
     nonzero: int
     size: int
 
 
-def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, m: int) -> CheckStats:
-    """Non-zeros and groups with more than ``n`` non-zeros (``m`` = 0: non-zeros only), read in slabs."""
-    src = _source(tensor, base_dir, axis, m or 1)
-    known = _VERIFIED.get(_region(tensor) or ("", 0, 0))
-    if known is not None and known[0] == (axis % len(src.shape), n, m) and src.path.is_file():
-        return known[1]
+@dataclass(frozen=True)
+class WrittenCheck:
+    """The n:m check ``prune_tensor`` made of the bytes it wrote into one spill region, counted from the very
+    buffer it wrote, so that a validate right after it need not read a large tensor back.
+
+    Kept on the model's store (``SpillStore.written``, by region): it is a fact about bytes in that store.
+    Sound because a committed spill region is never written again (``spill._SpillPack``; regions are only
+    handed back when abandoned) and lives in the store's private folder; the store drops the checks of a pack
+    that became a saved output (``SpillStore.settle_pack``), and a tensor that points anywhere else is read
+    and checked as usual.
+    """
+
+    axis: int  # normalised (non-negative)
+    n: int
+    m: int
+    stats: CheckStats
+
+
+def check_tensor(tensor: TensorProto, home: TensorHome, axis: int, n: int, m: int) -> CheckStats:
+    """Non-zeros and groups with more than ``n`` non-zeros (``m`` = 0: non-zeros only), read in slabs — or
+    answered from the ``WrittenCheck`` that pruning recorded for these very bytes."""
+    src = _source(tensor, home, axis, m or 1)
+    region = _region(tensor, home.store)
+    known = home.store.written.get(region) if region is not None else None
+    if known is not None and (known.axis, known.n, known.m) == (axis % len(src.shape), n, m) and src.path.is_file():
+        return known.stats
     local = threading.local()
     step = _slab_rows(src)
 
@@ -370,26 +395,12 @@ def check_tensor(tensor: TensorProto, base_dir: Path | None, axis: int, n: int, 
     return CheckStats(groups=src.rows * src.post if m else 0, violations=bad, nonzero=nz, size=size)
 
 
-#: Checks already done on the bytes of spilled tensors, by (scratch file, offset, length): prune counts the
-#: non-zeros and violating groups of each slab it writes, from the very buffer it writes, so a validate right
-#: after it need not read the tensor back. Sound because a committed spill region is never written again
-#: (``tensors._SpillPack``; regions are only handed back when abandoned) and lives in this process's private
-#: scratch folder; a tensor that points anywhere else (e.g. the saved output) is read and checked as usual.
-_VERIFIED: dict[tuple[str, int, int], tuple[tuple[int, int, int], CheckStats]] = {}
-
-
-def _region(tensor: TensorProto) -> tuple[str, int, int] | None:
-    """(scratch file, offset, length) of a spilled tensor, or None."""
+def _region(tensor: TensorProto, store: SpillStore) -> Region | None:
+    """(scratch file, offset, length) of a tensor spilled into ``store`` (and still there), or None."""
     info = external_info(tensor)
-    if info is None or not is_spilled(tensor) or info.get("location", "") in _MOVED:  # moved: a user's file now
+    if info is None or not store.holds(info.get("location", "")):  # a moved pack is a user's file now
         return None
     return info.get("location", ""), int(info.get("offset", 0)), int(info.get("length", 0))
-
-
-def _remember_check(tensor: TensorProto, axis: int, n: int, m: int, stats: CheckStats) -> None:
-    region = _region(tensor)
-    if region is not None:
-        _VERIFIED[region] = ((axis % len(tensor.dims), n, m), stats)
 
 
 def _run(src: _Source, work: Callable[..., tuple]) -> Generator[tuple, None, None]:  # type: ignore[type-arg]

@@ -231,9 +231,9 @@ def write_model(proto: ModelProto, f: BinaryIO, payload_of: Callable[[TensorProt
     put(model_shell.SerializeToString())
     put(bytes([(_MODEL_GRAPH << 3) | _LEN]) + encode_varint(graph_len))
     put(graph_bytes)
-    for (name, head, got), size in zip(entries, sizes, strict=True):
+    for (name, header, got), size in zip(entries, sizes, strict=True):
         put(init_key + encode_varint(size))
-        put(head)
+        put(header)
         if got is None:
             continue
         offsets[name] = pos

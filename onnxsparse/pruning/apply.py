@@ -132,7 +132,7 @@ def prune_layer(
     start = time.perf_counter()
     if method not in METHODS:
         raise OnnxSparseError(f"unknown pruning method '{method}' (choose {', '.join(METHODS)})")
-    sw = stored_weight(layer, constants_by_name(model.proto), model.base_dir)
+    sw = stored_weight(layer, constants_by_name(model.proto), model)
     if isinstance(sw, str):
         raise OnnxSparseError(f"layer '{layer.name}': {sw}")
     probs = problems(layer)
@@ -197,7 +197,7 @@ def prune_layer(
     )
     stored = _stored(sw, work, keep_all)
     _save(outcome, sw.tensor)
-    set_array(sw.tensor, stored)
+    set_array(sw.tensor, stored, model)
     outcome.nonzero_after = int(np.count_nonzero(stored != (0 if sw.zp is None else sw.zp)))
     if bias_correction and method != "magnitude":
         if layer.op_type == "ConvTranspose":
@@ -244,10 +244,10 @@ def _correct_bias(model: Model, layer: Layer, shift: np.ndarray, outcome: LayerO
         return f"bias '{name}' is not a constant"
     if use_counts(model.proto.graph).get(name, 0) > 1:
         return f"bias '{name}' is read by several nodes"
-    bias = np.asarray(to_array(src.tensor, model.base_dir))
+    bias = np.asarray(to_array(src.tensor, model))
     if bias.dtype.kind != "f" or bias.size != shift.size or max(bias.shape, default=1) != shift.size:
         return f"bias '{name}' of shape {list(bias.shape)} is not one value per output channel"
     _save(outcome, src.tensor)
-    set_array(src.tensor, (bias.astype(np.float64) + scale * shift.reshape(bias.shape)).astype(bias.dtype))
+    set_array(src.tensor, (bias.astype(np.float64) + scale * shift.reshape(bias.shape)).astype(bias.dtype), model)
     outcome.bias = name
     return None

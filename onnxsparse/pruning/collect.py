@@ -106,7 +106,7 @@ def stage_session(
     sub.graph.node.extend(nodes)
     for name in fetch:
         sub.graph.output.add().name = name
-    names, values = _hand_over(graph, reads, sub.graph, model.base_dir, overrides or {}, {} if cache is None else cache)
+    names, values = _hand_over(graph, reads, sub.graph, model, overrides or {}, {} if cache is None else cache)
     sub.graph.input.sort(key=lambda v: v.name not in {i.name for i in graph.input})  # the model's inputs first
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -204,7 +204,7 @@ def prune_calibrated(
             report.outcomes.append(outcome)
             if reference is not None:
                 for original in outcome.originals():
-                    reference.setdefault(original.name, to_array(original, model.base_dir))
+                    reference.setdefault(original.name, to_array(original, model))
             log.info("%s: %s, relative output error %.4g", layer.name, outcome.method, outcome.error)
             del st
         report.solve_seconds += time.perf_counter() - start

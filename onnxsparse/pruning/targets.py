@@ -22,6 +22,7 @@ import onnx
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.layers import Layer
 from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.reasons import render
 from onnxsparse.ir.stream import prune_tensor, streamable
 from onnxsparse.ir.tensors import set_array
 from onnxsparse.pipeline import PassReport
@@ -43,7 +44,7 @@ def magnitude_nm(
     """Magnitude n:m of one stored tensor: (violating groups before, groups, mask, non-zeros before, after)."""
     if streamable(sw.tensor, sw.values, sw.scale, sw.zp):
         # A large external weight: pruned in slabs straight into a scratch file (onnxsparse.ir.stream).
-        st = prune_tensor(sw.tensor, model.base_dir, sw.axis, n, m, prefer=old)
+        st = prune_tensor(sw.tensor, model, sw.axis, n, m, prefer=old)
         assert st.mask is not None
         return st.violations, st.groups, st.mask, st.nonzero_before, st.nonzero_after
     check_finite(sw)
@@ -54,7 +55,7 @@ def magnitude_nm(
     if bad:
         prefer = nonzero if old is None else nonzero & old
         keep = nm_keep(sw.magnitude(), sw.axis, n, m, prefer=prefer)
-        set_array(sw.tensor, sw.pruned(keep))
+        set_array(sw.tensor, sw.pruned(keep), model)
         mask = keep & nonzero
         nz_after = int(np.count_nonzero(mask))
     return bad, groups, mask, nz_before, nz_after
@@ -76,7 +77,7 @@ def group_targets(layers: list[Layer], report: PassReport) -> list[Target]:
     by_key: dict[tuple[int, str], Target] = {}
     for layer in layers:
         if layer.source is None:
-            report.skip(layer.name, layer.reason or "no constant weight", op=layer.op_type, weight=None)
+            report.skip(layer.name, render(layer.reason, "no constant weight"), op=layer.op_type, weight=None)
             continue
         key = (id(layer.source.graph) if layer.source.node is None else id(layer.source.node), layer.source.name)
         by_key.setdefault(key, Target(key, [])).layers.append(layer)

@@ -7,8 +7,9 @@ follow TensorRT's documented Python API:
 * TensorRT 10: ``create_network(0)`` (explicit batch is the only mode), ``BuilderFlag.SPARSE_WEIGHTS`` plus
   ``FP16``/``INT8`` flags; INT8 comes from the model's own Q/DQ nodes (no calibrator).
 * TensorRT 11: every network is strongly typed and the precision flags are gone, so precision must be in
-  the ONNX file: fp16 (and best) builds parse a float16 copy made by the ``to-fp16`` pass, int8 builds parse
-  the Q/DQ model as it is. ``SPARSE_WEIGHTS`` remains.
+  the ONNX file: fp16 (and best) builds parse a float16 model (the ``build`` command makes a copy with the
+  ``to-fp16`` pass first; this module takes the model as given and imports no pass), int8 builds parse the
+  Q/DQ model as it is. ``SPARSE_WEIGHTS`` remains.
 
 Both: optimization profile from trtexec-style min/opt/max shapes, ``set_memory_pool_limit(WORKSPACE)``,
 an optional timing cache, ``build_serialized_network``, and an ``ILogger`` subclass that keeps every message
@@ -38,7 +39,7 @@ from typing import Any
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import iter_nodes
+from onnxsparse.ir.graph import iter_graphs, iter_nodes
 from onnxsparse.ir.model_io import Model
 from onnxsparse.trt.log import SparsityReport as SparsityReport
 from onnxsparse.trt.log import parse_sparsity_log as parse_sparsity_log
@@ -53,6 +54,8 @@ from onnxsparse.trt.trtexec import write_script as write_script
 log = logging.getLogger("onnxsparse.trt.builder")
 
 PRECISIONS = ("fp16", "int8", "best", "fp32")
+#: ``BuildResult.onnx_parsed`` for a model without a file (parsed from a temporary one)
+IN_MEMORY = "in-memory model (a temporary file)"
 TRT_VERSIONS = (10, 11)
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -313,22 +316,44 @@ def _atomic_write(path: Path, data: bytes | memoryview) -> None:
         f.write(data)
 
 
+def _float32_only(proto: onnx.ModelProto) -> bool:
+    """Whether the model has float32 weights and nothing float16 (no float16 initializer, Cast to float16 or
+    float16 value): a model ``to-fp16`` has not converted."""
+    fp32, fp16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    if not any(t.data_type == fp32 for g in iter_graphs(proto.graph) for t in g.initializer):
+        return False
+    if any(t.data_type == fp16 for g in iter_graphs(proto.graph) for t in g.initializer):
+        return False
+    if any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute)
+        for _, n in iter_nodes(proto.graph)
+    ):
+        return False
+    values = [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]
+    return not any(v.type.tensor_type.elem_type == fp16 for v in values)
+
+
 @contextlib.contextmanager
 def _onnx_for_builder(model: Model, plan: BuildPlan, workdir: Path) -> Iterator[Path]:
-    """The ONNX file TensorRT parses: the model's own file, or a float16 copy for TensorRT 11."""
-    if not plan.to_fp16:
-        if model.source is None:
-            raise OnnxSparseError("the model has no file to hand to TensorRT's parser")
+    """The ONNX file TensorRT parses: the model's own file, or a temporary one for a model with none.
+
+    The builder converts nothing: TensorRT 11 is strongly typed, so an fp16/best build needs a model that is
+    float16 already (the ``build`` command runs ``to-fp16`` on a copy first; the core imports no pass).
+    """
+    if plan.to_fp16 and _float32_only(model.proto):
+        raise OnnxSparseError(
+            f"TensorRT 11 is strongly typed: a {plan.precision} build needs a float16 model; run the to-fp16 "
+            "pass on it first (onnxsparse build does)"
+        )
+    if model.source is not None:
         yield model.source
         return
-    from onnxsparse.ir.model_io import load_model, save_model
-    from onnxsparse.passes.to_fp16 import ToFp16Pass
-    from onnxsparse.pipeline import Pipeline
+    from onnxsparse.ir.model_io import save_model
 
-    copy = load_model(model.source) if model.source is not None else Model(proto=_copy_proto(model.proto))
-    Pipeline([ToFp16Pass()]).run(copy)
-    with tempfile.TemporaryDirectory(prefix="onnxsparse-fp16-", dir=workdir) as tmp:
-        yield save_model(copy, Path(tmp) / "model.fp16.onnx")
+    # save_model points the model it saves at the new file (gone after the build): save a copy instead
+    copy = Model(proto=_copy_proto(model.proto), base_dir=model.base_dir, store=model.store)
+    with tempfile.TemporaryDirectory(prefix="onnxsparse-build-", dir=workdir) as tmp:
+        yield save_model(copy, Path(tmp) / "model.onnx")
 
 
 def _copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -338,7 +363,11 @@ def _copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def build_engine(model: Model, engine_path: Path, options: BuildOptions, trt: ModuleType | None = None) -> BuildResult:
-    """Build a serialized engine from ``model`` (loaded from a file) with sparse weights enabled.
+    """Build a serialized engine from ``model`` with sparse weights enabled.
+
+    TensorRT parses ``model.source`` when the model has a file, else a temporary file of the in-memory model
+    (so a model edited in memory must not keep its ``source``). The model is built as given: for a TensorRT
+    11 fp16/best build it must be float16 already (``to-fp16``; ``onnxsparse build`` converts a copy).
 
     ``trt`` is the imported ``tensorrt`` module (imported here when None). Raises OnnxSparseError when
     the parser rejects the model or the build fails; nothing is written then.
@@ -378,7 +407,7 @@ def build_engine(model: Model, engine_path: Path, options: BuildOptions, trt: Mo
         _atomic_write(engine_path, data_out)
         if options.timing_cache is not None:
             _atomic_write(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
-        parsed = "float16 copy made by to-fp16" if plan.to_fp16 else str(onnx_path)
+        parsed = str(onnx_path) if model.source is not None else IN_MEMORY
     warnings = [m for s, m in records if s == trt.ILogger.Severity.WARNING]
     return BuildResult(
         engine=engine_path,
@@ -427,6 +456,6 @@ def two_four_layers(model: Model) -> list[str]:
             continue
         if layer.check_pattern(4) is not None:
             continue
-        if is_nm(to_array(layer.source.tensor, model.base_dir), layer.source_reduction_axis, 2, 4):
+        if is_nm(to_array(layer.source.tensor, model), layer.source_reduction_axis, 2, 4):
             names.append(layer.name)
     return names

@@ -18,15 +18,16 @@ from training_support import (
 )
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.grammar import parse_pipeline
 from onnxsparse.ir.model_io import load_model
 from onnxsparse.ir.tensors import to_array
-from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
+from onnxsparse.pipeline import PassContext, Pipeline
 
 pytestmark = pytest.mark.usefixtures("training_runtime")
 
 
 def _weights(model: object) -> dict[str, np.ndarray]:
-    return {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}  # type: ignore[attr-defined]
+    return {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}  # type: ignore[attr-defined]
 
 
 def test_options_parse_from_pipeline_text() -> None:

@@ -15,11 +15,12 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.grammar import parse_pipeline
 from onnxsparse.ir.graph import iter_graphs
 from onnxsparse.ir.layers import find_layers
 from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.passes.prune import PROGRESSIVE, PruneConfig, PrunePass, load_masks
-from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
+from onnxsparse.pipeline import PassContext, Pipeline
 from onnxsparse.sparsity import count_violations, is_nm, nm_keep, parse_pattern
 
 F = TensorProto.FLOAT
@@ -180,7 +181,7 @@ def test_prune_fixture_structure_and_numerics(name):
     onnx.checker.check_model(pruned, full_check=True)
     assert [n.op_type for n in pruned.graph.node] == [n.op_type for n in original.graph.node]
     before, after = _inits(original), _inits(pruned)
-    masks = ctx.artifacts["masks"]
+    masks = ctx.masks
     changed = {c["name"] for c in result.report.changed}
     assert result.modified == bool(changed)
     assert changed, f"nothing pruned in {name}"
@@ -558,7 +559,7 @@ def test_already_sparse_is_untouched_and_unmodified():
     assert [t.SerializeToString() for t in twice.graph.initializer] == [
         t.SerializeToString() for t in once.graph.initializer
     ]
-    for name, mask in ctx.artifacts["masks"].items():  # masks still given, and they describe the weights
+    for name, mask in ctx.masks.items():  # masks still given, and they describe the weights
         assert np.array_equal(mask, _inits(twice)[name] != 0)
 
 
@@ -567,11 +568,11 @@ def test_masks_file_and_artifacts(tmp_path):
     ctx = PassContext()
     pruned, r = _prune(onnx.load(fixture_path("cnn")), ctx, masks=str(path))
     masks = load_masks(path)
-    assert set(masks) == {c["name"] for c in r.report.changed} == set(ctx.artifacts["masks"])
+    assert set(masks) == {c["name"] for c in r.report.changed} == set(ctx.masks)
     after = _inits(pruned)
     for name, mask in masks.items():
         assert mask.dtype == np.bool_ and mask.shape == after[name].shape
-        assert np.array_equal(mask, ctx.artifacts["masks"][name])
+        assert np.array_equal(mask, ctx.masks[name])
         assert np.array_equal(mask, after[name] != 0)  # True = kept (non-zero)
     assert not list(tmp_path.glob(".m.npz*"))  # no temp file left behind
 
@@ -596,25 +597,25 @@ def test_progressive_3_4_then_2_4_keeps_every_zero():
 
 
 def test_progressive_respects_previous_masks_in_pipeline():
-    """In one pipeline the 2:4 keep-set is chosen inside the 3:4 mask left in ctx.artifacts, even when a
+    """In one pipeline the 2:4 keep-set is chosen inside the 3:4 mask left in ctx.masks, even when a
     (mask-ignoring) step in between made masked-out entries non-zero again."""
     w = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
     model = _mlp(w)
     ctx = PassContext()
     step1, _ = _prune(model, ctx, pattern="3:4")
-    mask34 = ctx.artifacts["masks"]["W"].copy()
+    mask34 = ctx.masks["W"].copy()
     t = step1.graph.initializer[0]
     revived = np.where(mask34, nh.to_array(t), 100.0).astype(np.float32)  # larger than every kept value
     t.CopyFrom(nh.from_array(revived, "W"))
     step2, _ = _prune(step1, ctx, pattern="2:4")
-    mask24 = ctx.artifacts["masks"]["W"]
+    mask24 = ctx.masks["W"]
     assert not (mask24 & ~mask34).any()
     assert is_nm(nh.to_array(step2.graph.initializer[0]), 0)
 
 
 def test_progressive_preset():
     """The documented recipe: prune 3:4, fine-tune, prune 2:4, fine-tune, validate — each item parses."""
-    from onnxsparse.pipeline import _split_top, registry
+    from onnxsparse.grammar import _split_top, registry
 
     items = [item.strip() for item in _split_top(PROGRESSIVE, ",")]
     assert [i.split("{")[0] for i in items] == ["prune", "finetune", "prune", "finetune", "validate"]

@@ -74,13 +74,13 @@ def _prune(proto: onnx.ModelProto, text: str, data: object = None, base_dir: Pat
 
 
 def _weights(model: Model) -> dict[str, np.ndarray]:
-    return {t.name: np.array(to_array(t, model.base_dir)) for t in model.proto.graph.initializer}
+    return {t.name: np.array(to_array(t, model)) for t in model.proto.graph.initializer}
 
 
 def _assert_nm(model: Model, n: int = 2, m: int = 4) -> None:
     consts = constants_by_name(model.proto)
     for layer in find_layers(model.proto):
-        sw = stored_weight(layer, consts, model.base_dir)
+        sw = stored_weight(layer, consts, model)
         if isinstance(sw, str) or layer.check_pattern(m):
             continue
         assert is_nm(sw.values if sw.zp is None else sw.values.astype(np.int32) - sw.zp, sw.axis, n, m), layer.name

@@ -13,10 +13,11 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.grammar import parse_pipeline
 from onnxsparse.ir.layers import find_layers
 from onnxsparse.ir.model_io import Model, load_model
 from onnxsparse.passes.qdq import QdqPass
-from onnxsparse.pipeline import PassContext, Pipeline, PipelineResult, parse_pipeline
+from onnxsparse.pipeline import PassContext, Pipeline, PipelineResult
 from onnxsparse.sparsity import is_nm
 
 F = TensorProto.FLOAT
@@ -615,3 +616,74 @@ def test_activation_matmuls_option_quantizes_both_attention_inputs() -> None:
     assert "attn.qk" in QdqPass().render(result.results[0])  # type: ignore[operator]
     feeds = make_feeds(path, seed=77)
     assert _cosine(run_ort(path, feeds)[0], run_ort(result.model, feeds)[0]) >= 0.99
+
+
+# ---------------------------------------------------------------------------------------------- planning once
+
+
+def _two_upgrades_model() -> onnx.ModelProto:
+    """opset 11, a float32 Conv (per-axis Q/DQ: opset 13) and a MatMul of two float16 activations (found float16
+    by calibration: opset 19): before the plan was keyed by names, qdq planned three times here."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "b"], ["z"], name="bmm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F, ["N", 4, 6, 6]),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["N", 4, 8]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT16, ["N", 8, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("y", F, ["N", 8, 6, 6]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["N", 4, 5]),
+        ],
+        [_init(rng, "w", 8, 4, 3, 3)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "opset"),
+    [
+        (op_zoo(opset=11), {}, 13),
+        (op_zoo(opset=17, dtype=TensorProto.FLOAT16), {}, 19),
+        (_two_upgrades_model(), {"activation_matmuls": True}, 19),
+    ],
+    ids=["11-to-13", "float16-to-19", "11-to-13-to-19"],
+)
+def test_the_plan_is_computed_once_across_opset_upgrades(
+    model: onnx.ModelProto, options: dict[str, object], opset: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxsparse.passes.qdq as qdq_module
+
+    calls: list[int] = []
+    real = qdq_module.plan_qdq
+
+    def counting(m: Model, cfg: object) -> object:
+        calls.append(m.opset)
+        return real(m, cfg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qdq_module, "plan_qdq", counting)
+    result = _run(model, **options)
+    report = result.results[0].report
+    assert calls == [model.opset_import[0].version] and result.model.opset == opset
+    assert result.results[0].modified and report.details["opset"]["after"] == opset
+    assert {c["name"] for c in report.changed} >= ({"bmm", "conv"} if "activation_matmuls" in options else {"conv"})
+    feeds = make_feeds(model, dims={"N": 2}, seed=7)
+    for want, got in zip(run_ort(model, feeds), run_ort(result.model, feeds), strict=True):
+        assert _cosine(want.astype(np.float32), got.astype(np.float32)) > 0.99
+
+
+def test_modified_is_what_it_changed() -> None:
+    """Every layer excluded: nothing to quantize, the model is untouched and modified is False."""
+    model = Model(copy_proto(op_zoo(opset=17)))
+    before = model.proto.SerializeToString()
+    result = QdqPass(exclude=".*").run(model, PassContext(calibration=_calib(model)))
+    assert not result.modified and model.proto.SerializeToString() == before and result.report.skipped

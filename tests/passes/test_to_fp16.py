@@ -22,11 +22,12 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.grammar import parse_pipeline
 from onnxsparse.ir.graph import iter_graphs, iter_nodes
 from onnxsparse.ir.layers import find_layers
 from onnxsparse.ir.model_io import Model
 from onnxsparse.passes.to_fp16 import DEFAULT_BLOCK_OPS, ToFp16Pass, fp16_array
-from onnxsparse.pipeline import PassContext, Pipeline, parse_pipeline
+from onnxsparse.pipeline import PassContext, Pipeline
 
 REL_TOL = 1e-2
 #: float16 Q/DQ (opset >= 19) against the float32 Q/DQ model. onnxruntime 1.32 keeps it under REL_TOL; 1.23 (the
