@@ -84,26 +84,14 @@ def damped(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
     return h, dead, lam
 
 
-def _hinv_upper(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), what ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``
-    gives in the reference, from one Cholesky and one triangular inverse instead of three factorisations.
+def _damped_hinv(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(U, dead mask, damping) for ``damped(h)``: U is the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), what
+    ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` gives in the reference, from one Cholesky and one
+    triangular inverse instead of three factorisations.
 
     With P the reversal permutation, P H P = M Mᵀ (M lower) makes H = V Vᵀ with V = P M P upper, so
-    H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹ = P M⁻¹ P (upper, positive diagonal: the unique Cholesky factor).
-    """
-    try:
-        lower = np.linalg.cholesky(h[::-1, ::-1])
-        return np.ascontiguousarray(np.linalg.inv(lower)[::-1, ::-1])
-    except np.linalg.LinAlgError:
-        raise OnnxSparseError(
-            "the layer's input Gram matrix H is singular even after damping; raise damp "
-            "(e.g. damp=0.1) or give more calibration samples"
-        ) from None
-
-
-def _damped_hinv(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """``_hinv_upper(damped(h))`` holding at most three K×K float64 arrays at once (H itself aside): each
-    intermediate is dropped as soon as the next exists. For K = 1536 that is 57 MB instead of 95 MB."""
+    H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹ = P M⁻¹ P (upper, positive diagonal: the unique Cholesky factor). At most three
+    K×K float64 arrays are alive at once (H itself aside): for K = 1536, 57 MB instead of 95 MB."""
     hd, dead, lam = damped(h, damp)
     try:
         lower = np.linalg.cholesky(hd[::-1, ::-1])

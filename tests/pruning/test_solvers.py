@@ -200,7 +200,8 @@ def test_paired_gram_stats_hold_the_cross_term() -> None:
 def test_hinv_factor_is_the_upper_cholesky_of_the_inverse() -> None:
     _, x = _problem(9, k=48)
     hd, _, _ = solvers.damped(x.T @ x, 0.01)
-    u = solvers._hinv_upper(hd)
+    u, dead, lam = solvers._damped_hinv(x.T @ x, 0.01)
+    assert not dead.any() and lam > 0
     assert np.allclose(np.tril(u, -1), 0) and (np.diagonal(u) > 0).all()
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(hd)).T, rtol=1e-6, atol=1e-12)
