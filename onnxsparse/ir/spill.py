@@ -30,16 +30,13 @@ import shutil
 import tempfile
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-
-if TYPE_CHECKING:
-    from onnxsparse.ir.stream import WrittenCheck
 
 #: (scratch file, offset, length) of a spilled tensor's bytes
 Region = tuple[str, int, int]
@@ -113,7 +110,7 @@ class SpillStore:
     """The scratch folder, pack, file counter and moved-pack map of one model (and the models derived from it).
 
     ``written`` holds the n:m checks ``stream.prune_tensor`` made of the bytes it wrote into this store's
-    regions (``stream.WrittenCheck``), so a validate right after it need not read them back: a fact about
+    regions (``WrittenCheck``), so a validate right after it need not read them back: a fact about
     bytes in this store, so it lives and dies with it.
     """
 
@@ -350,3 +347,31 @@ class ScratchArray:
             self._pack.release(self.offset, self.count * self.dtype.itemsize)
         else:
             self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class CheckStats:
+    """Non-zeros and groups with more than ``n`` non-zeros of one tensor (``check_tensor``)."""
+
+    groups: int
+    violations: int
+    nonzero: int
+    size: int
+
+
+@dataclass(frozen=True)
+class WrittenCheck:
+    """The n:m check ``prune_tensor`` made of the bytes it wrote into one spill region, counted from the very
+    buffer it wrote, so that a validate right after it need not read a large tensor back.
+
+    Kept on the model's store (``SpillStore.written``, by region): it is a fact about bytes in that store.
+    Sound because a committed spill region is never written again (``_SpillPack``; regions are only
+    handed back when abandoned) and lives in the store's private folder; the store drops the checks of a pack
+    that became a saved output (``SpillStore.settle_pack``), and a tensor that points anywhere else is read
+    and checked as usual.
+    """
+
+    axis: int  # normalised (non-negative)
+    n: int
+    m: int
+    stats: CheckStats

@@ -38,7 +38,7 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.spill import Region, ScratchArray, SpillStore
+from onnxsparse.ir.spill import CheckStats, Region, ScratchArray, SpillStore, WrittenCheck
 from onnxsparse.ir.tensors import TensorHome, external_info, external_path, spill_writer
 
 #: external float weights at least this large are pruned / checked in slabs
@@ -332,34 +332,6 @@ def prune_tensor(
     if mask_out is not None:
         stats.mask = mask_out.finish()
     return stats
-
-
-@dataclass(frozen=True)
-class CheckStats:
-    """Non-zeros and groups with more than ``n`` non-zeros of one tensor (``check_tensor``)."""
-
-    groups: int
-    violations: int
-    nonzero: int
-    size: int
-
-
-@dataclass(frozen=True)
-class WrittenCheck:
-    """The n:m check ``prune_tensor`` made of the bytes it wrote into one spill region, counted from the very
-    buffer it wrote, so that a validate right after it need not read a large tensor back.
-
-    Kept on the model's store (``SpillStore.written``, by region): it is a fact about bytes in that store.
-    Sound because a committed spill region is never written again (``spill._SpillPack``; regions are only
-    handed back when abandoned) and lives in the store's private folder; the store drops the checks of a pack
-    that became a saved output (``SpillStore.settle_pack``), and a tensor that points anywhere else is read
-    and checked as usual.
-    """
-
-    axis: int  # normalised (non-negative)
-    n: int
-    m: int
-    stats: CheckStats
 
 
 def check_tensor(tensor: TensorProto, home: TensorHome, axis: int, n: int, m: int) -> CheckStats:
