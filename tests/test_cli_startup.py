@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 
 from onnxsparse.cli import main
 
+CNN = Path(__file__).resolve().parents[1] / "fixtures" / "cnn.onnx"
 HEAVY = ("onnx", "numpy", "onnxruntime", "tqdm")
 
 _PROBE = """
@@ -103,3 +105,20 @@ def test_command_help_imports_no_onnx(name: str) -> None:
     code = _COMMAND_HELP.format(name=name, heavy=HEAVY)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.split(None, 1) == ["0", "[]\n"], out.stdout + out.stderr
+
+
+def test_prune_and_validate_do_not_import_onnx_ir(tmp_path: Path) -> None:
+    """onnx-ir costs ~0.2 s to import; only the passes that rewrite on it (to-fp16, gemm-to-conv, qdq) load it,
+    inside their run, so the prune → validate path of ``onnxsparse run`` never pays for it."""
+    out = tmp_path / "o.onnx"
+    code = (
+        "import sys, json\n"
+        "from click.testing import CliRunner\n"
+        "import onnxsparse.cli\n"
+        f"r = CliRunner().invoke(onnxsparse.cli.main, ['run', {str(CNN)!r}, '-o', {str(out)!r}, '-p', 'prune,validate'])\n"
+        "print(json.dumps({'code': r.exit_code, 'onnx_ir': 'onnx_ir' in sys.modules, 'out': r.output}))\n"
+    )
+    got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert got["code"] == 0, got["out"]
+    assert out.is_file()
+    assert got["onnx_ir"] is False
