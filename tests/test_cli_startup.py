@@ -115,7 +115,8 @@ def test_prune_and_validate_do_not_import_onnx_ir(tmp_path: Path) -> None:
         "import sys, json\n"
         "from click.testing import CliRunner\n"
         "import onnxsparse.cli\n"
-        f"r = CliRunner().invoke(onnxsparse.cli.main, ['run', {str(CNN)!r}, '-o', {str(out)!r}, '-p', 'prune,validate'])\n"
+        f"args = ['run', {str(CNN)!r}, '-o', {str(out)!r}, '-p', 'prune,validate']\n"
+        "r = CliRunner().invoke(onnxsparse.cli.main, args)\n"
         "print(json.dumps({'code': r.exit_code, 'onnx_ir': 'onnx_ir' in sys.modules, 'out': r.output}))\n"
     )
     got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
