@@ -33,7 +33,7 @@ from onnx import AttributeProto, GraphProto, TensorProto, helper
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
 MANIFEST = CORPUS_DIR / "manifest.json"
-#: the corpus models each pass's own corpus test runs (tests/passes/test_qdq.py, test_to_fp16.py): every
+#: the corpus models a pass's own corpus test runs (to-fp16's; qdq's lists the same ones): every
 #: architecture, control flow, and the oldest and newest opset of the small CNN
 PASS_MODELS = (
     "resnet18",
