@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
+
+from onnxsparse.ir.model_io import Model, save_model
 
 F = TensorProto.FLOAT
 
@@ -154,3 +158,28 @@ def loop_model(seed: int = 0) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("y", F, ["batch", 16])]
     inits = [nh.from_array(np.array(3, np.int64), "trip"), nh.from_array(rand(rng, 16, 16) * 0.3, "W_loop")]
     return make_model(nodes, inputs, outputs, inits)
+
+
+def external_mlp(folder: Path, k: int = 64, layers: int = 3) -> Path:
+    """``folder/mlp.onnx``: a chain of ``layers`` MatMuls (input ``x`` [b, k] → ``y``), weights ``w0``… seeded
+    N(0, 1/k), saved with external data (every weight ≥ 1 KB in ``mlp.onnx.data``) — the large-model tests'
+    model (spill store, checker, streamed save, onnx-ir interop)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        nh.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}") for i in range(layers)
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], ["y" if i == layers - 1 else f"h{i}"])
+        for i in range(layers)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", F, ["b", k])],
+        [helper.make_tensor_value_info("y", F, ["b", k])],
+        inits,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "mlp.onnx"
+    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path, external_data=True)
+    return path

@@ -33,6 +33,19 @@ from onnx import AttributeProto, GraphProto, TensorProto, helper
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
 MANIFEST = CORPUS_DIR / "manifest.json"
+#: the corpus models a pass's own corpus test runs (to-fp16's; qdq's lists the same ones): every
+#: architecture, control flow, and the oldest and newest opset of the small CNN
+PASS_MODELS = (
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "bert_base",
+    "vit_tiny",
+    "if_branches",
+    "loop_recurrence",
+    "small_cnn_opset11",
+    "small_cnn_opset21",
+)
 #: float initializers with at least this many elements go to external data (and are generated at test time)
 STRIP_MIN_ELEMENTS = 64
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -64,6 +64,8 @@ ModelLike = Union[Model, onnx.ModelProto, str, os.PathLike, "ir.Model", "gs.Grap
 Back = Callable[[Model], Any]
 #: ``onnx_ir.Model.meta`` key of the ``SpillStore`` whose scratch files its external tensors may point at
 _STORE_KEY = "onnxsparse.spill_store"
+#: an external tensor as both sides of a conversion name it: (tensor name, location, offset)
+_Key = tuple[str, str, int]
 
 
 def _identity(model: Model) -> Model:
@@ -118,37 +120,27 @@ def from_onnx_ir(ir_model: ir.Model) -> Model:
     onnxsparse's own scratch files, which are kept at their absolute paths.
     """
     ir_mod = _import_onnx_ir()
-    relocate: dict[tuple[str, str, int], str] = {}  # tensor -> the location it gets in the proto
+    relocate: dict[_Key, str] = {}  # tensor -> the location it gets in the proto
     bases: set[Path] = set()
     store = ir_model.meta.get(_STORE_KEY)  # the scratch files of the Model it came from (``to_onnx_ir``)
     store = store if isinstance(store, SpillStore) else SpillStore()
-    for graph in ir_model.graphs():
-        for value in graph.initializers.values():
-            t = value.const_value
-            if not isinstance(t, ir_mod.ExternalTensor):
-                continue
-            location = os.fspath(t.location)
-            path = Path(os.path.abspath(t.path))
-            key = (value.name or "", location, int(t.offset or 0))
-            if store.resolve(str(path)) is not None:
-                relocate[key] = str(path)
-            elif os.path.isabs(location) or ".." in Path(location).parts:
-                relocate[key] = path.name
-                bases.add(path.parent)
-            else:
-                bases.add(Path(os.path.abspath(t.base_dir or ".")))
+    for _, t, key in _ir_externals(ir_mod, ir_model):
+        location = key[1]
+        path = Path(os.path.abspath(t.path))
+        if store.resolve(str(path)) is not None:
+            relocate[key] = str(path)
+        elif os.path.isabs(location) or ".." in Path(location).parts:
+            relocate[key] = path.name
+            bases.add(path.parent)
+        else:
+            bases.add(Path(os.path.abspath(t.base_dir or ".")))
     if len(bases) > 1:
         folders = ", ".join(sorted(str(b) for b in bases))
         raise OnnxSparseError(f"the onnx_ir.Model's external tensors are read from several folders ({folders})")
     proto = ir_mod.serde.serialize_model(ir_model)
-    if relocate:
-        for graph in iter_graphs(proto.graph):
-            for t in graph.initializer:
-                info = external_info(t)
-                if info is not None:
-                    new = relocate.get((t.name, info.get("location", ""), int(info.get("offset", 0))))
-                    if new is not None:
-                        _set_location(t, new)
+    for tensor, key in _proto_externals(proto):
+        if key in relocate:
+            _set_location(tensor, relocate[key])
     return Model(proto=proto, base_dir=next(iter(bases), None), store=store)
 
 
@@ -161,41 +153,45 @@ def _set_location(t: onnx.TensorProto, location: str) -> None:
 def to_onnx_ir(model: Model) -> ir.Model:
     """An ``onnx_ir.Model`` of ``model``: inline tensors wrapped, external ones memory-mapped from their files."""
     ir_mod = _import_onnx_ir()
-    where: dict[tuple[str, str, int], Path] = {}
-    for graph in iter_graphs(model.proto.graph):
+    where = {key: external_path(tensor, model) for tensor, key in _proto_externals(model.proto)}
+    ir_model = ir_mod.serde.deserialize_model(model.proto)
+    ir_model.meta[_STORE_KEY] = model.store  # keeps the scratch files its ExternalTensors may point at
+    for value, t, key in _ir_externals(ir_mod, ir_model):
+        location, path = key[1], where[key]
+        if model.base_dir is not None and not os.path.isabs(location) and (model.base_dir / location).resolve() == path:
+            t.base_dir = str(model.base_dir)  # as onnx_ir.load would: the location stays relative
+            continue
+        value.const_value = ir_mod.ExternalTensor(
+            path.name,
+            offset=t.offset,
+            length=t.length,
+            dtype=t.dtype,
+            shape=t.shape,
+            name=t.name,
+            base_dir=str(path.parent),
+            doc_string=t.doc_string,
+            metadata_props=dict(t.metadata_props) or None,
+        )
+    return ir_model
+
+
+def _proto_externals(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, _Key]]:
+    """Every external initializer of every graph of ``proto``, with its key."""
+    for graph in iter_graphs(proto.graph):
         for t in graph.initializer:
             info = external_info(t)
             if info is not None:
-                key = (t.name, info.get("location", ""), int(info.get("offset", 0)))
-                where[key] = external_path(t, model)
-    ir_model = ir_mod.serde.deserialize_model(model.proto)
-    ir_model.meta[_STORE_KEY] = model.store  # keeps the scratch files its ExternalTensors may point at
+                yield t, (t.name, info.get("location", ""), int(info.get("offset", 0)))
+
+
+def _ir_externals(ir_mod: Any, ir_model: ir.Model) -> Iterator[tuple[ir.Value, ir.ExternalTensor, _Key]]:
+    """Every initializer of every graph of ``ir_model`` held as an ``ExternalTensor``, with its key (the same
+    key ``_proto_externals`` gives the tensor in the serialized proto)."""
     for graph in ir_model.graphs():
         for value in graph.initializers.values():
             t = value.const_value
-            if not isinstance(t, ir_mod.ExternalTensor):
-                continue
-            location = os.fspath(t.location)
-            path = where[(value.name or "", location, int(t.offset or 0))]
-            if (
-                model.base_dir is not None
-                and not os.path.isabs(location)
-                and (model.base_dir / location).resolve() == path
-            ):
-                t.base_dir = str(model.base_dir)  # as onnx_ir.load would: the location stays relative
-                continue
-            value.const_value = ir_mod.ExternalTensor(
-                path.name,
-                offset=t.offset,
-                length=t.length,
-                dtype=t.dtype,
-                shape=t.shape,
-                name=t.name,
-                base_dir=str(path.parent),
-                doc_string=t.doc_string,
-                metadata_props=dict(t.metadata_props) or None,
-            )
-    return ir_model
+            if isinstance(t, ir_mod.ExternalTensor):
+                yield value, t, (value.name or "", os.fspath(t.location), int(t.offset or 0))
 
 
 # --------------------------------------------------------------------------------------- onnx-graphsurgeon

@@ -18,12 +18,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
 import pytest
+from builders import external_mlp
 from conftest import fixture_path, make_feeds, run_ort
-from onnx import TensorProto, helper
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir import interop
-from onnxsparse.ir.model_io import Model, load_model, ort_session, save_model
+from onnxsparse.ir.model_io import Model, load_model, ort_session
 from onnxsparse.ir.tensors import external_info
 from onnxsparse.pipeline import PassContext, Pipeline
 
@@ -98,32 +98,8 @@ def test_missing_path_is_one_line_error(tmp_path: Path) -> None:
         Pipeline(PIPELINE).run(tmp_path / "nope.onnx", PassContext())
 
 
-def _mlp(folder: Path, k: int = 64, layers: int = 3) -> Path:
-    """A MatMul chain saved with external data (every weight in ``mlp.onnx.data``)."""
-    rng = np.random.default_rng(0)
-    inits = [
-        onnx.numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}")
-        for i in range(layers)
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], ["y" if i == layers - 1 else f"h{i}"])
-        for i in range(layers)
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])],
-        inits,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "mlp.onnx"
-    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path, external_data=True)
-    return path
-
-
 def test_external_data_through_onnx_ir_stays_memory_mapped(tmp_path: Path) -> None:
-    path = _mlp(tmp_path / "in")
+    path = external_mlp(tmp_path / "in")
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     reference = Pipeline(PIPELINE).run(load_model(path), PassContext())
     expected = run_ort(reference.model, {"x": x})[0]
@@ -154,7 +130,7 @@ def test_external_data_through_onnx_ir_stays_memory_mapped(tmp_path: Path) -> No
 
 def test_proto_out_is_self_contained(tmp_path: Path) -> None:
     """Tensors a pass spilled to scratch files come back inline in a ModelProto (they vanish at exit)."""
-    path = _mlp(tmp_path / "in")
+    path = external_mlp(tmp_path / "in")
     model = load_model(path)
     result = Pipeline(PIPELINE).run(model, PassContext())
     assert any(external_info(t) is not None for t in result.model.proto.graph.initializer)
@@ -168,7 +144,7 @@ def test_proto_out_is_self_contained(tmp_path: Path) -> None:
 
 
 def test_onnx_ir_tensors_from_several_folders_are_refused(tmp_path: Path) -> None:
-    a, b = ir.load(str(_mlp(tmp_path / "a"))), ir.load(str(_mlp(tmp_path / "b")))
+    a, b = ir.load(str(external_mlp(tmp_path / "a"))), ir.load(str(external_mlp(tmp_path / "b")))
     value = a.graph.initializers["w1"]
     value.const_value = b.graph.initializers["w1"].const_value
     with pytest.raises(OnnxSparseError, match="several folders"):

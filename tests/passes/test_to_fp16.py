@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import copy_proto, run_ort
+from corpus import PASS_MODELS
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -523,21 +524,8 @@ def test_external_data_model_converts_and_saves(tmp_path) -> None:  # type: igno
         assert _rel(a, b) < REL_TOL
 
 
-CORPUS = (
-    "resnet18",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "bert_base",
-    "vit_tiny",
-    "if_branches",
-    "loop_recurrence",
-    "small_cnn_opset11",
-    "small_cnn_opset21",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CORPUS)
+@pytest.mark.parametrize("name", PASS_MODELS)
 def test_corpus_models_convert_and_stay_close(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Real architectures (exported graphs, seeded weights): saved, reloaded, compared in ORT.
 

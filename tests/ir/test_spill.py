@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from builders import external_mlp
+from onnx import TensorProto
 
 import onnxsparse
 from onnxsparse.errors import OnnxSparseError
@@ -19,29 +20,6 @@ from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.ir.spill import SpillStore
 from onnxsparse.ir.tensors import external_path, is_spilled, set_array, to_array
 from onnxsparse.pipeline import PassContext, Pipeline
-
-
-def _mlp(folder: Path, k: int = 64, layers: int = 2) -> Path:
-    """A MatMul chain saved with external data."""
-    rng = np.random.default_rng(0)
-    inits = [
-        onnx.numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), f"w{i}") for i in range(layers)
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], ["y" if i == layers - 1 else f"h{i}"])
-        for i in range(layers)
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])],
-        inits,
-    )
-    path = folder / "mlp.onnx"
-    folder.mkdir(exist_ok=True)
-    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path, external_data=True)
-    return path
 
 
 def _spill_first(model: Model) -> tuple[TensorProto, np.ndarray]:
@@ -55,7 +33,7 @@ def _spill_first(model: Model) -> tuple[TensorProto, np.ndarray]:
 def test_two_models_have_independent_stores(tmp_path: Path) -> None:
     """One model's scratch files are not readable through another (the location is refused as any absolute
     path would be), and its edits do not spoil the other's pack link at save."""
-    path = _mlp(tmp_path / "in")
+    path = external_mlp(tmp_path / "in", layers=2)
     a, b = load_model(path), load_model(path)
     assert a.store is not b.store
     t, new = _spill_first(a)
@@ -79,7 +57,7 @@ def test_two_models_have_independent_stores(tmp_path: Path) -> None:
 def test_derived_model_shares_the_store(tmp_path: Path) -> None:
     """A model over a copied proto passes the store on and reads the edited tensors; a model made without it
     cannot."""
-    model = load_model(_mlp(tmp_path / "in"))
+    model = load_model(external_mlp(tmp_path / "in", layers=2))
     _, new = _spill_first(model)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -90,7 +68,7 @@ def test_derived_model_shares_the_store(tmp_path: Path) -> None:
 
 
 def test_close_removes_the_folder_and_reading_says_why(tmp_path: Path) -> None:
-    model = load_model(_mlp(tmp_path / "in"))
+    model = load_model(external_mlp(tmp_path / "in", layers=2))
     t, new = _spill_first(model)
     early = np.asarray(to_array(t, model))  # a memory map read before the close stays valid after it
     folder = model.store.folder
@@ -106,7 +84,7 @@ def test_close_removes_the_folder_and_reading_says_why(tmp_path: Path) -> None:
 
 
 def test_context_manager_closes(tmp_path: Path) -> None:
-    path = _mlp(tmp_path / "in")
+    path = external_mlp(tmp_path / "in", layers=2)
     with load_model(path) as model:
         _spill_first(model)
         folder = model.store.folder
@@ -118,7 +96,7 @@ def test_context_manager_closes(tmp_path: Path) -> None:
 
 
 def test_forgotten_model_removes_its_folder_at_garbage_collection(tmp_path: Path) -> None:
-    model = load_model(_mlp(tmp_path / "in"))
+    model = load_model(external_mlp(tmp_path / "in", layers=2))
     ctx = PassContext()
     Pipeline("prune,validate").run(model, ctx)  # the pruned weights go to the store's pack
     folder = model.store.folder
@@ -132,7 +110,7 @@ def test_settled_pack_drops_its_written_checks(tmp_path: Path, monkeypatch: pyte
     """The n:m check prune recorded for bytes it wrote lives on the model's store, and goes once the pack
     became the saved output (then validate reads the user's file like any other)."""
     monkeypatch.setattr(stream, "STREAM_MIN_BYTES", 0)
-    model = load_model(_mlp(tmp_path / "in"))
+    model = load_model(external_mlp(tmp_path / "in", layers=2))
     Pipeline("prune").run(model, PassContext())
     assert len(model.store.written) == 2
     assert all(isinstance(c, stream.WrittenCheck) for c in model.store.written.values())

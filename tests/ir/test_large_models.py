@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import external_mlp
 from onnx import TensorProto, helper
 
 from onnxsparse.errors import OnnxSparseError
@@ -21,38 +22,13 @@ from onnxsparse.ir.tensors import external_path, is_spilled, set_array, spill_wr
 from onnxsparse.pipeline import PassContext, Pipeline, check_model
 
 
-def _mlp(tmp_path: Path, k: int = 64, layers: int = 3, seed: int = 0) -> Path:
-    """A MatMul chain saved with external data (every weight ≥ 1 KB goes to the data file)."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        onnx.numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}")
-        for i in range(layers)
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], ["y" if i == layers - 1 else f"h{i}"])
-        for i in range(layers)
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", k])],
-        inits,
-    )
-    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    path = tmp_path / "in" / "mlp.onnx"
-    path.parent.mkdir()
-    save_model(model, path, external_data=True)
-    return path
-
-
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(sess.run(None, {"x": x})[0])
 
 
 def test_edited_external_tensor_spills_and_round_trips(tmp_path: Path) -> None:
-    path = _mlp(tmp_path)
+    path = external_mlp(tmp_path / "in")
     before = path.read_bytes(), (path.parent / "mlp.onnx.data").read_bytes()
     model = load_model(path)
     t = model.proto.graph.initializer[1]
@@ -124,7 +100,7 @@ def test_spill_writer_streams_chunks_and_is_all_or_nothing() -> None:
 
 
 def test_absolute_location_outside_scratch_is_refused(tmp_path: Path) -> None:
-    path = _mlp(tmp_path)
+    path = external_mlp(tmp_path / "in")
     proto = onnx.load(str(path), load_external_data=False)
     for e in proto.graph.initializer[0].external_data:
         if e.key == "location":
@@ -185,7 +161,7 @@ def test_ort_session_handles_subgraph_external_initializers(tmp_path: Path) -> N
 
 def test_pipeline_on_external_model_matches_in_memory_result(tmp_path: Path) -> None:
     """prune on an external-data model (spilled edits) gives the same weights as on the inline model."""
-    path = _mlp(tmp_path, k=128, layers=4)
+    path = external_mlp(tmp_path / "in", k=128, layers=4)
     ext = load_model(path)
     inline = load_model(path)
     for t in inline.proto.graph.initializer:
@@ -202,7 +178,7 @@ def test_pipeline_on_external_model_matches_in_memory_result(tmp_path: Path) -> 
 def test_qdq_and_fp16_after_prune_on_spilled_weights(tmp_path: Path) -> None:
     """Calibration runs ORT on a model whose pruned weights sit in scratch files (absolute paths ORT refuses
     in a model file); the written result matches the in-memory pipeline run on the same model."""
-    path = _mlp(tmp_path, k=128, layers=3)
+    path = external_mlp(tmp_path / "in", k=128, layers=3)
     model = load_model(path)
     rng = np.random.default_rng(0)
     calib = [{"x": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(3)]
@@ -278,7 +254,7 @@ def test_save_after_prune_links_the_spill_pack_once(tmp_path: Path) -> None:
     weights); a second save of the same model, or one whose pack holds stale data, copies. Every output
     reads back the same values. (Each loaded model has its own store, so earlier tests cannot leave stale
     regions in its pack.)"""
-    path = _mlp(tmp_path, k=64, layers=3)
+    path = external_mlp(tmp_path / "in", k=64, layers=3)
     model = load_model(path)
     Pipeline("prune").run(model, PassContext())
     assert all(is_spilled(t, model) for t in model.proto.graph.initializer)

@@ -46,7 +46,7 @@ from onnxsparse.trt.builder import (
     two_four_layers,
 )
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def mlp(batch: int | str = "batch", opset: int = 17) -> onnx.ModelProto:
