@@ -8,6 +8,7 @@ arguments without an import.
 * ``make_feeds(model, dims=None, seed=0, cond=True) -> dict`` — seeded random inputs; symbolic dims come from
   ``dims`` (default ``DEFAULT_DIMS``), bool inputs (the If condition) are ``cond``.
 * ``run_ort(model, feeds, optimize=False) -> list[np.ndarray]`` — outputs in graph order, CPU provider.
+* fixture ``layer_walks`` — the graphs ``find_layers`` walks during the test (counts layer-index builds).
 * fixtures ``mlp_gemm_path``, ``transformer_path``, ``cnn_path``, ``if_model_path``, ``loop_model_path``,
   ``qdq_model_path``; ``fixture_model`` (parametrized over all of them); ``real_models`` (the ddddocr models).
 """
@@ -187,6 +188,25 @@ def _run_ort_fixture() -> Any:
 def _make_feeds_fixture() -> Any:
     """``make_feeds`` as a fixture."""
     return make_feeds
+
+
+@pytest.fixture
+def layer_walks(monkeypatch: pytest.MonkeyPatch) -> list[onnx.GraphProto]:
+    """The main graph of every ``find_layers`` walk made from now on in this process (one entry per build of
+    a layer index, or per direct ``find_layers`` call). The walk itself is wrapped (``layers._walk``, looked up
+    at each call), so a module that imported ``find_layers`` by name is counted too."""
+    from onnxsparse.ir import layers
+
+    walks: list[onnx.GraphProto] = []
+    original = layers._walk
+
+    def counting(graph: onnx.GraphProto, path: str, key: str, outer: list[Any], *rest: Any) -> None:
+        if not outer:  # the top-level call; the recursion into subgraphs passes their enclosing scopes
+            walks.append(graph)
+        original(graph, path, key, outer, *rest)
+
+    monkeypatch.setattr(layers, "_walk", counting)
+    return walks
 
 
 @pytest.fixture
