@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from onnxsparse.compare import Comparison, OutputMetrics, combined_rel_l2, run_session, session, worst_cosine
-from onnxsparse.ir.layers import Layer, find_layers
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.layers import Layer
 from onnxsparse.ir.model_io import Model
 from onnxsparse.progress import Progress
 
@@ -53,8 +54,17 @@ class Scorer:
         proto.ParseFromString(setup.proto)
         self.setup = setup
         self.model = Model(proto, Path(setup.base_dir) if setup.base_dir else None)
-        self.layers: dict[str, Layer] = {layer.name: layer for layer in find_layers(proto, setup.shapes)}
+        self._layers: dict[str, Layer] | None = None
         self.names = [o.name for o in proto.graph.output]
+
+    @property
+    def layers(self) -> dict[str, Layer]:
+        """The copy's layers by name, from its index (built on first use: a scorer that only measures a plan,
+        ``outputs`` of another model, never walks its own graph). Pruning and ``undo`` write weight values
+        only, so the index stays valid for every layer scored."""
+        if self._layers is None:
+            self._layers = {layer.name: layer for layer in model_layers(self.model, self.setup.shapes)}
+        return self._layers
 
     def outputs(self, what: str) -> list[OutputMetrics]:
         """The current model's held-out outputs against the dense ones."""

@@ -45,6 +45,9 @@ ALIGN_FP16, ALIGN_INT8 = 16, 32
 
 SPARSE, ELIGIBLE, INELIGIBLE = "sparse", "eligible", "ineligible"
 
+#: a stored tensor's statistics by (``Source.key``, "reduction axis/m"): a weight shared by layers is read once
+_StatsCache = dict[tuple[tuple[str, str, str], str], dict[str, Any]]
+
 
 @dataclass(frozen=True)
 class ValidateConfig(PassConfig):
@@ -108,7 +111,7 @@ class ValidatePass(Pass[ValidateConfig]):
         shapes, basis = _shapes(model, ctx)
         layers = model_layers(model, shapes)
         consts = constants_by_name(model.proto)
-        cache: dict[tuple[int, str], dict[str, Any]] = {}
+        cache: _StatsCache = {}
         rows = [_row(layer, n, m, shapes, consts, model, cache) for layer in _progress(layers, ctx.progress)]
         report = PassReport()
         report.details["pattern"] = f"{n}:{m}"
@@ -243,7 +246,7 @@ def _row(
     shapes: dict[str, Shape],
     consts: dict[str, Any],
     model: Model,
-    cache: dict[tuple[int, str], dict[str, Any]],
+    cache: _StatsCache,
 ) -> dict[str, Any]:
     src = layer.source
     row: dict[str, Any] = {
@@ -297,11 +300,11 @@ def _activation_gemm(layer: Layer, shapes: dict[str, Shape]) -> GemmShape | None
 
 
 def _stats(
-    layer: Layer, n: int, m: int, consts: dict[str, Any], model: Model, cache: dict[tuple[int, str], dict[str, Any]]
+    layer: Layer, n: int, m: int, consts: dict[str, Any], model: Model, cache: _StatsCache
 ) -> dict[str, Any] | str:
     """Zeros and violating groups of the layer's stored weight (``m`` = 0: zeros only). Cached per tensor."""
     assert layer.source is not None
-    key = (id(layer.source.tensor), f"{layer.source.name}/{layer.source_reduction_axis}/{m}")
+    key = (layer.source.key, f"{layer.source_reduction_axis}/{m}")
     if key in cache:
         return cache[key]
     sw = stored_weight(layer, consts, model)

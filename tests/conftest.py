@@ -8,6 +8,7 @@ arguments without an import.
 * ``make_feeds(model, dims=None, seed=0, cond=True) -> dict`` — seeded random inputs; symbolic dims come from
   ``dims`` (default ``DEFAULT_DIMS``), bool inputs (the If condition) are ``cond``.
 * ``run_ort(model, feeds, optimize=False) -> list[np.ndarray]`` — outputs in graph order, CPU provider.
+* fixture ``layer_walks`` — the graphs ``find_layers`` walks during the test (counts layer-index builds).
 * fixtures ``mlp_gemm_path``, ``transformer_path``, ``cnn_path``, ``if_model_path``, ``loop_model_path``,
   ``qdq_model_path``; ``fixture_model`` (parametrized over all of them); ``real_models`` (the ddddocr models).
 """
@@ -15,7 +16,6 @@ arguments without an import.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxsparse.ir.model_io import Model, save_model
+from onnxsparse.ir.model_io import Model, ort_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "fixtures"
@@ -142,8 +142,10 @@ def run_ort(model: ModelLike, feeds: Mapping[str, np.ndarray], optimize: bool = 
     """Run ``model`` (path, ModelProto or onnxsparse ``Model``) on the CPU provider; outputs in graph order.
 
     Graph optimisations are off by default so that two models are compared as written (ORT's fusions differ
-    between a Gemm and its Conv rewrite); ``optimize=True`` turns them all on. A ``Model`` with external data
-    is first saved into a temporary folder, because ORT resolves external files relative to a model path.
+    between a Gemm and its Conv rewrite); ``optimize=True`` turns them all on. A ``Model`` runs through
+    ``ir.model_io.ort_session``: its external (and edited, spilled) weights go to ORT as memory maps and no
+    file is written. Saving it into a temporary folder instead handed the caller's spill store a data file
+    that was deleted with the folder (``SpillStore.settle_pack``), so the model could not be read afterwards.
     """
     import onnxruntime as ort
 
@@ -153,19 +155,12 @@ def run_ort(model: ModelLike, feeds: Mapping[str, np.ndarray], optimize: bool = 
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     providers = ["CPUExecutionProvider"]
-    if isinstance(model, Model) and model.has_external_data():
-        with tempfile.TemporaryDirectory(prefix="run_ort-") as tmp:
-            proto = onnx.ModelProto()
-            proto.CopyFrom(model.proto)  # save_model repoints the tensors it writes; leave the caller's alone
-            copy = Model(proto=proto, base_dir=model.base_dir, store=model.store)
-            path = save_model(copy, Path(tmp) / "model.onnx", external_data=True)
-            sess = ort.InferenceSession(str(path), opts, providers=providers)
-            return list(sess.run(None, dict(feeds)))
-    if isinstance(model, (Model, onnx.ModelProto)):
-        source: Any = _proto(model).SerializeToString()
+    if isinstance(model, Model):
+        sess = ort_session(model, opts, providers)
+    elif isinstance(model, onnx.ModelProto):
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     else:
-        source = os.fspath(model)
-    sess = ort.InferenceSession(source, opts, providers=providers)
+        sess = ort.InferenceSession(os.fspath(model), opts, providers=providers)
     return list(sess.run(None, dict(feeds)))
 
 
@@ -193,6 +188,25 @@ def _run_ort_fixture() -> Any:
 def _make_feeds_fixture() -> Any:
     """``make_feeds`` as a fixture."""
     return make_feeds
+
+
+@pytest.fixture
+def layer_walks(monkeypatch: pytest.MonkeyPatch) -> list[onnx.GraphProto]:
+    """The main graph of every ``find_layers`` walk made from now on in this process (one entry per build of
+    a layer index, or per direct ``find_layers`` call). The walk itself is wrapped (``layers._walk``, looked up
+    at each call), so a module that imported ``find_layers`` by name is counted too."""
+    from onnxsparse.ir import layers
+
+    walks: list[onnx.GraphProto] = []
+    original = layers._walk
+
+    def counting(graph: onnx.GraphProto, path: str, key: str, outer: list[Any], *rest: Any) -> None:
+        if not outer:  # the top-level call; the recursion into subgraphs passes their enclosing scopes
+            walks.append(graph)
+        original(graph, path, key, outer, *rest)
+
+    monkeypatch.setattr(layers, "_walk", counting)
+    return walks
 
 
 @pytest.fixture

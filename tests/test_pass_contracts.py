@@ -228,6 +228,17 @@ class _ReturnsInput(_Functional):
     return_input = True
 
 
+class _SwapsInputProto(_Functional):
+    """Wrong: returns a copy, and also gives its input a new (equal) proto object."""
+
+    name = "test-functional-swaps-input-proto"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        result = super().run(model, ctx)
+        model.proto = copy_proto(model.proto)  # same nodes and names: only the object differs
+        return result
+
+
 def test_in_place_claim_is_checked() -> None:
     with pytest.raises(PassContractError, match="declares in_place but returned a different model"):
         Pipeline([_ClaimsInPlaceReturnsCopy()]).run(Model(_mlp()))
@@ -247,6 +258,8 @@ def test_functional_claim_is_checked() -> None:
         Pipeline([_EditsInput()]).run(Model(_mlp()))
     with pytest.raises(PassContractError, match=r"is functional .* but returned its input model"):
         Pipeline([_ReturnsInput()]).run(Model(_mlp()))
+    with pytest.raises(PassContractError, match=r"is functional .* but changed its input's graph"):
+        Pipeline([_SwapsInputProto()]).run(Model(_mlp()))  # the proto is held and compared by identity
 
 
 def test_every_pass_declares_in_place() -> None:

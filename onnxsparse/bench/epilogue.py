@@ -33,7 +33,7 @@ import onnx
 from onnx import NodeProto, numpy_helper
 
 from onnxsparse.ir.graph import GraphIndex
-from onnxsparse.ir.layers import Layer, attr, find_layers
+from onnxsparse.ir.layers import Layer, attr
 from onnxsparse.ir.tensors import external_info
 
 #: activation names; "gelu" is the exact (erf) form, "gelu_tanh" the tanh approximation
@@ -62,9 +62,13 @@ class Epilogue:
 
 
 def find_epilogues(model: onnx.ModelProto, layers: Sequence[Layer] | None = None) -> dict[str, Epilogue]:
-    """Layer name → its epilogue, for every weighted layer (``find_layers`` order)."""
+    """Layer name → its epilogue, for every weighted layer (layer index order; ``layers``: the index's layers
+    of ``model`` when the caller has them, else an index is built for ``model``)."""
     if layers is None:
-        layers = find_layers(model)
+        from onnxsparse.ir.index import model_layers
+        from onnxsparse.ir.model_io import Model
+
+        layers = model_layers(Model(model))
     maps: list[tuple[GraphIndex, set[str]]] = []  # one per graph (few: the main graph and its bodies)
     out: dict[str, Epilogue] = {}
     for layer in layers:

@@ -2,7 +2,7 @@
 
 Every eligible layer is one product y[M, N] = x[M, K] · W[N, K]ᵀ with the weight W as the 2:4-structured
 operand, grouped along K: M = batch × positions (a Conv is an implicit GEMM with M = N·H_out·W_out,
-K = C_in·kh·kw), N = output channels. Shapes come from ``layers.find_layers`` + ``Layer.gemm_shape`` over
+K = C_in·kh·kw), N = output channels. Shapes come from the layer index (``ir.index``) + ``Layer.gemm_shape`` over
 ``shapes.infer_shapes`` (with ``--shapes`` overrides), so the bench times exactly what the prune pass
 would sparsify. Identical shapes are timed once and counted (a BERT encoder has 72 layers but 3 shapes).
 
@@ -20,7 +20,8 @@ from typing import Any
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.layers import find_layers
+from onnxsparse.ir.index import model_layers
+from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.shapes import Shape, infer_shapes
 
 #: dtype → required multiple of N and K (structured operand) and of the padded M, per cuSPARSELt's rules.
@@ -127,14 +128,17 @@ def with_m_bucket(layers: Iterable[LayerGemm], bucket: int, dtype: str) -> list[
 
 
 def extract_gemms(
-    proto: onnx.ModelProto,
+    model: Model | onnx.ModelProto,
     overrides: dict[str, tuple[int, ...]] | None = None,
     dtype: str = "fp16",
     shapes: dict[str, Shape] | None = None,
     epilogues: bool = False,
     exclude: str | None = None,
 ) -> list[LayerGemm]:
-    """Every weighted layer of ``proto`` (graph order) as a ``LayerGemm`` for ``dtype`` (fp16 | int8).
+    """Every weighted layer of ``model`` (graph order) as a ``LayerGemm`` for ``dtype`` (fp16 | int8).
+
+    The layers come from the model's cached index (``ir.index.model_layers``), so a ``Model`` that other code
+    asked about already is not walked again; a bare proto gets an index of its own.
 
     ``epilogues``: record the bias/activation the graph applies after each GEMM (``epilogue.find_epilogues``).
     ``exclude``: a regex of layer or weight names that stay dense (not timed; their time counts as
@@ -146,10 +150,11 @@ def extract_gemms(
         raise OnnxSparseError(f"unknown dtype '{dtype}': expected one of {', '.join(ALIGNMENT)}")
     check_regex("bench", "exclude", exclude)
     align = ALIGNMENT[dtype]
+    held = model if isinstance(model, Model) else Model(model)
     if shapes is None:
-        shapes = infer_shapes(proto, overrides)
-    found = find_layers(proto, shapes)
-    eps = find_epilogues(proto, found) if epilogues else {}
+        shapes = infer_shapes(held.proto, overrides)
+    found = model_layers(held, shapes)
+    eps = find_epilogues(held.proto, found) if epilogues else {}
     out: list[LayerGemm] = []
     for layer in found:
         ep = eps.get(layer.name)

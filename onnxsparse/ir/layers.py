@@ -20,7 +20,7 @@ import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import GraphIndex, iter_graphs_with_path, subgraphs
+from onnxsparse.ir.graph import GraphIndex, subgraphs
 from onnxsparse.ir.reasons import Reason, Skip
 from onnxsparse.ir.shapes import Shape, concrete
 from onnxsparse.ir.tensors import constant_value, external_info, to_array
@@ -45,12 +45,20 @@ class Source:
     name: str
     kind: str  # "initializer" | "constant"
     tensor: TensorProto
-    graph: GraphProto | None  # graph holding the initializer (None for a Constant node's tensor)
+    graph: GraphProto | None  # graph holding the initializer or the Constant node
     node: NodeProto | None = None  # the Constant node, if any
+    #: ``graph_key`` of the graph holding it (see ``Layer.graph_key``)
+    graph_key: str = "main"
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Which stored tensor this is, by name: (graph key, kind, name). Two layers reading one tensor get
+        equal keys, in this model state and in any copy of its proto (an ``id()`` would not survive a copy)."""
+        return self.graph_key, self.kind, self.name
 
 
 @dataclass
@@ -75,6 +83,10 @@ class Layer:
     shared_with: list[str] = field(default_factory=list)
     #: name lookups of the node's graph and its enclosing graphs (innermost first)
     scopes: list[_Scope] = field(default_factory=list, repr=False)
+    #: the node's graph as a unique, stable key for maps: ``main``, or the owning graph's key, the owning node's
+    #: position in it and the attribute (``main/4.then_branch``). ``graph_path`` is the readable form for
+    #: reports, and two unnamed If nodes of one graph give equal paths.
+    graph_key: str = "main"
 
     def constant(self, name: str) -> Source | None:
         """``name`` as an initializer or Constant output visible from this layer's graph (e.g. a bias)."""
@@ -87,6 +99,12 @@ class Layer:
     @property
     def op_type(self) -> str:
         return self.node.op_type
+
+    @property
+    def key(self) -> str:
+        """The layer's first output name: unique in the model (ONNX values are assigned once, subgraphs
+        included) and the same in a copy of the proto, so maps of layers key on it (``name`` can repeat)."""
+        return self.node.output[0]
 
     @property
     def weight_name(self) -> str | None:
@@ -263,8 +281,9 @@ def _chain_out_shape(
 class _Scope:
     """Name lookups for one graph, built once (a linear scan per lookup would be quadratic)."""
 
-    def __init__(self, graph: GraphProto) -> None:
+    def __init__(self, graph: GraphProto, key: str) -> None:
         self.graph = graph
+        self.key = key
         self.inits = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
         self.index = GraphIndex(graph)
@@ -275,13 +294,13 @@ def _lookup_const(name: str, scopes: list[_Scope]) -> Source | None:
     for s in scopes:
         t = s.inits.get(name)
         if t is not None:
-            return Source(name=name, kind="initializer", tensor=t, graph=s.graph)
+            return Source(name=name, kind="initializer", tensor=t, graph=s.graph, graph_key=s.key)
         node = s.index.producer(name)
         if node is not None:
             if node.op_type == "Constant":
                 value = constant_value(node)
                 if value is not None:
-                    return Source(name=name, kind="constant", tensor=value, graph=s.graph, node=node)
+                    return Source(name=name, kind="constant", tensor=value, graph=s.graph, node=node, graph_key=s.key)
             return None
     return None
 
@@ -302,24 +321,26 @@ def _graph_inputs(scopes: list[_Scope]) -> set[str]:
 def find_layers(model: onnx.ModelProto, shapes: dict[str, Shape] | None = None) -> list[Layer]:
     """All Conv/ConvTranspose/Gemm/MatMul nodes of the model (subgraphs included), in graph order."""
     layers: list[Layer] = []
-    _walk(model.graph, "main", [], layers, shapes)
+    _walk(model.graph, "main", "main", [], layers, shapes)
     _mark_shared(layers)
     return layers
 
 
-def _walk(graph: GraphProto, path: str, outer: list[_Scope], out: list[Layer], shapes: dict[str, Shape] | None) -> None:
-    scopes = [_Scope(graph), *outer]
-    for node in graph.node:
+def _walk(
+    graph: GraphProto, path: str, key: str, outer: list[_Scope], out: list[Layer], shapes: dict[str, Shape] | None
+) -> None:
+    scopes = [_Scope(graph, key), *outer]
+    for i, node in enumerate(graph.node):
         if node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1:
             out.append(_describe(node, graph, path, scopes, shapes))
         for attr_name, sub in subgraphs(node):
-            _walk(sub, f"{path}/{node.name or node.op_type}.{attr_name}", scopes, out, shapes)
+            _walk(sub, f"{path}/{node.name or node.op_type}.{attr_name}", f"{key}/{i}.{attr_name}", scopes, out, shapes)
 
 
 def _describe(
     node: NodeProto, graph: GraphProto, path: str, scopes: list[_Scope], shapes: dict[str, Shape] | None
 ) -> Layer:
-    layer = Layer(node=node, graph=graph, graph_path=path, scopes=scopes)
+    layer = Layer(node=node, graph=graph, graph_path=path, scopes=scopes, graph_key=scopes[0].key)
     name = node.input[1]
     inputs = _graph_inputs(scopes)
     chain: list[NodeProto] = []
@@ -377,10 +398,10 @@ def _describe(
 
 def _mark_shared(layers: list[Layer]) -> None:
     """A stored tensor used by several layers can be pruned only if they agree on its reduction axis."""
-    by_source: dict[tuple[int, str], list[Layer]] = defaultdict(list)
+    by_source: dict[tuple[str, str, str], list[Layer]] = defaultdict(list)
     for layer in layers:
         if layer.source is not None:
-            by_source[(id(layer.source.graph), layer.source.name)].append(layer)
+            by_source[layer.source.key].append(layer)
     for group in by_source.values():
         if len(group) < 2:
             continue
@@ -391,8 +412,3 @@ def _mark_shared(layers: list[Layer]) -> None:
                 layer.reason = Reason.SHARED_AXIS_CONFLICT.skip(
                     name=layer.weight_name, others=", ".join(layer.shared_with)
                 )
-
-
-def graph_paths(model: onnx.ModelProto) -> dict[int, str]:
-    """id(graph) → readable path, for reports."""
-    return {id(g): p for p, g in iter_graphs_with_path(model.graph)}

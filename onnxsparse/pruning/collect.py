@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,12 +24,15 @@ from onnxsparse.calibration.data import CalibrationData, open_calibration
 from onnxsparse.calibration.gram import GramStats
 from onnxsparse.calibration.histogram import _first_line
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import node_reads
+from onnxsparse.ir.graph import GraphIndex, node_reads
 from onnxsparse.ir.layers import Layer
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.tensors import to_array
 from onnxsparse.progress import progress as show_progress
 from onnxsparse.pruning.layout import activation_rows, stats_shape
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 log = logging.getLogger("onnxsparse.pruning")
 
@@ -86,15 +89,15 @@ def stage_session(
     import onnxruntime as ort
 
     graph = model.proto.graph
-    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
-    keep: set[int] = set()
+    index = GraphIndex(graph)
+    keep: set[str] = set()  # the kept nodes, by their first written value (each value has one producer)
     todo = list(fetch)
     while todo:
-        i = producer.get(todo.pop())
-        if i is not None and i not in keep:
-            keep.add(i)
-            todo.extend(node_reads(graph.node[i]))
-    nodes = [graph.node[i] for i in sorted(keep)]
+        node = index.producer(todo.pop())
+        if node is not None and (key := _written(node)) not in keep:
+            keep.add(key)
+            todo.extend(node_reads(node))
+    nodes = [node for node in graph.node if _written(node) in keep]  # graph order
     reads = {name for node in nodes for name in node_reads(node)}
     sub = onnx.ModelProto()
     sub.ir_version = model.proto.ir_version
@@ -122,6 +125,11 @@ def stage_session(
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise OnnxSparseError(f"onnxruntime cannot load the model for pruning statistics: {_first_line(e)}") from e
     return StageSession(session, dict(zip(names, values, strict=True)))
+
+
+def _written(node: NodeProto) -> str:
+    """A node's first non-empty output name: which node it is, by a name no other node writes."""
+    return next((o for o in node.output if o), "")
 
 
 @dataclass

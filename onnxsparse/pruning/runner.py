@@ -95,14 +95,14 @@ def release_freed_memory() -> None:
 
 def stages(model: Model, layers: Iterable[Layer]) -> list[list[Layer]]:
     """Layers grouped into topological stages (main-graph layers; see the module docstring)."""
-    wanted = {id(layer.node): layer for layer in layers}
+    wanted = {layer.key: layer for layer in layers}
     level: dict[str, int] = {}
-    stage_of: dict[int, int] = {}
+    stage_of: dict[str, int] = {}
     for node in model.proto.graph.node:  # ONNX requires topological order
         lvl = max((level.get(name, 0) for name in node_reads(node)), default=0)
-        layer = wanted.get(id(node))
+        layer = wanted.get(node.output[0]) if node.output else None
         if layer is not None:
-            stage_of[id(node)] = lvl
+            stage_of[layer.key] = lvl
             lvl += 1
         for out in node.output:
             if out:
@@ -145,7 +145,7 @@ def prune_calibrated(
     layer is fitted to the dense model's output (``solvers.dense_target``), one more ORT run per batch.
     """
     report = RunReport()
-    by_node = {id(item.layer.node): item for item in items}
+    by_node = {item.layer.key: item for item in items}
     groups = stages(model, [i.layer for i in items]) if sequential else [[i.layer for i in items]]
     thin = []
     for it in items:
@@ -183,7 +183,7 @@ def prune_calibrated(
         report.unmasked.update(got.unmasked)
         start = time.perf_counter()
         for layer in stage:
-            item = by_node[id(layer.node)]
+            item = by_node[layer.key]
             st: GramStats = got.stats.pop(layer.name)
             outcome = prune_layer(
                 model,

@@ -34,8 +34,14 @@ from onnxsparse.sparsity import StoredWeight, check_finite, count_violations, nm
 class Target:
     """One stored tensor and the layers that read it (several when a weight is shared)."""
 
-    key: tuple[int, str]
+    #: ``Source.key`` of the stored tensor: (graph key, kind, name)
+    key: tuple[str, str, str]
     layers: list[Layer]
+
+    @property
+    def name(self) -> str:
+        """The stored tensor's name."""
+        return self.key[2]
 
 
 def magnitude_nm(
@@ -74,12 +80,12 @@ def calibration_note(target: Target, method: str) -> str | None:
 
 def group_targets(layers: list[Layer], report: PassReport) -> list[Target]:
     """Layers grouped by the stored tensor they read; layers without a constant weight are reported here."""
-    by_key: dict[tuple[int, str], Target] = {}
+    by_key: dict[tuple[str, str, str], Target] = {}
     for layer in layers:
         if layer.source is None:
             report.skip(layer.name, render(layer.reason, "no constant weight"), op=layer.op_type, weight=None)
             continue
-        key = (id(layer.source.graph) if layer.source.node is None else id(layer.source.node), layer.source.name)
+        key = layer.source.key
         by_key.setdefault(key, Target(key, [])).layers.append(layer)
     return list(by_key.values())
 
@@ -105,12 +111,12 @@ def foreign_reader(target: Target, readers: dict[str, list[onnx.NodeProto]]) -> 
     """A node other than the layers and their weight chains that reads the weight (it would change too)."""
     ours = {tuple(layer.node.output) for layer in target.layers}
     ours |= {tuple(n.output) for layer in target.layers for n in layer.chain}
-    names = {target.key[1]} | {o for layer in target.layers for n in layer.chain for o in n.output}
+    names = {target.name} | {o for layer in target.layers for n in layer.chain for o in n.output}
     for name in sorted(names):
         for node in readers.get(name, []):
             if tuple(node.output) not in ours:
                 what = node.name if node.domain == "<output>" else f"{node.op_type} '{node.name or node.output[0]}'"
-                return f"weight '{target.key[1]}' also feeds {what}, which pruning would change"
+                return f"weight '{target.name}' also feeds {what}, which pruning would change"
     return None
 
 

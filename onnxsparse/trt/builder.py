@@ -444,14 +444,15 @@ def _add_profile(trt: ModuleType, builder: Any, network: Any, config: Any, profi
 def two_four_layers(model: Model) -> list[str]:
     """Names of weighted layers whose stored weight is already 2:4 along its reduction axis.
 
-    What TensorRT can at best call eligible; the build report sets its "Found N" against this.
+    What TensorRT can at best call eligible; the build report sets its "Found N" against this. The layers come
+    from the model's cached index (``onnxsparse.ir.index``), shared with whatever else asked of this model.
     """
-    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.index import model_layers
     from onnxsparse.ir.tensors import to_array
     from onnxsparse.sparsity import is_nm
 
     names = []
-    for layer in find_layers(model.proto):
+    for layer in model_layers(model):
         if layer.reason or layer.source is None or layer.source_reduction_axis is None:
             continue
         if layer.check_pattern(4) is not None:

@@ -193,3 +193,23 @@ def test_bert_shaped_model_layers_and_ort_run():
     assert by_name["logits"].key is None  # N=2
     unique = unique_gemms(layers)
     assert sorted(u.count for u in unique) == [1, 2, 2, 8]
+
+
+def test_a_model_is_walked_once_for_its_gemms_and_epilogues(layer_walks):
+    """Given an onnxsparse ``Model``, the GEMMs (and their epilogues) come from its cached layer index: asking
+    again with the same shapes, or through ``model_layers``, walks nothing more; a bare proto gets one walk and
+    the same answer."""
+    from onnxsparse.ir.index import model_layers
+    from onnxsparse.ir.model_io import Model
+    from onnxsparse.ir.shapes import infer_shapes
+
+    proto = _mlp()
+    model = Model(proto)
+    first = extract_gemms(model, parse_shapes("x:3x5x64"), epilogues=True)
+    assert [(lg.name, lg.m, lg.n, lg.k) for lg in first] == [("fc1", 15, 128, 64), ("fc2", 15, 48, 128)]
+    assert first[0].epilogue == "relu" and len(layer_walks) == 1
+    assert extract_gemms(model, parse_shapes("x:3x5x64"), epilogues=True) == first
+    assert [lay.name for lay in model_layers(model, infer_shapes(proto, parse_shapes("x:3x5x64")))] == ["fc1", "fc2"]
+    assert len(layer_walks) == 1 and model.layer_cache.builds == 1
+    assert extract_gemms(proto, parse_shapes("x:3x5x64"), epilogues=True) == first
+    assert len(layer_walks) == 2

@@ -318,3 +318,21 @@ def test_plan_over_budget_when_measured_drops_layers(setup: tuple[Path, Path, np
     applied = _pruned(model, f"prune{{plan={plan_path}}}", tmp_path / "planned.onnx")
     measured = _cosine(dense, run_ort(applied, {"x": x[:HELD]})[0])
     assert plan["measured"]["cosine"] == pytest.approx(measured, rel=1e-6) and measured >= min_cos
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_each_model_state_is_walked_once(
+    setup: tuple[Path, Path, np.ndarray], tmp_path: Path, layer_walks: list[onnx.GraphProto], method: str
+) -> None:
+    """The layer index is built once per model: the input (candidates, then statistics), the scorer's copy
+    (every layer pruned and put back: values only), and each measured plan's pruned copy. The scorer that
+    measures plans runs another model's outputs and never walks its own copy."""
+    model, calib, _ = setup
+    args = ["sensitivity", model, "--calib", calib, "--eval-samples", HELD, "--method", method, "--jobs", 1]
+    res = _invoke(*args, "--min-cosine", "0", "--json", "-")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert sorted(r["layer"] for r in report["layers"]) == ["fc1", "fc2", "fc3"]
+    assert report["plan"]["measurements"] == 1 and len(report["plan"]["layers"]) == 3
+    assert len(layer_walks) == 3  # input, scorer, plan
+    assert all(a is not b for i, a in enumerate(layer_walks) for b in layer_walks[i + 1 :])  # three graphs

@@ -169,3 +169,97 @@ def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_dir
     assert find_layers(model.proto)[0].weight_shape is None
     layers = find_layers(model.proto, shapes={"w2": (8, 12)})
     assert layers[0].weight_shape == (8, 12) and layers[0].reduction_axis == inline_layers[0].reduction_axis
+
+
+def _sibling_branches(seed: int = 3) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Two unnamed If nodes whose then-branches each hold an initializer called ``W`` (legal: siblings are
+    separate scopes) — equal ``graph_path``s, different tensors; the second W is read by two MatMuls. The
+    else-branches both read the main graph's ``W_outer``."""
+    rng = np.random.default_rng(seed)
+    w = {"W0": rand(rng, 8, 12), "W1": rand(rng, 8, 12), "W_outer": rand(rng, 8, 12)}
+
+    def branch(i: int, then: bool) -> onnx.GraphProto:
+        if not then:
+            nodes = [helper.make_node("MatMul", ["x", "W_outer"], [f"e{i}"])]
+            return helper.make_graph(nodes, f"else{i}", [], [helper.make_tensor_value_info(f"e{i}", F, ["b", 12])])
+        nodes = [helper.make_node("MatMul", ["x", "W"], [f"t{i}"])]
+        out = f"t{i}"
+        if i == 1:
+            nodes += [helper.make_node("MatMul", ["x", "W"], ["t1b"]), helper.make_node("Add", ["t1", "t1b"], ["t1s"])]
+            out = "t1s"
+        init = nh.from_array(w[f"W{i}"], "W")
+        return helper.make_graph(nodes, f"then{i}", [], [helper.make_tensor_value_info(out, F, ["b", 12])], [init])
+
+    nodes = [
+        helper.make_node("If", ["cond"], [f"y{i}"], then_branch=branch(i, True), else_branch=branch(i, False))
+        for i in range(2)
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", F, ["b", 8]),
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+    ]
+    outputs = [helper.make_tensor_value_info(f"y{i}", F, ["b", 12]) for i in range(2)]
+    return make_model(nodes, inputs, outputs, [nh.from_array(w["W_outer"], "W_outer")]), w
+
+
+def test_keys_tell_sibling_graphs_apart_and_survive_a_copy() -> None:
+    """``Layer.key`` / ``graph_key`` / ``Source.key`` are names, not ``id()``s: equal ``graph_path``s of two
+    unnamed If nodes get different graph keys, a weight is shared only within its own graph, and a copy of the
+    proto gives the same keys."""
+    from onnxsparse.pipeline import PassReport
+    from onnxsparse.pruning.targets import group_targets
+
+    proto, _ = _sibling_branches()
+    layers = find_layers(proto)  # graph order; make_node sorts attributes, so else_branch is walked first
+    assert [L.graph_path for L in layers] == ["main/If.else_branch", "main/If.then_branch"] * 2 + [
+        "main/If.then_branch"
+    ]
+    assert [L.graph_key for L in layers] == [
+        "main/0.else_branch",
+        "main/0.then_branch",
+        "main/1.else_branch",
+        "main/1.then_branch",
+        "main/1.then_branch",
+    ]
+    assert [L.key for L in layers] == ["e0", "t0", "e1", "t1", "t1b"]
+    assert [L.source.key for L in layers if L.source] == [
+        ("main", "initializer", "W_outer"),
+        ("main/0.then_branch", "initializer", "W"),
+        ("main", "initializer", "W_outer"),
+        ("main/1.then_branch", "initializer", "W"),
+        ("main/1.then_branch", "initializer", "W"),
+    ]
+    assert [L.shared_with for L in layers] == [["MatMul(e1)"], [], ["MatMul(e0)"], ["MatMul(t1b)"], ["MatMul(t1)"]]
+    assert all(L.reason is None for L in layers)
+    targets = group_targets(layers, PassReport())
+    assert [(t.name, [L.key for L in t.layers]) for t in targets] == [
+        ("W_outer", ["e0", "e1"]),
+        ("W", ["t0"]),
+        ("W", ["t1", "t1b"]),
+    ]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    again = find_layers(copy)
+    assert [(L.key, L.graph_key, L.source and L.source.key) for L in again] == [
+        (L.key, L.graph_key, L.source and L.source.key) for L in layers
+    ]
+
+
+def test_validate_counts_each_sibling_weight_from_its_own_values() -> None:
+    """``validate`` caches a stored tensor's counts by ``Source.key``: the first branch's ``W`` is already 2:4,
+    the second's (same name, same ``graph_path``) is dense, and each layer gets its own tensor's numbers."""
+    from onnxsparse.ir.model_io import Model
+    from onnxsparse.passes.validate import ValidatePass
+    from onnxsparse.pipeline import PassContext
+    from onnxsparse.sparsity import nm_keep
+
+    proto, w = _sibling_branches()
+    sparse_w0 = np.where(nm_keep(np.abs(w["W0"]), 0, 2, 4), w["W0"], 0).astype(np.float32)
+    then0 = next(a.g for a in proto.graph.node[0].attribute if a.name == "then_branch")
+    then0.initializer[0].CopyFrom(nh.from_array(sparse_w0, "W"))
+    rows = {r["layer"]: r for r in ValidatePass().analyse(Model(proto), PassContext()).details["layers"]}
+    assert rows["MatMul(t0)"]["status"] == "sparse" and rows["MatMul(t0)"]["violations"] == 0
+    assert rows["MatMul(t0)"]["zeros"] == 0.5
+    for name in ("MatMul(t1)", "MatMul(t1b)"):
+        assert rows[name]["status"] == "eligible" and rows[name]["violations"] == rows[name]["groups"] == 24
+        assert rows[name]["zeros"] == 0.0

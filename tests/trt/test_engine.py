@@ -416,3 +416,17 @@ def test_engine_file_permissions_follow_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.engine").stat().st_mode) == 0o644  # not mkstemp's 0600, not executable
+
+
+def test_two_four_layers_walks_each_model_state_once(layer_walks: list[onnx.GraphProto]) -> None:
+    """The build report's 2:4 count reads the model's layer index: asking twice, or after a prune (which uses
+    the same index and writes values only), walks the graph once per state; the pipeline's final cleanup makes
+    a new state, walked once more."""
+    m = load_model(FIXTURES / "cnn.onnx")
+    assert two_four_layers(m) == [] and two_four_layers(m) == []
+    assert len(layer_walks) == 1 and m.layer_cache.builds == 1
+    res = Pipeline("prune").run(m)
+    assert len(layer_walks) == 1  # prune answered from the same index
+    pruned = two_four_layers(res.model)
+    assert pruned and two_four_layers(res.model) == pruned
+    assert len(layer_walks) == 2
