@@ -37,7 +37,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_help
 
 from onnxsparse.ir.graph import iter_graphs
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.tensors import external_info, set_array, to_array
+from onnxsparse.ir.tensors import external_info, inline_origin, mark_inline_origin, set_array, to_array
 
 #: placeholder location a ``ModelTensor`` is serialised with; the index after it names the kept tensor
 _KEPT = "onnxsparse-kept:"
@@ -94,6 +94,8 @@ class IrView:
     typed: set[str] = field(default_factory=set)
     #: whether some tensor of the model is stored outside the proto (then new ones are stored so too)
     external: bool | None = None
+    #: whether one of those is in a data file, not only external in memory (``tensors.inline_origin``)
+    in_file: bool = False
 
     @classmethod
     def of(cls, model: Model) -> IrView:
@@ -124,9 +126,13 @@ class IrView:
         """A tensor the pass makes, stored like the model's own (a large one goes to the spill store)."""
         t = numpy_helper.from_array(np.ascontiguousarray(array), name)
         if self.external is None:  # asked once: the tensors made here are external only where one was before
-            self.external = any(external_info(k) is not None for k in self.kept)
+            stored = [k for k in self.kept if external_info(k) is not None]
+            self.external = bool(stored)
+            self.in_file = not stored or any(not inline_origin(k) for k in stored)
         if self.external:
             set_array(t, array, self.model, spill=array.nbytes >= 1024)
+            if not self.in_file and external_info(t) is not None:
+                mark_inline_origin(t)  # a lazily loaded inline model: spilled in memory, saved inline again
         return self._wrap(t)
 
     def commit(self) -> None:
