@@ -10,14 +10,20 @@ working; nothing is baked from the example shapes. Rewrites happen inside If/Loo
 new constants placed in the graph that holds the node.
 
 How: the pass *chooses* with the one weighted-layer index (``model_layers``: skip reasons, weight source,
-shapes) and *rewrites* on onnx-ir (``IrView``). Each chosen node is found in the IR by its graph and output
+weight shape) and *rewrites* on onnx-ir (``IrView``). Each chosen node is found in the IR by its graph and output
 name; its replacement nodes are inserted where it stood and take over its output's uses (graph outputs
 included); an old weight or bias nobody reads any more goes with it; ``commit`` writes the graph back into
 the model's proto, kept weights not copied. ``Value.uses()`` answers "is the weight shared" (subgraph
 captures included), so the protobuf version's name-count map, its per-graph plans keyed by ``id(graph)`` and
 its innermost-first re-splicing of node lists (which copied every node, and with them their subgraphs)
 are gone. The IR is built only once some layer passed the checks that need no reader count, so a model with
-nothing to rewrite costs what the index costs.
+nothing to rewrite costs what the index costs; onnx shape inference runs only for a bias that is no constant.
+
+Cost (best of 30, 2 shared cores): MiniLM-L3 (18 Gemm, 68 MB inline) 42 → 24 ms, the shape inference it no
+longer needs being 27 ms of the old time; on CNNs with one Gemm the IR round trip (``IrView.of`` + ``commit``:
+1.5 ms for the 21-node ``fixtures/cnn.onnx``, 12 ms for the 239-node EfficientNet-B0) is most of the new
+time (cnn 1.1 → 2.4 ms, EfficientNet 8.7 → 18 ms). That is the price of rewriting on the one IR instead of
+splicing protobuf node lists (``GraphIndex``'s docstring measures the same round trip on BERT-base).
 """
 
 from __future__ import annotations
@@ -153,7 +159,8 @@ class _Target:
         self.view = IrView.of(model)
         self.names = NameGen(model.proto.graph)  # every name of every graph: new ones collide with none
         ir_graphs = [self.view.ir.graph, *self.view.ir.graph.subgraphs()]  # parents first, as iter_graphs
-        # Keyed by graph as well as name: sibling subgraphs (If branches) may reuse a value name.
+        # Keyed by graph as well as name: sibling subgraphs (If branches) may reuse a value name. ``id`` of the
+        # proto graphs is safe here: the proto is neither replaced nor edited before ``commit``.
         self.values: dict[tuple[int, str], ir.Value] = {
             (id(pg), v.name): v
             for pg, g in zip(iter_graphs(model.proto.graph), ir_graphs, strict=True)
