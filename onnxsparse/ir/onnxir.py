@@ -37,7 +37,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_help
 
 from onnxsparse.ir.graph import iter_graphs
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.tensors import external_info, set_array, to_array
+from onnxsparse.ir.tensors import external_info, inline_origin, mark_inline_origin, set_array, to_array
 
 #: placeholder location a ``ModelTensor`` is serialised with; the index after it names the kept tensor
 _KEPT = "onnxsparse-kept:"
@@ -92,6 +92,10 @@ class IrView:
     main_position: dict[int, int] = field(default_factory=dict)
     #: names the model's value_info described before; onnx-ir writes one for every initializer too
     typed: set[str] = field(default_factory=set)
+    #: whether some tensor of the model is stored outside the proto (then new ones are stored so too)
+    external: bool | None = None
+    #: whether one of those is in a data file, not only external in memory (``tensors.inline_origin``)
+    in_file: bool = False
 
     @classmethod
     def of(cls, model: Model) -> IrView:
@@ -121,8 +125,14 @@ class IrView:
     def new_tensor(self, array: np.ndarray, name: str) -> ModelTensor:
         """A tensor the pass makes, stored like the model's own (a large one goes to the spill store)."""
         t = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        if any(external_info(k) is not None for k in self.kept):
+        if self.external is None:  # asked once: the tensors made here are external only where one was before
+            stored = [k for k in self.kept if external_info(k) is not None]
+            self.external = bool(stored)
+            self.in_file = not stored or any(not inline_origin(k) for k in stored)
+        if self.external:
             set_array(t, array, self.model, spill=array.nbytes >= 1024)
+            if not self.in_file and external_info(t) is not None:
+                mark_inline_origin(t)  # a lazily loaded inline model: spilled in memory, saved inline again
         return self._wrap(t)
 
     def commit(self) -> None:
@@ -149,7 +159,6 @@ class IrView:
             if index is not None and index in self.main_position:
                 kept_main[self.main_position[index]] = t.name
             else:
-                self._resolve(t)
                 fresh.append(t)
         for i in range(len(old.graph.initializer) - 1, -1, -1):
             if i not in kept_main:
@@ -157,7 +166,11 @@ class IrView:
             elif old.graph.initializer[i].name != kept_main[i]:
                 old.graph.initializer[i].name = kept_main[i]
         _replace_fields(old.graph, new.graph, skip={"initializer"})
-        old.graph.initializer.extend(fresh)
+        for t in fresh:  # one copy of a new tensor's bytes: from its own proto, not through the placeholder
+            index = _kept_index(t)
+            added = old.graph.initializer.add()
+            added.CopyFrom(t if index is None else self.kept[index])
+            added.name = t.name
         _replace_fields(old, new, skip={"graph"})
 
     def _resolve(self, t: TensorProto) -> None:
