@@ -160,7 +160,8 @@ def model_facts(model: Path) -> dict[str, Any]:
     import onnx
 
     from onnxsparse.ir.graph import iter_graphs
-    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.index import model_layers
+    from onnxsparse.ir.model_io import Model
     from onnxsparse.ir.tensors import nbytes
     from onnxsparse.pruning.layout import stats_shape
 
@@ -174,7 +175,7 @@ def model_facts(model: Path) -> dict[str, Any]:
         for a in n.attribute
         if a.name == "value"
     )
-    ks = [stats_shape(layer)[0] for layer in find_layers(proto) if layer.check_pattern(4) is None]
+    ks = [stats_shape(layer)[0] for layer in model_layers(Model(proto)) if layer.check_pattern(4) is None]
     k = max(ks) if ks else 0
     target = weights + 2 * k * k * 8 + 200 * 2**20
     return {

@@ -172,7 +172,7 @@ def measure(model_path: Path, out_path: Path) -> dict[str, Any]:
 
 def verify(out_path: Path) -> int:
     """Checker on the written file, and every weight 2:4 along its reduction axis; returns tensors checked."""
-    from onnxsparse.ir.layers import find_layers
+    from onnxsparse.ir.index import model_layers
     from onnxsparse.ir.model_io import load_model
     from onnxsparse.ir.tensors import to_array
     from onnxsparse.sparsity import is_nm
@@ -180,7 +180,7 @@ def verify(out_path: Path) -> int:
     onnx.checker.check_model(str(out_path), full_check=True)
     model = load_model(out_path, check=False)
     checked = 0
-    for layer in find_layers(model.proto):
+    for layer in model_layers(model):
         assert layer.source is not None and layer.source_reduction_axis is not None
         values = to_array(layer.source.tensor, model)
         if not is_nm(values, layer.source_reduction_axis, 2, 4):

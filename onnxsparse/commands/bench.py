@@ -166,7 +166,7 @@ def command(
     profile = parse_trt_profile(trt_profile) if trt_profile else None
     loaded = load_model(model, lazy=True)
     fused = epilogues and dtype == "fp16"
-    layers = extract_gemms(loaded.proto, parse_shapes(shapes), dtype=dtype, epilogues=fused, exclude=exclude)
+    layers = extract_gemms(loaded, parse_shapes(shapes), dtype=dtype, epilogues=fused, exclude=exclude)
     if not layers:
         raise OnnxSparseError(f"{model} has no Conv/ConvTranspose/Gemm/MatMul layer with a weight")
     bucketed = with_m_bucket(layers, m_buckets, dtype) if m_buckets else None
