@@ -16,8 +16,10 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.grammar import parse_pipeline
 from onnxsparse.ir.layers import find_layers
 from onnxsparse.ir.model_io import Model, load_model
+from onnxsparse.ir.onnxir import IrView
 from onnxsparse.passes.qdq import QdqPass
 from onnxsparse.pipeline import PassContext, Pipeline
+from onnxsparse.qdq_plan import QdqPlan
 from onnxsparse.sparsity import is_nm
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -388,9 +390,28 @@ def test_the_plan_is_computed_once_across_opset_upgrades(
         return real(m, cfg)  # type: ignore[arg-type]
 
     monkeypatch.setattr(qdq_module, "plan_qdq", counting)
+    # the onnx-ir view is made once, after the last opset upgrade, and the plan binds to it at the first try
+    views: list[int] = []
+    binds: list[bool] = []
+    real_bind = QdqPlan.bind
+
+    class CountingView(IrView):
+        @classmethod
+        def of(cls, m: Model) -> IrView:
+            views.append(m.opset)
+            return IrView.of(m)
+
+    def counting_bind(plan: QdqPlan, graph: object) -> object:
+        bound = real_bind(plan, graph)  # type: ignore[arg-type]
+        binds.append(bound is not None)
+        return bound
+
+    monkeypatch.setattr(qdq_module, "IrView", CountingView)
+    monkeypatch.setattr(QdqPlan, "bind", counting_bind)
     result = run_qdq(model, **options)
     report = result.results[0].report
     assert calls == [model.opset_import[0].version] and result.model.opset == opset
+    assert views == [opset] and binds == [True]
     assert result.results[0].modified and report.details["opset"]["after"] == opset
     assert {c["name"] for c in report.changed} >= ({"bmm", "conv"} if "activation_matmuls" in options else {"conv"})
     feeds = make_feeds(model, dims={"N": 2}, seed=7)
