@@ -87,3 +87,31 @@ class QGraph:
 
     def array(self, name: str) -> np.ndarray:
         return nh.to_array(self.inits[name])
+
+
+def two_upgrades_model() -> onnx.ModelProto:
+    """opset 11, a float32 Conv (per-axis Q/DQ: opset 13) and a MatMul of two float16 activations (found float16
+    by calibration: opset 19): before the plan was keyed by names, qdq planned three times here."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "b"], ["z"], name="bmm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F, ["N", 4, 6, 6]),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["N", 4, 8]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT16, ["N", 8, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("y", F, ["N", 8, 6, 6]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["N", 4, 5]),
+        ],
+        [rand_init(rng, "w", 8, 4, 3, 3)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

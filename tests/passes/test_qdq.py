@@ -10,7 +10,17 @@ import pytest
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
-from qdq_support import EXPECTED_AXIS, F, QGraph, calib_batches, cosine, op_zoo, rand_init, run_qdq
+from qdq_support import (
+    EXPECTED_AXIS,
+    F,
+    QGraph,
+    calib_batches,
+    cosine,
+    op_zoo,
+    rand_init,
+    run_qdq,
+    two_upgrades_model,
+)
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.grammar import parse_pipeline
@@ -340,40 +350,12 @@ def test_double_weights_are_skipped_with_a_reason() -> None:
 # ---------------------------------------------------------------------------------------------- planning once
 
 
-def _two_upgrades_model() -> onnx.ModelProto:
-    """opset 11, a float32 Conv (per-axis Q/DQ: opset 13) and a MatMul of two float16 activations (found float16
-    by calibration: opset 19): before the plan was keyed by names, qdq planned three times here."""
-    rng = np.random.default_rng(3)
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("MatMul", ["a", "b"], ["z"], name="bmm"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info("x", F, ["N", 4, 6, 6]),
-            helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["N", 4, 8]),
-            helper.make_tensor_value_info("b", TensorProto.FLOAT16, ["N", 8, 5]),
-        ],
-        [
-            helper.make_tensor_value_info("y", F, ["N", 8, 6, 6]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["N", 4, 5]),
-        ],
-        [rand_init(rng, "w", 8, 4, 3, 3)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 @pytest.mark.parametrize(
     ("model", "options", "opset"),
     [
         (op_zoo(opset=11), {}, 13),
         (op_zoo(opset=17, dtype=TensorProto.FLOAT16), {}, 19),
-        (_two_upgrades_model(), {"activation_matmuls": True}, 19),
+        (two_upgrades_model(), {"activation_matmuls": True}, 19),
     ],
     ids=["11-to-13", "float16-to-19", "11-to-13-to-19"],
 )

@@ -12,7 +12,7 @@ import pytest
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from onnx import helper
 from onnx import numpy_helper as nh
-from qdq_support import F, QGraph, calib_batches, cosine, op_zoo, rand_init
+from qdq_support import F, QGraph, calib_batches, cosine, op_zoo, rand_init, two_upgrades_model
 
 from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.ir.tensors import external_info
@@ -208,3 +208,35 @@ def test_output_qdq_rewires_main_graph_readers_only() -> None:
         feeds = {**make_feeds(proto, dims={"N": 3}, seed=3), "c": np.array(cond)}
         for want, got in zip(run_ort(proto, feeds), run_ort(result.model, feeds), strict=True):
             assert cosine(want, got) > 0.99
+
+
+def test_a_plan_that_no_longer_binds_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should the version converter rename a value the plan names (onnx's keeps names; this one is made to
+    rename the Conv's output on the float16 upgrade, after calibration), the plan is made once more on the
+    converted model rather than rewiring the wrong inputs."""
+    import onnxsparse.passes.qdq as qdq_module
+
+    real_upgrade, real_plan = qdq_module._upgrade, qdq_module.plan_qdq
+    plans: list[int] = []
+
+    def renaming(model: Model, target: int, why: str) -> None:
+        real_upgrade(model, target, why)
+        if target == 19:
+            for n in model.proto.graph.node:
+                n.output[:] = ["y.renamed" if o == "y" else o for o in n.output]
+            next(o for o in model.proto.graph.output if o.name == "y").name = "y.renamed"
+
+    def counting(m: Model, cfg: object) -> object:
+        plans.append(m.opset)
+        return real_plan(m, cfg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qdq_module, "_upgrade", renaming)
+    monkeypatch.setattr(qdq_module, "plan_qdq", counting)
+    proto = two_upgrades_model()
+    model = Model(proto=copy_proto(proto))
+    result = Pipeline([QdqPass(activation_matmuls=True)]).run(model, PassContext(calibration=calib_batches(proto)))
+    assert plans == [11, 19] and result.model.opset == 19
+    assert {c["name"] for c in result.results[0].report.changed} == {"conv", "bmm"}
+    feeds = make_feeds(proto, dims={"N": 2}, seed=7)
+    for want, got in zip(run_ort(proto, feeds), run_ort(result.model, feeds), strict=True):
+        assert cosine(want.astype(np.float32), got.astype(np.float32)) > 0.99
