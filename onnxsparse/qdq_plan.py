@@ -5,8 +5,10 @@ weight of each selected Conv/ConvTranspose/Gemm/MatMul, the skip input of a resi
 layer (so TensorRT can fuse the Add), optionally each layer's output after its pointwise epilogue, and with
 ``activation-matmuls`` both inputs of MatMuls of two activations. Kept apart from the pass so that the pass
 module is its options, the calibration call and the rewrite. The plan names nodes (by their first output) and
-values, never proto objects, so it is computed once and ``QdqPlan.bind`` finds the same nodes again in the proto
-onnx's version converter returns (it keeps value names); only a plan that no longer binds is computed again.
+values, never proto objects: it is made on the model as given, and the opset upgrade (onnx's version converter,
+which returns a new proto with new node objects) comes after it. ``QdqPlan.bind`` then finds the same nodes and
+values, by those names, in the onnx-ir graph the pass rewrites (made from the converted proto; the converter
+keeps value names), so the plan is computed once; only a plan that no longer binds is computed again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import onnx
+import onnx_ir as ir
 from onnx import GraphProto, NodeProto, TensorProto
 
 from onnxsparse.ir.graph import GraphIndex
@@ -23,7 +26,6 @@ from onnxsparse.ir.index import model_layers
 from onnxsparse.ir.layers import Layer, select_reason
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.reasons import Skip, render
-from onnxsparse.ir.tensors import constant_value
 
 #: ops a layer's output passes through before TensorRT's epilogue ends (a single consumer each)
 _EPILOGUE_OPS = (
@@ -107,25 +109,27 @@ class QdqPlan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     half: bool = False  # some weight is float16: scales in that type need opset 19
 
-    def bind(self, proto: onnx.ModelProto) -> Bound | None:
-        """The plan's nodes and weight tensors in ``proto`` (e.g. after an opset upgrade), or None when some
-        name no longer means what it meant when planned: then the caller plans again."""
-        graph = proto.graph
-        index = GraphIndex(graph)
-        inits = {t.name: t for t in graph.initializer}
-        bound = Bound()
+    def bind(self, graph: ir.Graph) -> Bound | None:
+        """The plan's nodes and values in the onnx-ir main ``graph`` (made after any opset upgrade), or None
+        when some name no longer means what it meant when planned: then the caller plans again."""
+        values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+        values.update(graph.initializers)
+        values.update((v.name, v) for node in graph for v in node.outputs if v.name)
+        bound = Bound(values)
         for wp in self.weights.values():
-            tensor = inits.get(wp.source)
-            if tensor is None:
-                node = index.producer(wp.source)
-                tensor = constant_value(node) if node is not None and node.op_type == "Constant" else None
-            if tensor is None:
+            source = values.get(wp.source)
+            if source is None or ir.convenience.get_const_tensor(source) is None:
                 return None
-            bound.tensors[wp.source] = tensor
+        if any(tensor not in values for tensor in self.acts):
+            return None
         for slots in [wp.readers for wp in self.weights.values()] + [a for a in self.acts.values() if a]:
             for slot in slots:
-                node = index.producer(slot.node)
-                if node is None or len(node.input) <= slot.index or node.input[slot.index] != slot.reads:
+                first = values.get(slot.node)
+                node = first.producer() if first is not None else None
+                if node is None or len(node.inputs) <= slot.index:
+                    return None
+                reads = node.inputs[slot.index]
+                if reads is None or reads.name != slot.reads:
                     return None
                 bound.nodes[slot.node] = node
         return bound
@@ -133,10 +137,10 @@ class QdqPlan:
 
 @dataclass
 class Bound:
-    """A plan's names resolved in one proto: reader nodes by ``Slot.node`` and weight tensors by name."""
+    """A plan's names resolved in one onnx-ir graph: main-graph values by name, reader nodes by ``Slot.node``."""
 
-    nodes: dict[str, NodeProto] = field(default_factory=dict)
-    tensors: dict[str, TensorProto] = field(default_factory=dict)
+    values: dict[str, ir.Value]
+    nodes: dict[str, ir.Node] = field(default_factory=dict)
 
 
 def _slot(node: NodeProto, index: int) -> Slot:

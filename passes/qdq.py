@@ -11,10 +11,14 @@ none of which TensorRT fuses well. TensorRT's rules (see REFERENCE.md "Q/DQ for 
 
 Weights are stored as int8 next to a DequantizeLinear, so ``find_layers`` still reaches the stored tensor (the
 DequantizeLinear is part of a layer's weight chain) and pruned zeros stay exactly 0 (round(0/s) = 0).
-Per-axis Q/DQ needs opset 13 (float16 scales 19): the model is upgraded with onnx's version converter.
-Layers inside subgraphs (If/Loop/Scan bodies) are out of scope and reported as skipped.
+Per-axis Q/DQ needs opset 13 (float16 scales 19): the model is upgraded with onnx's version converter (onnx-ir
+1.1 has none, and onnxscript's is not a dependency of ours). Layers inside subgraphs (If/Loop/Scan bodies) are out
+of scope and reported as skipped.
 
-Where Q/DQ goes (the placement plan) is computed in ``onnxsparse.qdq_plan``; this module calibrates and rewrites.
+Where Q/DQ goes (the placement plan, by names) is computed once in ``onnxsparse.qdq_plan``, on the model as given;
+this module upgrades the opset, calibrates, and only then views the model as onnx-ir (``IrView``, so the IR sees
+the final opset and the converter's new proto), binds the plan to it and rewrites it there: new nodes go right
+after the producer (activations) or before the first reader (weights), so a sorted graph stays sorted.
 """
 
 from __future__ import annotations
@@ -24,24 +28,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
 from onnxsparse.calibration import histogram as calibration
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import NameGen, toposort
+from onnxsparse.ir.graph import NameGen
 from onnxsparse.ir.layers import check_regex
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.tensors import external_info, set_array, to_array
+from onnxsparse.ir.onnxir import IrView
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
-from onnxsparse.qdq_plan import Bound, QdqPlan, plan_qdq
+from onnxsparse.qdq_plan import Bound, QdqPlan, Slot, WeightPlan, plan_qdq
 
 log = logging.getLogger("onnxsparse.passes.qdq")
-
-_FLOAT_TYPES: dict[int, Any] = {
-    TensorProto.FLOAT: np.float32,
-    TensorProto.FLOAT16: np.float16,
-    TensorProto.DOUBLE: np.float64,
-}
 
 
 @dataclass(frozen=True)
@@ -100,13 +98,16 @@ class QdqPass(Pass[QdqConfig]):
         result = calibration.collect(model, list(plan.acts), data, cfg.method, cfg.percentile, ctx.progress)
         if any(d != np.float32 for d in result.dtypes.values()) and model.opset < 19:
             _upgrade(model, 19, "float16 Q/DQ")
-        bound = plan.bind(model.proto)  # the plan names nodes and values: it survives the converter's new proto
+        view = IrView.of(model)  # after every opset upgrade: the IR is made from the proto that gets rewritten
+        bound = plan.bind(view.ir.graph)  # the plan names nodes and values: they survive the converter
         if bound is None:  # the converter renamed or rewired something the plan names: plan on what it made
             log.info("qdq: the plan does not bind to the converted model; planning again")
             plan = plan_qdq(model, cfg)
-            bound = plan.bind(model.proto)
-            assert bound is not None, "a fresh plan binds to the proto it was made from"
-        rewritten = self._apply(model, plan, bound, result, report)
+            bound = plan.bind(view.ir.graph)
+            assert bound is not None, "a fresh plan binds to the graph made from the proto it was planned on"
+        rewritten = self._rewrite(view, plan, bound, result, report)
+        if rewritten:
+            view.commit()
         modified = rewritten > 0 or model.opset != opset_before
         if modified:
             model.layer_cache.invalidate()  # Q/DQ in the weight chains (and maybe a converted proto)
@@ -149,13 +150,12 @@ class QdqPass(Pass[QdqConfig]):
 
     # ------------------------------------------------------------------------------------------ rewriting
 
-    def _apply(
-        self, model: Model, plan: QdqPlan, bound: Bound, result: calibration.CalibrationResult, report: PassReport
+    def _rewrite(
+        self, view: IrView, plan: QdqPlan, bound: Bound, result: calibration.CalibrationResult, report: PassReport
     ) -> int:
-        """Rewrite the model as ``plan`` says; returns how many weights and activations got Q/DQ."""
-        graph = model.proto.graph
-        names = NameGen(graph)
-        new_nodes: list[NodeProto] = []
+        """Rewrite ``view.ir`` as ``plan`` says; returns how many weights and activations got Q/DQ."""
+        names = NameGen(view.model.proto.graph)  # the IR was made from this proto: the same names
+        order = {node: i for i, node in enumerate(view.ir.graph)}  # where each node was, to put a weight's DQ first
         weight_info: dict[str, dict[str, Any]] = {}
         for src_name, wp in plan.weights.items():
             axis = next(iter(wp.axes)) if len(wp.axes) == 1 else None
@@ -166,71 +166,28 @@ class QdqPass(Pass[QdqConfig]):
                 note = "the output-channel axis does not survive the weight's chain: one scale for the tensor"
             if note:
                 log.info("weight '%s': %s", src_name, note)
-            source = bound.tensors[src_name]
-            w = to_array(source, model)
-            q, scale = quantize_weight(w, axis, _np_type(source.data_type))
-            del w
-            q_name, s_name, z_name = (
-                names(f"{src_name}_quantized"),
-                names(f"{src_name}_scale"),
-                names(f"{src_name}_zero_point"),
-            )
-            graph.initializer.extend(
-                [
-                    _stored_like(source, q, q_name, model),
-                    numpy_helper.from_array(np.asarray(scale), s_name),
-                    numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), z_name),
-                ]
-            )
-            out = names(f"{src_name}_dequantized")
-            dq = helper.make_node(
-                "DequantizeLinear", [q_name, s_name, z_name], [out], name=names(f"{src_name}_DequantizeLinear")
-            )
-            if axis is not None:
-                dq.attribute.append(helper.make_attribute("axis", axis))
-            new_nodes.append(dq)
-            for slot in wp.readers:
-                bound.nodes[slot.node].input[slot.index] = out
-            weight_info[src_name] = {"axis": axis, "int8": q_name, "note": note}
+            int8 = _dequantized_weight(view, bound, wp, axis, names, order)
+            weight_info[src_name] = {"axis": axis, "int8": int8, "note": note}
         act_scale: dict[str, float] = {}
         for tensor, rewire in plan.acts.items():
             if tensor not in result.amax:
                 report.skip(tensor, "no calibration statistics for this tensor")
                 continue
-            amax = result.amax[tensor]
             dtype = result.dtypes.get(tensor, np.dtype(np.float32))
             if dtype not in (np.float32, np.float16):
                 report.skip(tensor, f"{dtype} activation: QuantizeLinear takes float32 or float16")
                 continue
-            act_value = activation_scale(amax, dtype)
-            s_name, z_name = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(np.asarray(act_value, dtype=dtype), s_name),
-                    numpy_helper.from_array(np.asarray(0, dtype=np.int8), z_name),
-                ]
-            )
-            q_out, dq_out = names(f"{tensor}_quantized"), names(f"{tensor}_dequantized")
-            new_nodes.append(
-                helper.make_node(
-                    "QuantizeLinear", [tensor, s_name, z_name], [q_out], name=names(f"{tensor}_QuantizeLinear")
-                )
-            )
-            new_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=names(f"{tensor}_DequantizeLinear")
-                )
-            )
-            targets = (
-                [(bound.nodes[slot.node], slot.index) for slot in rewire]
-                if rewire is not None
-                else [(n, i) for n in graph.node for i, name in enumerate(n.input) if name == tensor]
-            )
-            for node, index in targets:
-                node.input[index] = dq_out
-            act_scale[tensor] = act_value
-        graph.node.extend(new_nodes)
-        toposort(model.proto.graph)  # the result is valid on its own, not only after the pipeline's final sort
+            act_scale[tensor] = activation_scale(result.amax[tensor], dtype)
+            scale = np.asarray(act_scale[tensor], dtype=dtype)
+            _quantized_activation(view.ir.graph, bound, tensor, rewire, scale, names)
+        self._report(plan, weight_info, act_scale, report)
+        return len(weight_info) + len(act_scale)
+
+    @staticmethod
+    def _report(
+        plan: QdqPlan, weight_info: dict[str, dict[str, Any]], act_scale: dict[str, float], report: PassReport
+    ) -> None:
+        """One change entry per quantized layer: its weight's axis (or why one scale) and activation scale."""
         for layer in plan.layers:
             assert layer.weight is not None
             act = layer.activation
@@ -256,7 +213,109 @@ class QdqPass(Pass[QdqConfig]):
                 activation_scale=act_scale.get(a),
                 activation_scale_b=act_scale.get(b),
             )
-        return len(weight_info) + len(act_scale)
+
+
+def _dequantized_weight(
+    view: IrView, bound: Bound, wp: WeightPlan, axis: int | None, names: NameGen, order: dict[ir.Node, int]
+) -> str:
+    """Replace the float weight ``wp.source`` with int8 + scale + zero point read by a DequantizeLinear, put right
+    before the weight's first reader; returns the int8 initializer's name.
+
+    The int8 tensor is made by ``IrView.new_tensor``: stored like the model's own weights, so on a model whose
+    weights are external it goes to the spill store and the proto does not grow by a quarter of the weights
+    (which could push it past protobuf's 2 GB limit)."""
+    graph = view.ir.graph
+    source = bound.values[wp.source]
+    tensor = ir.convenience.get_const_tensor(source)
+    assert tensor is not None, "QdqPlan.bind checked that every planned weight is a constant"
+    w = np.asarray(tensor.numpy())
+    q, scale = quantize_weight(w, axis, np.float16 if w.dtype == np.float16 else np.float32)
+    del w
+    q_name, s_name, z_name = (names(f"{wp.source}_{what}") for what in ("quantized", "scale", "zero_point"))
+    inputs = [
+        _initializer(graph, view.new_tensor(q, q_name), q_name),
+        _constant(graph, scale, s_name),
+        _constant(graph, np.zeros(scale.shape, dtype=np.int8), z_name),
+    ]
+    dq = ir.node(
+        "DequantizeLinear",
+        inputs,
+        {"axis": axis} if axis is not None else None,
+        outputs=[ir.Value(name=names(f"{wp.source}_dequantized"))],
+        name=names(f"{wp.source}_DequantizeLinear"),
+    )
+    readers = [(bound.nodes[slot.node], slot.index) for slot in wp.readers]
+    graph.insert_before(min((node for node, _ in readers), key=order.__getitem__), dq)
+    for node, index in readers:
+        node.replace_input_with(index, dq.outputs[0])
+    _drop_if_unread(graph, source)
+    return q_name
+
+
+def _quantized_activation(
+    graph: ir.Graph, bound: Bound, tensor: str, rewire: list[Slot] | None, scale: np.ndarray, names: NameGen
+) -> None:
+    """QuantizeLinear → DequantizeLinear on ``tensor`` right after its producer (first in the graph for a graph
+    input), read by the planned inputs (``rewire``) or by every main-graph reader (None; graph outputs stay)."""
+    value = bound.values[tensor]
+    targets = (  # taken before the QuantizeLinear below becomes a reader too
+        [(bound.nodes[slot.node], slot.index) for slot in rewire]
+        if rewire is not None
+        else [(node, index) for node, index in value.uses() if node.graph is graph]
+    )
+    s_name, z_name = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
+    s_value, z_value = _constant(graph, scale, s_name), _constant(graph, np.asarray(0, dtype=np.int8), z_name)
+    q_out, dq_out = names(f"{tensor}_quantized"), names(f"{tensor}_dequantized")
+    q = ir.node(
+        "QuantizeLinear",
+        [value, s_value, z_value],
+        outputs=[ir.Value(name=q_out)],
+        name=names(f"{tensor}_QuantizeLinear"),
+    )
+    dq = ir.node(
+        "DequantizeLinear",
+        [q.outputs[0], s_value, z_value],
+        outputs=[ir.Value(name=dq_out)],
+        name=names(f"{tensor}_DequantizeLinear"),
+    )
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, [q, dq])
+    else:
+        graph.insert_before(next(iter(graph)), [q, dq])
+    for node, index in targets:
+        node.replace_input_with(index, dq.outputs[0])
+
+
+def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    """A small new initializer (a scale or zero point), stored inline. ``ir.Tensor``, not ``ir.tensor``: the
+    latter's protocol checks cost 10x the tensor (36 vs 4 µs), and a model gets four of these per layer."""
+    return _initializer(graph, ir.Tensor(array, name=name), name)
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol, name: str) -> ir.Value:
+    """``tensor`` as the new initializer ``name`` of ``graph`` (a name ``NameGen`` made: unique)."""
+    value = ir.Value(
+        name=name,
+        shape=tensor.shape,  # type: ignore[arg-type]  # frozen; shared as onnx-ir's LiftConstantsToInitializers does
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+    )
+    graph.initializers[name] = value
+    return value
+
+
+def _drop_if_unread(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove a float weight (initializer or Constant) its int8 copy replaced, once nothing reads it any more
+    (as the pipeline's cleanup would): a pass run alone does not leave both copies in the model."""
+    if value.uses() or any(v is value for v in graph.outputs) or any(v is value for v in graph.inputs):
+        return
+    producer = value.producer()
+    if producer is None:
+        if value.name is not None and graph.initializers.get(value.name) is value:
+            del graph.initializers[value.name]
+    elif producer.op_type == "Constant" and producer.graph is graph:
+        graph.remove(producer, safe=True)
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -279,21 +338,6 @@ def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float
     return q, scale
 
 
-def _stored_like(source: TensorProto, array: np.ndarray, name: str, model: Model) -> TensorProto:
-    """A new initializer ``name`` holding ``array``, stored where ``source`` (the weight it replaces) was.
-
-    An external float weight means a large model: its int8 replacement goes to a scratch file as ``set_array``
-    does for edited external tensors (the saver streams it into the output's data file), so the proto does not
-    grow by a quarter of the model's weights — which could push it past protobuf's 2 GB limit. An inline
-    weight gives an inline int8 tensor.
-    """
-    tensor = TensorProto(name=name)
-    if external_info(source) is not None:
-        tensor.data_location = TensorProto.EXTERNAL  # set_array's policy: an external tensor stays out of the proto
-    set_array(tensor, array, model)
-    return tensor
-
-
 def activation_scale(amax: float, dtype: np.dtype[Any]) -> float:
     """amax/127 as a positive value representable in ``dtype`` (an all-zero tensor gets scale 1)."""
     if not np.isfinite(amax) or amax <= 0:
@@ -308,12 +352,6 @@ def _expand(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
     return scale.reshape(shape)
-
-
-def _np_type(data_type: int) -> Any:
-    if data_type in _FLOAT_TYPES:
-        return _FLOAT_TYPES[data_type]
-    return np.float32
 
 
 def _upgrade(model: Model, target: int, why: str) -> None:

@@ -1,0 +1,117 @@
+"""Shared builders and checks of the ``qdq`` pass's tests (tests/passes/test_qdq*.py): a zoo of one of each
+weighted op, calibration batches, a pipeline run, cosine similarity, and a name-keyed view of a result graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from conftest import copy_proto, make_feeds
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from onnxsparse.ir.model_io import Model
+from onnxsparse.passes.qdq import QdqPass
+from onnxsparse.pipeline import PassContext, Pipeline, PipelineResult
+
+F = TensorProto.FLOAT
+
+
+def rand_init(rng: np.random.Generator, name: str, *shape: int, scale: float = 0.3) -> onnx.TensorProto:
+    return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def op_zoo(opset: int = 17, dtype: int = F) -> onnx.ModelProto:
+    """One of each weighted op: Conv (+bias), ConvTranspose, Gemm transB=0, Gemm transB=1 (+bias), MatMul."""
+    rng = np.random.default_rng(0)
+    inits = [
+        rand_init(rng, "conv.w", 16, 8, 3, 3),
+        rand_init(rng, "conv.b", 16),
+        rand_init(rng, "deconv.w", 16, 8, 2, 2),
+        rand_init(rng, "gemm0.w", 8, 12),
+        rand_init(rng, "gemm1.w", 20, 12),
+        rand_init(rng, "gemm1.b", 20),
+        rand_init(rng, "mm.w", 20, 6),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["c.relu"], name="conv.relu"),
+        helper.make_node("ConvTranspose", ["c.relu", "deconv.w"], ["d"], name="deconv", strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["d"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "gemm0.w"], ["g0"], name="gemm0"),
+        helper.make_node("Gemm", ["g0", "gemm1.w", "gemm1.b"], ["g1"], name="gemm1", transB=1),
+        helper.make_node("MatMul", ["g1", "mm.w"], ["y"], name="mm"),
+    ]
+    if dtype != F:
+        for t in inits:
+            t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+    graph = helper.make_graph(
+        nodes,
+        "zoo",
+        [helper.make_tensor_value_info("x", dtype, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", dtype, ["N", 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+EXPECTED_AXIS = {"conv": 0, "deconv": 1, "gemm0": 1, "gemm1": 0, "mm": 1}
+
+
+def calib_batches(model: onnx.ModelProto | Model, n: int = 6, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    return [make_feeds(model, dims={"N": 4}, seed=seed + i) for i in range(n)]
+
+
+def run_qdq(model: onnx.ModelProto | Model, calib: object = None, **options: object) -> PipelineResult:
+    m = model if isinstance(model, Model) else Model(proto=copy_proto(model))
+    ctx = PassContext(calibration=calib if calib is not None else calib_batches(m))
+    return Pipeline([QdqPass(**options)]).run(m, ctx)  # the pipeline ends with the full checker
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+class QGraph:
+    """A result graph by names: producers, initializers, nodes."""
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        self.g = proto.graph
+        self.prod = {o: n for n in self.g.node for o in n.output}
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.nodes = {n.name: n for n in self.g.node}
+
+    def array(self, name: str) -> np.ndarray:
+        return nh.to_array(self.inits[name])
+
+
+def two_upgrades_model() -> onnx.ModelProto:
+    """opset 11, a float32 Conv (per-axis Q/DQ: opset 13) and a MatMul of two float16 activations (found float16
+    by calibration: opset 19): before the plan was keyed by names, qdq planned three times here."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "b"], ["z"], name="bmm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F, ["N", 4, 6, 6]),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["N", 4, 8]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT16, ["N", 8, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("y", F, ["N", 8, 6, 6]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["N", 4, 5]),
+        ],
+        [rand_init(rng, "w", 8, 4, 3, 3)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
