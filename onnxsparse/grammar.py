@@ -58,31 +58,54 @@ def pass_text(name: str, config: PassConfig) -> str:
 
 
 def registry() -> dict[str, type[Pass[Any]]]:
-    """CLI name → pass class, discovered from the modules of ``onnxsparse.passes``."""
-    import onnxsparse.passes as pkg
-    from onnxsparse.pipeline import Pass
-
+    """CLI name → pass class, discovered from the modules of ``onnxsparse.passes`` (imports every one)."""
     found: dict[str, type[Pass[Any]]] = {}
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for obj in vars(module).values():
-            # ``types.GenericAlias`` (``tuple[int, ...]`` in a module namespace) passes ``isinstance(.., type)``
-            # on Python 3.10, and issubclass then raises: exclude it explicitly.
-            is_class = isinstance(obj, type) and not isinstance(obj, types.GenericAlias)
-            is_pass = is_class and issubclass(obj, Pass) and obj is not Pass
-            if is_pass and getattr(obj, "name", None) and obj.__module__ == module.__name__:
-                found[obj.name] = obj
+    for module_name in _pass_modules():
+        found.update(_passes_in(module_name))
     return dict(sorted(found.items()))
 
 
 def get_pass(name: str) -> type[Pass[Any]]:
-    """The pass class registered as ``name`` (a one-line error listing the known names otherwise)."""
+    """The pass class registered as ``name`` (a one-line error listing the known names otherwise).
+
+    The module named like the pass (``gemm-to-conv`` → ``passes/gemm_to_conv.py``, the convention of every
+    pass here) is imported alone, so a pipeline loads only its own passes: ``prune,validate`` never pays for
+    onnx-ir (~0.3 s of import, sympy included), which the graph-rewriting passes need. Any other name falls
+    back to importing them all.
+    """
+    guess = name.replace("-", "_")
+    if guess in _pass_modules():
+        found = _passes_in(guess)
+        if name in found:
+            return found[name]
     reg = registry()
     if name not in reg:
         raise OnnxSparseError(f"unknown pass '{name}' (known: {', '.join(reg)})")
     return reg[name]
+
+
+def _pass_modules() -> list[str]:
+    """Names of the modules of ``onnxsparse.passes`` (read from the folder, none imported)."""
+    import onnxsparse.passes as pkg
+
+    infos = pkgutil.iter_modules(pkg.__path__)
+    return sorted(i.name for i in infos if not i.name.startswith("_"))
+
+
+def _passes_in(module_name: str) -> dict[str, type[Pass[Any]]]:
+    """The pass classes a module of ``onnxsparse.passes`` defines, by CLI name."""
+    from onnxsparse.pipeline import Pass
+
+    module = importlib.import_module(f"onnxsparse.passes.{module_name}")
+    found: dict[str, type[Pass[Any]]] = {}
+    for obj in vars(module).values():
+        # ``types.GenericAlias`` (``tuple[int, ...]`` in a module namespace) passes ``isinstance(.., type)``
+        # on Python 3.10, and issubclass then raises: exclude it explicitly.
+        is_class = isinstance(obj, type) and not isinstance(obj, types.GenericAlias)
+        is_pass = is_class and issubclass(obj, Pass) and obj is not Pass
+        if is_pass and getattr(obj, "name", None) and obj.__module__ == module.__name__:
+            found[obj.name] = obj
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- grammar
