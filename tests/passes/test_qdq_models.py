@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
+from corpus import PASS_MODELS
 from onnx import helper
 from onnx import numpy_helper as nh
 from qdq_support import F, QGraph, calib_batches, cosine, op_zoo, rand_init
@@ -173,20 +174,7 @@ def test_after_to_fp16_the_qdq_is_float16_at_opset_19(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "resnet18",
-        "mobilenet_v3_small",
-        "efficientnet_b0",
-        "bert_base",
-        "vit_tiny",
-        "if_branches",
-        "loop_recurrence",
-        "small_cnn_opset11",
-        "small_cnn_opset21",
-    ],
-)
+@pytest.mark.parametrize("name", PASS_MODELS)
 def test_corpus_models_quantize_and_stay_close(name: str, tmp_path: Path) -> None:
     """Real architectures (exported graphs, seeded weights). Measured cosines: 0.998 (BERT-base, ViT-tiny:
     attention MatMuls of two activations are left float and reported) to 0.9999+ (CNNs)."""
