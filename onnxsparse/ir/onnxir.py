@@ -92,6 +92,8 @@ class IrView:
     main_position: dict[int, int] = field(default_factory=dict)
     #: names the model's value_info described before; onnx-ir writes one for every initializer too
     typed: set[str] = field(default_factory=set)
+    #: whether any kept tensor is stored outside the proto (then new tensors are too); asked once, not per tensor
+    stored_outside: bool | None = None
 
     @classmethod
     def of(cls, model: Model) -> IrView:
@@ -121,7 +123,9 @@ class IrView:
     def new_tensor(self, array: np.ndarray, name: str) -> ModelTensor:
         """A tensor the pass makes, stored like the model's own (a large one goes to the spill store)."""
         t = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        if any(external_info(k) is not None for k in self.kept):
+        if self.stored_outside is None:  # a new tensor spills only if one was outside already: asking once is enough
+            self.stored_outside = any(external_info(k) is not None for k in self.kept)
+        if self.stored_outside:
             set_array(t, array, self.model, spill=array.nbytes >= 1024)
         return self._wrap(t)
 
@@ -149,7 +153,6 @@ class IrView:
             if index is not None and index in self.main_position:
                 kept_main[self.main_position[index]] = t.name
             else:
-                self._resolve(t)
                 fresh.append(t)
         for i in range(len(old.graph.initializer) - 1, -1, -1):
             if i not in kept_main:
@@ -157,7 +160,11 @@ class IrView:
             elif old.graph.initializer[i].name != kept_main[i]:
                 old.graph.initializer[i].name = kept_main[i]
         _replace_fields(old.graph, new.graph, skip={"initializer"})
-        old.graph.initializer.extend(fresh)
+        for t in fresh:  # a tensor the pass made is copied once, from its own proto (its bytes, if inline)
+            index = _kept_index(t)
+            dst = old.graph.initializer.add()
+            dst.CopyFrom(t if index is None else self.kept[index])
+            dst.name = t.name
         _replace_fields(old, new, skip={"graph"})
 
     def _resolve(self, t: TensorProto) -> None:
