@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TypeProto
 
-from onnxsparse.fp16_types import FLOAT, FLOAT16, Fp16Options, NodeInfo, TypePlan, infer_types
+from onnxsparse.fp16_types import FLOAT, FLOAT16, Fp16Options, NodeInfo, TypePlan, infer_types, tensor_elem
 from onnxsparse.ir.graph import NameGen
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.onnxir import IrView, ModelTensor
@@ -46,6 +46,8 @@ _DTYPE_OPS = frozenset(
     {"EyeLike", "RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Bernoulli"}
 )
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+#: what the conversion counts for the report
+_STATS = ("clamped_high", "kept_from_underflow", "initializers", "constants")
 
 
 def convert(model: Model, options: Fp16Options, report: PassReport) -> bool:
@@ -55,6 +57,9 @@ def convert(model: Model, options: Fp16Options, report: PassReport) -> bool:
     view is committed, and the weighted-layer index dropped, only when the conversion changed something.
     """
     types = infer_types(model.proto)
+    if not any(tensor_elem(tp) == FLOAT for tp in types.values()):  # nothing float32: no view to make
+        report.details.update(_details(options, model.opset, 0, 0, 0, dict.fromkeys(_STATS, 0)))
+        return False
     names = NameGen(model.proto.graph)
     view = IrView.of(model)
     modified = _Converter(model, view, types, names, options, report).run()
@@ -116,7 +121,7 @@ class _Converter(TypePlan):
         self.versions: dict[tuple[ir.Value, int], ir.Value] = {}
         self.made = 0  # versions this conversion made
         self.casts = 0
-        self.stats = {"clamped_high": 0, "kept_from_underflow": 0, "initializers": 0, "constants": 0}
+        self.stats = dict.fromkeys(_STATS, 0)
 
     # -- rewriting ---------------------------------------------------------------------------------------
 
@@ -241,7 +246,7 @@ class _Converter(TypePlan):
             for node in g:
                 self.infos[node] = self._classify(node)
         if not any(self._is_float(v) for v in self.types):
-            self.report.details.update(self._details(0, 0))
+            self.report.details.update(_details(self.cfg, self.opset, 0, 0, self.casts, self.stats))
             return False
         self._decide()
         main = self.view.ir.graph
@@ -284,7 +289,7 @@ class _Converter(TypePlan):
         self._fix_graph_io()
         for name, _ in renamed:
             self.report.change(name, kind="output", detail="kept float32 via a Cast")
-        self.report.details.update(self._details(converted, blocked))
+        self.report.details.update(_details(self.cfg, self.opset, converted, blocked, self.casts, self.stats))
         if converted:
             self.report.change("nodes", count=converted, detail="compute in float16")
         if self.stats["clamped_high"]:
@@ -313,18 +318,22 @@ class _Converter(TypePlan):
             if t == FLOAT16 and isinstance(v.type, ir.TensorType):
                 v.dtype = ir.DataType.FLOAT16
 
-    def _details(self, converted: int, blocked: int) -> dict[str, Any]:
-        return {
-            "nodes_converted": converted,
-            "nodes_kept_float32": blocked,
-            "casts_inserted": self.casts,
-            "initializers_converted": self.stats["initializers"],
-            "constants_converted": self.stats["constants"],
-            "clamped_high": self.stats["clamped_high"],
-            "kept_from_underflow": self.stats["kept_from_underflow"],
-            "keep_io_types": self.cfg.keep_io_types,
-            "opset": self.opset,
-        }
+
+def _details(
+    cfg: Fp16Options, opset: int, converted: int, blocked: int, casts: int, stats: dict[str, int]
+) -> dict[str, Any]:
+    """The report's details (what ``ToFp16Pass.render`` prints)."""
+    return {
+        "nodes_converted": converted,
+        "nodes_kept_float32": blocked,
+        "casts_inserted": casts,
+        "initializers_converted": stats["initializers"],
+        "constants_converted": stats["constants"],
+        "clamped_high": stats["clamped_high"],
+        "kept_from_underflow": stats["kept_from_underflow"],
+        "keep_io_types": cfg.keep_io_types,
+        "opset": opset,
+    }
 
 
 def _insert_after_definition(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:

@@ -198,3 +198,14 @@ def test_conversion_keeps_no_identity_keyed_maps(module: str) -> None:
     assert "id" not in calls
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert not imported & {"producers", "consumers", "GraphIndex", "use_counts", "toposort"}
+
+
+def test_model_without_float32_is_left_alone() -> None:
+    """Nothing float32 to convert (an int64 graph): not modified, the proto untouched, the report's counts 0."""
+    m = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (int64[3] x) => (int64[3] y) { s = Add(x, x)\n y = Mul(s, x) }'
+    )
+    before = m.SerializeToString()
+    res = ToFp16Pass().run(Model(proto=m), PassContext())
+    assert res.modified is False and m.SerializeToString() == before
+    assert res.report.details["nodes_converted"] == 0 and res.report.details["casts_inserted"] == 0
