@@ -5,6 +5,9 @@ Cast's ``to`` and the op schemas' type constraints. ``formals`` maps each input 
 formal parameter, type string and allowed types at the model's opset. ``TypePlan`` classifies every node
 (converts, or stays float32 and why), gives every float32 value its native type and every node input the
 type it reads; ``onnxsparse.fp16`` rewrites the graph to that plan. The rules are in its docstring.
+
+Inference runs on the protobuf (``onnx.shape_inference``; its answers are keyed by value name); the plan is
+made on the model's onnx-ir view (``onnxsparse.ir.onnxir.IrView``), where each value and node is one object.
 """
 
 from __future__ import annotations
@@ -12,16 +15,22 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from google.protobuf.message import Message
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, helper, numpy_helper
 
-from onnxsparse.ir.graph import iter_graphs, subgraphs
+from onnxsparse.ir.graph import iter_graphs
 from onnxsparse.ir.model_io import Model
-from onnxsparse.pipeline import PassReport
+
+if TYPE_CHECKING:
+    from onnxsparse.ir.onnxir import IrView
 
 log = logging.getLogger("onnxsparse.fp16_types")
 
@@ -45,12 +54,24 @@ class Fp16Options(Protocol):
 
 
 def infer_types(proto: ModelProto) -> dict[str, TypeProto]:
-    """Name → TypeProto for every value of every graph that onnx can type (weights stripped first)."""
+    """Name → TypeProto for every value of every graph that onnx can type (weights stripped first).
+
+    The copy that inference reads never holds the main graph's weights: they are left out of the copy and
+    replaced by their dtype and dims, rather than copied and cleared (an eager model's bytes would be
+    copied once for nothing)."""
     copy = ModelProto()
-    copy.CopyFrom(proto)
+    _copy_fields(copy, proto, skip="graph")
+    _copy_fields(copy.graph, proto.graph, skip="initializer")
+    for t in proto.graph.initializer:
+        if _small_inline(t):
+            copy.graph.initializer.add().CopyFrom(t)
+        else:
+            copy.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
     for g in iter_graphs(copy.graph):
+        if g is copy.graph:
+            continue
         for t in g.initializer:
-            if t.data_location != TensorProto.EXTERNAL and int(np.prod(tuple(t.dims), dtype=np.int64)) <= 64:
+            if _small_inline(t):
                 continue  # small tensors (shapes, scales, axes) keep their data: inference reads them
             for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
                 t.ClearField(f)  # type: ignore[arg-type]
@@ -76,6 +97,24 @@ def infer_types(proto: ModelProto) -> dict[str, TypeProto]:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     _propagate(inferred.graph, types, int(opset))
     return types
+
+
+def _small_inline(t: TensorProto) -> bool:
+    """Shapes, scales, axes: inference reads their values, so the copy keeps them."""
+    return t.data_location != TensorProto.EXTERNAL and int(np.prod(tuple(t.dims), dtype=np.int64)) <= 64
+
+
+def _copy_fields(dst: Message, src: Message, skip: str) -> None:
+    """Every set field of ``src`` but ``skip`` into the empty message ``dst``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def _elem_of_type_str(type_str: str) -> int | None:
@@ -112,7 +151,7 @@ def _propagate(graph: GraphProto, types: dict[str, TypeProto], opset: int) -> No
                     schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
                 except onnx.defs.SchemaError:
                     continue
-                f = formals(schema, node)
+                f = formals(schema, len(node.input), len(node.output))
                 bound: dict[str, int] = {}
                 for i, name in enumerate(node.input):
                     e = tensor_elem(types.get(name)) if name else None
@@ -151,17 +190,20 @@ def constant_tensor(node: NodeProto) -> TensorProto | None:
 
 @dataclass
 class Formals:
-    """Per actual input/output position: the formal's name, its type string, and its allowed types."""
+    """Per actual input/output position: the formal's name, its type string, and its allowed types.
+
+    One is shared by every node of the same op and arity (read only)."""
 
     inputs: list[tuple[str, str, set[str]]]
     outputs: list[tuple[str, str, set[str]]]
 
-    @property
+    @cached_property
     def output_params(self) -> set[str]:
         return {ts for _, ts, _ in self.outputs}
 
 
-def formals(schema: onnx.defs.OpSchema, node: NodeProto) -> Formals:
+def formals(schema: onnx.defs.OpSchema, n_inputs: int, n_outputs: int) -> Formals:
+    """The formal parameter of each of a node's ``n_inputs`` inputs and ``n_outputs`` outputs."""
     allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
 
     def expand(params: list[Any], n: int) -> list[tuple[str, str, set[str]]]:
@@ -174,13 +216,12 @@ def formals(schema: onnx.defs.OpSchema, node: NodeProto) -> Formals:
             out.append((p.name, p.type_str, allowed.get(p.type_str, {p.type_str})))
         return out
 
-    return Formals(expand(list(schema.inputs), len(node.input)), expand(list(schema.outputs), len(node.output)))
+    return Formals(expand(list(schema.inputs), n_inputs), expand(list(schema.outputs), n_outputs))
 
 
 @dataclass
 class NodeInfo:
-    node: NodeProto
-    graph: GraphProto
+    node: ir.Node
     converted: bool
     reason: str | None = None
     formals: Formals | None = None
@@ -193,49 +234,57 @@ class TypePlan:
     """Which element type each float32 value and each node input gets; ``onnxsparse.fp16`` rewrites to it.
 
     ``native``: the type a value's producer writes; ``NodeInfo.wants``: the type each float32 input reads.
+    The plan is over the onnx-ir graph of ``view``: a value's producer, readers and defining graph are
+    ``Value.producer()``, ``Value.uses()`` and ``Value.graph``; the maps below are keyed by the ``ir.Value``
+    and ``ir.Node`` objects themselves, which stay the same while the converter rewrites around them.
+    ``types`` (inferred on the proto, by name) is looked up by each value's name once, here.
     """
 
-    def __init__(self, model: Model, config: Fp16Options, report: PassReport) -> None:
+    def __init__(self, model: Model, view: IrView, types: dict[str, TypeProto], config: Fp16Options) -> None:
         self.model = model
-        self.proto = model.proto
+        self.view = view
         self.cfg = config
-        self.report = report
         self.opset = model.opset
         self.block_ops = set(config.block_ops)
         self.block_re = re.compile(config.block_nodes) if config.block_nodes else None
-        self.types = infer_types(self.proto)
-        self.owner: dict[str, GraphProto] = {}
-        self.producer: dict[str, tuple[NodeProto, int]] = {}
-        self.graph_of_node: dict[int, GraphProto] = {}
-        self.parent: dict[int, tuple[NodeProto | None, GraphProto | None]] = {}
-        self.initializers: dict[str, tuple[GraphProto, TensorProto]] = {}
-        self.infos: dict[int, NodeInfo] = {}
-        self.native: dict[str, int] = {}
-        self.demands: dict[str, list[int]] = defaultdict(list)
+        #: every graph, parents first, with the node that holds it (None for the main graph)
+        self.parent: dict[ir.Graph, ir.Node | None] = {}
+        self.types: dict[ir.Value, TypeProto] = {}
+        #: element type of each typed value (``tensor_elem`` of its type), asked often enough to keep
+        self.elem: dict[ir.Value, int | None] = {}
+        self.infos: dict[ir.Node, NodeInfo] = {}
+        self.native: dict[ir.Value, int] = {}
+        self.demands: dict[ir.Value, list[int]] = defaultdict(list)
         self._schemas: dict[tuple[str, str], onnx.defs.OpSchema | None] = {}
+        self._formals: dict[tuple[str, str, int, int], Formals] = {}
+        self._index(view.ir.graph, None, types)
 
     # -- discovery ---------------------------------------------------------------------------------------
 
-    def _index(self, graph: GraphProto, parent_node: NodeProto | None, parent_graph: GraphProto | None) -> None:
-        self.parent[id(graph)] = (parent_node, parent_graph)
-        for vi in graph.input:
-            self.owner[vi.name] = graph
-        for t in graph.initializer:
-            self.owner.setdefault(t.name, graph)
-            self.initializers[t.name] = (graph, t)
-        for node in graph.node:
-            self.graph_of_node[id(node)] = graph
-            for k, o in enumerate(node.output):
-                if o:
-                    self.owner[o] = graph
-                    self.producer[o] = (node, k)
-            for _, sub in subgraphs(node):
-                self._index(sub, node, graph)
+    def _index(self, graph: ir.Graph, parent_node: ir.Node | None, types: dict[str, TypeProto]) -> None:
+        self.parent[graph] = parent_node
+        for v in list(graph.inputs) + list(graph.initializers.values()):
+            self._type(v, types)
+        for node in graph:
+            for v in node.outputs:
+                self._type(v, types)
+            for sub in ir_subgraphs(node):
+                self._index(sub, node, types)
 
-    def _is_float(self, name: str) -> bool:
-        return bool(name) and tensor_elem(self.types.get(name)) == FLOAT
+    def _type(self, v: ir.Value, types: dict[str, TypeProto]) -> None:
+        tp = types.get(v.name) if v.name else None
+        if tp is not None:
+            self.types[v] = tp
+            self.elem[v] = tensor_elem(tp)
 
-    def _schema(self, node: NodeProto) -> onnx.defs.OpSchema | None:
+    def graphs(self) -> Iterator[ir.Graph]:
+        """Every graph of the model, parents first (``iter_graphs``' order)."""
+        return iter(self.parent)
+
+    def _is_float(self, v: ir.Value | None) -> bool:
+        return v is not None and self.elem.get(v) == FLOAT
+
+    def _schema(self, node: ir.Node) -> onnx.defs.OpSchema | None:
         key = (node.domain, node.op_type)
         if key not in self._schemas:
             try:
@@ -244,9 +293,9 @@ class TypePlan:
                 self._schemas[key] = None
         return self._schemas[key]
 
-    def _classify(self, node: NodeProto, graph: GraphProto) -> NodeInfo:
+    def _classify(self, node: ir.Node) -> NodeInfo:
         schema = self._schema(node) if node.domain in ("", "ai.onnx") else None
-        info = NodeInfo(node, graph, converted=False)
+        info = NodeInfo(node, converted=False)
         if node.domain not in ("", "ai.onnx"):
             info.reason = f"custom domain '{node.domain}': its float16 support is unknown"
         elif schema is None:
@@ -256,59 +305,85 @@ class TypePlan:
         elif self.block_re is not None and self.block_re.fullmatch(node.name or ""):
             info.reason = "node name matches block-nodes"
         else:
-            unknown = [
-                n for n in list(node.input) + list(node.output) if n and tensor_elem(self.types.get(n)) in (None, -1)
-            ]
+            unknown = [v.name for v in _values(node) if self.elem.get(v) in (None, -1)]
             if unknown:
                 info.reason = f"type of '{unknown[0]}' is unknown or not a tensor"
             else:
                 info.converted = True
-                info.formals = formals(schema, node)
+                key = (node.domain, node.op_type, len(node.inputs), len(node.outputs))
+                if key not in self._formals:
+                    self._formals[key] = formals(schema, key[2], key[3])
+                info.formals = self._formals[key]
         return info
 
-    def _touches_float(self, node: NodeProto) -> bool:
-        return any(self._is_float(n) for n in list(node.input) + list(node.output))
+    def _touches_float(self, node: ir.Node) -> bool:
+        return any(self._is_float(v) for v in _values(node))
 
     # -- decisions ---------------------------------------------------------------------------------------
 
-    def _graph_io_type(self, graph: GraphProto) -> int:
+    def _graph_io_type(self, graph: ir.Graph) -> int:
         """What float32 formal inputs/outputs of ``graph`` become: per keep-io for the model, else the parent's."""
-        parent_node, _ = self.parent[id(graph)]
+        parent_node = self.parent[graph]
         if parent_node is None:
             return FLOAT if self.cfg.keep_io_types else FLOAT16
-        info = self.infos.get(id(parent_node))
+        info = self.infos.get(parent_node)
         return FLOAT16 if info is not None and info.converted else FLOAT
 
     def _decide(self) -> None:
-        pending: set[str] = set()  # natives decided by demand: Cast outputs and constants
-        for g in iter_graphs(self.proto.graph):
-            for vi in g.input:
-                if self._is_float(vi.name):
-                    self.native[vi.name] = self._graph_io_type(g)
-            for t in g.initializer:
-                if t.data_type == FLOAT and t.name not in self.native:
-                    pending.add(t.name)
-            for node in g.node:
-                info = self.infos[id(node)]
-                for k, o in enumerate(node.output):
+        pending: dict[ir.Value, None] = {}  # natives decided by demand: Cast outputs and constants
+        for g in self.graphs():
+            for v in g.inputs:
+                if self._is_float(v):
+                    self.native[v] = self._graph_io_type(g)
+            for v in g.initializers.values():
+                if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and v not in self.native:
+                    pending[v] = None
+            for node in g:
+                info = self.infos[node]
+                for k, o in enumerate(node.outputs):
                     if not self._is_float(o):
                         continue
                     if not info.converted:
                         self.native[o] = FLOAT
                     elif node.op_type in ("Cast", "Constant"):
-                        pending.add(o)
+                        pending[o] = None
                     else:
                         assert info.formals is not None
                         name, _, allowed = info.formals.outputs[k]
                         self.native[o] = FLOAT16 if _T16 in allowed else FLOAT
                         if _T16 not in allowed:
                             info.kept32.append(name)
-        # non-flexible demands
-        for g in iter_graphs(self.proto.graph):
-            for node in g.node:
-                info = self.infos[id(node)]
-                for i, name in enumerate(node.input):
-                    if not self._is_float(name):
+        self._demand()
+        for v in pending:
+            wants = set(self.demands.get(v, []))
+            prod = v.producer()
+            if prod is not None and prod.op_type == "Cast":
+                self.native[v] = FLOAT if wants == {FLOAT} else FLOAT16
+            else:  # constants: in place only when everyone wants float16
+                blocked = prod is not None and not self.infos[prod].converted
+                self.native[v] = FLOAT16 if wants == {FLOAT16} and not blocked else FLOAT
+        # flexible inputs take their producer's type when all inputs of that type parameter agree
+        for info in self.infos.values():
+            if not info.converted or info.formals is None:
+                continue
+            groups: dict[str, list[int]] = defaultdict(list)
+            for i, want in info.wants.items():
+                if want == "flex":
+                    groups[info.formals.inputs[i][1]].append(i)
+            for idxs in groups.values():
+                natives = {self.native.get(_input(info.node, i), FLOAT) for i in idxs}
+                allowed = info.formals.inputs[idxs[0]][2]
+                choice = natives.pop() if len(natives) == 1 else (FLOAT16 if _T16 in allowed else FLOAT)
+                for i in idxs:
+                    info.wants[i] = choice
+
+    def _demand(self) -> None:
+        """The non-flexible demands: what each node input and each graph output wants to read."""
+        for g in self.graphs():
+            for node in g:
+                info = self.infos[node]
+                for i, v in enumerate(node.inputs):
+                    if v is None or not self._is_float(v):
                         continue
                     if not info.converted:
                         want: Any = FLOAT
@@ -325,42 +400,38 @@ class TypePlan:
                             info.kept32.append(fname)
                     info.wants[i] = want
                     if want != "flex":
-                        self.demands[name].append(want)
-                    elif self._is_constant(name):
-                        self.demands[name].append(FLOAT16)  # a converting node's constants cost nothing to convert
+                        self.demands[v].append(want)
+                    elif self._is_constant(v):
+                        self.demands[v].append(FLOAT16)  # a converting node's constants cost nothing to convert
             io = self._graph_io_type(g)
-            for vi in g.output:
-                if self._is_float(vi.name):
-                    self.demands[vi.name].append(io)
-        for name in pending:
-            wants = set(self.demands.get(name, []))
-            prod = self.producer.get(name)
-            if prod is not None and prod[0].op_type == "Cast":
-                self.native[name] = FLOAT if wants == {FLOAT} else FLOAT16
-            else:  # constants: in place only when everyone wants float16
-                blocked = prod is not None and not self.infos[id(prod[0])].converted
-                self.native[name] = FLOAT16 if wants == {FLOAT16} and not blocked else FLOAT
-        # flexible inputs take their producer's type when all inputs of that type parameter agree
-        for info in self.infos.values():
-            if not info.converted or info.formals is None:
-                continue
-            groups: dict[str, list[int]] = defaultdict(list)
-            for i, want in info.wants.items():
-                if want == "flex":
-                    groups[info.formals.inputs[i][1]].append(i)
-            for idxs in groups.values():
-                natives = {self.native.get(info.node.input[i], FLOAT) for i in idxs}
-                allowed = info.formals.inputs[idxs[0]][2]
-                choice = natives.pop() if len(natives) == 1 else (FLOAT16 if _T16 in allowed else FLOAT)
-                for i in idxs:
-                    info.wants[i] = choice
+            for v in g.outputs:
+                if self._is_float(v):
+                    self.demands[v].append(io)
 
-    def _is_constant(self, name: str) -> bool:
-        prod = self.producer.get(name)
+    def _is_constant(self, v: ir.Value) -> bool:
+        prod = v.producer()
         if prod is not None:
-            return prod[0].op_type == "Constant"
-        return name in self.initializers and not self._is_graph_input(name)
+            return prod.op_type == "Constant"
+        return v.is_initializer() and not v.is_graph_input()
 
-    def _is_graph_input(self, name: str) -> bool:
-        g = self.owner[name]
-        return any(vi.name == name for vi in g.input)
+
+def ir_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    """The graphs a node holds (If branches, Loop/Scan bodies), in attribute order."""
+    for a in node.attributes.values():
+        if a.type == ir.AttributeType.GRAPH:
+            yield a.value
+        elif a.type == ir.AttributeType.GRAPHS:
+            yield from a.value
+
+
+def _values(node: ir.Node) -> Iterator[ir.Value]:
+    """A node's named inputs and outputs (an omitted optional one is None or has no name)."""
+    for v in list(node.inputs) + list(node.outputs):
+        if v is not None and v.name:
+            yield v
+
+
+def _input(node: ir.Node, i: int) -> ir.Value:
+    v = node.inputs[i]
+    assert v is not None  # only float inputs have wants
+    return v

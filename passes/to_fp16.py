@@ -3,6 +3,8 @@
 TensorRT 11 removed the FP16 builder flag: a network runs in the precision its ONNX file says. This pass
 writes that precision into the model. The conversion, driven by the ONNX op schemas rather than by a list
 of ops, is ``onnxsparse.fp16`` (the rules are in its docstring), on types decided by ``onnxsparse.fp16_types``.
+It rewrites the model's onnx-ir view (``onnxsparse.ir.onnxir.IrView``) and commits it into the same
+``ModelProto``; tensors it does not convert are kept, not copied.
 
 Weights keep their zeros (fp16 0 is 0): a 2:4 mask survives. Values beyond ±``max-finite`` are clamped
 instead of becoming inf, and non-zero values below ``min-positive`` are kept at ±``min-positive`` rather
