@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxsparse.ir.graph import NameGen, iter_graphs
+from onnxsparse.ir.graph import NameGen, iter_graphs_with_key
 from onnxsparse.ir.index import model_layers
 from onnxsparse.ir.layers import Layer, attr, check_regex, select_reason
 from onnxsparse.ir.model_io import Model
@@ -159,11 +159,11 @@ class _Target:
         self.view = IrView.of(model)
         self.names = NameGen(model.proto.graph)  # every name of every graph: new ones collide with none
         ir_graphs = [self.view.ir.graph, *self.view.ir.graph.subgraphs()]  # parents first, as iter_graphs
-        # Keyed by graph as well as name: sibling subgraphs (If branches) may reuse a value name. ``id`` of the
-        # proto graphs is safe here: the proto is neither replaced nor edited before ``commit``.
-        self.values: dict[tuple[int, str], ir.Value] = {
-            (id(pg), v.name): v
-            for pg, g in zip(iter_graphs(model.proto.graph), ir_graphs, strict=True)
+        # Keyed by graph as well as name: sibling subgraphs (If branches) may reuse a value name; the graph key
+        # is the layer index's (``Layer.graph_key``).
+        self.values: dict[tuple[str, str], ir.Value] = {
+            (key, v.name): v
+            for (key, _), g in zip(iter_graphs_with_key(model.proto.graph), ir_graphs, strict=True)
             for node in g
             for v in node.outputs
             if v.name
@@ -171,7 +171,7 @@ class _Target:
 
     def node(self, layer: Layer) -> ir.Node:
         """The IR node of the layer (found by the value it writes, in the graph that holds it)."""
-        node = self.values[(id(layer.graph), layer.node.output[0])].producer()
+        node = self.values[(layer.graph_key, layer.node.output[0])].producer()
         assert node is not None
         return node
 

@@ -52,6 +52,15 @@ def iter_graphs_with_path(graph: GraphProto, path: str = "main") -> Iterator[tup
             yield from iter_graphs_with_path(sub, f"{path}/{node.name or node.op_type}.{attr}")
 
 
+def iter_graphs_with_key(graph: GraphProto, key: str = "main") -> Iterator[tuple[str, GraphProto]]:
+    """Like ``iter_graphs`` with each graph's stable key (``Layer.graph_key``: ``main/4.then_branch`` names the
+    graph by node position, unique where node names repeat, and the same in a copy of the proto)."""
+    yield key, graph
+    for i, node in enumerate(graph.node):
+        for attr, sub in subgraphs(node):
+            yield from iter_graphs_with_key(sub, f"{key}/{i}.{attr}")
+
+
 def iter_nodes(graph: GraphProto) -> Iterator[tuple[GraphProto, NodeProto]]:
     """Every (owning graph, node) pair in the graph and its subgraphs."""
     for g in iter_graphs(graph):
