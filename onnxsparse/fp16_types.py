@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import Message
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, helper, numpy_helper
 
-from onnxsparse.ir.graph import iter_graphs
+from onnxsparse.ir.graph import copy_fields, iter_graphs
 from onnxsparse.ir.model_io import Model
 
 if TYPE_CHECKING:
@@ -60,8 +59,8 @@ def infer_types(proto: ModelProto) -> dict[str, TypeProto]:
     replaced by their dtype and dims, rather than copied and cleared (an eager model's bytes would be
     copied once for nothing)."""
     copy = ModelProto()
-    _copy_fields(copy, proto, skip="graph")
-    _copy_fields(copy.graph, proto.graph, skip="initializer")
+    copy_fields(copy, proto, skip=("graph",))
+    copy_fields(copy.graph, proto.graph, skip=("initializer",))
     for t in proto.graph.initializer:
         if _small_inline(t):
             copy.graph.initializer.add().CopyFrom(t)
@@ -102,19 +101,6 @@ def infer_types(proto: ModelProto) -> dict[str, TypeProto]:
 def _small_inline(t: TensorProto) -> bool:
     """Shapes, scales, axes: inference reads their values, so the copy keeps them."""
     return t.data_location != TensorProto.EXTERNAL and int(np.prod(tuple(t.dims), dtype=np.int64)) <= 64
-
-
-def _copy_fields(dst: Message, src: Message, skip: str) -> None:
-    """Every set field of ``src`` but ``skip`` into the empty message ``dst``."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(dst, fd.name).extend(value)
-        elif hasattr(value, "CopyFrom"):
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
 
 
 def _elem_of_type_str(type_str: str) -> int | None:

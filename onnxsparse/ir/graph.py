@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import onnx
+from google.protobuf.message import Message
 from onnx import AttributeProto, GraphProto, NodeProto
 
 #: Ops whose removal would change behaviour even when their outputs look unused.
@@ -52,13 +53,19 @@ def iter_graphs_with_path(graph: GraphProto, path: str = "main") -> Iterator[tup
             yield from iter_graphs_with_path(sub, f"{path}/{node.name or node.op_type}.{attr}")
 
 
+def subgraph_key(key: str, index: int, attr: str) -> str:
+    """The stable key of the graph that attribute ``attr`` of node ``index`` of graph ``key`` holds
+    (``Layer.graph_key``: ``main/4.then_branch`` names a graph by node position, unique where node names
+    repeat, and the same in a copy of the proto)."""
+    return f"{key}/{index}.{attr}"
+
+
 def iter_graphs_with_key(graph: GraphProto, key: str = "main") -> Iterator[tuple[str, GraphProto]]:
-    """Like ``iter_graphs`` with each graph's stable key (``Layer.graph_key``: ``main/4.then_branch`` names the
-    graph by node position, unique where node names repeat, and the same in a copy of the proto)."""
+    """Like ``iter_graphs`` with each graph's stable key (``subgraph_key``)."""
     yield key, graph
     for i, node in enumerate(graph.node):
         for attr, sub in subgraphs(node):
-            yield from iter_graphs_with_key(sub, f"{key}/{i}.{attr}")
+            yield from iter_graphs_with_key(sub, subgraph_key(key, i, attr))
 
 
 def iter_nodes(graph: GraphProto) -> Iterator[tuple[GraphProto, NodeProto]]:
@@ -330,3 +337,17 @@ def find_initializer(scopes: Iterable[GraphProto], name: str) -> onnx.TensorProt
             if t.name == name:
                 return t
     return None
+
+
+def copy_fields(dst: Message, src: Message, skip: Collection[str] = ()) -> None:
+    """Every set field of ``src`` but those named in ``skip`` into ``dst``: repeated fields extended, messages
+    copied, scalars set. How a model or graph is copied without its weights (``CopyFrom`` would copy them)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field (FieldDescriptor.label is gone from newer protobufs)
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)

@@ -20,7 +20,7 @@ import onnx
 from onnx import GraphProto, NodeProto, TensorProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import GraphIndex, subgraphs
+from onnxsparse.ir.graph import GraphIndex, subgraph_key, subgraphs
 from onnxsparse.ir.reasons import Reason, Skip
 from onnxsparse.ir.shapes import Shape, concrete
 from onnxsparse.ir.tensors import constant_value, external_info, to_array
@@ -334,7 +334,8 @@ def _walk(
         if node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1:
             out.append(_describe(node, graph, path, scopes, shapes))
         for attr_name, sub in subgraphs(node):
-            _walk(sub, f"{path}/{node.name or node.op_type}.{attr_name}", f"{key}/{i}.{attr_name}", scopes, out, shapes)
+            sub_path = f"{path}/{node.name or node.op_type}.{attr_name}"
+            _walk(sub, sub_path, subgraph_key(key, i, attr_name), scopes, out, shapes)
 
 
 def _describe(

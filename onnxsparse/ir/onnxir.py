@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 
-from onnxsparse.ir.graph import iter_graphs
+from onnxsparse.ir.graph import copy_fields, iter_graphs
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.tensors import external_info, inline_origin, mark_inline_origin, set_array, to_array
 
@@ -207,13 +207,6 @@ def _ir_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
 def _replace_fields(dst: ModelProto | GraphProto, src: ModelProto | GraphProto, skip: set[str]) -> None:
     """Make every field of ``dst`` but ``skip`` equal to ``src``'s (proto2: scalars keep their presence)."""
     for fd in dst.DESCRIPTOR.fields:
-        if fd.name in skip:
-            continue
-        dst.ClearField(fd.name)
-        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
-            getattr(dst, fd.name).extend(getattr(src, fd.name))
-        elif src.HasField(fd.name):
-            if fd.message_type is not None:
-                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
-            else:
-                setattr(dst, fd.name, getattr(src, fd.name))
+        if fd.name not in skip:
+            dst.ClearField(fd.name)
+    copy_fields(dst, src, skip)

@@ -34,6 +34,7 @@ from typing import BinaryIO
 from onnx import ModelProto, TensorProto
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.ir.graph import copy_fields
 from onnxsparse.ir.tensors import mark_inline_origin
 
 _MODEL_GRAPH = 7
@@ -203,21 +204,14 @@ def write_model(proto: ModelProto, f: BinaryIO, payload_of: Callable[[TensorProt
             entries.append((t.name, t.SerializeToString(), None))
             continue
         head = TensorProto()
-        for fd, value in t.ListFields():
-            if fd.name in ("raw_data", "data_location", "external_data"):
-                continue
-            _set_field(head, fd, value)
+        copy_fields(head, t, skip=("raw_data", "data_location", "external_data"))
         raw_key = bytes([(_TENSOR_RAW_DATA << 3) | _LEN]) + encode_varint(got[0])
         entries.append((t.name, head.SerializeToString() + raw_key, got))
     graph_shell = proto.graph.__class__()
-    for fd, value in proto.graph.ListFields():
-        if fd.name != "initializer":
-            _set_field(graph_shell, fd, value)
+    copy_fields(graph_shell, proto.graph, skip=("initializer",))
     graph_bytes = graph_shell.SerializeToString()
     model_shell = ModelProto()
-    for fd, value in proto.ListFields():
-        if fd.name != "graph":
-            _set_field(model_shell, fd, value)
+    copy_fields(model_shell, proto, skip=("graph",))
     sizes = [len(head) + (got[0] if got else 0) for _, head, got in entries]
     graph_len = len(graph_bytes) + sum(1 + len(encode_varint(s)) + s for s in sizes)
     offsets: dict[str, int] = {}
@@ -244,17 +238,6 @@ def write_model(proto: ModelProto, f: BinaryIO, payload_of: Callable[[TensorProt
         if written != got[0]:
             raise OnnxSparseError(f"tensor '{name}': {written} bytes of data where {got[0]} were expected")
     return offsets
-
-
-def _set_field(dst: object, fd: object, value: object) -> None:
-    """Copy one field (as ``ListFields`` gives it) into ``dst``: repeated fields extended, messages copied."""
-    name = fd.name  # type: ignore[attr-defined]
-    if isinstance(value, (str, bytes, int, float)):
-        setattr(dst, name, value)
-    elif hasattr(value, "extend"):  # a repeated field (FieldDescriptor.label is gone from newer protobufs)
-        getattr(dst, name).extend(value)
-    else:
-        getattr(dst, name).CopyFrom(value)
 
 
 def file_pieces(path: Path, offset: int, length: int) -> Callable[[], Iterator[bytes]]:
