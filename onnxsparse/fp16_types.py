@@ -25,8 +25,9 @@ import onnx
 import onnx_ir as ir
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, helper, numpy_helper
 
-from onnxsparse.ir.graph import copy_fields, iter_graphs
+from onnxsparse.ir.graph import iter_graphs
 from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.shapes import weightless_copy
 
 if TYPE_CHECKING:
     from onnxsparse.ir.onnxir import IrView
@@ -55,27 +56,8 @@ class Fp16Options(Protocol):
 def infer_types(proto: ModelProto) -> dict[str, TypeProto]:
     """Name → TypeProto for every value of every graph that onnx can type (weights stripped first).
 
-    The copy that inference reads never holds the main graph's weights: they are left out of the copy and
-    replaced by their dtype and dims, rather than copied and cleared (an eager model's bytes would be
-    copied once for nothing)."""
-    copy = ModelProto()
-    copy_fields(copy, proto, skip=("graph",))
-    copy_fields(copy.graph, proto.graph, skip=("initializer",))
-    for t in proto.graph.initializer:
-        if _small_inline(t):
-            copy.graph.initializer.add().CopyFrom(t)
-        else:
-            copy.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-    for g in iter_graphs(copy.graph):
-        if g is copy.graph:
-            continue
-        for t in g.initializer:
-            if _small_inline(t):
-                continue  # small tensors (shapes, scales, axes) keep their data: inference reads them
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                t.ClearField(f)  # type: ignore[arg-type]
-            del t.external_data[:]
-            t.data_location = TensorProto.DEFAULT
+    The copy that inference reads never holds the main graph's weights (``shapes.weightless_copy``)."""
+    copy, _ = weightless_copy(proto, _small_inline)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False)
     except Exception as e:  # onnx raises several unrelated types here

@@ -6,14 +6,16 @@ Reports (FLOPs, GEMM extraction) need concrete shapes; a model with ``batch``/``
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+from collections.abc import Callable
 
 import onnx
-from onnx import ModelProto, TypeProto
+from onnx import ModelProto, TensorProto, TypeProto
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.ir.graph import iter_graphs
+from onnxsparse.ir.graph import copy_fields, iter_graphs
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -51,15 +53,38 @@ def _dims(t: TypeProto) -> Shape | None:
     return tuple(dims)
 
 
-def with_input_shapes(proto: ModelProto, shapes: dict[str, tuple[int, ...]]) -> ModelProto:
-    """A copy of ``proto`` (graph only; weights shared by reference is impossible in protobuf, so
-    initializers are dropped from the copy) whose inputs carry the given concrete shapes."""
+def weightless_copy(proto: ModelProto, keep: Callable[[TensorProto], bool]) -> tuple[ModelProto, set[str]]:
+    """A copy of ``proto`` for onnx's inference: a tensor ``keep`` refuses has its name, dtype and dims but
+    no data. The main graph's weights are never copied (they are made as empty tensors; ``CopyFrom`` and
+    clearing would copy an eager model's bytes once for nothing); subgraph tensors are cleared in the copy.
+    Returns the copy and the names of the main-graph tensors left without data."""
     copy = ModelProto()
-    copy.CopyFrom(proto)
-    inputs = {i.name: i for i in copy.graph.input}
+    copy_fields(copy, proto, skip=("graph",))
+    copy_fields(copy.graph, proto.graph, skip=("initializer",))
+    stripped: set[str] = set()
+    for t in proto.graph.initializer:
+        if keep(t):
+            copy.graph.initializer.add().CopyFrom(t)
+        else:
+            copy.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            stripped.add(t.name)
+    for g in itertools.islice(iter_graphs(copy.graph), 1, None):  # the subgraphs
+        for t in g.initializer:
+            if keep(t):
+                continue
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                t.ClearField(f)  # type: ignore[arg-type]
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    return copy, stripped
+
+
+def _set_input_shapes(model: ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give ``model``'s inputs the concrete ``shapes`` (``--shapes``), checked against what they declare."""
+    inputs = {i.name: i for i in model.graph.input}
     for name, dims in shapes.items():
         if name not in inputs:
-            known = ", ".join(i.name for i in copy.graph.input) or "none"
+            known = ", ".join(i.name for i in model.graph.input) or "none"
             raise OnnxSparseError(f"--shapes names '{name}', which is not a model input (inputs: {known})")
         shape = inputs[name].type.tensor_type.shape
         old = list(shape.dim)
@@ -71,7 +96,11 @@ def with_input_shapes(proto: ModelProto, shapes: dict[str, tuple[int, ...]]) -> 
         shape.ClearField("dim")
         for d in dims:
             shape.dim.add().dim_value = d
-    return copy
+
+
+def _shape_like(t: TensorProto) -> bool:
+    """Small int64 vectors (Reshape targets, axes): inference reads their values, so the copy keeps them."""
+    return t.data_type == TensorProto.INT64 and len(t.dims) <= 1 and (not t.dims or t.dims[0] <= 16)
 
 
 def infer_shapes(proto: ModelProto, overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, Shape]:
@@ -82,21 +111,10 @@ def infer_shapes(proto: ModelProto, overrides: dict[str, tuple[int, ...]] | None
     the broadcasting Add after it loses the sequence length for the whole encoder), ONNX Runtime's symbolic
     shape inference is tried as well and its concrete dims fill the gaps (``_symbolic_fill``).
     """
-    model = with_input_shapes(proto, overrides or {})
-    # Strip weight bytes so inference of a huge model stays small; dims stay on the TensorProtos. Small
+    # Without weight bytes, so inference of a huge model stays small; dims stay on the TensorProtos. Small
     # (shape-like) tensors keep their data: Reshape targets need it for inference.
-    stripped: set[str] = set()
-    for g in iter_graphs(model.graph):
-        for t in g.initializer:
-            if t.data_type == onnx.TensorProto.INT64 and len(t.dims) <= 1 and (not t.dims or t.dims[0] <= 16):
-                continue
-            t.ClearField("raw_data")
-            for field in ("float_data", "int32_data", "int64_data", "double_data"):
-                t.ClearField(field)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            if g is model.graph:
-                stripped.add(t.name)
+    model, stripped = weightless_copy(proto, _shape_like)
+    _set_input_shapes(model, overrides or {})
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:  # onnx raises several unrelated types here
