@@ -36,7 +36,7 @@ from onnx import TypeProto
 from onnxsparse.fp16_types import FLOAT, FLOAT16, Fp16Options, NodeInfo, TypePlan, infer_types, tensor_elem
 from onnxsparse.ir.graph import NameGen
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.onnxir import IrView, ModelTensor
+from onnxsparse.ir.onnxir import IrView, ModelTensor, insert_after_definition
 from onnxsparse.pipeline import PassReport
 
 log = logging.getLogger("onnxsparse.fp16")
@@ -169,7 +169,7 @@ class _Converter(TypePlan):
             src = self.versions.get((v, self.native.get(v, FLOAT)), v)
             name = self.names(f"{v.name}_to_{_type_name(t)}")
             node = ir.Node("", "Cast", [src], [ir.AttrInt64("to", t)], outputs=[new], name=name)
-            _insert_after_definition(graph, src, node)
+            insert_after_definition(graph, src, [node])
             self.casts += 1
         self.versions[key] = new
         self.made += 1
@@ -334,14 +334,3 @@ def _details(
         "keep_io_types": cfg.keep_io_types,
         "opset": opset,
     }
-
-
-def _insert_after_definition(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
-    """Put ``node`` (which reads ``value``) right after ``value``'s producer, or first for a graph input."""
-    prod = value.producer()
-    if prod is not None and prod.graph is graph:
-        graph.insert_after(prod, node)
-    elif len(graph):
-        graph.insert_before(next(iter(graph)), node)
-    else:
-        graph.append(node)

@@ -39,7 +39,7 @@ from onnxsparse.ir.graph import NameGen, iter_graphs_with_key
 from onnxsparse.ir.index import model_layers
 from onnxsparse.ir.layers import Layer, attr, check_regex, select_reason
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.onnxir import IrView
+from onnxsparse.ir.onnxir import IrView, add_initializer, drop_if_unread
 from onnxsparse.ir.reasons import Skip, code_key
 from onnxsparse.ir.shapes import Shape, infer_shapes
 from onnxsparse.ir.tensors import to_array
@@ -152,7 +152,7 @@ def _bias(layer: Layer, model: Model) -> tuple[np.ndarray | None, str | None]:
 
 
 class _Target:
-    """The model as onnx-ir for the rewrites: its nodes by (proto graph, output name), fresh names."""
+    """The model as onnx-ir for the rewrites: its nodes by (graph key, output name), fresh names."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -177,11 +177,7 @@ class _Target:
 
     def const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         """A new initializer of ``graph`` holding ``array`` (stored like the model's own weights)."""
-        name = self.names(base)
-        tensor = self.view.new_tensor(array, name)
-        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, self.view.new_tensor(array, self.names(base)))
 
     def rewrite(self, layer: Layer, bias: np.ndarray | None) -> None:
         """Put Reshape → Conv → Reshape (output shape from Shape → Slice → Concat) where the layer's node is."""
@@ -224,15 +220,4 @@ class _Target:
             graph, old, [old], [reshape_in, conv, shape, lead, concat, reshape_out], old.outputs, reshape_out.outputs
         )
         for value in dropped:
-            _drop_if_unused(value)
-
-
-def _drop_if_unused(value: ir.Value) -> None:
-    """Remove an old weight or bias that nothing reads any more (initializer or Constant node)."""
-    if value.uses() or value.is_graph_output() or value.is_graph_input():
-        return
-    producer = value.producer()
-    if value.is_initializer() and value.graph is not None:
-        value.graph.initializers.pop(value.name or "")
-    elif producer is not None and producer.op_type == "Constant" and producer.graph is not None:
-        producer.graph.remove(producer, safe=True)
+            drop_if_unread(value)

@@ -35,7 +35,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.graph import NameGen
 from onnxsparse.ir.layers import check_regex
 from onnxsparse.ir.model_io import Model
-from onnxsparse.ir.onnxir import IrView
+from onnxsparse.ir.onnxir import IrView, add_initializer, drop_if_unread, insert_after_definition
 from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.qdq_plan import Bound, QdqPlan, Slot, WeightPlan, plan_qdq
 
@@ -233,7 +233,7 @@ def _dequantized_weight(
     del w
     q_name, s_name, z_name = (names(f"{wp.source}_{what}") for what in ("quantized", "scale", "zero_point"))
     inputs = [
-        _initializer(graph, view.new_tensor(q, q_name), q_name),
+        add_initializer(graph, view.new_tensor(q, q_name)),
         _constant(graph, scale, s_name),
         _constant(graph, np.zeros(scale.shape, dtype=np.int8), z_name),
     ]
@@ -248,7 +248,7 @@ def _dequantized_weight(
     graph.insert_before(min((node for node, _ in readers), key=order.__getitem__), dq)
     for node, index in readers:
         node.replace_input_with(index, dq.outputs[0])
-    _drop_if_unread(graph, source)
+    drop_if_unread(source)
     return q_name
 
 
@@ -278,11 +278,7 @@ def _quantized_activation(
         outputs=[ir.Value(name=dq_out)],
         name=names(f"{tensor}_DequantizeLinear"),
     )
-    producer = value.producer()
-    if producer is not None:
-        graph.insert_after(producer, [q, dq])
-    else:
-        graph.insert_before(next(iter(graph)), [q, dq])
+    insert_after_definition(graph, value, [q, dq])
     for node, index in targets:
         node.replace_input_with(index, dq.outputs[0])
 
@@ -290,32 +286,7 @@ def _quantized_activation(
 def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     """A small new initializer (a scale or zero point), stored inline. ``ir.Tensor``, not ``ir.tensor``: the
     latter's protocol checks cost 10x the tensor (36 vs 4 µs), and a model gets four of these per layer."""
-    return _initializer(graph, ir.Tensor(array, name=name), name)
-
-
-def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol, name: str) -> ir.Value:
-    """``tensor`` as the new initializer ``name`` of ``graph`` (a name ``NameGen`` made: unique)."""
-    value = ir.Value(
-        name=name,
-        shape=tensor.shape,  # type: ignore[arg-type]  # frozen; shared as onnx-ir's LiftConstantsToInitializers does
-        type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )
-    graph.initializers[name] = value
-    return value
-
-
-def _drop_if_unread(graph: ir.Graph, value: ir.Value) -> None:
-    """Remove a float weight (initializer or Constant) its int8 copy replaced, once nothing reads it any more
-    (as the pipeline's cleanup would): a pass run alone does not leave both copies in the model."""
-    if value.uses() or any(v is value for v in graph.outputs) or any(v is value for v in graph.inputs):
-        return
-    producer = value.producer()
-    if producer is None:
-        if value.name is not None and graph.initializers.get(value.name) is value:
-            del graph.initializers[value.name]
-    elif producer.op_type == "Constant" and producer.graph is graph:
-        graph.remove(producer, safe=True)
+    return add_initializer(graph, ir.Tensor(array, name=name))
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, scale_dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ peak RSS ≤ 1.3 × (largest tensor + proto); onnx-ir measured 0.12–0.15 GB/s 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,8 @@ class IrView:
             warnings.filterwarnings("ignore", message="Ignoring unknown external data key")
             view = cls(model, ir.serde.deserialize_model(model.proto))
         view.typed = {v.name for g in iter_graphs(model.proto.graph) for v in g.value_info}
-        pairs = list(zip(iter_graphs(model.proto.graph), _ir_graphs(view.ir.graph), strict=True))
+        ir_graphs = [view.ir.graph, *view.ir.graph.subgraphs()]  # parents first, nodes and attributes in order
+        pairs = list(zip(iter_graphs(model.proto.graph), ir_graphs, strict=True))
         for graph_number, (proto_graph, ir_graph) in enumerate(pairs):
             for position, t in enumerate(proto_graph.initializer):
                 value = ir_graph.initializers[t.name]
@@ -192,16 +193,44 @@ def _kept_index(t: TensorProto) -> int | None:
     return None
 
 
-def _ir_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    """``graph`` and its subgraphs in ``graph.iter_graphs``' order (parents first, nodes and attributes in order)."""
-    yield graph
-    for node in graph:
-        for a in node.attributes.values():
-            if a.type == ir.AttributeType.GRAPH:
-                yield from _ir_graphs(a.value)
-            elif a.type == ir.AttributeType.GRAPHS:
-                for g in a.value:
-                    yield from _ir_graphs(g)
+# ------------------------------------------------------------------------------ rewriting helpers for passes
+
+
+def add_initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """``tensor`` as a new initializer of ``graph``, named like the tensor (a name ``NameGen`` made: unique)."""
+    value = ir.Value(
+        name=tensor.name,
+        shape=tensor.shape,  # type: ignore[arg-type]  # frozen; shared as onnx-ir's LiftConstantsToInitializers does
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def insert_after_definition(graph: ir.Graph, value: ir.Value, nodes: Sequence[ir.Node]) -> None:
+    """Put ``nodes`` (which read ``value``) right after ``value``'s producer in ``graph``, or first in ``graph``
+    for a graph input, an initializer or an outer value: the graph stays in order without a sort."""
+    producer = value.producer()
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, nodes)
+    elif len(graph):
+        graph.insert_before(next(iter(graph)), nodes)
+    else:
+        for node in nodes:
+            graph.append(node)
+
+
+def drop_if_unread(value: ir.Value) -> None:
+    """Remove a weight (initializer or Constant node) a rewrite replaced, once nothing reads it any more (as
+    the pipeline's final cleanup would): a pass run alone does not leave both copies in the model."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    producer = value.producer()
+    if value.is_initializer() and value.graph is not None and value.name is not None:
+        value.graph.initializers.pop(value.name)
+    elif producer is not None and producer.op_type == "Constant" and producer.graph is not None:
+        producer.graph.remove(producer, safe=True)
 
 
 def _replace_fields(dst: ModelProto | GraphProto, src: ModelProto | GraphProto, skip: set[str]) -> None:
