@@ -26,15 +26,15 @@ What each kind gets back, and why:
   Measured (tests/ir/test_interop.py, onnx-ir 1.1.0): a model with one 256 MiB external tensor, loaded with
   ``onnx_ir.load``, converted in and out — peak RSS grows by 0.0 MB (the 256 MiB stay on disk). Floor: the
   API used here works from onnx-ir 0.1.0, but ``onnx_ir.save`` of a model one of whose external
-  tensors has been read raises ``BufferError`` before 0.1.11, hence the ``ir`` extra's ``onnx-ir>=0.1.11``.
+  tensors has been read raises ``BufferError`` before 0.1.11, hence the dependency's ``onnx-ir>=0.1.11``.
 * ``onnx_graphsurgeon.Graph`` (extra ``gs``) — a new ``gs.Graph`` (``gs.import_onnx`` of the result; spilled
   tensors inline as for a proto). Going in, ``gs.export_onnx`` copies initializers into the proto once.
   graphsurgeon's graph has no model metadata, so ``metadata_props`` (onnxsparse's provenance stamp) are not
   carried into the returned graph.
 
-onnx-ir and onnx-graphsurgeon are optional: neither is imported here unless the caller already has (an
-object of theirs can only exist once its module is loaded, so ``sys.modules`` tells us without importing) or
-asks for one (``to_onnx_ir``, ``to_graphsurgeon``).
+onnx-graphsurgeon is optional, and onnx-ir (a dependency) costs ~0.3 s to import: neither is imported here
+unless the caller already has (an object of theirs can only exist once its module is loaded, so
+``sys.modules`` tells us without importing) or asks for one (``to_onnx_ir``, ``to_graphsurgeon``).
 """
 
 from __future__ import annotations
@@ -104,14 +104,6 @@ def to_proto(model: Model) -> onnx.ModelProto:
 # ------------------------------------------------------------------------------------------------ onnx-ir
 
 
-def _import_onnx_ir() -> Any:
-    try:
-        import onnx_ir
-    except ImportError as e:
-        raise OnnxSparseError("onnx_ir.Model output needs onnx-ir: pip install 'onnxsparse[ir]'") from e
-    return onnx_ir
-
-
 def from_onnx_ir(ir_model: ir.Model) -> Model:
     """An onnxsparse ``Model`` of an ``onnx_ir.Model``; external tensors are referenced, not read.
 
@@ -119,7 +111,8 @@ def from_onnx_ir(ir_model: ir.Model) -> Model:
     carries its own; they must agree (as they do for a model from ``onnx_ir.load``), except for tensors in
     onnxsparse's own scratch files, which are kept at their absolute paths.
     """
-    ir_mod = _import_onnx_ir()
+    import onnx_ir as ir_mod
+
     relocate: dict[_Key, str] = {}  # tensor -> the location it gets in the proto
     bases: set[Path] = set()
     store = ir_model.meta.get(_STORE_KEY)  # the scratch files of the Model it came from (``to_onnx_ir``)
@@ -152,7 +145,8 @@ def _set_location(t: onnx.TensorProto, location: str) -> None:
 
 def to_onnx_ir(model: Model) -> ir.Model:
     """An ``onnx_ir.Model`` of ``model``: inline tensors wrapped, external ones memory-mapped from their files."""
-    ir_mod = _import_onnx_ir()
+    import onnx_ir as ir_mod
+
     where = {key: external_path(tensor, model) for tensor, key in _proto_externals(model.proto)}
     ir_model = ir_mod.serde.deserialize_model(model.proto)
     ir_model.meta[_STORE_KEY] = model.store  # keeps the scratch files its ExternalTensors may point at

@@ -110,7 +110,8 @@ def stage_session(
     for name in fetch:
         sub.graph.output.add().name = name
     names, values = _hand_over(graph, reads, sub.graph, model, overrides or {}, {} if cache is None else cache)
-    sub.graph.input.sort(key=lambda v: v.name not in {i.name for i in graph.input})  # the model's inputs first
+    model_inputs = {i.name for i in graph.input}
+    sub.graph.input.sort(key=lambda v: v.name not in model_inputs)  # the model's inputs first
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # Pre-packing would keep a second, re-laid-out copy of every MatMul/Gemm weight for a few batches' runs.
