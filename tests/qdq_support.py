@@ -1,11 +1,14 @@
 """Shared builders and checks of the ``qdq`` pass's tests (tests/passes/test_qdq*.py): a zoo of one of each
-weighted op, calibration batches, a pipeline run, cosine similarity, and a name-keyed view of a result graph."""
+weighted op, calibration batches, a pipeline run, cosine similarity, a name-keyed view of a result graph, and
+the check that two saved results hold the same weights and compute the same outputs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
-from conftest import copy_proto, make_feeds
+from conftest import copy_proto, make_feeds, run_ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
@@ -115,3 +118,14 @@ def two_upgrades_model() -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def assert_same_saved(got: Path, want: Path, feeds: dict[str, np.ndarray]) -> None:
+    """Two saved models hold the same initializers (names and values, external data read) and ORT gives the
+    same first output for ``feeds``."""
+    saved = {t.name: nh.to_array(t) for t in onnx.load(str(got)).graph.initializer}
+    expected = {t.name: nh.to_array(t) for t in onnx.load(str(want)).graph.initializer}
+    assert saved.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(saved[name], array, err_msg=name)
+    np.testing.assert_array_equal(run_ort(got, feeds)[0], run_ort(want, feeds)[0])

@@ -12,7 +12,7 @@ import pytest
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from onnx import helper
 from onnx import numpy_helper as nh
-from qdq_support import F, QGraph, calib_batches, cosine, op_zoo, rand_init, two_upgrades_model
+from qdq_support import F, QGraph, assert_same_saved, calib_batches, cosine, op_zoo, rand_init, two_upgrades_model
 
 from onnxsparse.ir.model_io import Model, load_model, save_model
 from onnxsparse.ir.tensors import external_info
@@ -110,13 +110,7 @@ def test_a_lazily_loaded_model_gives_the_eager_result(case: str, tmp_path: Path)
     assert lazy.proto.ByteSize() < eager.proto.ByteSize()  # int8 weights did not land inline in the proto
     lazy_out = save_model(got.model, tmp_path / "q_lazy.onnx")
     eager_out = save_model(want.model, tmp_path / "q_eager.onnx")
-    saved = {t.name: nh.to_array(t) for t in onnx.load(str(lazy_out)).graph.initializer}
-    expected = {t.name: nh.to_array(t) for t in onnx.load(str(eager_out)).graph.initializer}
-    assert saved.keys() == expected.keys()
-    for name, array in expected.items():
-        np.testing.assert_array_equal(saved[name], array, err_msg=name)
-    feeds = make_feeds(eager, dims={"N": 3}, seed=21)
-    np.testing.assert_array_equal(run_ort(lazy_out, feeds)[0], run_ort(eager_out, feeds)[0])
+    assert_same_saved(lazy_out, eager_out, make_feeds(eager, dims={"N": 3}, seed=21))
 
 
 def _shared_weight_model(constant: bool = False) -> onnx.ModelProto:

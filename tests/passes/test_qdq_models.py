@@ -11,8 +11,7 @@ import pytest
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from corpus import PASS_MODELS
 from onnx import helper
-from onnx import numpy_helper as nh
-from qdq_support import F, QGraph, calib_batches, cosine, op_zoo, rand_init
+from qdq_support import F, QGraph, assert_same_saved, calib_batches, cosine, op_zoo, rand_init
 
 from onnxsparse.ir.model_io import Model, load_model
 from onnxsparse.passes.qdq import QdqPass
@@ -130,13 +129,7 @@ def test_external_weights_get_external_int8_weights_and_the_proto_stays_small(tm
     saved = onnx.load(str(ext_out), load_external_data=False)
     assert saved.ByteSize() < 1_000_000
     onnx.checker.check_model(str(ext_out), full_check=True)
-    ext_q = {t.name: nh.to_array(t) for t in onnx.load(str(ext_out)).graph.initializer}
-    inline_q = {t.name: nh.to_array(t) for t in onnx.load(str(inline_out)).graph.initializer}
-    assert ext_q.keys() == inline_q.keys()
-    for name, arr in inline_q.items():
-        np.testing.assert_array_equal(ext_q[name], arr, err_msg=name)
-    feeds = make_feeds(proto, dims={"N": 3}, seed=5)
-    np.testing.assert_array_equal(run_ort(ext_out, feeds)[0], run_ort(inline_out, feeds)[0])
+    assert_same_saved(ext_out, inline_out, make_feeds(proto, dims={"N": 3}, seed=5))
 
 
 @pytest.mark.slow
