@@ -21,16 +21,25 @@ def _c(name, value):
     return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
 
 
-def _model(nodes, inits, out="y", out_shape=("m", N), x_shape=("m", K), opset=17):
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, list(out_shape))],
-        inits,
+def _model(
+    nodes: str,
+    inits: dict[str, object],
+    out: str = "y",
+    out_shape: tuple[object, ...] = ("m", N),
+    x_shape: tuple[object, ...] = ("m", K),
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """One input x, one output: ``nodes`` in the ONNX text format, which reads like the pattern under test; the
+    float32 initializers come from numpy, since the weights are drawn from the seeded RNG."""
+
+    def dims(shape: tuple[object, ...]) -> str:
+        return ", ".join(map(str, shape))
+
+    model = onnx.parser.parse_model(
+        f'<ir_version: 9, opset_import: ["" : {opset}]>\n'
+        f"g (float[{dims(x_shape)}] x) => (float[{dims(out_shape)}] {out}) {{\n{nodes}\n}}"
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 9
+    model.graph.initializer.extend(_c(name, value) for name, value in inits.items())
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -50,60 +59,54 @@ def _gelu_tanh(v):
 
 def _matmul_add(bias_shape=(N,)):
     bias = B.reshape(bias_shape) if int(np.prod(bias_shape)) == N else RNG.standard_normal(bias_shape)
-    return (
-        [
-            helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
-            helper.make_node("Add", ["h", "b"], ["z"], name="fc_bias"),
-        ],
-        [_c("w", W), _c("b", bias)],
-    )
+    return "[fc] h = MatMul (x, w)\n[fc_bias] z = Add (h, b)\n", {"w": W, "b": bias}
 
 
 def _erf_gelu(variant):
     """transformers' export (Div by √2, then Mul x, then Mul 0.5) and two reorderings."""
     nodes, inits = _matmul_add()
-    inits += [_c("sqrt2", math.sqrt(2)), _c("inv_sqrt2", 1 / math.sqrt(2)), _c("one", 1.0), _c("half", 0.5)]
+    inits |= {"sqrt2": math.sqrt(2), "inv_sqrt2": 1 / math.sqrt(2), "one": 1.0, "half": 0.5}
     if variant == "div":
-        nodes += [
-            helper.make_node("Div", ["z", "sqrt2"], ["s"], name="div"),
-            helper.make_node("Erf", ["s"], ["e"], name="erf"),
-            helper.make_node("Add", ["e", "one"], ["a"], name="add1"),
-            helper.make_node("Mul", ["z", "a"], ["p"], name="mul_x"),
-            helper.make_node("Mul", ["p", "half"], ["y"], name="mul_half"),
-        ]
+        nodes += """
+            [div] s = Div (z, sqrt2)
+            [erf] e = Erf (s)
+            [add1] a = Add (e, one)
+            [mul_x] p = Mul (z, a)
+            [mul_half] y = Mul (p, half)
+        """
     elif variant == "mul_half_first":  # 0.5·x first, scale by 1/√2 with a Mul
-        nodes += [
-            helper.make_node("Mul", ["z", "inv_sqrt2"], ["s"], name="scale"),
-            helper.make_node("Erf", ["s"], ["e"], name="erf"),
-            helper.make_node("Add", ["one", "e"], ["a"], name="add1"),
-            helper.make_node("Mul", ["half", "z"], ["hx"], name="half_x"),
-            helper.make_node("Mul", ["a", "hx"], ["y"], name="mul"),
-        ]
+        nodes += """
+            [scale] s = Mul (z, inv_sqrt2)
+            [erf] e = Erf (s)
+            [add1] a = Add (one, e)
+            [half_x] hx = Mul (half, z)
+            [mul] y = Mul (a, hx)
+        """
     else:  # (1 + erf)·0.5, then ·x
-        nodes += [
-            helper.make_node("Div", ["z", "sqrt2"], ["s"], name="div"),
-            helper.make_node("Erf", ["s"], ["e"], name="erf"),
-            helper.make_node("Add", ["e", "one"], ["a"], name="add1"),
-            helper.make_node("Mul", ["a", "half"], ["ah"], name="mul_half"),
-            helper.make_node("Mul", ["ah", "z"], ["y"], name="mul_x"),
-        ]
+        nodes += """
+            [div] s = Div (z, sqrt2)
+            [erf] e = Erf (s)
+            [add1] a = Add (e, one)
+            [mul_half] ah = Mul (a, half)
+            [mul_x] y = Mul (ah, z)
+        """
     return _model(nodes, inits)
 
 
 def _tanh_gelu():
     """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) as torch's tanh-approximate Gelu exports it (Pow x³)."""
     nodes, inits = _matmul_add()
-    inits += [_c("three", 3.0), _c("c", 0.044715), _c("k", math.sqrt(2 / math.pi)), _c("one", 1.0), _c("half", 0.5)]
-    nodes += [
-        helper.make_node("Pow", ["z", "three"], ["z3"], name="pow"),
-        helper.make_node("Mul", ["z3", "c"], ["cz3"], name="mul_c"),
-        helper.make_node("Add", ["z", "cz3"], ["inner"], name="add_inner"),
-        helper.make_node("Mul", ["inner", "k"], ["arg"], name="mul_k"),
-        helper.make_node("Tanh", ["arg"], ["t"], name="tanh"),
-        helper.make_node("Add", ["t", "one"], ["a"], name="add1"),
-        helper.make_node("Mul", ["z", "half"], ["hz"], name="half_x"),
-        helper.make_node("Mul", ["hz", "a"], ["y"], name="mul"),
-    ]
+    inits |= {"three": 3.0, "c": 0.044715, "k": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5}
+    nodes += """
+        [pow] z3 = Pow (z, three)
+        [mul_c] cz3 = Mul (z3, c)
+        [add_inner] inner = Add (z, cz3)
+        [mul_k] arg = Mul (inner, k)
+        [tanh] t = Tanh (arg)
+        [add1] a = Add (t, one)
+        [half_x] hz = Mul (z, half)
+        [mul] y = Mul (hz, a)
+    """
     return _model(nodes, inits)
 
 
@@ -129,8 +132,7 @@ def test_tanh_gelu_form():
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_op(approximate):
     nodes, inits = _matmul_add()
-    nodes.append(helper.make_node("Gelu", ["z"], ["y"], name="gelu", approximate=approximate))
-    model = _model(nodes, inits, opset=20)
+    model = _model(nodes + f'[gelu] y = Gelu <approximate = "{approximate}"> (z)', inits, opset=20)
     (y,) = run_ort(model, {"x": X})
     ref = _gelu_erf if approximate == "none" else _gelu_tanh
     np.testing.assert_allclose(y, ref(X @ W + B), rtol=1e-4, atol=1e-4)
@@ -140,8 +142,7 @@ def test_gelu_op(approximate):
 
 def test_matmul_add_relu_and_gemm_c():
     nodes, inits = _matmul_add(bias_shape=(1, N))
-    nodes.append(helper.make_node("Relu", ["z"], ["y"], name="relu"))
-    model = _model(nodes, inits)
+    model = _model(nodes + "[relu] y = Relu (z)", inits)
     (y,) = run_ort(model, {"x": X})
     np.testing.assert_allclose(y, np.maximum(X @ W + B, 0), rtol=1e-5, atol=1e-5)
     assert find_epilogues(model)["fc"].to_dict() == {
@@ -150,7 +151,7 @@ def test_matmul_add_relu_and_gemm_c():
         "kind": "bias+relu",
         "nodes": ["fc_bias", "relu"],
     }
-    gemm = _model([helper.make_node("Gemm", ["x", "wt", "b"], ["y"], name="g", transB=1)], [_c("wt", W.T), _c("b", B)])
+    gemm = _model("[g] y = Gemm <transB = 1> (x, wt, b)", {"wt": W.T, "b": B})
     (y,) = run_ort(gemm, {"x": X})
     np.testing.assert_allclose(y, X @ W + B, rtol=1e-5, atol=1e-5)
     assert find_epilogues(gemm)["g"].kind == "bias"
@@ -162,8 +163,7 @@ def test_not_an_epilogue():
     assert find_epilogues(_model(nodes, inits, out="z", out_shape=(5, N)))["fc"].kind == ""
     # the pre-activation value is also a graph output: the Relu cannot be fused away
     nodes, inits = _matmul_add()
-    nodes.append(helper.make_node("Relu", ["z"], ["y"], name="relu"))
-    model = _model(nodes, inits)
+    model = _model(nodes + "[relu] y = Relu (z)", inits)
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["m", N]))
     ep = find_epilogues(model)["fc"]
     assert ep.bias == "Add" and ep.activation is None
@@ -175,8 +175,8 @@ def test_not_an_epilogue():
     assert find_epilogues(model)["fc"].kind == "bias"
     # a Gemm whose C is a full matrix has no bias epilogue
     gemm = _model(
-        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="g")],
-        [_c("w", W), _c("c", RNG.standard_normal((5, N)))],
+        "[g] y = Gemm (x, w, c)",
+        {"w": W, "c": RNG.standard_normal((5, N))},
         x_shape=(5, K),
         out_shape=(5, N),
     )
@@ -186,28 +186,25 @@ def test_not_an_epilogue():
 def test_conv_bias_batchnorm_relu():
     cin, cout = 8, 16
     w = RNG.standard_normal((cout, cin, 1, 1)).astype(np.float32)
-    inits = [
-        _c("w", w),
-        _c("scale", np.ones(cout)),
-        _c("bn_b", np.zeros(cout)),
-        _c("mean", np.zeros(cout)),
-        _c("var", np.ones(cout)),
-        _c("cb", RNG.standard_normal((1, cout, 1, 1))),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-        helper.make_node("BatchNormalization", ["c", "scale", "bn_b", "mean", "var"], ["n"], name="bn"),
-        helper.make_node("Relu", ["n"], ["y"], name="relu"),
-    ]
+    inits = {
+        "w": w,
+        "scale": np.ones(cout),
+        "bn_b": np.zeros(cout),
+        "mean": np.zeros(cout),
+        "var": np.ones(cout),
+        "cb": RNG.standard_normal((1, cout, 1, 1)),
+    }
+    nodes = """
+        [conv] c = Conv (x, w)
+        [bn] n = BatchNormalization (c, scale, bn_b, mean, var)
+        [relu] y = Relu (n)
+    """
     model = _model(nodes, inits, x_shape=(1, cin, 4, 4), out_shape=(1, cout, 4, 4))
     run_ort(model, {"x": RNG.standard_normal((1, cin, 4, 4)).astype(np.float32)})
     ep = find_epilogues(model)["conv"]
     assert (ep.bias, ep.activation, ep.nodes) == ("BatchNormalization", "relu", ("bn", "relu"))
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-        helper.make_node("Add", ["c", "cb"], ["y"], name="bias"),
-    ]
-    model = _model(nodes, inits[:1] + inits[-1:], x_shape=(1, cin, 4, 4), out_shape=(1, cout, 4, 4))
+    nodes = "[conv] c = Conv (x, w)\n[bias] y = Add (c, cb)"
+    model = _model(nodes, {"w": w, "cb": inits["cb"]}, x_shape=(1, cin, 4, 4), out_shape=(1, cout, 4, 4))
     assert find_epilogues(model)["conv"].kind == "bias"
 
 

@@ -9,17 +9,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxsparse.bench.gemms import extract_gemms, round_up, unique_gemms
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.ir.shapes import parse_shapes
 
 
-def _model(nodes, inputs, outputs, inits, opset=17):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+def _model(body: str, *inits: onnx.TensorProto) -> onnx.ModelProto:
+    """A graph in the ONNX text format, with the seeded random weights of ``_w`` attached from numpy."""
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : 17]>\n{body}')
+    model.graph.initializer.extend(inits)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -35,17 +35,14 @@ def _run(model, feeds):
 
 def _mlp():
     """x[batch, seq, 64] → MatMul 64→128 → Relu → Gemm-free MatMul 128→48 (N=48: fp16 ok, int8 not)."""
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
-    ]
-    return _model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 48])],
-        [_w("w1", 64, 128), _w("w2", 128, 48, seed=1)],
-    )
+    body = """
+        g (float[batch, seq, 64] x) => (float[batch, seq, 48] y) {
+            [fc1] h = MatMul (x, w1)
+            [relu] r = Relu (h)
+            [fc2] y = MatMul (r, w2)
+        }
+    """
+    return _model(body, _w("w1", 64, 128), _w("w2", 128, 48, seed=1))
 
 
 def test_matmul_m_is_batch_times_positions_and_matches_ort():
@@ -87,20 +84,13 @@ def test_bad_dtype_is_a_user_error():
 
 
 def test_conv_is_an_implicit_gemm_and_matches_ort():
-    nodes = [
-        helper.make_node(
-            "Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]
-        ),
-        helper.make_node(
-            "Conv", ["y", "wd"], ["z"], name="depthwise", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=64
-        ),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 16, 16])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64, 8, 8])],
-        [_w("w", 64, 32, 3, 3), _w("b", 64), _w("wd", 64, 1, 3, 3)],
-    )
+    body = """
+        g (float[2, 32, 16, 16] x) => (float[2, 64, 8, 8] z) {
+            [conv] y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [2, 2]> (x, w, b)
+            [depthwise] z = Conv <group = 64, kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (y, wd)
+        }
+    """
+    model = _model(body, _w("w", 64, 32, 3, 3), _w("b", 64), _w("wd", 64, 1, 3, 3))
     conv, dw = extract_gemms(model)
     (z,) = _run(model, {"x": np.random.default_rng(0).standard_normal((2, 32, 16, 16)).astype(np.float32)})
     # M = N_batch · H_out · W_out of the real output, N = output channels, K = C_in · kh · kw
@@ -110,16 +100,13 @@ def test_conv_is_an_implicit_gemm_and_matches_ort():
 
 
 def test_gemm_trans_b_and_non_multiple_n():
-    nodes = [
-        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="proj", transB=1),
-        helper.make_node("Gemm", ["h", "wc"], ["y"], name="head"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
-        [_w("w", 128, 256), _w("b", 128), _w("wc", 128, 10)],
-    )
+    body = """
+        g (float[n, 256] x) => (float[n, 10] y) {
+            [proj] h = Gemm <transB = 1> (x, w, b)
+            [head] y = Gemm (h, wc)
+        }
+    """
+    model = _model(body, _w("w", 128, 256), _w("b", 128), _w("wc", 128, 10))
     proj, head = extract_gemms(model, parse_shapes("x:64x256"))
     assert (proj.m, proj.n, proj.k, proj.reason) == (64, 128, 256, None)
     (y,) = _run(model, {"x": np.ones((64, 256), np.float32)})
@@ -128,19 +115,13 @@ def test_gemm_trans_b_and_non_multiple_n():
 
 
 def test_runtime_weight_and_pattern_reasons_are_kept():
-    nodes = [
-        helper.make_node("MatMul", ["x", "x2"], ["y"], name="act_act"),
-        helper.make_node("MatMul", ["y", "w"], ["z"], name="k6"),
-    ]
-    model = _model(
-        nodes,
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 16]),
-            helper.make_tensor_value_info("x2", TensorProto.FLOAT, [16, 6]),
-        ],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, 32])],
-        [_w("w", 6, 32)],
-    )
+    body = """
+        g (float[8, 16] x, float[16, 6] x2) => (float[8, 32] z) {
+            [act_act] y = MatMul (x, x2)
+            [k6] z = MatMul (y, w)
+        }
+    """
+    model = _model(body, _w("w", 6, 32))
     act, k6 = extract_gemms(model)
     assert act.key is None and "graph input" in (act.reason or "")
     assert k6.key is None and "K=6" in (k6.reason or "")
@@ -152,14 +133,9 @@ def test_identical_shapes_are_deduplicated_with_counts():
         n = 64 if i % 2 == 0 else 32
         k = 32 if i % 2 == 0 else 64
         inits.append(_w(f"w{i}", k, n, seed=i))
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
+        nodes.append(f"[fc{i}] h{i} = MatMul ({prev}, w{i})")
         prev = f"h{i}"
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", 32])],
-        inits,
-    )
+    model = _model(f"g (float[b, 32] x) => (float[b, 32] {prev}) {{ {' '.join(nodes)} }}", *inits)
     layers = extract_gemms(model, parse_shapes("x:128x32"))
     unique = unique_gemms(layers)
     assert [(u.key, u.count, u.layers) for u in unique] == [

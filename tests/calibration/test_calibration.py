@@ -23,32 +23,23 @@ F = TensorProto.FLOAT
 def _mlp(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
     """x[batch,16] (+ ids[batch,4] int64, unused by the math but checked) → MatMul → Relu → Gemm → y."""
     rng = np.random.default_rng(seed)
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("Gemm", ["r", "w2"], ["g"], name="fc2", transB=1),
-        helper.make_node("Cast", ["ids"], ["idsf"], to=F),
-        helper.make_node("ReduceSum", ["idsf"], ["s"], keepdims=1),
-        helper.make_node("Add", ["g", "s"], ["y"]),
-    ]
-    inits = [
-        nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
-        nh.from_array(rng.standard_normal((8, 32)).astype(np.float32) * 0.2, "w2"),
-        nh.from_array(np.array([1], dtype=np.int64), "axes"),
-    ]
-    nodes[4].input.append("axes")
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info("x", F, [batch, 16]),
-            helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, 4]),
-        ],
-        [helper.make_tensor_value_info("y", F, [batch, 8])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[{batch}, 16] x, int64[{batch}, 4] ids) => (float[{batch}, 8] y) {{
+            [fc1] h = MatMul (x, w1)
+            [relu] r = Relu (h)
+            [fc2] g = Gemm <transB = 1> (r, w2)
+            idsf = Cast <to = 1> (ids)
+            s = ReduceSum <keepdims = 1> (idsf, axes)
+            y = Add (g, s)
+        }}
+    """)
+    inits = {
+        "w1": rng.standard_normal((16, 32)).astype(np.float32),
+        "w2": rng.standard_normal((8, 32)).astype(np.float32) * 0.2,
+        "axes": np.array([1], dtype=np.int64),
+    }
+    model.graph.initializer.extend(nh.from_array(value, name) for name, value in inits.items())
     onnx.checker.check_model(model, full_check=True)
     return model
 

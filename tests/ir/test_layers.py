@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import if_model, make_model, rand
-from onnx import TensorProto, helper
+from builders import if_model, rand
+from onnx import TensorProto
 from onnx import numpy_helper as nh
 
 from onnxsparse.ir.layers import find_layers
@@ -18,47 +18,46 @@ from onnxsparse.ir.shapes import infer_shapes
 F = TensorProto.FLOAT
 
 
+def _model(
+    body: str, inits: dict[str, np.ndarray] | None = None, *, opset: int = 17, ir_version: int = 8, check: bool = True
+) -> onnx.ModelProto:
+    """Parse a graph in the ONNX text format and attach the initializers from numpy: seeded random weights are
+    drawn with numpy, and text literals would only repeat them digit by digit."""
+    model = onnx.parser.parse_model(f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\n{body}')
+    model.graph.initializer.extend(nh.from_array(v, k) for k, v in (inits or {}).items())
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def _chain_model() -> onnx.ModelProto:
     """Conv weight stored [kh, kw, Cin, Cout] → Transpose(3,2,0,1); MatMul weights via DQ, Cast and Reshape."""
     rng = np.random.default_rng(0)
-    inits = [
-        nh.from_array(rand(rng, 3, 3, 8, 16), "w_hwio"),
-        nh.from_array(rng.integers(-127, 127, (16, 32)).astype(np.int8), "q_w"),
-        nh.from_array(np.full(32, 0.01, np.float32), "q_scale"),
-        nh.from_array(rand(rng, 8, 8).astype(np.float16), "w_fp16"),
-        nh.from_array(rand(rng, 8 * 4), "w_flat"),
-        nh.from_array(np.array([8, 4], np.int64), "shape84"),
-        nh.from_array(rand(rng, 16, 8, 2, 2), "w_ct"),
-    ]
-    nodes = [
-        helper.make_node("Transpose", ["w_hwio"], ["w_oihw"], perm=[3, 2, 0, 1]),
-        helper.make_node("Conv", ["x", "w_oihw"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("ConvTranspose", ["c", "w_ct"], ["ct"], name="deconv", strides=[2, 2]),
-        helper.make_node("GlobalAveragePool", ["ct"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("MatMul", ["f", "wcast"], ["m0"], name="mm_cast"),
-        helper.make_node("Cast", ["w_fp16"], ["wcast"], to=F),
-        helper.make_node("DequantizeLinear", ["q_w", "q_scale"], ["w_dq"], axis=1),
-        helper.make_node("MatMul", ["h16", "w_dq"], ["m1"], name="mm_dq"),
-        helper.make_node("Reshape", ["w_flat", "shape84"], ["w84"]),
-        helper.make_node("MatMul", ["m0", "w84"], ["m2"], name="mm_reshape"),
-    ]
-    inputs = [helper.make_tensor_value_info("x", F, ["n", 8, 10, 10]), helper.make_tensor_value_info("h16", F, [4, 16])]
-    outputs = [helper.make_tensor_value_info("m1", F, [4, 32]), helper.make_tensor_value_info("m2", F, ["n", 4])]
-    nodes = [
-        nodes[0],
-        nodes[1],
-        nodes[2],
-        nodes[3],
-        nodes[4],
-        nodes[6],
-        nodes[5],
-        nodes[7],
-        nodes[8],
-        nodes[9],
-        nodes[10],
-    ]
-    return make_model(nodes, inputs, outputs, inits, opset=19)
+    inits = {
+        "w_hwio": rand(rng, 3, 3, 8, 16),
+        "q_w": rng.integers(-127, 127, (16, 32)).astype(np.int8),
+        "q_scale": np.full(32, 0.01, np.float32),
+        "w_fp16": rand(rng, 8, 8).astype(np.float16),
+        "w_flat": rand(rng, 8 * 4),
+        "shape84": np.array([8, 4], np.int64),
+        "w_ct": rand(rng, 16, 8, 2, 2),
+    }
+    body = """
+        g (float[n, 8, 10, 10] x, float[4, 16] h16) => (float[4, 32] m1, float[n, 4] m2) {
+            w_oihw = Transpose <perm = [3, 2, 0, 1]> (w_hwio)
+            [conv] c = Conv <pads = [1, 1, 1, 1]> (x, w_oihw)
+            [deconv] ct = ConvTranspose <strides = [2, 2]> (c, w_ct)
+            p = GlobalAveragePool (ct)
+            f = Flatten (p)
+            wcast = Cast <to = 1> (w_fp16)
+            [mm_cast] m0 = MatMul (f, wcast)
+            w_dq = DequantizeLinear <axis = 1> (q_w, q_scale)
+            [mm_dq] m1 = MatMul (h16, w_dq)
+            w84 = Reshape (w_flat, shape84)
+            [mm_reshape] m2 = MatMul (m0, w84)
+        }
+    """
+    return _model(body, inits, opset=19)
 
 
 def test_axes_map_through_chains() -> None:
@@ -93,18 +92,13 @@ def test_gemm_shapes_and_flops() -> None:
 
 def test_depthwise_and_runtime_weights_are_ineligible() -> None:
     rng = np.random.default_rng(1)
-    nodes = [
-        helper.make_node("Conv", ["x", "dw"], ["a"], name="dw", group=8, pads=[1, 1, 1, 1]),
-        helper.make_node("Conv", ["a", "x_as_w"], ["b"], name="dyn"),
-    ]
-    inputs = [
-        helper.make_tensor_value_info("x", F, [1, 8, 4, 4]),
-        helper.make_tensor_value_info("x_as_w", F, [4, 8, 1, 1]),
-    ]
-    outputs = [helper.make_tensor_value_info("b", F, [1, 4, 4, 4])]
-    layers = {
-        L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 1, 3, 3), "dw")]))
-    }
+    body = """
+        g (float[1, 8, 4, 4] x, float[4, 8, 1, 1] x_as_w) => (float[1, 4, 4, 4] b) {
+            [dw] a = Conv <group = 8, pads = [1, 1, 1, 1]> (x, dw)
+            [dyn] b = Conv (a, x_as_w)
+        }
+    """
+    layers = {L.name: L for L in find_layers(_model(body, {"dw": rand(rng, 8, 1, 3, 3)}))}
     why = layers["dw"].check_pattern(4)
     assert why is not None and why.code is Reason.NOT_DIVISIBLE and str(why) == "C_in/group=1 is not divisible by 4"
     assert "graph input" in str(layers["dyn"].reason or "")
@@ -119,13 +113,13 @@ def test_subgraph_layers_find_outer_scope_weights() -> None:
 
 def test_shared_weight_with_conflicting_axes() -> None:
     rng = np.random.default_rng(2)
-    nodes = [
-        helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
-        helper.make_node("Gemm", ["x", "W"], ["b"], name="g1", transB=1),
-    ]
-    inputs = [helper.make_tensor_value_info("x", F, [2, 8])]
-    outputs = [helper.make_tensor_value_info("a", F, [2, 8]), helper.make_tensor_value_info("b", F, [2, 8])]
-    layers = {L.name: L for L in find_layers(make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 8), "W")]))}
+    body = """
+        g (float[2, 8] x) => (float[2, 8] a, float[2, 8] b) {
+            [m1] a = MatMul (x, W)
+            [g1] b = Gemm <transB = 1> (x, W)
+        }
+    """
+    layers = {L.name: L for L in find_layers(_model(body, {"W": rand(rng, 8, 8)}))}
     assert "shared with g1" in str(layers["m1"].reason or "")
     assert "different axis" in str(layers["g1"].reason or "")
     codes = {r.code for r in (layers["m1"].reason, layers["g1"].reason) if r is not None}
@@ -143,21 +137,14 @@ def test_reshape_target_stored_as_external_data_is_not_read_from_the_working_dir
     from onnxsparse.ir.model_io import load_model
 
     rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Reshape", ["w", "shape"], ["w2"], name="reshape"),
-        helper.make_node("MatMul", ["x", "w2"], ["y"], name="mm"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
-        [
-            nh.from_array(rng.standard_normal(96).astype(np.float32), "w"),
-            nh.from_array(np.array([8, 12], np.int64), "shape"),
-        ],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    body = """
+        g (float[2, 8] x) => (float[2, 12] y) {
+            [reshape] w2 = Reshape (w, shape)
+            [mm] y = MatMul (x, w2)
+        }
+    """
+    inits = {"w": rng.standard_normal(96).astype(np.float32), "shape": np.array([8, 12], np.int64)}
+    proto = _model(body, inits, ir_version=onnx.IR_VERSION, check=False)
     inline_layers = find_layers(proto)
     assert inline_layers[0].weight_shape == (8, 12)
     convert_model_to_external_data(proto, location="m.data", size_threshold=0)
@@ -178,28 +165,23 @@ def _sibling_branches(seed: int = 3) -> tuple[onnx.ModelProto, dict[str, np.ndar
     rng = np.random.default_rng(seed)
     w = {"W0": rand(rng, 8, 12), "W1": rand(rng, 8, 12), "W_outer": rand(rng, 8, 12)}
 
-    def branch(i: int, then: bool) -> onnx.GraphProto:
-        if not then:
-            nodes = [helper.make_node("MatMul", ["x", "W_outer"], [f"e{i}"])]
-            return helper.make_graph(nodes, f"else{i}", [], [helper.make_tensor_value_info(f"e{i}", F, ["b", 12])])
-        nodes = [helper.make_node("MatMul", ["x", "W"], [f"t{i}"])]
-        out = f"t{i}"
-        if i == 1:
-            nodes += [helper.make_node("MatMul", ["x", "W"], ["t1b"]), helper.make_node("Add", ["t1", "t1b"], ["t1s"])]
-            out = "t1s"
-        init = nh.from_array(w[f"W{i}"], "W")
-        return helper.make_graph(nodes, f"then{i}", [], [helper.make_tensor_value_info(out, F, ["b", 12])], [init])
-
-    nodes = [
-        helper.make_node("If", ["cond"], [f"y{i}"], then_branch=branch(i, True), else_branch=branch(i, False))
-        for i in range(2)
-    ]
-    inputs = [
-        helper.make_tensor_value_info("x", F, ["b", 8]),
-        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-    ]
-    outputs = [helper.make_tensor_value_info(f"y{i}", F, ["b", 12]) for i in range(2)]
-    return make_model(nodes, inputs, outputs, [nh.from_array(w["W_outer"], "W_outer")]), w
+    body = """
+        g (float[b, 8] x, bool cond) => (float[b, 12] y0, float[b, 12] y1) {
+            y0 = If <else_branch = else0 () => (float[b, 12] e0) { e0 = MatMul (x, W_outer) },
+                     then_branch = then0 () => (float[b, 12] t0) { t0 = MatMul (x, W) }> (cond)
+            y1 = If <else_branch = else1 () => (float[b, 12] e1) { e1 = MatMul (x, W_outer) },
+                     then_branch = then1 () => (float[b, 12] t1s) {
+                         t1 = MatMul (x, W)
+                         t1b = MatMul (x, W)
+                         t1s = Add (t1, t1b)
+                     }> (cond)
+        }
+    """
+    model = _model(body, {"W_outer": w["W_outer"]}, check=False)
+    for i, node in enumerate(model.graph.node):
+        next(a.g for a in node.attribute if a.name == "then_branch").initializer.append(nh.from_array(w[f"W{i}"], "W"))
+    onnx.checker.check_model(model, full_check=True)
+    return model, w
 
 
 def test_keys_tell_sibling_graphs_apart_and_survive_a_copy() -> None:
@@ -210,7 +192,7 @@ def test_keys_tell_sibling_graphs_apart_and_survive_a_copy() -> None:
     from onnxsparse.pruning.targets import group_targets
 
     proto, _ = _sibling_branches()
-    layers = find_layers(proto)  # graph order; make_node sorts attributes, so else_branch is walked first
+    layers = find_layers(proto)  # graph order; else_branch is written first, so it is walked first
     assert [L.graph_path for L in layers] == ["main/If.else_branch", "main/If.then_branch"] * 2 + [
         "main/If.then_branch"
     ]

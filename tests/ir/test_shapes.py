@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.ir.layers import find_layers
@@ -23,41 +22,34 @@ def _position_ids_model(extra_op: str | None = None) -> onnx.ModelProto:
     the embeddings' sum feeds a MatMul. onnx's inference loses the sequence length at the Slice. ``extra_op``:
     an op of an unknown domain on the MatMul's output (no inference knows it)."""
     rng = np.random.default_rng(0)
-    const = [
-        helper.make_node("Constant", [], ["one"], value=nh.from_array(np.array(1, np.int64))),
-        helper.make_node("Constant", [], ["zeros1"], value=nh.from_array(np.array([0], np.int64))),
-        helper.make_node("Constant", [], ["ones1"], value=nh.from_array(np.array([1], np.int64))),
-    ]
-    nodes = [
-        *const,
-        helper.make_node("Shape", ["input_ids"], ["shape"]),
-        helper.make_node("Gather", ["shape", "one"], ["seq"], axis=0),
-        helper.make_node("Unsqueeze", ["seq", "zeros1"], ["seq1"]),
-        helper.make_node("Slice", ["buffer", "zeros1", "seq1", "ones1", "ones1"], ["position_ids"]),
-        helper.make_node("Gather", ["word", "input_ids"], ["words"]),
-        helper.make_node("Gather", ["position", "position_ids"], ["positions"]),
-        helper.make_node("Add", ["words", "positions"], ["embedded"]),
-        helper.make_node("MatMul", ["embedded", "w"], ["y" if extra_op is None else "h"], name="dense"),
-    ]
-    opsets = [helper.make_opsetid("", 17)]
+    out, domains, extra = ("y", "", "")
     if extra_op is not None:
-        nodes.append(helper.make_node(extra_op, ["h"], ["y"], domain="example.unknown"))
-        opsets.append(helper.make_opsetid("example.unknown", 1))
-    inits = [
-        nh.from_array(np.arange(64, dtype=np.int64).reshape(1, 64), "buffer"),
-        nh.from_array(rng.standard_normal((100, 8)).astype(np.float32), "word"),
-        nh.from_array(rng.standard_normal((64, 8)).astype(np.float32), "position"),
-        nh.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "embeddings",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
+        out, domains, extra = "h", ', "example.unknown": 1', f"y = example.unknown.{extra_op} (h)"
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17{domains}]>
+        embeddings (int64[batch, sequence] input_ids) => (float y) {{
+            one = Constant <value = int64 {{1}}> ()
+            zeros1 = Constant <value = int64[1] {{0}}> ()
+            ones1 = Constant <value = int64[1] {{1}}> ()
+            shape = Shape (input_ids)
+            seq = Gather <axis = 0> (shape, one)
+            seq1 = Unsqueeze (seq, zeros1)
+            position_ids = Slice (buffer, zeros1, seq1, ones1, ones1)
+            words = Gather (word, input_ids)
+            positions = Gather (position, position_ids)
+            embedded = Add (words, positions)
+            [dense] {out} = MatMul (embedded, w)
+            {extra}
+        }}
+    """)
+    model.graph.output[0].type.tensor_type.ClearField("shape")  # the text format has no "rank unknown"
+    inits = {
+        "buffer": np.arange(64, dtype=np.int64).reshape(1, 64),
+        "word": rng.standard_normal((100, 8)).astype(np.float32),
+        "position": rng.standard_normal((64, 8)).astype(np.float32),
+        "w": rng.standard_normal((8, 12)).astype(np.float32),
+    }
+    model.graph.initializer.extend(nh.from_array(value, name) for name, value in inits.items())
     return model
 
 

@@ -156,41 +156,46 @@ def test_conv_transpose_rows_and_columns_reproduce_the_ort_output(attrs: dict) -
     np.testing.assert_allclose(rebuilt, y, rtol=1e-4, atol=1e-4)
 
 
+def _model(body: str, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A graph in the ONNX text format, with initializers attached from numpy (the weights are seeded draws)."""
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : 17]>\n{body}')
+    model.graph.initializer.extend(nh.from_array(v, k) for k, v in inits.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def _gemm_model(chain: str, seed: int = 0) -> onnx.ModelProto:
     """y = x @ W for W reached through a weight chain; K = 16 inputs, N = 12 outputs."""
     rng = np.random.default_rng(seed)
     w = rand(rng, 16, 12)
-    x = helper.make_tensor_value_info("x", F, ["b", 16])
-    y = helper.make_tensor_value_info("y", F, ["b", 12])
+    x = "float[b, 16] x"
     if chain == "gemm_transB":
-        nodes = [helper.make_node("Gemm", ["x", "Wt"], ["y"], name="layer", transB=1)]
-        inits = [nh.from_array(np.ascontiguousarray(w.T), "Wt")]
+        nodes, inits = "[layer] y = Gemm <transB = 1> (x, Wt)", {"Wt": np.ascontiguousarray(w.T)}
     elif chain == "gemm_transA":
-        x = helper.make_tensor_value_info("x", F, [16, "b"])
-        nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], name="layer", transA=1)]
-        inits = [nh.from_array(w, "W")]
+        x = "float[16, b] x"
+        nodes, inits = "[layer] y = Gemm <transA = 1> (x, W)", {"W": w}
     elif chain == "transpose":
-        nodes = [
-            helper.make_node("Transpose", ["Wt"], ["Wc"], perm=[1, 0]),
-            helper.make_node("MatMul", ["x", "Wc"], ["y"], name="layer"),
-        ]
-        inits = [nh.from_array(np.ascontiguousarray(w.T), "Wt")]
+        nodes = """
+            Wc = Transpose <perm = [1, 0]> (Wt)
+            [layer] y = MatMul (x, Wc)
+        """
+        inits = {"Wt": np.ascontiguousarray(w.T)}
     elif chain == "reshape":
-        nodes = [
-            helper.make_node("Reshape", ["W3", "shape"], ["Wc"]),
-            helper.make_node("MatMul", ["x", "Wc"], ["y"], name="layer"),
-        ]
-        inits = [nh.from_array(w.reshape(16, 3, 4), "W3"), nh.from_array(np.array([16, 12], np.int64), "shape")]
+        nodes = """
+            Wc = Reshape (W3, shape)
+            [layer] y = MatMul (x, Wc)
+        """
+        inits = {"W3": w.reshape(16, 3, 4), "shape": np.array([16, 12], np.int64)}
     else:  # dq: int8 per output channel, then Cast
         scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        nodes = [
-            helper.make_node("DequantizeLinear", ["Wq", "s"], ["Wd"], axis=1),
-            helper.make_node("Cast", ["Wd"], ["Wc"], to=F),
-            helper.make_node("MatMul", ["x", "Wc"], ["y"], name="layer"),
-        ]
-        inits = [nh.from_array(q, "Wq"), nh.from_array(scale, "s")]
-    return make_model(nodes, [x], [y], inits)
+        nodes = """
+            Wd = DequantizeLinear <axis = 1> (Wq, s)
+            Wc = Cast <to = 1> (Wd)
+            [layer] y = MatMul (x, Wc)
+        """
+        inits = {"Wq": q, "s": scale}
+    return _model(f"g ({x}) => (float[b, 12] y) {{ {nodes} }}", inits)
 
 
 @pytest.mark.parametrize("chain", ["gemm_transB", "gemm_transA", "transpose", "reshape", "dq"])
@@ -208,12 +213,6 @@ def test_gemm_and_matmul_views_reproduce_the_ort_output(chain: str) -> None:
 
 def test_batched_matmul_weights_are_refused_with_a_reason() -> None:
     rng = np.random.default_rng(0)
-    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="bmm")
-    model = make_model(
-        [node],
-        [helper.make_tensor_value_info("x", F, [2, 3, 8])],
-        [helper.make_tensor_value_info("y", F, [2, 3, 4])],
-        [nh.from_array(rand(rng, 2, 8, 4), "W")],
-    )
+    model = _model("g (float[2, 3, 8] x) => (float[2, 3, 4] y) { [bmm] y = MatMul (x, W) }", {"W": rand(rng, 2, 8, 4)})
     why = problems(find_layers(model)[0])
     assert isinstance(why, str) and "rank 3" in why
