@@ -35,6 +35,13 @@ def parse(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.M
     return model
 
 
+def parse_checked(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.ModelProto:
+    """``parse``, then the full checker: a slip in a test's graph fails where it is built, not inside a pass."""
+    model = parse(text, *tensors, **arrays)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def make_model(
     nodes: list[onnx.NodeProto],
     inputs: list[onnx.ValueInfoProto],

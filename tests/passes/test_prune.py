@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import parse
+from builders import parse, parse_checked
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -68,12 +68,6 @@ def _op_weights(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[st
     }
 
 
-def _model(text: str, **arrays: np.ndarray) -> onnx.ModelProto:
-    model = parse(text, **arrays)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def _mlp(w: np.ndarray) -> onnx.ModelProto:
     """x[b,K] @ W[K,N] → y, one MatMul; a weight that is not fp32 reaches it through a Cast."""
     k, n = w.shape
@@ -85,7 +79,7 @@ def _mlp(w: np.ndarray) -> onnx.ModelProto:
             [layer] y = MatMul (x, {"W_f" if cast else "W"})
         }}
     """
-    return _model(text, W=w)
+    return parse_checked(text, W=w)
 
 
 # ------------------------------------------------------------------------------------------ mask function
@@ -274,7 +268,7 @@ def test_dq_ranks_by_q_times_scale_and_prunes_to_zero_point():
             [layer] y = MatMul (x, W)
         }
     """
-    model = _model(text, Wq=q, s=scale, zp=zp)
+    model = parse_checked(text, Wq=q, s=scale, zp=zp)
     pruned, _ = _prune(model)
     got = _inits(pruned)["Wq"]
     # column 0: |q*s| = [0.1, 10, 10, 0.1] → keep rows 1, 2 although |q| is largest in rows 0, 3
@@ -294,7 +288,7 @@ def test_dq_nonzero_zero_point_uint8():
             [layer] y = MatMul (x, W)
         }
     """
-    model = _model(text, Wq=q, s=scale, zp=zp)
+    model = parse_checked(text, Wq=q, s=scale, zp=zp)
     pruned, _ = _prune(model)
     seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
     assert is_nm(seen, 0)
@@ -321,7 +315,7 @@ def test_dq_blocked_scale_and_per_axis_after_transpose():
         }
     """
     vq = rng.integers(-127, 128, (8, 4)).astype(np.int8)
-    model = _model(text, Wq=q, s=scale, Vq=vq, vs=np.full(8, 0.1, np.float32))
+    model = parse_checked(text, Wq=q, s=scale, Vq=vq, vs=np.full(8, 0.1, np.float32))
     pruned, result = _prune(model)
     deq = q.astype(np.float32) * np.repeat(scale, 4, axis=0)
     seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
@@ -342,7 +336,7 @@ def test_skip_weight_that_is_a_graph_output():
             [mm] y = MatMul (x, W)
         }
     """
-    _, result = _prune(_model(text, W=w))
+    _, result = _prune(parse_checked(text, W=w))
     assert not result.modified and "also feeds Identity" in result.report.skipped[0]["reason"]
     text = """
         <ir_version: 8, opset_import: ["" : 17]>
@@ -350,7 +344,7 @@ def test_skip_weight_that_is_a_graph_output():
             [mm] y = MatMul (x, W)
         }
     """
-    _, result = _prune(_model(text, W=w))
+    _, result = _prune(parse_checked(text, W=w))
     assert not result.modified and "also feeds graph output W" in result.report.skipped[0]["reason"]
 
 
@@ -449,7 +443,7 @@ def test_skip_weight_with_other_readers_and_graph_input():
             [mm_input] z = MatMul (x, G)
         }
     """
-    model = _model(text, W=w)
+    model = parse_checked(text, W=w)
     pruned, r = _prune(model)
     reasons = {s["name"]: s["reason"] for s in r.report.skipped}
     assert "also feeds Add 'uses_w'" in reasons["mm"]
@@ -475,7 +469,7 @@ def test_skip_unsupported_weights():
         }
     """
     wi = rng.integers(-5, 5, (8, 8)).astype(np.int32)
-    model = _model(text, W8=w8, Wi=wi, Wq=rng.integers(-5, 5, (8, 8)).astype(np.int8))
+    model = parse_checked(text, W8=w8, Wi=wi, Wq=rng.integers(-5, 5, (8, 8)).astype(np.int8))
     _, result = _prune(model)
     reasons = {s["name"]: s["reason"] for s in result.report.skipped}
     assert "unsupported type FLOAT8E4M3FN" in reasons["fp8"]
@@ -493,7 +487,7 @@ def test_skip_shared_with_excluded_layer_and_prunes_shared_same_axis():
             [b] y = MatMul (h, W)
         }
     """
-    model = _model(text, W=w)
+    model = parse_checked(text, W=w)
     pruned, r = _prune(model)
     assert [c["layers"] for c in r.report.changed] == [["a", "b"]]
     assert is_nm(nh.to_array(pruned.graph.initializer[0]), 0)
@@ -693,7 +687,7 @@ def test_polygraphy_rank3_perm_disagreement_is_its_bug():
             [fc] y = Gemm (f, W_fc)
         }
     """
-    model = _model(text, W_hwio=w_hwio, W_fc=w_fc)
+    model = parse_checked(text, W_hwio=w_hwio, W_fc=w_fc)
     ours, _ = _prune(model)
     examined, sparse = _polygraphy_check(ours)
     assert examined - sparse == {"W_hwio"}  # the one disagreement ...
