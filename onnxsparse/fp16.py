@@ -37,7 +37,7 @@ from onnxsparse.fp16_types import FLOAT, FLOAT16, Fp16Options, NodeInfo, TypePla
 from onnxsparse.ir.graph import NameGen
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.onnxir import IrView, ModelTensor, insert_after_definition
-from onnxsparse.pipeline import PassReport
+from onnxsparse.pass_base import PassReport
 
 log = logging.getLogger("onnxsparse.fp16")
 

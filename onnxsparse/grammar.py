@@ -10,8 +10,8 @@ quoted with '...' or "..." to contain ``;``, ``{`` or ``}``. Option names use da
 to dataclass fields with underscores.
 
 Why apart from ``pipeline``: running passes needs none of this, and the grammar is the part a CLI change
-touches. The one dependency back (``registry`` needs the ``Pass`` class to recognise passes) is imported
-where it is used, so ``pipeline`` can import this module at its top.
+touches. It stands on ``pass_base`` (``registry`` recognises passes by the ``Pass`` class; a pass's own
+text, ``pass_text``, is there with the configs) and below ``pipeline``, whose ``Pipeline("text")`` reads it.
 """
 
 from __future__ import annotations
@@ -21,38 +21,10 @@ import importlib
 import pkgutil
 import types
 import typing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from onnxsparse.errors import OnnxSparseError
-
-if TYPE_CHECKING:
-    from onnxsparse.pipeline import Pass, PassConfig
-
-
-def format_value(value: Any) -> str:
-    """An option value as pipeline text (quoted where it holds a character of the grammar)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v) for v in value)
-    text = "" if value is None else str(value)
-    if any(c in text for c in ";{}'\""):
-        return "'" + text.replace("'", "\\'") + "'"
-    return text
-
-
-def pass_text(name: str, config: PassConfig) -> str:
-    """``name{option=value;...}`` with only the options that differ from their defaults."""
-    parts = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.default is not dataclasses.MISSING and value == f.default:
-            continue
-        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-            continue
-        parts.append(f"{f.name.replace('_', '-')}={format_value(value)}")
-    return name + ("{" + ";".join(parts) + "}" if parts else "")
-
+from onnxsparse.pass_base import Pass, PassConfig
 
 # ---------------------------------------------------------------------------------------------- registry
 
@@ -94,8 +66,6 @@ def _pass_modules() -> list[str]:
 
 def _passes_in(module_name: str) -> dict[str, type[Pass[Any]]]:
     """The pass classes a module of ``onnxsparse.passes`` defines, by CLI name."""
-    from onnxsparse.pipeline import Pass
-
     module = importlib.import_module(f"onnxsparse.passes.{module_name}")
     found: dict[str, type[Pass[Any]]] = {}
     for obj in vars(module).values():

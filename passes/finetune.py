@@ -31,7 +31,7 @@ import numpy as np
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.finetune.options import DEFAULT_TRAIN
 from onnxsparse.ir.model_io import Model
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pass_base import Pass, PassConfig, PassContext, PassReport, PassResult, option
 
 log = logging.getLogger("onnxsparse.passes.finetune")
 

@@ -43,7 +43,7 @@ from onnxsparse.ir.onnxir import IrView, add_initializer, drop_if_unread
 from onnxsparse.ir.reasons import Skip, code_key
 from onnxsparse.ir.shapes import Shape, infer_shapes
 from onnxsparse.ir.tensors import to_array
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pass_base import Pass, PassConfig, PassContext, PassReport, PassResult, option
 
 
 @dataclass(frozen=True)

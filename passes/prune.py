@@ -36,7 +36,7 @@ from onnxsparse.ir.index import model_layers
 from onnxsparse.ir.layers import WEIGHTED_OPS, Layer, check_regex, select_reason
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.reasons import Reason, Skip, code_key
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassContractError, PassReport, PassResult, option
+from onnxsparse.pass_base import Pass, PassConfig, PassContext, PassContractError, PassReport, PassResult, option
 from onnxsparse.presets import PRESETS
 from onnxsparse.pruning import METHODS, LayerOutcome
 from onnxsparse.pruning.plan import Plan, check_plan, read_plan

@@ -36,7 +36,7 @@ from onnxsparse.ir.graph import NameGen
 from onnxsparse.ir.layers import check_regex
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.onnxir import IrView, add_initializer, drop_if_unread, insert_after_definition
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pass_base import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.qdq_plan import Bound, QdqPlan, Slot, WeightPlan, plan_qdq
 
 log = logging.getLogger("onnxsparse.passes.qdq")

@@ -32,7 +32,7 @@ from typing import Any
 
 from onnxsparse.fp16 import convert, fp16_array
 from onnxsparse.ir.model_io import Model
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassReport, PassResult, option
+from onnxsparse.pass_base import Pass, PassConfig, PassContext, PassReport, PassResult, option
 from onnxsparse.render import grouped_reasons
 
 #: Kept float32 by default. Exp and Pow overflow fp16's 65504 for modest inputs (exp(x) for x > 11.1, x² for

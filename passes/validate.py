@@ -25,7 +25,7 @@ from onnxsparse.ir.layers import GemmShape, Layer
 from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.shapes import Shape, concrete, fill_symbolic, infer_shapes, symbolic_dims
 from onnxsparse.ir.stream import check_tensor, streamable
-from onnxsparse.pipeline import Pass, PassConfig, PassContext, PassContractError, PassReport, PassResult, option
+from onnxsparse.pass_base import Pass, PassConfig, PassContext, PassContractError, PassReport, PassResult, option
 from onnxsparse.render import human_count, table
 from onnxsparse.sparsity import (
     StoredWeight,

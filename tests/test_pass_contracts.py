@@ -327,3 +327,26 @@ def test_finetune_with_nothing_to_train_is_not_modified(tmp_path: Path) -> None:
     np.savez(masks, nothing=np.ones((8, 8), dtype=bool))
     p = FinetunePass(masks=str(masks), data=str(tmp_path / "d.npz"), teacher=str(tmp_path / "t.onnx"))
     assert _modified(p, _mlp()) is False
+
+
+def test_passes_and_grammar_stand_on_the_contract_not_on_the_runner() -> None:
+    """Imports run one way: passes and the grammar need ``pass_base`` only; ``pipeline`` (the runner) is above
+    both and re-exports the contract, so the API's ``onnxsparse.pipeline.Pass`` is the same class."""
+    import subprocess
+    import sys
+
+    import onnxsparse.pass_base as base
+    import onnxsparse.pipeline as pipeline
+
+    code = (
+        "import json, sys\n"
+        "import onnxsparse.grammar\n"
+        "from onnxsparse.grammar import get_pass\n"
+        "for name in ('prune', 'validate', 'qdq', 'to-fp16', 'gemm-to-conv', 'finetune'):\n"
+        "    get_pass(name)\n"
+        "print(json.dumps(sorted(m for m in ('onnxsparse.pipeline', 'onnxsparse.ir.interop') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout) == []
+    for name in ("Pass", "PassConfig", "PassContext", "PassReport", "PassResult", "PassContractError", "option"):
+        assert getattr(pipeline, name) is getattr(base, name)

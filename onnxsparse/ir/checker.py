@@ -7,6 +7,12 @@ a temporary folder next to an empty stand-in file per data file, with the locati
 for the duration, and the checker is given that path. Why not ``os.chdir`` into the model's folder (what this
 replaced): the working directory is process-wide state, wrong for a library called from threads, and edited
 tensors live in scratch files at absolute paths the checker refuses anyway.
+
+Why not onnx-ir's ``CheckerPass``: it checks a different model. To keep large weights out of the C API it
+moves every initializer into the graph inputs and drops every initializer over 1 KB
+(``passes/common/_c_api_utils.call_onnx_api``), so the external-data locations of the weights — the part
+that goes wrong when a tool writes ``-o m.onnx.data`` or a scratch path — are not checked, and neither is
+the model as it will be saved (its initializers are not inputs). This checks the proto as it is.
 """
 
 from __future__ import annotations

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import onnx
 
 from onnxsparse.ir.layers import Layer, find_layers
 from onnxsparse.ir.shapes import Shape
-
-if TYPE_CHECKING:
-    from onnxsparse.ir.model_io import Model
 
 
 def _fingerprint(proto: onnx.ModelProto) -> tuple[int, int]:
@@ -90,11 +87,22 @@ class LayerCache:
         return f"LayerCache({len(self._entries)} index(es), {self.builds} build(s))"
 
 
-def layer_index(model: Model, shapes: Mapping[str, Shape] | None = None) -> LayerIndex:
+class HasLayerCache(Protocol):
+    """What the index needs of a model: its proto and its cache. ``model_io.Model`` is one; written as a
+    protocol so that this module does not import ``model_io`` (which imports it for ``LayerCache``)."""
+
+    @property
+    def proto(self) -> onnx.ModelProto: ...
+
+    @property
+    def layer_cache(self) -> LayerCache: ...
+
+
+def layer_index(model: HasLayerCache, shapes: Mapping[str, Shape] | None = None) -> LayerIndex:
     """The model's weighted-layer index for ``shapes`` (None: no inferred shapes), built once per state."""
     return model.layer_cache.index(model.proto, shapes)
 
 
-def model_layers(model: Model, shapes: Mapping[str, Shape] | None = None) -> list[Layer]:
+def model_layers(model: HasLayerCache, shapes: Mapping[str, Shape] | None = None) -> list[Layer]:
     """``find_layers(model.proto, shapes)`` through the model's cache (a new list; the layers are shared)."""
     return list(layer_index(model, shapes).layers)

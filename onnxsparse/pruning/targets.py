@@ -25,7 +25,7 @@ from onnxsparse.ir.model_io import Model
 from onnxsparse.ir.reasons import render
 from onnxsparse.ir.stream import prune_tensor, streamable
 from onnxsparse.ir.tensors import set_array
-from onnxsparse.pipeline import PassReport
+from onnxsparse.pass_base import PassReport
 from onnxsparse.pruning.layout import problems
 from onnxsparse.sparsity import StoredWeight, check_finite, count_violations, nm_keep
 
