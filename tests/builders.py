@@ -1,4 +1,5 @@
-"""Tiny seeded models built with onnx.helper for unit tests of the core and of gemm-to-conv."""
+"""Tiny seeded models for unit tests of the core and of gemm-to-conv, and ``parse``: a model from the ONNX text
+format with its weights attached from numpy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,29 @@ F = TensorProto.FLOAT
 
 def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
+
+
+def parse(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.ModelProto:
+    """The model ``text`` describes (ONNX text format), with initializers appended: ``tensors`` as given, then
+    ``arrays`` named by their keyword (``**{"conv.w": w}`` for a name that is not one).
+
+    Weights come from numpy because the text format holds tensors only as literals, and seeded random weights
+    must stay the draws they were. Without an ``ir_version`` in the text the parser leaves 0; the model then
+    gets ``onnx.IR_VERSION``, as ``helper.make_model`` gives it.
+    """
+    model = onnx.parser.parse_model(text)
+    if not model.ir_version:
+        model.ir_version = onnx.IR_VERSION
+    model.graph.initializer.extend(tensors)
+    model.graph.initializer.extend(nh.from_array(a, name) for name, a in arrays.items())
+    return model
+
+
+def parse_checked(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.ModelProto:
+    """``parse``, then the full checker: a slip in a test's graph fails where it is built, not inside a pass."""
+    model = parse(text, *tensors, **arrays)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def make_model(

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from builders import parse_checked
 from conftest import copy_proto, make_feeds, run_ort
-from onnx import TensorProto, helper
+from onnx import TensorProto
 from onnx import numpy_helper as nh
 
 from onnxsparse.ir.model_io import Model
@@ -35,30 +36,24 @@ def op_zoo(opset: int = 17, dtype: int = F) -> onnx.ModelProto:
         rand_init(rng, "gemm1.b", 20),
         rand_init(rng, "mm.w", 20, 6),
     ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["c.relu"], name="conv.relu"),
-        helper.make_node("ConvTranspose", ["c.relu", "deconv.w"], ["d"], name="deconv", strides=[2, 2]),
-        helper.make_node("GlobalAveragePool", ["d"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-        helper.make_node("Gemm", ["f", "gemm0.w"], ["g0"], name="gemm0"),
-        helper.make_node("Gemm", ["g0", "gemm1.w", "gemm1.b"], ["g1"], name="gemm1", transB=1),
-        helper.make_node("MatMul", ["g1", "mm.w"], ["y"], name="mm"),
-    ]
     if dtype != F:
         for t in inits:
             t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
-    graph = helper.make_graph(
-        nodes,
-        "zoo",
-        [helper.make_tensor_value_info("x", dtype, ["N", 8, 8, 8])],
-        [helper.make_tensor_value_info("y", dtype, ["N", 6])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    ty = "float" if dtype == F else "float16"
+    text = f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        zoo ({ty}[N,8,8,8] x) => ({ty}[N,6] y) {{
+            [conv] c = Conv <pads = [1, 1, 1, 1]> (x, "conv.w", "conv.b")
+            ["conv.relu"] "c.relu" = Relu (c)
+            [deconv] d = ConvTranspose <strides = [2, 2]> ("c.relu", "deconv.w")
+            [pool] p = GlobalAveragePool (d)
+            [flat] f = Flatten (p)
+            [gemm0] g0 = Gemm (f, "gemm0.w")
+            [gemm1] g1 = Gemm <transB = 1> (g0, "gemm1.w", "gemm1.b")
+            [mm] y = MatMul (g1, "mm.w")
+        }}
+    """
+    return parse_checked(text, *inits)
 
 
 EXPECTED_AXIS = {"conv": 0, "deconv": 1, "gemm0": 1, "gemm1": 0, "mm": 1}
@@ -96,28 +91,14 @@ def two_upgrades_model() -> onnx.ModelProto:
     """opset 11, a float32 Conv (per-axis Q/DQ: opset 13) and a MatMul of two float16 activations (found float16
     by calibration: opset 19): before the plan was keyed by names, qdq planned three times here."""
     rng = np.random.default_rng(3)
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("MatMul", ["a", "b"], ["z"], name="bmm"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info("x", F, ["N", 4, 6, 6]),
-            helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["N", 4, 8]),
-            helper.make_tensor_value_info("b", TensorProto.FLOAT16, ["N", 8, 5]),
-        ],
-        [
-            helper.make_tensor_value_info("y", F, ["N", 8, 6, 6]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["N", 4, 5]),
-        ],
-        [rand_init(rng, "w", 8, 4, 3, 3)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    text = """
+        <ir_version: 8, opset_import: ["" : 11]>
+        g (float[N,4,6,6] x, float16[N,4,8] a, float16[N,8,5] b) => (float[N,8,6,6] y, float16[N,4,5] z) {
+            [conv] y = Conv <pads = [1, 1, 1, 1]> (x, w)
+            [bmm] z = MatMul (a, b)
+        }
+    """
+    return parse_checked(text, rand_init(rng, "w", 8, 4, 3, 3))
 
 
 def assert_same_saved(got: Path, want: Path, feeds: dict[str, np.ndarray]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from builders import parse, parse_checked
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,28 +68,18 @@ def _op_weights(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[st
     }
 
 
-def _model(nodes, inputs, outputs, inits, opset: int = 17, ir: int = 8) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = ir
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def _mlp(w: np.ndarray) -> onnx.ModelProto:
     """x[b,K] @ W[K,N] → y, one MatMul; a weight that is not fp32 reaches it through a Cast."""
     k, n = w.shape
-    nodes, wname = [], "W"
-    if w.dtype != np.float32:
-        nodes.append(helper.make_node("Cast", ["W"], ["W_f"], to=F))
-        wname = "W_f"
-    nodes.append(helper.make_node("MatMul", ["x", wname], ["y"], name="layer"))
-    return _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", k])],
-        [helper.make_tensor_value_info("y", F, ["b", n])],
-        [nh.from_array(w, "W")],
-    )
+    cast = w.dtype != np.float32
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[b,{k}] x) => (float[b,{n}] y) {{
+            {"W_f = Cast <to = 1> (W)" if cast else ""}
+            [layer] y = MatMul (x, {"W_f" if cast else "W"})
+        }}
+    """
+    return parse_checked(text, W=w)
 
 
 # ------------------------------------------------------------------------------------------ mask function
@@ -270,18 +261,14 @@ def test_dq_ranks_by_q_times_scale_and_prunes_to_zero_point():
     q[:, 1] = [-3, 5, 9, -7]
     scale = np.array([0.001, 1.0, 1.0, 0.001], dtype=np.float32)  # per-axis on K (axis 0)
     zp = np.array([0, 0, 0, 0], dtype=np.int8)
-    nodes = [
-        helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=0),
-        helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", 4])],
-        [helper.make_tensor_value_info("y", F, ["b", 2])],
-        [nh.from_array(q, "Wq"), nh.from_array(scale, "s"), nh.from_array(zp, "zp")],
-        opset=19,
-        ir=9,
-    )
+    text = """
+        <ir_version: 9, opset_import: ["" : 19]>
+        g (float[b,4] x) => (float[b,2] y) {
+            W = DequantizeLinear <axis = 0> (Wq, s, zp)
+            [layer] y = MatMul (x, W)
+        }
+    """
+    model = parse_checked(text, Wq=q, s=scale, zp=zp)
     pruned, _ = _prune(model)
     got = _inits(pruned)["Wq"]
     # column 0: |q*s| = [0.1, 10, 10, 0.1] → keep rows 1, 2 although |q| is largest in rows 0, 3
@@ -294,18 +281,14 @@ def test_dq_nonzero_zero_point_uint8():
     q = rng.integers(0, 255, (8, 4)).astype(np.uint8)
     zp = np.array([128, 120, 130, 127], dtype=np.uint8)  # per output channel (axis 1)
     scale = np.array([0.1, 0.2, 0.05, 0.3], dtype=np.float32)
-    nodes = [
-        helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["W"], axis=1),
-        helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", 8])],
-        [helper.make_tensor_value_info("y", F, ["b", 4])],
-        [nh.from_array(q, "Wq"), nh.from_array(scale, "s"), nh.from_array(zp, "zp")],
-        opset=19,
-        ir=9,
-    )
+    text = """
+        <ir_version: 9, opset_import: ["" : 19]>
+        g (float[b,8] x) => (float[b,4] y) {
+            W = DequantizeLinear <axis = 1> (Wq, s, zp)
+            [layer] y = MatMul (x, W)
+        }
+    """
+    model = parse_checked(text, Wq=q, s=scale, zp=zp)
     pruned, _ = _prune(model)
     seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
     assert is_nm(seen, 0)
@@ -321,26 +304,18 @@ def test_dq_blocked_scale_and_per_axis_after_transpose():
     rng = np.random.default_rng(4)
     q = rng.integers(-127, 128, (8, 4)).astype(np.int8)
     scale = rng.uniform(0.01, 1.0, (2, 4)).astype(np.float32)  # blocks of 4 along K (axis 0)
-    nodes = [
-        helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"], axis=0, block_size=4),
-        helper.make_node("MatMul", ["x", "W"], ["y"], name="layer"),
-        helper.make_node("Transpose", ["Vq"], ["Vt"], perm=[1, 0]),
-        helper.make_node("DequantizeLinear", ["Vt", "vs"], ["V"], axis=1),
-        helper.make_node("MatMul", ["y", "V"], ["z"], name="after_transpose"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", 8])],
-        [helper.make_tensor_value_info("z", F, ["b", 8])],
-        [
-            nh.from_array(q, "Wq"),
-            nh.from_array(scale, "s"),
-            nh.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "Vq"),
-            nh.from_array(np.full(8, 0.1, np.float32), "vs"),
-        ],
-        opset=21,
-        ir=10,
-    )
+    text = """
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[b,8] x) => (float[b,8] z) {
+            W = DequantizeLinear <axis = 0, block_size = 4> (Wq, s)
+            [layer] y = MatMul (x, W)
+            Vt = Transpose <perm = [1, 0]> (Vq)
+            V = DequantizeLinear <axis = 1> (Vt, vs)
+            [after_transpose] z = MatMul (y, V)
+        }
+    """
+    vq = rng.integers(-127, 128, (8, 4)).astype(np.int8)
+    model = parse_checked(text, Wq=q, s=scale, Vq=vq, vs=np.full(8, 0.1, np.float32))
     pruned, result = _prune(model)
     deq = q.astype(np.float32) * np.repeat(scale, 4, axis=0)
     seen = _op_weights(pruned, {"x": np.ones((1, 8), np.float32)})["layer"]
@@ -354,12 +329,22 @@ def test_dq_blocked_scale_and_per_axis_after_transpose():
 
 def test_skip_weight_that_is_a_graph_output():
     w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
-    nodes = [helper.make_node("Identity", ["W"], ["W_out"]), helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
-    vi = [helper.make_tensor_value_info(name, F, [8, 8]) for name in ("x", "y", "W_out")]
-    _, result = _prune(_model(nodes, vi[:1], vi[1:], [nh.from_array(w, "W")]))
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[8,8] x) => (float[8,8] y, float[8,8] W_out) {
+            W_out = Identity (W)
+            [mm] y = MatMul (x, W)
+        }
+    """
+    _, result = _prune(parse_checked(text, W=w))
     assert not result.modified and "also feeds Identity" in result.report.skipped[0]["reason"]
-    vi = [helper.make_tensor_value_info(name, F, [8, 8]) for name in ("x", "y", "W")]
-    _, result = _prune(_model(nodes[1:], vi[:1], vi[1:], [nh.from_array(w, "W")]))
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[8,8] x) => (float[8,8] y, float[8,8] W) {
+            [mm] y = MatMul (x, W)
+        }
+    """
+    _, result = _prune(parse_checked(text, W=w))
     assert not result.modified and "also feeds graph output W" in result.report.skipped[0]["reason"]
 
 
@@ -391,29 +376,25 @@ def test_rank3_transpose_constant_node_and_reshape():
     rng = np.random.default_rng(5)
     w_hwio = rng.standard_normal((3, 3, 8, 12)).astype(np.float32)
     w_r = rng.standard_normal((8, 3, 4)).astype(np.float32)
-    nodes = [
-        helper.make_node("Constant", [], ["Wc"], value=nh.from_array(w_hwio, "Wc_value")),
-        helper.make_node("Transpose", ["Wc"], ["Wt"], perm=[3, 2, 0, 1]),
-        helper.make_node("Conv", ["x", "Wt"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("Slice", ["f", "st", "en", "ax"], ["f8"]),
-        helper.make_node("Reshape", ["Wr", "shape"], ["Wm"]),
-        helper.make_node("MatMul", ["f8", "Wm"], ["y"], name="mm"),
-    ]
-    inits = [
-        nh.from_array(w_r, "Wr"),
-        nh.from_array(np.array([8, 12], np.int64), "shape"),
-        nh.from_array(np.array([0], np.int64), "st"),
-        nh.from_array(np.array([8], np.int64), "en"),
-        nh.from_array(np.array([1], np.int64), "ax"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", 8, 6, 6])],
-        [helper.make_tensor_value_info("y", F, ["b", 12])],
-        inits,
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[b,8,6,6] x) => (float[b,12] y) {
+            Wt = Transpose <perm = [3, 2, 0, 1]> (Wc)
+            [conv] c = Conv <pads = [1, 1, 1, 1]> (x, Wt)
+            p = GlobalAveragePool (c)
+            f = Flatten (p)
+            f8 = Slice (f, st, en, ax)
+            Wm = Reshape (Wr, shape)
+            [mm] y = MatMul (f8, Wm)
+        }
+    """
+    i64 = np.int64
+    model = parse(
+        text, Wr=w_r, shape=np.array([8, 12], i64), st=np.array([0], i64), en=np.array([8], i64), ax=np.array([1], i64)
     )
+    # the text format writes a Constant's tensor only as a literal: this one comes from numpy
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["Wc"], value=nh.from_array(w_hwio, "Wc_value")))
+    onnx.checker.check_model(model, full_check=True)
     pruned, result = _prune(model)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)}
     seen = _op_weights(pruned, feeds)
@@ -454,13 +435,15 @@ def test_skip_options():
 def test_skip_weight_with_other_readers_and_graph_input():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
-    nodes = [
-        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-        helper.make_node("Add", ["h", "W"], ["y"], name="uses_w"),
-        helper.make_node("MatMul", ["x", "G"], ["z"], name="mm_input"),
-    ]
-    vi = [helper.make_tensor_value_info(name, F, [8, 8]) for name in ("x", "G", "y", "z")]
-    model = _model(nodes, vi[:2], vi[2:], [nh.from_array(w, "W")])
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[8,8] x, float[8,8] G) => (float[8,8] y, float[8,8] z) {
+            [mm] h = MatMul (x, W)
+            [uses_w] y = Add (h, W)
+            [mm_input] z = MatMul (x, G)
+        }
+    """
+    model = parse_checked(text, W=w)
     pruned, r = _prune(model)
     reasons = {s["name"]: s["reason"] for s in r.report.skipped}
     assert "also feeds Add 'uses_w'" in reasons["mm"]
@@ -475,29 +458,18 @@ def test_skip_unsupported_weights():
 
     rng = np.random.default_rng(0)
     w8 = rng.standard_normal((8, 8)).astype(ml_dtypes.float8_e4m3fn)
-    nodes = [
-        helper.make_node("Cast", ["W8"], ["W8f"], to=F),
-        helper.make_node("MatMul", ["x", "W8f"], ["h"], name="fp8"),
-        helper.make_node("MatMul", ["xi", "Wi"], ["hi"], name="int32"),
-        helper.make_node("DequantizeLinear", ["Wq", "scale_in"], ["Wd"]),
-        helper.make_node("MatMul", ["x", "Wd"], ["hq"], name="dyn_scale"),
-    ]
-    model = _model(
-        nodes,
-        [
-            helper.make_tensor_value_info("x", F, [2, 8]),
-            helper.make_tensor_value_info("xi", TensorProto.INT32, [2, 8]),
-            helper.make_tensor_value_info("scale_in", F, []),
-        ],
-        [helper.make_tensor_value_info(n, t, [2, 8]) for n, t in (("h", F), ("hi", TensorProto.INT32), ("hq", F))],
-        [
-            nh.from_array(w8, "W8"),
-            nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int32), "Wi"),
-            nh.from_array(rng.integers(-5, 5, (8, 8)).astype(np.int8), "Wq"),
-        ],
-        opset=19,
-        ir=9,
-    )
+    text = """
+        <ir_version: 9, opset_import: ["" : 19]>
+        g (float[2,8] x, int32[2,8] xi, float scale_in) => (float[2,8] h, int32[2,8] hi, float[2,8] hq) {
+            W8f = Cast <to = 1> (W8)
+            [fp8] h = MatMul (x, W8f)
+            [int32] hi = MatMul (xi, Wi)
+            Wd = DequantizeLinear (Wq, scale_in)
+            [dyn_scale] hq = MatMul (x, Wd)
+        }
+    """
+    wi = rng.integers(-5, 5, (8, 8)).astype(np.int32)
+    model = parse_checked(text, W8=w8, Wi=wi, Wq=rng.integers(-5, 5, (8, 8)).astype(np.int8))
     _, result = _prune(model)
     reasons = {s["name"]: s["reason"] for s in result.report.skipped}
     assert "unsupported type FLOAT8E4M3FN" in reasons["fp8"]
@@ -508,16 +480,14 @@ def test_skip_unsupported_weights():
 
 def test_skip_shared_with_excluded_layer_and_prunes_shared_same_axis():
     w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
-    nodes = [
-        helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
-        helper.make_node("MatMul", ["h", "W"], ["y"], name="b"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["n", 8])],
-        [helper.make_tensor_value_info("y", F, ["n", 8])],
-        [nh.from_array(w, "W")],
-    )
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[n,8] x) => (float[n,8] y) {
+            [a] h = MatMul (x, W)
+            [b] y = MatMul (h, W)
+        }
+    """
+    model = parse_checked(text, W=w)
     pruned, r = _prune(model)
     assert [c["layers"] for c in r.report.changed] == [["a", "b"]]
     assert is_nm(nh.to_array(pruned.graph.initializer[0]), 0)
@@ -707,19 +677,17 @@ def test_polygraphy_rank3_perm_disagreement_is_its_bug():
     rng = np.random.default_rng(11)
     w_hwio = rng.standard_normal((3, 3, 8, 16)).astype(np.float32)
     w_fc = rng.standard_normal((16, 8)).astype(np.float32)
-    nodes = [
-        helper.make_node("Transpose", ["W_hwio"], ["W_oihw"], perm=[3, 2, 0, 1]),
-        helper.make_node("Conv", ["x", "W_oihw"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("Gemm", ["f", "W_fc"], ["y"], name="fc"),
-    ]
-    model = _model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", 8, 5, 5])],
-        [helper.make_tensor_value_info("y", F, ["b", 8])],
-        [nh.from_array(w_hwio, "W_hwio"), nh.from_array(w_fc, "W_fc")],
-    )
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[b,8,5,5] x) => (float[b,8] y) {
+            W_oihw = Transpose <perm = [3, 2, 0, 1]> (W_hwio)
+            [conv] c = Conv <pads = [1, 1, 1, 1]> (x, W_oihw)
+            p = GlobalAveragePool (c)
+            f = Flatten (p)
+            [fc] y = Gemm (f, W_fc)
+        }
+    """
+    model = parse_checked(text, W_hwio=w_hwio, W_fc=w_fc)
     ours, _ = _prune(model)
     examined, sparse = _polygraphy_check(ours)
     assert examined - sparse == {"W_hwio"}  # the one disagreement ...

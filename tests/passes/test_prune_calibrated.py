@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import if_model, make_model, rand
+from builders import if_model, parse_checked, rand
 from click.testing import CliRunner
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
-from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from onnxsparse.cli import main
@@ -30,20 +29,21 @@ from onnxsparse.pruning.plan import Plan, read_plan, write_plan
 from onnxsparse.pruning.runner import stages
 from onnxsparse.sparsity import constants_by_name, is_nm, stored_weight
 
-F = TensorProto.FLOAT
-
 
 def _mlp(seed: int = 0, k: int = 32, hidden: int = 48, out: int = 16) -> onnx.ModelProto:
     """x[batch, K] -> MatMul+Add -> Relu -> Gemm(transB, C) -> Relu -> MatMul -> y."""
     rng = np.random.default_rng(seed)
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["m1"], name="fc1"),
-        helper.make_node("Add", ["m1", "b1"], ["a1"]),
-        helper.make_node("Relu", ["a1"], ["r1"]),
-        helper.make_node("Gemm", ["r1", "W2", "b2"], ["g2"], name="fc2", transB=1),
-        helper.make_node("Relu", ["g2"], ["r2"]),
-        helper.make_node("MatMul", ["r2", "W3"], ["y"], name="fc3"),
-    ]
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch,{k}] x) => (float[batch,{out}] y) {{
+            [fc1] m1 = MatMul (x, W1)
+            a1 = Add (m1, b1)
+            r1 = Relu (a1)
+            [fc2] g2 = Gemm <transB = 1> (r1, W2, b2)
+            r2 = Relu (g2)
+            [fc3] y = MatMul (r2, W3)
+        }}
+    """
     arrays = {
         "W1": rand(rng, k, hidden) / np.sqrt(k),
         "b1": rand(rng, hidden) * 0.1,
@@ -51,13 +51,7 @@ def _mlp(seed: int = 0, k: int = 32, hidden: int = 48, out: int = 16) -> onnx.Mo
         "b2": rand(rng, hidden) * 0.1,
         "W3": rand(rng, hidden, out),
     }
-    inits = [nh.from_array(v.astype(np.float32), name) for name, v in arrays.items()]
-    return make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["batch", k])],
-        [helper.make_tensor_value_info("y", F, ["batch", out])],
-        inits,
-    )
+    return parse_checked(text, **{name: v.astype(np.float32) for name, v in arrays.items()})
 
 
 def _correlated(rows: int, k: int = 32, seed: int = 0) -> np.ndarray:
@@ -161,20 +155,14 @@ def test_bias_correction_keeps_the_mean_output_of_a_layer() -> None:
 
 def test_mask_input_leaves_padded_tokens_out_of_the_statistics() -> None:
     rng = np.random.default_rng(0)
-    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")
-    ident = helper.make_node("Identity", ["mask"], ["mask_out"])
-    proto = make_model(
-        [node, ident],
-        [
-            helper.make_tensor_value_info("x", F, ["b", "s", 8]),
-            helper.make_tensor_value_info("mask", F, ["b", 1, 1, "s"]),
-        ],
-        [
-            helper.make_tensor_value_info("y", F, ["b", "s", 4]),
-            helper.make_tensor_value_info("mask_out", F, ["b", 1, 1, "s"]),
-        ],
-        [nh.from_array(rand(rng, 8, 4), "W")],
-    )
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[b,s,8] x, float[b,1,1,s] mask) => (float[b,s,4] y, float[b,1,1,s] mask_out) {
+            [proj] y = MatMul (x, W)
+            mask_out = Identity (mask)
+        }
+    """
+    proto = parse_checked(text, W=rand(rng, 8, 4))
     x = rand(rng, 6, 5, 8)
     valid = rng.random((6, 5)) > 0.4
     model = Model(proto)
@@ -384,21 +372,16 @@ def test_stage_session_computes_the_fetched_tensors_like_the_whole_model() -> No
 
 def test_grouped_conv_and_conv_transpose_are_pruned_along_their_reduction_axes() -> None:
     rng = np.random.default_rng(7)
-    nodes = [
-        helper.make_node("Conv", ["x", "Wg", "bg"], ["c1"], name="grouped", group=2, pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("ConvTranspose", ["r1", "Wt"], ["y"], name="up", strides=[2, 2]),
-    ]
-    inits = [
-        nh.from_array(rand(rng, 16, 8, 3, 3) * 0.2, "Wg"),
-        nh.from_array(rand(rng, 16) * 0.1, "bg"),
-        nh.from_array(rand(rng, 16, 4, 2, 2) * 0.2, "Wt"),
-    ]
-    proto = make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["n", 16, 6, 6])],
-        [helper.make_tensor_value_info("y", F, ["n", 4, 12, 12])],
-        inits,
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[n,16,6,6] x) => (float[n,4,12,12] y) {
+            [grouped] c1 = Conv <group = 2, pads = [1, 1, 1, 1]> (x, Wg, bg)
+            r1 = Relu (c1)
+            [up] y = ConvTranspose <strides = [2, 2]> (r1, Wt)
+        }
+    """
+    proto = parse_checked(
+        text, Wg=rand(rng, 16, 8, 3, 3) * 0.2, bg=rand(rng, 16) * 0.1, Wt=rand(rng, 16, 4, 2, 2) * 0.2
     )
     calib = {"x": rand(rng, 8, 16, 6, 6)}
     pruned, rep = _prune(proto, "prune{method=sparsegpt},validate{require-all=true}", calib)
@@ -416,19 +399,16 @@ def test_grouped_conv_and_conv_transpose_are_pruned_along_their_reduction_axes()
 
 def test_mask_input_is_reported_where_rows_are_not_tokens() -> None:
     rng = np.random.default_rng(3)
-    nodes = [
-        helper.make_node("MatMul", ["x", "W1"], ["h"], name="tok"),
-        helper.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0),
-        helper.make_node("MatMul", ["pooled", "W2"], ["y"], name="pool"),
-        helper.make_node("Identity", ["mask"], ["mask_out"]),
-    ]
-    proto = make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", F, ["b", "s", 8]), helper.make_tensor_value_info("mask", F, ["b", "s"])],
-        [helper.make_tensor_value_info("y", F, ["b", 4]), helper.make_tensor_value_info("mask_out", F, ["b", "s"])],
-        [nh.from_array(rand(rng, 8, 8), "W1"), nh.from_array(rand(rng, 8, 4), "W2")],
-        opset=13,
-    )
+    text = """
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[b,s,8] x, float[b,s] mask) => (float[b,4] y, float[b,s] mask_out) {
+            [tok] h = MatMul (x, W1)
+            pooled = ReduceMean <axes = [1], keepdims = 0> (h)
+            [pool] y = MatMul (pooled, W2)
+            mask_out = Identity (mask)
+        }
+    """
+    proto = parse_checked(text, W1=rand(rng, 8, 8), W2=rand(rng, 8, 4))
     calib = {"x": rand(rng, 16, 6, 8), "mask": (rng.random((16, 6)) > 0.3).astype(np.float32)}
     _, rep = _prune(proto, "prune{method=sparsegpt;mask-input=mask}", calib)
     cal = rep["details"]["calibration"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from builders import parse, parse_checked
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
@@ -134,19 +135,15 @@ def test_prune_then_qdq_then_validate_pipeline_on_the_cnn_fixture() -> None:
 
 def test_shared_activation_gets_one_qdq_pair() -> None:
     rng = np.random.default_rng(1)
-    nodes = [
-        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
-        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
-        helper.make_node("Add", ["q", "k"], ["y"], name="sum"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F, ["N", 16])],
-        [helper.make_tensor_value_info("y", F, ["N", 8])],
-        [rand_init(rng, "wq", 16, 8), rand_init(rng, "wk", 16, 8)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    text = """
+        <opset_import: ["" : 17]>
+        g (float[N,16] x) => (float[N,8] y) {
+            [q_proj] q = MatMul (x, wq)
+            [k_proj] k = MatMul (x, wk)
+            [sum] y = Add (q, k)
+        }
+    """
+    model = parse(text, rand_init(rng, "wq", 16, 8), rand_init(rng, "wk", 16, 8))
     result = run_qdq(model)
     g = QGraph(result.model.proto)
     assert g.nodes["q_proj"].input[0] == g.nodes["k_proj"].input[0]
@@ -168,31 +165,21 @@ def _resnet_block(downsample: bool) -> onnx.ModelProto:
         rand_init(rng, "c2.w", 8, 8, 3, 3),
         rand_init(rng, "ds.w", 8, 8, 1, 1),
     ]
-    nodes = [
-        helper.make_node("Conv", ["x", "stem.w"], ["s"], name="stem", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["s"], ["s.relu"], name="stem.relu"),
-        helper.make_node("Conv", ["s.relu", "c1.w"], ["a"], name="c1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["a.relu"], name="c1.relu"),
-        helper.make_node("Conv", ["a.relu", "c2.w"], ["b"], name="c2", pads=[1, 1, 1, 1]),
-    ]
-    skip = "s.relu"
-    if downsample:
-        nodes.append(helper.make_node("Conv", ["s.relu", "ds.w"], ["ds"], name="ds"))
-        skip = "ds"
-    nodes += [
-        helper.make_node("Add", ["b", skip], ["sum"], name="residual"),
-        helper.make_node("Relu", ["sum"], ["y"], name="out.relu"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", F, ["N", 8, 8, 8])],
-        inits if downsample else inits[:3],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    ds, skip = ('[ds] ds = Conv ("s.relu", "ds.w")', "ds") if downsample else ("", '"s.relu"')
+    text = f"""
+        <opset_import: ["" : 17]>
+        g (float[N,4,8,8] x) => (float[N,8,8,8] y) {{
+            [stem] s = Conv <pads = [1, 1, 1, 1]> (x, "stem.w")
+            ["stem.relu"] "s.relu" = Relu (s)
+            [c1] a = Conv <pads = [1, 1, 1, 1]> ("s.relu", "c1.w")
+            ["c1.relu"] "a.relu" = Relu (a)
+            [c2] b = Conv <pads = [1, 1, 1, 1]> ("a.relu", "c2.w")
+            {ds}
+            [residual] sum = Add (b, {skip})
+            ["out.relu"] y = Relu (sum)
+        }}
+    """
+    return parse_checked(text, *(inits if downsample else inits[:3]))
 
 
 @pytest.mark.parametrize("downsample", [False, True])
@@ -309,13 +296,7 @@ def test_upgrade_failure_says_why() -> None:
 
 
 def test_nothing_to_quantize_leaves_the_model_alone() -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", F, [2])],
-        [helper.make_tensor_value_info("y", F, [2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model = parse('<opset_import: ["" : 11]> g (float[2] x) => (float[2] y) { y = Relu (x) }')
     before = model.SerializeToString()
     result = QdqPass().run(Model(model), PassContext(calibration=[{"x": np.ones(2, np.float32)}]))
     assert not result.modified and result.model.proto.SerializeToString() == before
@@ -331,15 +312,13 @@ def test_the_pass_alone_leaves_a_valid_sorted_graph() -> None:
 
 def test_double_weights_are_skipped_with_a_reason() -> None:
     rng = np.random.default_rng(4)
-    D = TensorProto.DOUBLE
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm64")],
-        "g",
-        [helper.make_tensor_value_info("x", D, ["N", 8])],
-        [helper.make_tensor_value_info("y", D, ["N", 4])],
-        [nh.from_array(rng.standard_normal((8, 4)), "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    text = """
+        <opset_import: ["" : 17]>
+        g (double[N,8] x) => (double[N,4] y) {
+            [mm64] y = MatMul (x, w)
+        }
+    """
+    model = parse(text, w=rng.standard_normal((8, 4)))
     result = QdqPass().run(Model(model), PassContext(calibration=[{"x": np.ones((2, 8))}]))
     assert not result.modified
     assert result.report.skipped == [

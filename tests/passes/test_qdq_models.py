@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import parse
 from conftest import copy_proto, fixture_path, make_feeds, run_ort
 from corpus import PASS_MODELS
-from onnx import helper
-from qdq_support import F, QGraph, assert_same_saved, calib_batches, cosine, op_zoo, rand_init
+from qdq_support import QGraph, assert_same_saved, calib_batches, cosine, op_zoo, rand_init
 
 from onnxsparse.ir.model_io import Model, load_model
 from onnxsparse.passes.qdq import QdqPass
@@ -84,24 +84,18 @@ def _wide_mlp() -> onnx.ModelProto:
         rand_init(rng, "fc2.w", 2048, 1024, scale=0.03),
         rand_init(rng, "fc3.w", 1024, 1024, scale=0.03),
     ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "fc0.w"], ["h0"], name="fc0"),
-        helper.make_node("Relu", ["h0"], ["a0"], name="relu0"),
-        helper.make_node("MatMul", ["a0", "fc1.w"], ["h1"], name="fc1"),
-        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
-        helper.make_node("MatMul", ["a1", "fc2.w"], ["h2"], name="fc2"),
-        helper.make_node("MatMul", ["h2", "fc3.w"], ["y"], name="fc3"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", F, ["N", 64])],
-        [helper.make_tensor_value_info("y", F, ["N", 1024])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        mlp (float[N,64] x) => (float[N,1024] y) {
+            [fc0] h0 = MatMul (x, "fc0.w")
+            [relu0] a0 = Relu (h0)
+            [fc1] h1 = MatMul (a0, "fc1.w")
+            [relu1] a1 = Relu (h1)
+            [fc2] h2 = MatMul (a1, "fc2.w")
+            [fc3] y = MatMul (h2, "fc3.w")
+        }
+    """
+    return parse(text, *inits)
 
 
 def test_external_weights_get_external_int8_weights_and_the_proto_stays_small(tmp_path: Path) -> None:

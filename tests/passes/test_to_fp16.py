@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import parse
 from conftest import copy_proto, run_ort
 from corpus import PASS_MODELS
 from onnx import TensorProto as T
@@ -44,8 +45,8 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], scale: float = 0.1) -> onnx.TensorProto:
-    return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+def _init(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 0.1) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,89 +84,72 @@ def _elem_types(m: onnx.ModelProto) -> dict[str, int]:
 def cnn(opset: int = 17, w1: np.ndarray | None = None) -> onnx.ModelProto:
     """Conv-Relu-Conv-Exp-GAP-Flatten-Gemm-Softmax with a dynamic batch; c2 is also a graph output."""
     rng = _rng(1)
-    nodes = [
-        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        h.make_node("Exp", ["c2"], ["e"], name="exp"),
-        h.make_node("GlobalAveragePool", ["e"], ["g"], name="gap"),
-        h.make_node("Flatten", ["g"], ["f"], name="flat"),
-        h.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
-        h.make_node("Softmax", ["y"], ["p"], name="softmax"),
-    ]
-    w1_t = nh.from_array(w1, "w1") if w1 is not None else _init(rng, "w1", (16, 8, 3, 3))
-    graph = h.make_graph(
-        nodes,
-        "cnn",
-        [h.make_tensor_value_info("x", FLOAT, ["N", 8, 16, 16])],
-        [h.make_tensor_value_info("p", FLOAT, ["N", 10]), h.make_tensor_value_info("c2", FLOAT, ["N", 16, 16, 16])],
-        [
-            w1_t,
-            _init(rng, "b1", (16,)),
-            _init(rng, "w2", (16, 16, 3, 3)),
-            _init(rng, "b2", (16,)),
-            _init(rng, "wf", (10, 16)),
-            _init(rng, "bf", (10,)),
-        ],
+    text = f"""
+        <opset_import: ["" : {opset}]>
+        cnn (float[N,8,16,16] x) => (float[N,10] p, float[N,16,16,16] c2) {{
+            [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+            [relu1] r1 = Relu (c1)
+            [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+            [exp] e = Exp (c2)
+            [gap] g = GlobalAveragePool (e)
+            [flat] f = Flatten (g)
+            [fc] y = Gemm <transB = 1> (f, wf, bf)
+            [softmax] p = Softmax (y)
+        }}
+    """
+    return parse(
+        text,
+        w1=w1 if w1 is not None else _init(rng, (16, 8, 3, 3)),
+        b1=_init(rng, (16,)),
+        w2=_init(rng, (16, 16, 3, 3)),
+        b2=_init(rng, (16,)),
+        wf=_init(rng, (10, 16)),
+        bf=_init(rng, (10,)),
     )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
 
 
 def control_flow() -> onnx.ModelProto:
     """If (branches read an outer weight), Loop (carried float state), Casts from int64, a blocked Pow."""
-    rng = _rng(2)
-    then_g = h.make_graph(
-        [h.make_node("MatMul", ["x", "W"], ["t1"]), h.make_node("Relu", ["t1"], ["t_out"])],
-        "then",
-        [],
-        [h.make_tensor_value_info("t_out", FLOAT, None)],
+    text = """
+        <opset_import: ["" : 17]>
+        cf (float[4,8] x, int64[4,8] idx) => (float[4,8] out) {
+            mean = ReduceMean <keepdims = 0> (x)
+            c = Greater (mean, zero)
+            [if] ifo = If <
+                else_branch = else () => (float[] e_out) {
+                    e_out = Mul (x, s)
+                },
+                then_branch = then () => (float[] t_out) {
+                    t1 = MatMul (x, W)
+                    t_out = Relu (t1)
+                }
+            > (c)
+            [loop] loopo = Loop <
+                body = body (int64 i, bool cond_in, float[] acc_in) => (bool cond_out, float[] acc_out) {
+                    mm = MatMul (acc_in, W)
+                    acc_out = Tanh (mm)
+                    cond_out = Identity (cond_in)
+                }
+            > (trip, true, ifo)
+            [cast_to_add] idxf = Cast <to = 1> (idx)
+            y = Add (loopo, idxf)
+            [cast_to_pow] idxf2 = Cast <to = 1> (idx)
+            [pow] z = Pow (y, idxf2)
+            shp = Shape (x)
+            ones = ConstantOfShape <value = float[1] {1.0}> (shp)
+            half = Constant <value_float = 0.5> ()
+            zh = Mul (z, half)
+            out = Add (zh, ones)
+        }
+    """
+    return parse(
+        text,
+        W=_init(_rng(2), (8, 8), 0.3),
+        zero=np.array(0.0, np.float32),
+        s=np.array(1.5, np.float32),
+        trip=np.array(3, np.int64),
+        true=np.array(True),
     )
-    else_g = h.make_graph(
-        [h.make_node("Mul", ["x", "s"], ["e_out"])], "else", [], [h.make_tensor_value_info("e_out", FLOAT, None)]
-    )
-    body = h.make_graph(
-        [
-            h.make_node("MatMul", ["acc_in", "W"], ["mm"]),
-            h.make_node("Tanh", ["mm"], ["acc_out"]),
-            h.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "body",
-        [
-            h.make_tensor_value_info("i", T.INT64, []),
-            h.make_tensor_value_info("cond_in", T.BOOL, []),
-            h.make_tensor_value_info("acc_in", FLOAT, None),
-        ],
-        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", FLOAT, None)],
-    )
-    nodes = [
-        h.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
-        h.make_node("Greater", ["mean", "zero"], ["c"]),
-        h.make_node("If", ["c"], ["ifo"], then_branch=then_g, else_branch=else_g, name="if"),
-        h.make_node("Loop", ["trip", "true", "ifo"], ["loopo"], body=body, name="loop"),
-        h.make_node("Cast", ["idx"], ["idxf"], to=FLOAT, name="cast_to_add"),
-        h.make_node("Add", ["loopo", "idxf"], ["y"]),
-        h.make_node("Cast", ["idx"], ["idxf2"], to=FLOAT, name="cast_to_pow"),
-        h.make_node("Pow", ["y", "idxf2"], ["z"], name="pow"),
-        h.make_node("Shape", ["x"], ["shp"]),
-        h.make_node("ConstantOfShape", ["shp"], ["ones"], value=nh.from_array(np.array([1.0], np.float32))),
-        h.make_node("Constant", [], ["half"], value_float=0.5),
-        h.make_node("Mul", ["z", "half"], ["zh"]),
-        h.make_node("Add", ["zh", "ones"], ["out"]),
-    ]
-    graph = h.make_graph(
-        nodes,
-        "cf",
-        [h.make_tensor_value_info("x", FLOAT, [4, 8]), h.make_tensor_value_info("idx", T.INT64, [4, 8])],
-        [h.make_tensor_value_info("out", FLOAT, [4, 8])],
-        [
-            _init(rng, "W", (8, 8), 0.3),
-            nh.from_array(np.array(0.0, np.float32), "zero"),
-            nh.from_array(np.array(1.5, np.float32), "s"),
-            nh.from_array(np.array(3, np.int64), "trip"),
-            nh.from_array(np.array(True), "true"),
-        ],
-    )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
 
 def qdq_conv(opset: int) -> onnx.ModelProto:
@@ -174,28 +158,25 @@ def qdq_conv(opset: int) -> onnx.ModelProto:
     w = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
     ws = (np.abs(w).reshape(16, -1).max(1) / 127).astype(np.float32)
     wq = np.clip(np.round(w / ws[:, None, None, None]), -127, 127).astype(np.int8)
-    nodes = [
-        h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x"),
-        h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq_x"),
-        h.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0, name="dq_w"),
-        h.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-        h.make_node("Relu", ["c"], ["y"], name="relu"),
-    ]
-    graph = h.make_graph(
-        nodes,
-        "qdq",
-        [h.make_tensor_value_info("x", FLOAT, [1, 8, 8, 8])],
-        [h.make_tensor_value_info("y", FLOAT, [1, 16, 8, 8])],
-        [
-            nh.from_array(np.array(0.03, np.float32), "xs"),
-            nh.from_array(np.array(0, np.int8), "xz"),
-            nh.from_array(wq, "wq"),
-            nh.from_array(ws, "ws"),
-            nh.from_array(np.zeros(16, np.int8), "wz"),
-            _init(rng, "b", (16,)),
-        ],
+    text = f"""
+        <opset_import: ["" : {opset}]>
+        qdq (float[1,8,8,8] x) => (float[1,16,8,8] y) {{
+            [q_x] xq = QuantizeLinear (x, xs, xz)
+            [dq_x] xd = DequantizeLinear (xq, xs, xz)
+            [dq_w] wd = DequantizeLinear <axis = 0> (wq, ws, wz)
+            [conv] c = Conv <pads = [1, 1, 1, 1]> (xd, wd, b)
+            [relu] y = Relu (c)
+        }}
+    """
+    return parse(
+        text,
+        xs=np.array(0.03, np.float32),
+        xz=np.array(0, np.int8),
+        wq=wq,
+        ws=ws,
+        wz=np.zeros(16, np.int8),
+        b=_init(rng, (16,)),
     )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -310,19 +291,15 @@ def test_subgraphs_casts_and_constants() -> None:
 
 def test_fixed_float32_inputs_stay_float32_resize_scales() -> None:
     rng = _rng(4)
-    nodes = [
-        h.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-        h.make_node("Resize", ["c", "", "scales"], ["r"], mode="nearest", name="resize"),
-        h.make_node("Relu", ["r"], ["y"]),
-    ]
-    graph = h.make_graph(
-        nodes,
-        "rs",
-        [h.make_tensor_value_info("x", FLOAT, [1, 4, 5, 5])],
-        [h.make_tensor_value_info("y", FLOAT, [1, 4, 10, 10])],
-        [_init(rng, "w", (4, 4, 1, 1)), nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
-    )
-    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    text = """
+        <opset_import: ["" : 13]>
+        rs (float[1,4,5,5] x) => (float[1,4,10,10] y) {
+            [conv] c = Conv (x, w)
+            [resize] r = Resize <mode = "nearest"> (c, "", scales)
+            y = Relu (r)
+        }
+    """
+    m = parse(text, w=_init(rng, (4, 4, 1, 1)), scales=np.array([1, 1, 2, 2], np.float32))
     ref, out, _ = _convert(m)
     types = _elem_types(out)
     assert types["scales"] == FLOAT and types["w"] == FLOAT16
@@ -397,20 +374,15 @@ def test_clamped_weights_reported() -> None:
 
 def test_custom_domain_node_is_kept_float32() -> None:
     rng = _rng(12)
-    nodes = [
-        h.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
-        h.make_node("Gelu", ["a"], ["b"], domain="com.microsoft", name="gelu"),
-        h.make_node("Relu", ["b"], ["y"], name="relu"),
-    ]
-    graph = h.make_graph(
-        nodes,
-        "cd",
-        [h.make_tensor_value_info("x", FLOAT, [2, 8])],
-        [h.make_tensor_value_info("y", FLOAT, [2, 8])],
-        [_init(rng, "w", (8, 8))],
-        value_info=[h.make_tensor_value_info("b", FLOAT, [2, 8])],
-    )
-    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    text = """
+        <opset_import: ["" : 17, "com.microsoft" : 1]>
+        cd (float[2,8] x) => (float[2,8] y) <float[2,8] b> {
+            [mm] a = MatMul (x, w)
+            [gelu] b = com.microsoft.Gelu (a)
+            [relu] y = Relu (b)
+        }
+    """
+    m = parse(text, w=_init(rng, (8, 8)))
     ref = copy_proto(m)
     res = ToFp16Pass().run(Model(proto=m), PassContext())  # no full checker: the contrib op has no onnx schema
     out = res.model.proto
@@ -423,17 +395,13 @@ def test_custom_domain_node_is_kept_float32() -> None:
 
 
 def test_output_made_by_a_cast_that_also_feeds_float16_work() -> None:
-    nodes = [
-        h.make_node("Cast", ["idx"], ["f"], to=FLOAT, name="cast"),
-        h.make_node("Add", ["f", "x"], ["s"], name="add"),
-    ]
-    graph = h.make_graph(
-        nodes,
-        "co",
-        [h.make_tensor_value_info("x", FLOAT, [3]), h.make_tensor_value_info("idx", T.INT64, [3])],
-        [h.make_tensor_value_info("f", FLOAT, [3]), h.make_tensor_value_info("s", FLOAT, [3])],
-    )
-    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    m = parse("""
+        <opset_import: ["" : 17]>
+        co (float[3] x, int64[3] idx) => (float[3] f, float[3] s) {
+            [cast] f = Cast <to = 1> (idx)
+            [add] s = Add (f, x)
+        }
+    """)
     ref, out, _ = _convert(m)
     types = _elem_types(out)
     casts = {n.name: n for n in out.graph.node if n.op_type == "Cast"}
