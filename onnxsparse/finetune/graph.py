@@ -7,7 +7,13 @@
 2. ``trainable_sets``: which initializers train (``train=weights,biases,norms,embeddings``);
 3. ``fold``: the trained values, multiplied by their masks, written into a copy of the *input* model: same
    nodes, same initializer names, same opset and IR, no Mul left, exactly the zeros the masks ask for.
-"""
+
+The graph rewrites of 1. (and QAT's, ``finetune.qat``) run on an onnx-ir view of the copy (``ir.onnxir``:
+``Value.uses()`` reaches readers inside If/Loop/Scan bodies, nodes are replaced where they stood, so no
+reader maps, renaming loops or sorts); ``lower_for_training``, ``partition_masks``, ``trainable_sets`` and
+``fold`` stay on the proto: onnx-ir has no version converter, the next two only look up layers and
+initializers (the layer index is protobuf, ``ir.layers``), and ``fold`` writes weight values, no graph.
+
 
 from __future__ import annotations
 
@@ -350,7 +356,10 @@ def _layernorm_statistics(graph: ir.Graph) -> None:
 
 
 def lower_for_training(proto: onnx.ModelProto) -> None:
-    """Set IR ≤ 10 and default opset ≤ 21 in place (version-converting the graph when the opset is newer)."""
+    """Set IR ≤ 10 and default opset ≤ 21 in place (version-converting the graph when the opset is newer).
+
+    On the proto, after ``commit``: onnx-ir has no version converter (onnx's works on ``ModelProto``).
+    """
     opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset > MAX_OPSET:
         from onnx import version_converter
