@@ -13,7 +13,7 @@ The graph rewrites of 1. (and QAT's, ``finetune.qat``) run on an onnx-ir view of
 reader maps, renaming loops or sorts); ``lower_for_training``, ``partition_masks``, ``trainable_sets`` and
 ``fold`` stay on the proto: onnx-ir has no version converter, the next two only look up layers and
 initializers (the layer index is protobuf, ``ir.layers``), and ``fold`` writes weight values, no graph.
-
+"""
 
 from __future__ import annotations
 
