@@ -32,6 +32,7 @@ from onnxsparse.ir.onnxir import IrView, add_initializer, insert_after_definitio
 from onnxsparse.ir.tensors import TensorHome, to_array
 
 MASTER_SUFFIX = "__onnxsparse_master"
+MASK_SUFFIX = "__onnxsparse_mask"
 _RANGES: dict[int, tuple[int, int]] = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
 
 
@@ -131,6 +132,17 @@ def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], home: TensorHome |
     return None
 
 
+def add_weight_tensors(proto: onnx.ModelProto, qweights: Mapping[str, QWeight]) -> None:
+    """Append each weight's float master and mask to a training copy's initializers, before its view is built
+    (``graph.training_copy`` says why: the view then keeps them where they are instead of copying them)."""
+    names = {t.name for t in proto.graph.initializer}
+    for qw in qweights.values():
+        for name, value in ((qw.master_name, qw.master), (qw.name + MASK_SUFFIX, qw.mask.astype(np.float32))):
+            if name not in names:
+                proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+                names.add(name)
+
+
 def apply_qat(view: IrView, qweights: Mapping[str, QWeight]) -> int:
     """Rewrite a training copy's onnx-ir view for QAT (see the module docstring). Returns activation pairs
     replaced. A DequantizeLinear's weight is ``Value.producer()`` of nothing but an initializer, an activation
@@ -155,7 +167,7 @@ def apply_qat(view: IrView, qweights: Mapping[str, QWeight]) -> int:
         base = qw.name
         dq = next(u.node for u in graph.initializers[base].uses() if u.node.outputs[0].name == qw.dq_output)
         master = const(qw.master_name, qw.master)
-        mask = const(base + "__onnxsparse_mask", qw.mask.astype(np.float32))
+        mask = const(base + MASK_SUFFIX, qw.mask.astype(np.float32))
         scale = const(base + "__onnxsparse_qat_scale", qw.scale)
         zp = const(base + "__onnxsparse_qat_zp", np.array(float(qw.zero_point), np.float32))
         chain = [node("Mul", [master, mask], base + "__qat_masked", base + "__qat_mask")]

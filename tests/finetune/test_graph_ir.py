@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+from training_support import training_runtime  # noqa: F401
 
 from onnxsparse.finetune import graph as fg
 from onnxsparse.ir.model_io import Model
@@ -173,3 +181,124 @@ def test_qat_copy_structure() -> None:
     mm = next(n for n in copy.graph.node if n.op_type == "MatMul")
     assert list(mm.input) == ["xd", "Wd"]
     assert any(o.domain == "com.microsoft" for o in copy.opset_import)
+
+
+def _loop_model(w: np.ndarray) -> Model:
+    """y = Loop(3): v ← v @ W, W read from the outer scope by the body."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["v_in", "W"], ["v_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 4]),
+        ],
+    )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(3, np.int64), "n")]
+    return _model(helper.make_graph([helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "g", [x], [y], inits))
+
+
+def test_loop_body_reads_the_masked_weight() -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    mask = _mask24((4, 4), rng)
+    model = _loop_model(w)
+    before = model.proto.SerializeToString()
+    copy = fg.training_copy(model, {"W": mask})
+    assert model.proto.SerializeToString() == before
+    onnx.checker.check_model(copy, full_check=True)
+    body = next(a.g for n in copy.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
+    matmul = next(n for n in body.node if n.op_type == "MatMul")
+    assert list(matmul.input) == ["v_in", "W" + fg.MASKED_SUFFIX]
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    wm = w * mask
+    np.testing.assert_allclose(_run(copy, {"x": x})[0], x @ wm @ wm @ wm, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(_run(model.proto, {"x": x})[0], x @ wm @ wm @ wm, atol=1e-3)
+
+
+def test_an_input_out_of_order_gives_a_copy_in_order() -> None:
+    """A node list out of order (as a file may come, before the pipeline's final sort) is sorted."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["a"], ["y"], name="relu"), helper.make_node("MatMul", ["x", "W"], ["a"])]
+    model = _single(nodes, [numpy_helper.from_array(w, "W")], [4, 4])
+    mask = _mask24((4, 4), rng)
+    copy = fg.training_copy(model, {"W": mask})
+    assert [n.op_type for n in copy.graph.node] == ["Mul", "MatMul", "Relu"]
+    onnx.checker.check_model(copy, full_check=True)
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(copy, {"x": x})[0], np.maximum(x @ (w * mask), 0), rtol=1e-5, atol=1e-6)
+
+
+def test_masks_are_made_one_at_a_time_and_kept_as_they_are() -> None:
+    """The masks are initializers of the copy's proto before the view is built: one float mask alive at a time
+    (peak of traced memory below half the masks' total; as ``ir.Tensor``s in the view all of them were alive at
+    once, then serialised), each mask once in the copy with the mask's values."""
+    rng = np.random.default_rng(6)
+    k, n, layers = 256, 128, 8
+    nodes, inits, masks = [], [], {}
+    for i in range(layers):
+        w = rng.standard_normal((k, n if i == layers - 1 else k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        masks[f"W{i}"] = _mask24(w.shape, rng)
+        nodes.append(
+            helper.make_node("MatMul", [f"h{i}" if i else "x", f"W{i}"], ["y" if i == layers - 1 else f"h{i + 1}"])
+        )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])
+    model = _model(helper.make_graph(nodes, "g", [x], [y], inits))
+    total = sum(m.size * 4 for m in masks.values())
+    tracemalloc.start()
+    try:
+        copy = fg.training_copy(model, masks)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 2, (peak, total)
+    found = {t.name: t for t in copy.graph.initializer if t.name.endswith(fg.MASK_SUFFIX)}
+    assert len(found) == layers
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(numpy_helper.to_array(found[name + fg.MASK_SUFFIX]), mask.astype(np.float32))
+    xv = rng.standard_normal((2, k)).astype(np.float32)
+    want = xv
+    for i in range(layers):
+        want = want @ (numpy_helper.to_array(inits[i]) * masks[f"W{i}"])
+    np.testing.assert_allclose(_run(copy, {"x": xv})[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("training_runtime")
+def test_qat_copy_equals_the_qdq_model_in_ort_training(tmp_path: Path) -> None:
+    """Plain onnxruntime has no com.microsoft FakeQuant kernel ("not a registered function/op"); the training
+    runtime has one: the QAT copy, masters at their dequantized values, computes what the Q/DQ model does."""
+    from onnxsparse.finetune import qat
+    from onnxsparse.finetune.runtime import find_runtime
+
+    rng = np.random.default_rng(7)
+    model = _qdq_model(rng)
+    qweights, _ = qat.quantized_weights(model, {})
+    copy = fg.training_copy(model, {}, qweights)
+    onnx.checker.check_model(copy, full_check=True)
+    x = (rng.standard_normal((2, 4)) * 3).astype(np.float32)
+    want = _run(model.proto, {"x": x})[0]
+    rt = find_runtime()
+    assert rt is not None
+    onnx.save(copy, str(tmp_path / "qat.onnx"))
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None; import numpy as np, onnxruntime as o; "
+        "s = o.InferenceSession(sys.argv[2] + '/qat.onnx', providers=['CPUExecutionProvider']); "
+        "np.save(sys.argv[2] + '/y.npy', s.run(None, {'x': np.load(sys.argv[2] + '/x.npy')})[0])"
+    )
+    where = str(rt.path) if rt.mode == "subprocess" else ""
+    subprocess.run(
+        [sys.executable, "-c", code, where, str(tmp_path)], check=True, env={**os.environ, "PYTHONNOUSERSITE": "1"}
+    )
+    got = np.load(tmp_path / "y.npy")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want).max() > 1  # not a trivially zero output
