@@ -10,9 +10,14 @@
 
 The graph rewrites of 1. (and QAT's, ``finetune.qat``) run on an onnx-ir view of the copy (``ir.onnxir``:
 ``Value.uses()`` reaches readers inside If/Loop/Scan bodies, nodes are replaced where they stood, so no
-reader maps, renaming loops or sorts); ``lower_for_training``, ``partition_masks``, ``trainable_sets`` and
-``fold`` stay on the proto: onnx-ir has no version converter, the next two only look up layers and
-initializers (the layer index is protobuf, ``ir.layers``), and ``fold`` writes weight values, no graph.
+reader maps or renaming loops; one stable ``Graph.sort``, a no-op for an input in order); ``lower_for_training``,
+``partition_masks``, ``trainable_sets``, ``control_flow_frozen`` and ``fold`` stay on the proto: onnx-ir has no
+version converter; the next two only look up layers and initializers (the layer index is protobuf,
+``ir.layers``) and scan one node list once, where a view would cost its deserialisation (5-16 ms on
+MiniLM-L3 / common_det) to replace a sub-millisecond scan; ``control_flow_frozen`` reads the saved training
+file with the worker's own ``upstream_names``, so that both sides of the subprocess agree on what is upstream
+of an If/Loop/Scan (the worker cannot import onnxsparse or onnx-ir); ``fold`` writes weight values into the
+same nodes and names, no graph.
 """
 
 from __future__ import annotations
@@ -145,8 +150,13 @@ def training_copy(
     The mask tensors (and QAT's float masters) are appended to the copy's proto *before* the view is built, as
     data only: the view wraps them like every other weight and ``commit`` keeps them where they are. Made as
     ``ir.Tensor`` in the view instead, every float mask was alive at once, then serialised and copied again by
-    ``commit``: on MiniLM-L3 with external weights the peak of numpy memory went from 4.7 to 24 MB (the masks'
-    size; on a large model the weights' size) and common_det took 2x as long.
+    ``commit``: on MiniLM-L3 with external weights the traced peak went from 4.7 to 24 MB (the masks' size; on
+    a large model the weights' size).
+
+    Cost (``tools/bench_training_copy.py``, prune-pass masks, best of 5, shared 2-core machine): MiniLM-L3
+    (120 nodes, 18 masks, 68 MB inline) 78-81 ms before the port (protobuf, final toposort), 80-82 ms now (the
+    proto copy is most of both); common_det (279 nodes, 83 masks, 20 MB) 24 -> 55-94 ms, the IR round trip
+    (``IrView.of`` ~16 ms, ``commit`` ~17 ms) and more GC pauses over onnx-ir's objects (medians vary most).
 
     Every new node is inserted where what it reads is defined (mask products first, replacements where the
     node they replace stood), so an input in order gives a copy in order. ``Graph.sort`` (stable, 1-2 ms on
@@ -428,6 +438,9 @@ def fold(
     """The model with the trained values (masked weights multiplied by their masks), a copy unless ``inplace``.
 
     Returns it and the names whose values changed (so a pass can say honestly whether it modified).
+
+    On protobuf, not onnx-ir: it changes no node, name or edge, only the values of named initializers, and a
+    view would cost a round trip (and a copy of every kept tensor it resolves) to write the same bytes.
     """
     if inplace:
         proto = model.proto
