@@ -7,6 +7,17 @@
 2. ``trainable_sets``: which initializers train (``train=weights,biases,norms,embeddings``);
 3. ``fold``: the trained values, multiplied by their masks, written into a copy of the *input* model: same
    nodes, same initializer names, same opset and IR, no Mul left, exactly the zeros the masks ask for.
+
+The graph rewrites of 1. (and QAT's, ``finetune.qat``) run on an onnx-ir view of the copy (``ir.onnxir``:
+``Value.uses()`` reaches readers inside If/Loop/Scan bodies, nodes are replaced where they stood, so no
+reader maps or renaming loops; one stable ``Graph.sort``, a no-op for an input in order); ``lower_for_training``,
+``partition_masks``, ``trainable_sets``, ``control_flow_frozen`` and ``fold`` stay on the proto: onnx-ir has no
+version converter; the next two only look up layers and initializers (the layer index is protobuf,
+``ir.layers``) and scan one node list once, where a view would cost its deserialisation (5-16 ms on
+MiniLM-L3 / common_det) to replace a sub-millisecond scan; ``control_flow_frozen`` reads the saved training
+file with the worker's own ``upstream_names``, so that both sides of the subprocess agree on what is upstream
+of an If/Loop/Scan (the worker cannot import onnxsparse or onnx-ir); ``fold`` writes weight values into the
+same nodes and names, no graph.
 """
 
 from __future__ import annotations
@@ -17,20 +28,22 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.finetune import qat as training_qat
 from onnxsparse.finetune import worker as training_worker
-from onnxsparse.ir.graph import iter_graphs, node_reads, toposort
+from onnxsparse.finetune.qat import MASK_SUFFIX
+from onnxsparse.ir.graph import iter_graphs, node_reads
 from onnxsparse.ir.index import model_layers
-from onnxsparse.ir.layers import attr
 from onnxsparse.ir.model_io import Model, save_model
+from onnxsparse.ir.onnxir import IrView, ModelTensor, add_initializer, insert_after_definition
 from onnxsparse.ir.tensors import external_info, is_spilled, set_array, to_array
 
 #: what ORT training 1.19 reads
 MAX_IR = 10
 MAX_OPSET = 21
-MASK_SUFFIX = "__onnxsparse_mask"
 MASKED_SUFFIX = "__onnxsparse_masked"
 NORM_OPS = (
     "LayerNormalization",
@@ -131,48 +144,81 @@ def training_copy(
     """The model with ``W ⊙ M`` in front of every masked weight's consumers; IR/opset lowered for ORT 1.19.
 
     A model with Q/DQ is made quantization-aware (``training_qat.apply_qat``): fake quantization with a
-    straight-through gradient replaces Q/DQ, and ``qweights`` become float masters.
+    straight-through gradient replaces Q/DQ, and ``qweights`` become float masters. The rewrites run on an
+    onnx-ir view of a copy (``IrView``); the input model is not touched.
+
+    The mask tensors (and QAT's float masters) are appended to the copy's proto *before* the view is built, as
+    data only: the view wraps them like every other weight and ``commit`` keeps them where they are. Made as
+    ``ir.Tensor`` in the view instead, every float mask was alive at once, then serialised and copied again by
+    ``commit``: on MiniLM-L3 with external weights the traced peak went from 4.7 to 24 MB (the masks' size; on
+    a large model the weights' size).
+
+    Cost (``tools/bench_training_copy.py``, prune-pass masks, best of 5, shared 2-core machine): MiniLM-L3
+    (120 nodes, 18 masks, 68 MB inline) 78-81 ms before the port (protobuf, final toposort), 80-82 ms now (the
+    proto copy is most of both); common_det (279 nodes, 83 masks, 20 MB) 24 -> 55-94 ms, the IR round trip
+    (``IrView.of`` ~16 ms, ``commit`` ~17 ms) and more GC pauses over onnx-ir's objects (medians vary most).
+
+    Every new node is inserted where what it reads is defined (mask products first, replacements where the
+    node they replace stood), so an input in order gives a copy in order. ``Graph.sort`` (stable, 1-2 ms on
+    MiniLM-L3 and common_det) still runs once at the end, for inputs whose node list is out of order (a file
+    as given: the pipeline sorts only after its last pass, and ORT training wants order).
     """
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    graph = proto.graph
-    dtypes = {t.name: t.data_type for t in graph.initializer}
-    rename = {name: name + MASKED_SUFFIX for name in masks}
-    for sub in iter_graphs(graph):  # subgraphs read outer-scope weights by name: they must see W ⊙ M too
-        for node in sub.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
-    for out in graph.output:
-        if out.name in rename:
-            raise OnnxSparseError(f"weight '{out.name}' is also a graph output; cannot fine-tune it")
-    muls = []
-    for name, mask in masks.items():
+    dtypes = {t.name: t.data_type for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    for name, mask in masks.items():  # one float mask alive at a time (see above)
+        if name in outputs:
+            raise OnnxSparseError(f"weight '{name}' is also a graph output; cannot fine-tune it")
         np_dtype = helper.tensor_dtype_to_np_dtype(dtypes[name])
-        graph.initializer.append(onnx.numpy_helper.from_array(mask.astype(np_dtype), name + MASK_SUFFIX))
-        muls.append(helper.make_node("Mul", [name, name + MASK_SUFFIX], [rename[name]], name=f"onnxsparse_mask_{name}"))
-    for i, node in enumerate(muls):
-        graph.node.insert(i, node)
-    _batchnorm_as_affine(proto)
-    _hard_activations_as_relu(proto)
-    _cubes_as_products(proto)
-    # ORT's LayerNormalization gradient reads the forward pass's Mean and InvStdDev outputs (optional in ONNX
-    # and usually absent in exported models): without them gradient building fails with "i < OutputDefs().size()".
-    for node in graph.node:
-        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
-            base = node.name or node.output[0]
-            while len(node.output) < 3:
-                node.output.append(f"{base}__onnxsparse_ln_stat{len(node.output)}")
-            for i in (1, 2):
-                if not node.output[i]:
-                    node.output[i] = f"{base}__onnxsparse_ln_stat{i}"
-    from onnxsparse.finetune import qat as training_qat
-
-    if qweights or training_qat.has_qdq(proto):
-        training_qat.apply_qat(proto, qweights or {}, model)
-    toposort(proto.graph)  # a pass's output is sorted only at the end of its pipeline; ORT insists on order
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(mask.astype(np_dtype), name + MASK_SUFFIX))
+    qat = bool(qweights) or training_qat.has_qdq(proto)
+    if qat:
+        training_qat.add_weight_tensors(proto, qweights or {})
+    copy = Model(proto=proto, base_dir=model.base_dir, source=model.source, store=model.store)
+    view = IrView.of(copy)
+    graph = view.ir.graph
+    muls: list[ir.Node] = []
+    for name in masks:
+        w = graph.initializers[name]
+        masked = ir.Value(name=name + MASKED_SUFFIX, type=w.type, shape=w.shape)
+        # every reader, those inside If/Loop/Scan bodies included (captures are references to ``w``)
+        ir.convenience.replace_all_uses_with(w, masked)
+        m = graph.initializers[name + MASK_SUFFIX]
+        muls.append(ir.node("Mul", [w, m], outputs=[masked], name=f"onnxsparse_mask_{name}"))
+    if muls:
+        insert_after_definition(graph, graph.initializers[next(iter(masks))], muls)
+    _batchnorm_as_affine(graph, proto)
+    _hard_activations_as_relu(graph)
+    _cubes_as_products(graph)
+    _layernorm_statistics(graph)
+    if qat:
+        training_qat.apply_qat(view, qweights or {})
+    graph.sort()
+    view.commit()
     lower_for_training(proto)
     return proto
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of ``graph``, its values held in the proto as before (no spill: a masked weight's
+    mask is read by the worker as part of the training model)."""
+    return add_initializer(graph, ir.Tensor(np.ascontiguousarray(array), name=name))
+
+
+def _replace(
+    graph: ir.Graph,
+    old: ir.Node,
+    new: Sequence[ir.Node],
+    old_values: Sequence[ir.Value],
+    new_values: Sequence[ir.Value],
+) -> None:
+    """``new`` where ``old`` stood; ``new_values`` take over ``old_values``' names, types and uses."""
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new, old_values, new_values)
+
+
+def _main_nodes(graph: ir.Graph, ops: tuple[str, ...]) -> list[ir.Node]:
+    return [n for n in graph if n.op_type in ops and n.domain in ("", "ai.onnx")]
 
 
 CONTROL_FLOW = ("If", "Loop", "Scan")
@@ -190,95 +236,93 @@ def control_flow_frozen(proto: onnx.ModelProto, params: list[str]) -> dict[str, 
     }
 
 
-def _batchnorm_as_affine(proto: onnx.ModelProto) -> None:
+def _batchnorm_as_affine(graph: ir.Graph, proto: onnx.ModelProto) -> None:
     """Rewrite inference-mode BatchNormalization as ``x * a + b`` (a, b computed in-graph from its params).
 
     ORT's training graph runs BatchNormalization in training mode (batch statistics), so a model trained
     through it would match the teacher only with batch statistics and drift from it at inference, which uses
     the running ones. As plain arithmetic the running statistics stay in use (and scale / bias stay trainable).
+    ``proto`` (not yet committed, so its names are the view's) gives the rank of ``x`` through onnx's shape
+    inference, which onnx-ir does not have.
     """
     from onnxsparse.ir.shapes import infer_shapes
 
-    graph = proto.graph
     targets = [
         n
-        for n in graph.node
-        if n.op_type == "BatchNormalization"
-        and n.domain in ("", "ai.onnx")
-        and len([o for o in n.output if o]) == 1
-        and not attr(n, "training_mode", 0)
+        for n in _main_nodes(graph, ("BatchNormalization",))
+        if len([o for o in n.outputs if o.name]) == 1
+        and not n.attributes.get_int("training_mode", 0)
+        and n.inputs[0] is not None
     ]
     if not targets:
         return
     shapes = infer_shapes(proto)
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        shape = shapes.get(node.input[0]) if node in targets else None
+    for node in targets:
+        x, scale, bias, mean, var = node.inputs[:5]
+        shape = shapes.get(x.name or "") if x is not None else None
         if shape is None:
-            nodes.append(node)
             continue
-        x, scale, bias, mean, var = node.input[:5]
-        p = f"{node.name or node.output[0]}__onnxsparse_bn"
-        eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
-        graph.initializer.extend(
+        p = f"{node.name or node.outputs[0].name}__onnxsparse_bn"
+        eps = _const(graph, p + "_eps", np.array(node.attributes.get_float("epsilon", 1e-5), np.float32))
+        rank = _const(graph, p + "_shape", np.array([-1] + [1] * (len(shape) - 2), np.int64))
+        nodes = _chain(
+            p,
             [
-                onnx.numpy_helper.from_array(np.array(eps, np.float32), p + "_eps"),
-                onnx.numpy_helper.from_array(np.array([-1] + [1] * (len(shape) - 2), np.int64), p + "_shape"),
-            ]
+                ("Add", [var, eps], "_ve"),
+                ("Sqrt", ["_ve"], "_std"),
+                ("Div", [scale, "_std"], "_a"),
+                ("Mul", [mean, "_a"], "_ma"),
+                ("Sub", [bias, "_ma"], "_b"),
+                ("Reshape", ["_a", rank], "_ar"),
+                ("Reshape", ["_b", rank], "_br"),
+                ("Mul", [x, "_ar"], "_xa"),
+                ("Add", ["_xa", "_br"], "_y"),
+            ],
         )
-        nodes += [
-            helper.make_node("Add", [var, p + "_eps"], [p + "_ve"]),
-            helper.make_node("Sqrt", [p + "_ve"], [p + "_std"]),
-            helper.make_node("Div", [scale, p + "_std"], [p + "_a"]),
-            helper.make_node("Mul", [mean, p + "_a"], [p + "_ma"]),
-            helper.make_node("Sub", [bias, p + "_ma"], [p + "_b"]),
-            helper.make_node("Reshape", [p + "_a", p + "_shape"], [p + "_ar"]),
-            helper.make_node("Reshape", [p + "_b", p + "_shape"], [p + "_br"]),
-            helper.make_node("Mul", [x, p + "_ar"], [p + "_xa"]),
-            helper.make_node("Add", [p + "_xa", p + "_br"], [node.output[0]], name=node.name),
-        ]
-    del graph.node[:]
-    graph.node.extend(nodes)
+        nodes[-1].name = node.name
+        _replace(graph, node, nodes, [node.outputs[0]], nodes[-1].outputs)
 
 
-def _hard_activations_as_relu(proto: onnx.ModelProto) -> None:
+def _chain(prefix: str, steps: Sequence[tuple[str, Sequence[ir.Value | str | None], str]]) -> list[ir.Node]:
+    """Nodes in order, each writing ``prefix + suffix``; a ``str`` input names an earlier step's suffix."""
+    made: dict[str, ir.Value] = {}
+    nodes: list[ir.Node] = []
+    for op, inputs, suffix in steps:
+        ins = [made[i] if isinstance(i, str) else i for i in inputs]
+        node = ir.node(op, ins, outputs=[ir.Value(name=prefix + suffix)])
+        made[suffix] = node.outputs[0]
+        nodes.append(node)
+    return nodes
+
+
+def _hard_activations_as_relu(graph: ir.Graph) -> None:
     """HardSigmoid / HardSwish (MobileNetV3, EfficientNet-lite) have no gradient builder in ORT training;
     the same functions in differentiable ops: hardsigmoid(x) = relu(z) - relu(z - 1), z = alpha·x + beta."""
-    graph = proto.graph
-    if not any(n.op_type in ("HardSigmoid", "HardSwish") for n in graph.node):
-        return
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if node.op_type not in ("HardSigmoid", "HardSwish") or node.domain not in ("", "ai.onnx"):
-            nodes.append(node)
-            continue
-        p = f"{node.name or node.output[0]}__onnxsparse_hs"
+    for node in _main_nodes(graph, ("HardSigmoid", "HardSwish")):
+        p = f"{node.name or node.outputs[0].name}__onnxsparse_hs"
         swish = node.op_type == "HardSwish"
-        alpha = 1 / 6 if swish else float(attr(node, "alpha", 0.2))  # type: ignore[arg-type]
-        beta = 0.5 if swish else float(attr(node, "beta", 0.5))  # type: ignore[arg-type]
-        graph.initializer.extend(
-            [
-                onnx.numpy_helper.from_array(np.array(v, np.float32), p + suffix)
-                for v, suffix in ((alpha, "_alpha"), (beta, "_beta"), (1.0, "_one"))
-            ]
+        alpha = 1 / 6 if swish else node.attributes.get_float("alpha", 0.2)
+        beta = 0.5 if swish else node.attributes.get_float("beta", 0.5)
+        a, b, one = (
+            _const(graph, p + s, np.array(v, np.float32))
+            for v, s in ((alpha, "_alpha"), (beta, "_beta"), (1.0, "_one"))
         )
-        x = node.input[0]
-        sig = p + "_sig" if swish else node.output[0]
-        nodes += [
-            helper.make_node("Mul", [x, p + "_alpha"], [p + "_ax"]),
-            helper.make_node("Add", [p + "_ax", p + "_beta"], [p + "_z"]),
-            helper.make_node("Relu", [p + "_z"], [p + "_r0"]),
-            helper.make_node("Sub", [p + "_z", p + "_one"], [p + "_z1"]),
-            helper.make_node("Relu", [p + "_z1"], [p + "_r1"]),
-            helper.make_node("Sub", [p + "_r0", p + "_r1"], [sig]),
+        x = node.inputs[0]
+        steps: list[tuple[str, Sequence[ir.Value | str | None], str]] = [
+            ("Mul", [x, a], "_ax"),
+            ("Add", ["_ax", b], "_z"),
+            ("Relu", ["_z"], "_r0"),
+            ("Sub", ["_z", one], "_z1"),
+            ("Relu", ["_z1"], "_r1"),
+            ("Sub", ["_r0", "_r1"], "_sig"),
         ]
         if swish:
-            nodes.append(helper.make_node("Mul", [x, sig], [node.output[0]]))
-    del graph.node[:]
-    graph.node.extend(nodes)
+            steps.append(("Mul", [x, "_sig"], "_y"))
+        nodes = _chain(p, steps)
+        _replace(graph, node, nodes, [node.outputs[0]], nodes[-1].outputs)
 
 
-def _cubes_as_products(proto: onnx.ModelProto) -> None:
+def _cubes_as_products(graph: ir.Graph) -> None:
     """``Pow(x, 3)`` as ``x·x·x``, so that ORT's training graph does not fuse tanh-GELU into FastGelu.
 
     The exported tanh-GELU (``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``) is matched by ORT's pre-training
@@ -287,37 +331,60 @@ def _cubes_as_products(proto: onnx.ModelProto) -> None:
     gradient runs as plain element-wise kernels: the same function, 5-6% less time per step (A/B in one run,
     1 thread, batch 16). Only the training copy is rewritten; the exported model keeps its ``Pow``.
     """
-    graph = proto.graph
-    consts = {t.name: t for t in graph.initializer}
-    consts.update(
-        {
-            n.output[0]: n.attribute[0].t
-            for n in graph.node
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
-        }
-    )
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        e = consts.get(node.input[1]) if node.op_type == "Pow" and len(node.input) == 2 else None
-        if (
-            e is None
-            or e.data_location == TensorProto.EXTERNAL
-            or int(np.prod(e.dims)) != 1
-            or float(onnx.numpy_helper.to_array(e).reshape(())) != 3.0
-        ):
-            nodes.append(node)
+    for node in [n for n in graph if n.op_type == "Pow" and len(n.inputs) == 2]:
+        x, e = node.inputs
+        if x is None or e is None or _scalar(e) != 3.0:
             continue
-        x, sq = node.input[0], f"{node.name or node.output[0]}__onnxsparse_sq"
-        nodes += [
-            helper.make_node("Mul", [x, x], [sq]),
-            helper.make_node("Mul", [sq, x], [node.output[0]], name=node.name),
-        ]
-    del graph.node[:]
-    graph.node.extend(nodes)
+        p = f"{node.name or node.outputs[0].name}__onnxsparse_sq"
+        nodes = _chain(p, [("Mul", [x, x], ""), ("Mul", ["", x], "_y")])
+        nodes[-1].name = node.name
+        _replace(graph, node, nodes, [node.outputs[0]], nodes[-1].outputs)
+
+
+def _scalar(value: ir.Value) -> float | None:
+    """The value of a one-element constant held in the proto (initializer or Constant node), else None."""
+    tensor: Any = value.const_value
+    producer = value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        a = producer.attributes.get("value")
+        tensor = a.value if a is not None and a.type == ir.AttributeType.TENSOR else None
+    if tensor is None or int(np.prod(tensor.shape.numpy())) != 1:
+        return None
+    if isinstance(tensor, ModelTensor) and external_info(tensor.proto) is not None:
+        return None  # as before: an external exponent is not read for this
+    return float(np.asarray(tensor.numpy()).reshape(()))
+
+
+def _layernorm_statistics(graph: ir.Graph) -> None:
+    """Give LayerNormalization its Mean and InvStdDev outputs.
+
+    ORT's LayerNormalization gradient reads the forward pass's Mean and InvStdDev outputs (optional in ONNX
+    and usually absent in exported models): without them gradient building fails with
+    "i < OutputDefs().size()". An onnx-ir node's outputs are fixed, so the node is replaced by one with three.
+    """
+    for node in _main_nodes(graph, ("LayerNormalization",)):
+        if len(node.outputs) == 3 and all(o.name for o in node.outputs):
+            continue
+        base = node.name or node.outputs[0].name
+        outs = [ir.Value(name=f"{base}__onnxsparse_ln_stat{i}") for i in range(3)]
+        new = ir.Node(
+            node.domain,
+            node.op_type,
+            node.inputs,
+            node.attributes.values(),
+            outputs=outs,
+            name=node.name,
+            doc_string=node.doc_string,
+        )
+        named = [i for i, o in enumerate(node.outputs) if o.name]
+        _replace(graph, node, [new], [node.outputs[i] for i in named], [outs[i] for i in named])
 
 
 def lower_for_training(proto: onnx.ModelProto) -> None:
-    """Set IR ≤ 10 and default opset ≤ 21 in place (version-converting the graph when the opset is newer)."""
+    """Set IR ≤ 10 and default opset ≤ 21 in place (version-converting the graph when the opset is newer).
+
+    On the proto, after ``commit``: onnx-ir has no version converter (onnx's works on ``ModelProto``).
+    """
     opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset > MAX_OPSET:
         from onnx import version_converter
@@ -371,6 +438,9 @@ def fold(
     """The model with the trained values (masked weights multiplied by their masks), a copy unless ``inplace``.
 
     Returns it and the names whose values changed (so a pass can say honestly whether it modified).
+
+    On protobuf, not onnx-ir: it changes no node, name or edge, only the values of named initializers, and a
+    view would cost a round trip (and a copy of every kept tensor it resolves) to write the same bytes.
     """
     if inplace:
         proto = model.proto

@@ -22,16 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import NodeProto, TensorProto, helper
+import onnx_ir as ir
+from onnx import NodeProto, TensorProto
 
-from onnxsparse.ir.graph import GraphIndex
 from onnxsparse.ir.index import model_layers
 from onnxsparse.ir.layers import attr
 from onnxsparse.ir.model_io import Model
+from onnxsparse.ir.onnxir import IrView, add_initializer, insert_after_definition
 from onnxsparse.ir.tensors import TensorHome, to_array
 
 MASTER_SUFFIX = "__onnxsparse_master"
-_RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
+MASK_SUFFIX = "__onnxsparse_mask"
+_RANGES: dict[int, tuple[int, int]] = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
 
 
 @dataclass
@@ -130,93 +132,102 @@ def _why_not(dq: NodeProto, inits: Mapping[str, TensorProto], home: TensorHome |
     return None
 
 
-def apply_qat(proto: onnx.ModelProto, qweights: Mapping[str, QWeight], home: TensorHome | None = None) -> int:
-    """Rewrite a training copy in place for QAT (see the module docstring). Returns activation pairs replaced.
+def add_weight_tensors(proto: onnx.ModelProto, qweights: Mapping[str, QWeight]) -> None:
+    """Append each weight's float master and mask to a training copy's initializers, before its view is built
+    (``graph.training_copy`` says why: the view then keeps them where they are instead of copying them)."""
+    names = {t.name for t in proto.graph.initializer}
+    for qw in qweights.values():
+        for name, value in ((qw.master_name, qw.master), (qw.name + MASK_SUFFIX, qw.mask.astype(np.float32))):
+            if name not in names:
+                proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+                names.add(name)
 
-    ``home``: the model ``proto`` was copied from (its external tensors, zero points included, are read there).
-    """
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    new_inits: list[TensorProto] = []
-    new_nodes: list[NodeProto] = []
 
-    def const(name: str, value: np.ndarray) -> str:
-        if name not in inits:
-            t = onnx.numpy_helper.from_array(np.asarray(value), name)
-            inits[name] = t
-            new_inits.append(t)
-        return name
+def apply_qat(view: IrView, qweights: Mapping[str, QWeight]) -> int:
+    """Rewrite a training copy's onnx-ir view for QAT (see the module docstring). Returns activation pairs
+    replaced. A DequantizeLinear's weight is ``Value.producer()`` of nothing but an initializer, an activation
+    pair is found through ``producer()``, and what nobody reads any more is what has no ``uses()`` (readers in
+    subgraphs included); values of the copy's external tensors are read through its store."""
+    graph = view.ir.graph
+
+    def const(name: str, value: np.ndarray) -> ir.Value:
+        found = graph.initializers.get(name)
+        if found is not None:
+            return found
+        return add_initializer(graph, ir.Tensor(np.ascontiguousarray(np.asarray(value)), name=name))
+
+    def node(op: str, inputs: list[ir.Value], out: str, name: str, n_out: int = 1, **attrs: int) -> ir.Node:
+        outputs = [ir.Value(name=out if i == 0 else out + "m") for i in range(n_out)]
+        domain = "com.microsoft" if op == "FakeQuant" else ""
+        return ir.node(op, inputs, attrs or None, domain=domain, outputs=outputs, name=name)
 
     one = const("onnxsparse_qat_one", np.array(1.0, np.float32))
-    drop_dq = {qw.dq_output for qw in qweights.values()}
+    new_nodes: list[ir.Node] = []
     for qw in qweights.values():
         base = qw.name
+        dq = next(u.node for u in graph.initializers[base].uses() if u.node.outputs[0].name == qw.dq_output)
         master = const(qw.master_name, qw.master)
-        mask = const(base + "__onnxsparse_mask", qw.mask.astype(np.float32))
+        mask = const(base + MASK_SUFFIX, qw.mask.astype(np.float32))
         scale = const(base + "__onnxsparse_qat_scale", qw.scale)
         zp = const(base + "__onnxsparse_qat_zp", np.array(float(qw.zero_point), np.float32))
-        new_nodes += [
-            helper.make_node("Mul", [master, mask], [base + "__qat_masked"], name=base + "__qat_mask"),
-            helper.make_node("Div", [base + "__qat_masked", scale], [base + "__qat_scaled"], name=base + "__qat_div"),
-            helper.make_node(
-                "FakeQuant",
-                [base + "__qat_scaled", one, zp],
-                [base + "__qat_fq", base + "__qat_fqm"],
-                name=base + "__qat_fq",
-                domain="com.microsoft",
-                quant_min=qw.qmin,
-                quant_max=qw.qmax,
-            ),
-            helper.make_node("Mul", [base + "__qat_fq", scale], [qw.dq_output], name=base + "__qat_rescale"),
-        ]
-    index = GraphIndex(graph)
-    kept: list[NodeProto] = []
+        chain = [node("Mul", [master, mask], base + "__qat_masked", base + "__qat_mask")]
+        chain.append(node("Div", [chain[-1].outputs[0], scale], base + "__qat_scaled", base + "__qat_div"))
+        fq_in = [chain[-1].outputs[0], one, zp]
+        chain.append(
+            node("FakeQuant", fq_in, base + "__qat_fq", base + "__qat_fq", 2, quant_min=qw.qmin, quant_max=qw.qmax)
+        )
+        chain.append(node("Mul", [chain[-1].outputs[0], scale], qw.dq_output, base + "__qat_rescale"))
+        ir.convenience.replace_all_uses_with(dq.outputs[0], chain[-1].outputs[0])
+        _take_graph_output(graph, dq.outputs[0], chain[-1].outputs[0])
+        graph.remove(dq, safe=True)
+        new_nodes += chain
+    if new_nodes:  # they read initializers only: first in the graph
+        insert_after_definition(graph, one, new_nodes)
     pairs = 0
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.output[0] in drop_dq:
+    for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
+        q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+        if q is None or q.op_type != "QuantizeLinear" or not (_per_tensor(graph, q) and _per_tensor(graph, dq)):
             continue
-        q = index.producer(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if q is not None and q.op_type == "QuantizeLinear" and _per_tensor(q, inits) and _per_tensor(node, inits):
-            zp_name = q.input[2] if len(q.input) > 2 and q.input[2] else ""
-            zp_t = inits.get(zp_name) if zp_name else None
-            zp_dtype = zp_t.data_type if zp_t is not None else TensorProto.UINT8
-            if (
-                zp_dtype in _RANGES
-                and inits.get(q.input[1]) is not None
-                and inits[q.input[1]].data_type == TensorProto.FLOAT
-            ):
-                zp_val = float(np.asarray(to_array(zp_t, home)).reshape(-1)[0]) if zp_t is not None else 0.0
-                zp_f = const(f"{node.output[0]}__onnxsparse_qat_zp", np.array(zp_val, np.float32))
-                lo, hi = _RANGES[zp_dtype]
-                kept.append(
-                    helper.make_node(
-                        "FakeQuant",
-                        [q.input[0], q.input[1], zp_f],
-                        [node.output[0], node.output[0] + "__qat_fqm"],
-                        name=(node.name or node.output[0]) + "__qat_fq",
-                        domain="com.microsoft",
-                        quant_min=lo,
-                        quant_max=hi,
-                    )
-                )
-                pairs += 1
-                continue
-        kept.append(node)
-    # QuantizeLinear nodes whose outputs nobody reads any more go too (they would only cost time).
-    read = {i for n in [*new_nodes, *kept] for i in n.input} | {o.name for o in graph.output}
-    kept = [n for n in kept if n.op_type != "QuantizeLinear" or any(o in read for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(new_nodes + kept)
-    graph.initializer.extend(new_inits)
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    unused = [t for t in graph.initializer if t.name not in read]
-    for t in unused:
-        graph.initializer.remove(t)
-    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        zp_v = q.inputs[2] if len(q.inputs) > 2 else None
+        zp_init = graph.initializers.get(zp_v.name or "") if zp_v is not None else None
+        zp_t = zp_init.const_value if zp_init is not None else None
+        zp_dtype: int = int(zp_t.dtype) if zp_t is not None else int(TensorProto.UINT8)
+        q_scale = q.inputs[1]
+        assert q_scale is not None and q_scale.const_value is not None  # _per_tensor
+        if zp_dtype not in _RANGES or q_scale.const_value.dtype != ir.DataType.FLOAT:
+            continue
+        zp_val = float(np.asarray(zp_t.numpy()).reshape(-1)[0]) if zp_t is not None else 0.0
+        out = dq.outputs[0].name or ""
+        zp_f = const(f"{out}__onnxsparse_qat_zp", np.array(zp_val, np.float32))
+        lo, hi = _RANGES[zp_dtype]
+        x = q.inputs[0]
+        assert x is not None
+        fq = node("FakeQuant", [x, q_scale, zp_f], out, (dq.name or out) + "__qat_fq", 2, quant_min=lo, quant_max=hi)
+        fq.outputs[1].name = out + "__qat_fqm"
+        ir.convenience.replace_nodes_and_values(graph, dq, [dq], [fq], [dq.outputs[0]], [fq.outputs[0]])
+        pairs += 1
+    # QuantizeLinear nodes whose outputs nobody reads any more go too (they would only cost time), then the
+    # initializers nobody reads.
+    for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
+        if not any(o.uses() or o.is_graph_output() for o in q.outputs):
+            graph.remove(q, safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(name)
+    if "com.microsoft" not in view.ir.opset_imports:
+        view.ir.opset_imports["com.microsoft"] = 1
     return pairs
 
 
-def _per_tensor(node: NodeProto, inits: Mapping[str, TensorProto]) -> bool:
-    scale = inits.get(node.input[1]) if len(node.input) > 1 else None
-    return scale is not None and int(np.prod(scale.dims, dtype=np.int64)) == 1
+def _take_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """``new`` in ``old``'s place among the graph outputs (``convenience.replace_all_uses_with`` of onnx-ir
+    0.1 does not replace graph outputs)."""
+    for i, v in enumerate(graph.outputs):
+        if v is old:
+            graph.outputs[i] = new
+
+
+def _per_tensor(graph: ir.Graph, node: ir.Node) -> bool:
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    t = graph.initializers.get(scale.name) if scale is not None and scale.name else None
+    return t is scale and t is not None and t.const_value is not None and t.const_value.size == 1
