@@ -58,6 +58,21 @@ def make_model(
     return model
 
 
+def _unranked(model: onnx.ModelProto, *names: str) -> onnx.ModelProto:
+    """Drop the shape of the graph outputs ``names``: the text format has no unranked tensor (``float y``
+    parses as a scalar), and these outputs are left for shape inference to fill in."""
+    for out in model.graph.output:
+        if out.name in names:
+            out.type.tensor_type.ClearField("shape")
+    return model
+
+
+def _subgraph(model: onnx.ModelProto, node: str, attr: str) -> onnx.GraphProto:
+    """The body ``attr`` of main-graph node ``node``: body-local weights are attached there after parsing."""
+    owner = next(n for n in model.graph.node if n.name == node)
+    return next(a.g for a in owner.attribute if a.name == attr)
+
+
 def gemm_cases(seed: int = 0) -> onnx.ModelProto:
     """Gemms with transB 0/1, alpha/beta, bias [N] and [1,N], no bias, plus skip cases."""
     rng = np.random.default_rng(seed)
@@ -68,122 +83,100 @@ def gemm_cases(seed: int = 0) -> onnx.ModelProto:
         nh.from_array(rand(rng, 32, 24), "W_c"),  # alpha/beta, bias [1,N]
         nh.from_array(rand(rng, 1, 24), "C_c"),
         nh.from_array(rand(rng, 24, 8), "W_shared"),  # shared by two Gemms → skipped
-        nh.from_array(rand(rng, 24, 24), "W_t"),  # transA=1 → skipped
+        nh.from_array(rand(rng, 24, 24), "W_t"),  # transA=1 → skipped (drawn, not stored: keeps the draws)
     ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "W_a"], ["h1"], name="fc_a"),
-        helper.make_node("Gemm", ["h1", "W_b", "C_b"], ["h2"], name="fc_b", transB=1),
-        helper.make_node("Gemm", ["h2", "W_c", "C_c"], ["h3"], name="fc_c", alpha=0.5, beta=2.0),
-        helper.make_node("Gemm", ["h3", "W_shared"], ["y1"], name="fc_s1"),
-        helper.make_node("Gemm", ["h3", "W_shared"], ["y2"], name="fc_s2"),
-        helper.make_node("Gemm", ["h3", "h3"], ["sq"], name="fc_dyn", transB=1),  # runtime weight
-    ]
-    outs = [helper.make_tensor_value_info(n, F, None) for n in ("y1", "y2", "sq")]
-    inputs = [helper.make_tensor_value_info("x", F, ["batch", 16])]
-    graph = helper.make_graph(nodes, "g", inputs, outs, inits[:-1])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, 16] x) => (float y1, float y2, float sq) {
+            [fc_a] h1 = Gemm (x, W_a)
+            [fc_b] h2 = Gemm <transB = 1> (h1, W_b, C_b)
+            [fc_c] h3 = Gemm <alpha = 0.5, beta = 2.0> (h2, W_c, C_c)
+            [fc_s1] y1 = Gemm (h3, W_shared)
+            [fc_s2] y2 = Gemm (h3, W_shared)
+            [fc_dyn] sq = Gemm <transB = 1> (h3, h3)
+        }
+    """  # fc_dyn: a runtime weight
+    model = _unranked(parse(text, *inits[:-1]), "y1", "y2", "sq")
     return onnx.shape_inference.infer_shapes(model)
 
 
 def matmul_ranks(seed: int = 0) -> onnx.ModelProto:
     """MatMuls with rank-2 and rank-3 activations (dynamic batch and sequence), constant and Constant-node B."""
     rng = np.random.default_rng(seed)
-    w_const = helper.make_node("Constant", [], ["W_k"], value=nh.from_array(rand(rng, 32, 16), "W_kv"))
-    nodes = [
-        helper.make_node("MatMul", ["x", "W_q"], ["q"], name="proj_q"),
-        w_const,
-        helper.make_node("MatMul", ["q", "W_k"], ["k"], name="proj_k"),
-        helper.make_node("Relu", ["k"], ["y"]),
-    ]
-    inits = [nh.from_array(rand(rng, 8, 32), "W_q")]
-    inputs = [helper.make_tensor_value_info("x", F, ["batch", "seq", 8])]
-    outputs = [helper.make_tensor_value_info("y", F, ["batch", "seq", 16])]
-    return make_model(nodes, inputs, outputs, inits)
+    w_k = nh.from_array(rand(rng, 32, 16), "W_kv")  # the Constant's value, drawn first
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, seq, 8] x) => (float[batch, seq, 16] y) {
+            [proj_q] q = MatMul (x, W_q)
+            W_k = Constant <value = float[1] {0.0}> ()
+            [proj_k] k = MatMul (q, W_k)
+            y = Relu (k)
+        }
+    """
+    model = parse(text, nh.from_array(rand(rng, 8, 32), "W_q"))
+    model.graph.node[1].attribute[0].t.CopyFrom(w_k)  # a literal would repeat the draws digit by digit
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def if_model(seed: int = 0) -> onnx.ModelProto:
     """An If whose branches hold MatMuls: one weight is a branch initializer, one an outer-scope initializer."""
     rng = np.random.default_rng(seed)
-    then_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W_then"], ["t_out"], name="then_mm")],
-        "then_g",
-        [],
-        [helper.make_tensor_value_info("t_out", F, ["batch", 12])],
-        [nh.from_array(rand(rng, 8, 12), "W_then")],
-    )
-    else_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W_outer"], ["e_out"], name="else_mm")],
-        "else_g",
-        [],
-        [helper.make_tensor_value_info("e_out", F, ["batch", 12])],
-        [],
-    )
-    nodes = [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
-    inputs = [
-        helper.make_tensor_value_info("x", F, ["batch", 8]),
-        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-    ]
-    outputs = [helper.make_tensor_value_info("y", F, ["batch", 12])]
-    return make_model(nodes, inputs, outputs, [nh.from_array(rand(rng, 8, 12), "W_outer")])
+    w_then = nh.from_array(rand(rng, 8, 12), "W_then")
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, 8] x, bool cond) => (float[batch, 12] y) {
+            [branch] y = If (cond) <
+                else_branch = else_g () => (float[batch, 12] e_out) { [else_mm] e_out = MatMul (x, W_outer) },
+                then_branch = then_g () => (float[batch, 12] t_out) { [then_mm] t_out = MatMul (x, W_then) }
+            >
+        }
+    """
+    model = parse(text, nh.from_array(rand(rng, 8, 12), "W_outer"))
+    _subgraph(model, "branch", "then_branch").initializer.append(w_then)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def scan_model(seed: int = 0) -> onnx.ModelProto:
     """A Scan over the sequence axis whose body applies a MatMul with a body-local constant weight."""
     rng = np.random.default_rng(seed)
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x_t", "W_scan"], ["mm"], name="scan_mm"),
-            helper.make_node("Add", ["mm", "acc_in"], ["acc_out"]),
-            helper.make_node("Identity", ["acc_out"], ["y_t"]),
-        ],
-        "scan_body",
-        [helper.make_tensor_value_info("acc_in", F, [2, 12]), helper.make_tensor_value_info("x_t", F, [2, 8])],
-        [helper.make_tensor_value_info("acc_out", F, [2, 12]), helper.make_tensor_value_info("y_t", F, [2, 12])],
-        [nh.from_array(rand(rng, 8, 12), "W_scan")],
-    )
-    nodes = [
-        helper.make_node(
-            "Scan",
-            ["acc0", "x"],
-            ["acc", "ys"],
-            name="scan",
-            body=body,
-            num_scan_inputs=1,
-            scan_input_axes=[1],
-            scan_output_axes=[1],
-        )
-    ]
-    inputs = [helper.make_tensor_value_info("x", F, [2, "seq", 8])]
-    outputs = [helper.make_tensor_value_info("acc", F, [2, 12]), helper.make_tensor_value_info("ys", F, [2, "seq", 12])]
-    return make_model(nodes, inputs, outputs, [nh.from_array(np.zeros((2, 12), np.float32), "acc0")])
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, seq, 8] x) => (float[2, 12] acc, float[2, seq, 12] ys) {
+            [scan] acc, ys = Scan (acc0, x) <
+                body = scan_body (float[2, 12] acc_in, float[2, 8] x_t) => (float[2, 12] acc_out, float[2, 12] y_t) {
+                    [scan_mm] mm = MatMul (x_t, W_scan)
+                    acc_out = Add (mm, acc_in)
+                    y_t = Identity (acc_out)
+                },
+                num_scan_inputs = 1, scan_input_axes = [1], scan_output_axes = [1]
+            >
+        }
+    """
+    model = parse(text, acc0=np.zeros((2, 12), np.float32))
+    _subgraph(model, "scan", "body").initializer.append(nh.from_array(rand(rng, 8, 12), "W_scan"))
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def loop_model(seed: int = 0) -> onnx.ModelProto:
     """A Loop whose body multiplies the carried state by a constant weight (outer-scope initializer)."""
     rng = np.random.default_rng(seed)
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("MatMul", ["h_in", "W_loop"], ["mm"], name="body_mm"),
-            helper.make_node("Tanh", ["mm"], ["h_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_in", F, ["batch", 16]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_out", F, ["batch", 16]),
-        ],
-    )
-    nodes = [helper.make_node("Loop", ["trip", "", "x"], ["y"], name="loop", body=body)]
-    inputs = [helper.make_tensor_value_info("x", F, ["batch", 16])]
-    outputs = [helper.make_tensor_value_info("y", F, ["batch", 16])]
-    inits = [nh.from_array(np.array(3, np.int64), "trip"), nh.from_array(rand(rng, 16, 16) * 0.3, "W_loop")]
-    return make_model(nodes, inputs, outputs, inits)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, 16] x) => (float[batch, 16] y) {
+            [loop] y = Loop (trip, , x) <
+                body = body (int64 iter, bool cond_in, float[batch, 16] h_in)
+                    => (bool cond_out, float[batch, 16] h_out) {
+                    cond_out = Identity (cond_in)
+                    [body_mm] mm = MatMul (h_in, W_loop)
+                    h_out = Tanh (mm)
+                }
+            >
+        }
+    """
+    return parse_checked(text, trip=np.array(3, np.int64), W_loop=rand(rng, 16, 16) * 0.3)
 
 
 def external_mlp(folder: Path, k: int = 64, layers: int = 3) -> Path:
@@ -194,18 +187,10 @@ def external_mlp(folder: Path, k: int = 64, layers: int = 3) -> Path:
     inits = [
         nh.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), f"w{i}") for i in range(layers)
     ]
-    nodes = [
-        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], ["y" if i == layers - 1 else f"h{i}"])
-        for i in range(layers)
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", F, ["b", k])],
-        [helper.make_tensor_value_info("y", F, ["b", k])],
-        inits,
-    )
+    names = ["x", *(f"h{i}" for i in range(layers - 1)), "y"]
+    chain = "\n".join(f"{names[i + 1]} = MatMul ({names[i]}, w{i})" for i in range(layers))
+    model = parse(f'<opset_import: ["" : 17]>\nmlp (float[b, {k}] x) => (float[b, {k}] y) {{\n{chain}\n}}', *inits)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "mlp.onnx"
-    save_model(Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), path, external_data=True)
+    save_model(Model(model), path, external_data=True)
     return path
