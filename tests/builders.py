@@ -37,11 +37,15 @@ def parse(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.M
     return model
 
 
-def parse_checked(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.ModelProto:
-    """``parse``, then the full checker: a slip in a test's graph fails where it is built, not inside a pass."""
-    model = parse(text, *tensors, **arrays)
+def checked(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` after the full checker: a slip in a test's graph fails where it is built, not inside a pass."""
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def parse_checked(text: str, *tensors: onnx.TensorProto, **arrays: np.ndarray) -> onnx.ModelProto:
+    """``parse``, then ``checked``."""
+    return checked(parse(text, *tensors, **arrays))
 
 
 def make_model(
@@ -54,8 +58,7 @@ def make_model(
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked(model)
 
 
 def _unranked(model: onnx.ModelProto, *names: str) -> onnx.ModelProto:
@@ -115,8 +118,7 @@ def matmul_ranks(seed: int = 0) -> onnx.ModelProto:
     """
     model = parse(text, nh.from_array(rand(rng, 8, 32), "W_q"))
     model.graph.node[1].attribute[0].t.CopyFrom(w_k)  # a literal would repeat the draws digit by digit
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked(model)
 
 
 def if_model(seed: int = 0) -> onnx.ModelProto:
@@ -134,8 +136,7 @@ def if_model(seed: int = 0) -> onnx.ModelProto:
     """
     model = parse(text, nh.from_array(rand(rng, 8, 12), "W_outer"))
     _subgraph(model, "branch", "then_branch").initializer.append(w_then)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked(model)
 
 
 def scan_model(seed: int = 0) -> onnx.ModelProto:
@@ -156,8 +157,7 @@ def scan_model(seed: int = 0) -> onnx.ModelProto:
     """
     model = parse(text, acc0=np.zeros((2, 12), np.float32))
     _subgraph(model, "scan", "body").initializer.append(nh.from_array(rand(rng, 8, 12), "W_scan"))
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked(model)
 
 
 def loop_model(seed: int = 0) -> onnx.ModelProto:
